@@ -1,0 +1,39 @@
+# The two commands a newcomer runs: `make demo` and `make test` (both install first).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+
+.PHONY: install demo test test-all test-vllm dev bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]' -c constraints.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+# Materialize the whole graph up to the student checkpoint on the built-in demo config (CPU, minutes).
+demo: install
+	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/dagster asset materialize --select '*student_ckpt' -m distill_dag.definitions
+
+# The test suite CI runs (.ci/run). Installs Debian's chromium for the browser test when apt is usable.
+test: install
+	-command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get install -y -q chromium >/dev/null 2>&1) || true
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+dev: install
+	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf runs data .dagster_home
