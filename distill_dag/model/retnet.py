@@ -1,0 +1,456 @@
+"""RetNet student (Sun et al. 2023, "Retentive Network"), as a Hugging Face causal LM.
+
+One file, top to bottom: config, norms, rotation, multi-scale retention, FFN, block, model, LM head.
+
+- Multi-scale retention: per head h a decay ``gamma_h = 1 - 2^(-5-h)``; queries and keys rotated by position
+  (the xPos-style ``e^{i n theta}`` of the paper; the decay is the retention mask itself); keys scaled by
+  K^-0.5; value dimension ``value_factor * hidden_size`` (2x); per-head group norm; swish gate; output
+  projection back to ``hidden_size``.
+- Gated FFN (SwiGLU), pre-norm residual blocks (RMSNorm), tied or untied embeddings.
+- Three retention forms (``config.retention_mode``): ``chunkwise`` (training; O(T), Triton on CUDA),
+  ``parallel`` (O(T^2) reference), ``recurrent``; decoding with a cache always runs the recurrent step, so a
+  generated token costs O(1) time and memory.
+- Document boundaries: ``position_ids == 0`` starts a document; the retention state resets there in every
+  form, so documents packed into one row never see each other. ``attention_mask == 0`` marks padding: its
+  keys are zeroed, so padding never enters the state.
+- Retention math runs in float32 with autocast off (``retention_in_fp32``); projections follow autocast.
+- Generation carries a :class:`RetNetCache` (one [B, H, K, V] state per layer), not a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, LinearAttentionLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:  # transformers >= 5 spells it PreTrainedConfig; PretrainedConfig is kept as an alias
+    from transformers import PreTrainedConfig as PretrainedConfig
+except ImportError:  # pragma: no cover
+    from transformers import PretrainedConfig
+
+from distill_dag.kernels.retention import decay_log_gammas, retention, retention_parallel, retention_recurrent
+
+
+class RetNetConfig(PretrainedConfig):
+    r"""Configuration of :class:`RetNetForCausalLM`.
+
+    hidden_size (d), num_hidden_layers, num_attention_heads (H; key head dim d/H, value head dim
+    value_factor*d/H), intermediate_size (gated FFN width), value_factor (2 in the paper), rope_theta (rotation
+    base), chunk_size (chunkwise form), retention_mode ("chunkwise" | "parallel" | "recurrent"),
+    retention_backend ("auto" | "torch" | "triton" | "fla"; auto = Triton on CUDA, PyTorch elsewhere),
+    retention_in_fp32 (cast q/k/v to fp32 before retention; False keeps the autocast dtype for the Triton
+    dots, accumulation stays fp32).
+    """
+
+    model_type = "retnet"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    value_factor: int = 2
+    rms_norm_eps: float = 1e-6
+    group_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+    chunk_size: int = 64
+    retention_mode: str = "chunkwise"
+    retention_backend: str = "auto"
+    retention_in_fp32: bool = True
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def validate_architecture(self):
+        """Checked by transformers on construction: head dims must divide evenly and the mode must exist."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"RetNetConfig: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}; pick a head count that divides it"
+            )
+        if self.retention_mode not in ("chunkwise", "parallel", "recurrent"):
+            raise ValueError(
+                f"RetNetConfig.retention_mode {self.retention_mode!r}: use chunkwise, parallel or recurrent"
+            )
+
+    @property
+    def layer_types(self) -> list[str]:
+        return ["linear_attention"] * self.num_hidden_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def value_dim(self) -> int:
+        return self.value_factor * self.hidden_size
+
+
+# --------------------------------------------------------------------------------------------
+# generation state
+# --------------------------------------------------------------------------------------------
+class RetentionStateLayer(LinearAttentionLayer):
+    """One layer's retention state [B, H, K, V] (float32), updated in place at every forward."""
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        out = super().update_recurrent_state(recurrent_states, state_idx, **kwargs)
+        # transformers marks a linear layer as "has state" on its conv update; retention has no conv.
+        self.has_previous_state[state_idx] = True
+        return out
+
+
+class RetNetCache(Cache):
+    """The recurrent state of every layer plus the number of tokens seen (for positions when none are given).
+
+    Its size does not depend on the context length: that is what makes generation O(1) per token.
+    """
+
+    def __init__(self, config: RetNetConfig | None = None, num_layers: int | None = None):
+        n = num_layers if num_layers is not None else config.num_hidden_layers
+        super().__init__(layers=[RetentionStateLayer() for _ in range(n)])
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.seen_tokens = 0
+
+
+# --------------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------------
+class RetNetRMSNorm(nn.Module):
+    """``x / rms(x) * weight``, computed in float32. x: [..., d]."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class RetNetGroupLayerNorm(nn.Module):
+    """Group norm with one group per head: layer norm over each head's value dim, affine over all of them.
+
+    x: [B, T, H, Dv] -> [B, T, H * Dv] in float32 (each head's output scale differs with its decay; this makes
+    them comparable, Sun et al. sec. 2.2).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads * head_dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = F.layer_norm(xf, xf.shape[-1:], eps=self.eps).flatten(-2)
+        return y * self.weight.float() + self.bias.float()
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+K/2}) by angle ``position * theta^(-2i/K)``. x: [B, T, H, K]; positions [B, T]."""
+    K = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, K, 2, device=x.device, dtype=torch.float32) / K)  # [K/2]
+    ang = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, K/2]
+    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
+    x1, x2 = x[..., : K // 2], x[..., K // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MultiScaleRetention(nn.Module):
+    """Multi-scale retention: ``out = W_o( swish(W_g x) * GroupNorm(Retention(rot(W_q x), rot(W_k x), W_v x)) )``."""
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        d, H = config.hidden_size, config.num_attention_heads
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = H
+        self.key_dim = d // H
+        self.head_value_dim = config.value_dim // H
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, config.value_dim, bias=False)
+        self.g_proj = nn.Linear(d, config.value_dim, bias=False)
+        self.o_proj = nn.Linear(config.value_dim, d, bias=False)
+        self.o_proj._residual_out = True
+        self.group_norm = RetNetGroupLayerNorm(H, self.head_value_dim, config.group_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        reset: torch.Tensor | None,
+        pad_mask: torch.Tensor | None,
+        cache: RetNetCache | None,
+    ) -> torch.Tensor:
+        """x [B, T, d]; positions [B, T] long; reset [B, T] bool or None; pad_mask [B, T] (1 = token) or None."""
+        B, T, _ = x.shape
+        H, K, Vh = self.num_heads, self.key_dim, self.head_value_dim
+        q = self.q_proj(x).view(B, T, H, K)
+        k = self.k_proj(x).view(B, T, H, K)
+        v = self.v_proj(x).view(B, T, H, Vh)
+        gate = self.g_proj(x)
+        cfg = self.config
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            rdt = torch.float32 if cfg.retention_in_fp32 else q.dtype
+            q = rotate(q.float(), positions, cfg.rope_theta)
+            k = rotate(k.float(), positions, cfg.rope_theta) * K**-0.5
+            if pad_mask is not None:
+                k = k * pad_mask[:, :, None, None].to(k.dtype)  # padding never enters the state
+            q, k, v = q.to(rdt), k.to(rdt), v.to(rdt)
+            log_decay = decay_log_gammas(H, device=x.device)
+            state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+            want_state = cache is not None
+            if cfg.retention_mode == "recurrent" or (state is not None and T == 1):
+                o, final = retention_recurrent(q, k, v, log_decay, reset, state, want_state)
+            elif cfg.retention_mode == "parallel":
+                o, final = retention_parallel(q, k, v, log_decay, reset, state, want_state)
+            else:
+                o, final = retention(
+                    q, k, v, log_decay, reset, state, want_state, cfg.chunk_size, cfg.retention_backend
+                )
+            if cache is not None:
+                cache.update_recurrent_state(final.detach(), self.layer_idx)
+            o = self.group_norm(o)  # [B, T, H * Vh] float32
+        return self.o_proj(F.silu(gate) * o.to(gate.dtype))
+
+
+class RetNetMLP(nn.Module):
+    """Gated FFN: ``W_down( silu(W_gate x) * W_up x )``."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj._residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RetNetBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: ``x + MSR(norm(x))`` then ``x + FFN(norm(x))``."""
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        self.retention_norm = RetNetRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.retention = MultiScaleRetention(config, layer_idx)
+        self.ffn_norm = RetNetRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn = RetNetMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        reset: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        cache: RetNetCache | None = None,
+    ) -> torch.Tensor:
+        h = hidden_states + self.retention(self.retention_norm(hidden_states), positions, reset, pad_mask, cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class RetNetPreTrainedModel(PreTrainedModel):
+    config_class = RetNetConfig
+    config: RetNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RetNetBlock"]
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear) and getattr(module, "_residual_out", False):
+            # GPT-2 scheme: residual outputs shrink with depth so the residual stream's variance stays ~1
+            init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        elif isinstance(module, RetNetGroupLayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, RetNetRMSNorm):
+            init.ones_(module.weight)
+
+
+class RetNetModel(RetNetPreTrainedModel):
+    """Embeddings -> blocks -> final norm. Returns ``.last_hidden_state`` [B, T, d] (and ``.cache``)."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([RetNetBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RetNetRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: RetNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: RetNetCache | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        """input_ids [B, T]; attention_mask [B, T] (0 = padding); position_ids [B, T] (0 = document start).
+
+        Without position_ids: positions count from the cache's seen tokens (or from the first unpadded token
+        when a mask is given), and the only document start is the row's first token of a fresh sequence.
+        """
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("RetNetModel: pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        if use_cache and cache is None:
+            cache = RetNetCache(self.config)
+        if cache is not None and not isinstance(cache, RetNetCache):
+            raise TypeError(
+                f"RetNetModel needs a RetNetCache (recurrent state), got {type(cache).__name__}; "
+                "pass cache=RetNetCache(model.config) or leave it None"
+            )
+        if cache is not None and not use_cache:
+            cache = None
+        past = cache.seen_tokens if cache is not None else 0
+
+        pad_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attention_mask must be [B, T] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask[:, -T:]
+            if not bool(attention_mask.all()):
+                pad_mask = attention_mask
+        if position_ids is None:
+            if pad_mask is not None and past == 0:
+                position_ids = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+        position_ids = position_ids.to(device)
+        reset = position_ids == 0
+        if past == 0 and not bool(reset[:, 1:].any()):
+            reset = None  # one document per row and no state yet: nothing to reset
+
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, position_ids, reset, pad_mask, cache)
+        h = self.norm(h)
+        if cache is not None:
+            cache.seen_tokens += T
+        return BaseModelOutputWithPast(last_hidden_state=h, cache=cache if use_cache else None)
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
+    """RetNet with a linear LM head (tied to the embeddings when ``config.tie_word_embeddings``)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # The default would be a DynamicCache of KV tensors; retention carries a fixed-size state instead.
+        if model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None:
+            if generation_config.use_cache is not False:
+                model_kwargs["cache"] = RetNetCache(self.config)
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        use_cache: bool | None = None,
+        cache: RetNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits [B, T, V] (float32) and, with ``labels`` [B, T] (unshifted, -100 ignored), the loss
+
+        ``loss = sum_{t : labels[t+1] != -100} -log softmax(logits[t])[labels[t+1]] / #{t : labels[t+1] != -100}``
+
+        (one shift: position t is scored against labels[t + 1]).
+        """
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(h).float()
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels.to(logits.device))
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy with ONE shift. logits [B, T, V]; labels [B, T] unshifted, -100 ignored.
+
+    ``loss = mean over {t : labels[t+1] != -100} of -log softmax(logits[t])[labels[t+1]]`` (0 if none).
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return total / (shift_labels != -100).sum().clamp(min=1)
