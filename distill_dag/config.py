@@ -52,6 +52,10 @@ class SourceConfig(Section):
     # catalog: categories of the curated catalog (distill_dag/data/catalog.yaml)
     categories: list[str] = Field(default_factory=list)
     category: str = "general"
+    # hf: a hub revision (e.g. "refs/convert/parquet" for script-based datasets); streaming reads
+    # only the rows needed instead of downloading the whole split
+    revision: str | None = None
+    streaming: bool = False
 
 
 class DataConfig(Section):
@@ -64,6 +68,10 @@ class DataConfig(Section):
     # the re-tokenization schedule and the new-raw-data sensor
     retokenize_cron: str = "0 3 * * *"
     watch_dir: str | None = None
+    # a JSONL line longer than this is rejected without being read into memory
+    max_line_bytes: int = Field(16 * 2**20, ge=1024)
+    # rows per raw JSONL part file (each part is written atomically; a rerun resumes after the last)
+    rows_per_part: int = Field(10_000, ge=1)
 
 
 class TokenizerConfig(Section):
@@ -82,6 +90,8 @@ class TokenizeConfig(Section):
     force: bool = False
     num_proc: int = Field(2, ge=1)
     mask_prompt: bool = True
+    # documents per encode_batch call
+    batch_docs: int = Field(1024, ge=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +112,12 @@ class TeacherConfig(Section):
     batch_rows: int = 8
     # demo: a tiny Llama initialised at random then fully finetuned on the demo corpus
     init_tiny: dict[str, Any] | None = None
+    # serve-teacher: where it listens and the largest request (batch x length x k) it accepts (413 above)
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8765
+    max_request_elems: int = Field(1 << 25, ge=1)
+    # api vllm: the served model name (None: the first of GET /v1/models)
+    vllm_model: str | None = None
 
 
 class TeacherFinetuneConfig(Section):
@@ -131,7 +147,10 @@ class LogitCacheConfig(Section):
     k: int = Field(64, ge=1, le=1024)
     dir: str = "data/logit_cache"
     batch_rows: int = 8
-    dtype: Literal["q8", "fp16", "fp32"] = "fp16"
+    # log-prob encoding (distill_dag/distill/logit_cache.py): q8 = 1 byte/entry, fp16 = 2, fp32 = 4 (exact)
+    dtype: Literal["q8", "fp16", "fp32"] = "q8"
+    # check each cache shard's sha256 when the cached teacher first opens it
+    verify: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,11 +158,13 @@ class LogitCacheConfig(Section):
 # --------------------------------------------------------------------------------------------
 class StudentConfig(Section):
     variant: str = "500M"  # tiny | 350M | 500M (distill_dag/model/variants.py)
-    # overrides of the variant's RetNetConfig fields, e.g. {"num_layers": 2}
+    # overrides of the variant's RetNetConfig fields, e.g. {"num_hidden_layers": 2}
     overrides: dict[str, Any] = Field(default_factory=dict)
     init: Literal["scratch", "from_teacher"] = "scratch"
-    chunk_size: int = 64
+    chunk_size: int = Field(64, ge=1)  # chunkwise retention; a power of two >= 16 for the Triton kernel
     gradient_checkpointing: bool = False
+    # auto: Triton on CUDA, PyTorch chunkwise elsewhere; fla needs flash-linear-attention and CUDA
+    retention_backend: Literal["auto", "torch", "triton", "fla"] = "auto"
 
 
 class TrainConfig(Section):
@@ -188,6 +209,8 @@ class TrainConfig(Section):
     resume_from: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_logits: bool = False  # direct mode also writes the logit cache (logit_cache.dir)
+    # also train a CE-only student with the same steps and data, to show what KD adds
+    ce_only_baseline: bool = False
     launcher: Literal["in_process", "torchrun"] = "in_process"
     nproc_per_node: int = 1
 
@@ -229,6 +252,28 @@ class PipelineConfig(Section):
     @property
     def data_root(self) -> Path:
         return self.path(self.data.root)
+
+    # The on-disk layout every stage and asset agrees on.
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_root / "raw"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The resolved tokenizer (a trained BPE, or a copy of the hub/local one)."""
+        return self.data_root / "tokenizer"
+
+    @property
+    def tokenized_dir(self) -> Path:
+        return self.data_root / "tokenized"
+
+    @property
+    def teacher_ft_dir(self) -> Path:
+        return self.path(self.teacher_ft.output_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.path(self.logit_cache.dir)
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,159 @@
+"""Training checkpoints: one format, written atomically, verified on load.
+
+A checkpoint is a directory ``<run_dir>/checkpoints/step-NNNNNNN/`` holding
+
+- ``model.safetensors`` + ``config.json``: the student (``save_pretrained``; loads with
+  ``AutoModelForCausalLM.from_pretrained`` after ``import distill_dag``);
+- ``trainer_state.pt``: optimizer, scheduler, stability state, RNG states, step and data position:
+  plain tensors / numbers / strings only, loaded with ``torch.load(weights_only=True)``;
+- ``run.json``: the resolved config and the lineage hashes (manifest, tokenizer, teacher, cache);
+- ``checksums.json``: sha256 of every other file, checked before anything is used.
+
+``<run_dir>/checkpoint_latest`` names the newest complete checkpoint (written after the directory is
+in place, so it never points at a half checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill_dag.io import atomic_dir, sha256_file, write_bytes_atomic, write_json_atomic
+
+LATEST = "checkpoint_latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(),
+        "python": _python_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal.tolist()), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state() -> list[Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _python_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    trainer_state: dict[str, Any],
+    run_info: dict[str, Any],
+    *,
+    keep: int = 2,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write ``step-NNNNNNN`` atomically, point ``checkpoint_latest`` at it, prune old ones.
+
+    ``extra_files`` (name -> source path or directory) are copied in, e.g. the tokenizer.
+    """
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    target = ckpt_root / f"step-{step:07d}"
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True, default=str))
+        for name, src in (extra_files or {}).items():
+            src = Path(src)
+            if src.is_dir():
+                for f in src.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+            else:
+                shutil.copy2(src, tmp / name)
+        sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True))
+    write_bytes_atomic(run_dir / LATEST, f"checkpoints/{target.name}\n".encode())
+    _prune(ckpt_root, keep, target)
+    return target
+
+
+def _prune(ckpt_root: Path, keep: int, newest: Path) -> None:
+    if keep <= 0:
+        return
+    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (follows ``checkpoint_latest``)."""
+    path = Path(path)
+    if (path / LATEST).exists():
+        rel = (path / LATEST).read_text().strip()
+        path = path / rel
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path} (give a checkpoint dir or a run dir with {LATEST})")
+    return path
+
+
+def verify_checkpoint(path: Path) -> None:
+    sums_file = path / "checksums.json"
+    if not sums_file.exists():
+        raise CheckpointError(f"{sums_file} is missing: the checkpoint is incomplete; resume from an older one")
+    try:
+        sums = json.loads(sums_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{sums_file} is corrupt ({err})") from None
+    for name, digest in sums.items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"{f} is missing from the checkpoint")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"{f} is corrupt (sha256 differs from checksums.json); resume from an older checkpoint")
+
+
+def load_trainer_state(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Verify a checkpoint and return (dir, trainer_state, run_info). Nothing is unpickled."""
+    path = resolve_checkpoint(path)
+    verify_checkpoint(path)
+    try:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling error means a bad file
+        raise CheckpointError(f"{path / 'trainer_state.pt'} cannot be read: {err}") from None
+    run_info = json.loads((path / "run.json").read_text())
+    return path, state, run_info
+
+
+def write_final(run_dir: str | Path, ckpt: Path) -> Path:
+    """Copy the last checkpoint's model (+ tokenizer) to ``<run_dir>/final`` for from_pretrained users."""
+    final = Path(run_dir) / "final"
+    with atomic_dir(final) as tmp:
+        for f in ckpt.iterdir():
+            if f.is_file() and f.name not in ("trainer_state.pt",):
+                shutil.copy2(f, tmp / f.name)
+    write_json_atomic(final / "source.json", {"checkpoint": str(ckpt)})
+    return final

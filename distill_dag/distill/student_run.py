@@ -1,0 +1,55 @@
+"""One ``student_ckpt`` run as the CLI and the asset both do it: KD student (+ CE-only baseline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from distill_dag.config import PipelineConfig
+from distill_dag.distill.trainer import TrainResult, train
+
+
+def finetuned_teacher(cfg: PipelineConfig) -> tuple[Path | None, Path | None]:
+    """(model dir, adapter dir) written by ``teacher_adapters``, when it ran; else (None, None).
+
+    ``full`` finetuning writes ``final_model/``; ``lora`` writes ``final_adapter/``. An explicit
+    ``teacher.adapter_path`` in the config wins over the finetuned adapter.
+    """
+    root = cfg.teacher_ft_dir
+    model = root / "final_model"
+    adapter = root / "final_adapter"
+    return (model if model.is_dir() else None, adapter if adapter.is_dir() and not cfg.teacher.adapter_path else None)
+
+
+def teacher_overrides(cfg: PipelineConfig) -> tuple[PipelineConfig, Path | None]:
+    """The config with the finetuned adapter filled in, and the finetuned full model dir if any."""
+    model_dir, adapter_dir = finetuned_teacher(cfg)
+    if adapter_dir is not None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.teacher.adapter_path = str(adapter_dir)
+    if model_dir is None and cfg.teacher.model_name_or_path is None and cfg.train.teacher_mode == "direct" \
+            and not cfg.train.pretrain_ce_only:
+        raise FileNotFoundError(
+            f"teacher.model_name_or_path is null (a tiny demo teacher) and {cfg.teacher_ft_dir / 'final_model'} "
+            "does not exist: finetune the teacher first (distill finetune-teacher, or the teacher_adapters asset)"
+        )
+    return cfg, model_dir
+
+
+def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train the configured student; with ``train.ce_only_baseline`` also a CE-only one on the same data.
+
+    Returns ``{"student": TrainResult, "baseline": TrainResult | None}``.
+    """
+    cfg, teacher_model = teacher_overrides(cfg)
+    result: dict[str, TrainResult | None] = {"baseline": None}
+    result["student"] = train(cfg, data_dir=cfg.tokenized_dir, tokenizer_dir=cfg.tokenizer_dir,
+                              teacher_model_path=teacher_model, echo=echo)
+    if cfg.train.ce_only_baseline and not cfg.train.pretrain_ce_only:
+        base = cfg.model_copy(deep=True)
+        base.train.pretrain_ce_only = True
+        base.train.resume_from = None
+        base.train.cache_logits = False
+        base.train.output_dir = str(cfg.run_dir) + "_ce_only"
+        result["baseline"] = train(base, data_dir=cfg.tokenized_dir, tokenizer_dir=cfg.tokenizer_dir, echo=echo)
+    return result

@@ -1,0 +1,337 @@
+"""The student trainer: sparse top-k KD (+ CE), or CE-only pretraining, resumable exactly.
+
+``train(cfg, data_dir=..., tokenizer_dir=...)`` is the whole loop, free of any launcher: the CLI, the
+Dagster asset and torchrun all call it. One optimizer step = ``grad_accum`` micro-batches; the logged
+loss is the token-weighted mean over them, with CE and KL shown apart.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from distill_dag.config import PipelineConfig
+from distill_dag.data.dataset import make_loader
+from distill_dag.data.manifest import Manifest, check_manifest
+from distill_dag.device import pick_device
+from distill_dag.distill import checkpoint as ckpt
+from distill_dag.distill.losses import distill_loss
+from distill_dag.distill.optim import build_optimizers, build_scheduler
+from distill_dag.distill.stability import NanGuard, SaddleDetector
+from distill_dag.distill.telemetry import Telemetry
+from distill_dag.io import sha256_json
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path  # last checkpoint directory
+    final_dir: Path  # <run_dir>/final: the student for from_pretrained
+    steps: int
+    tokens: int
+    final: dict[str, float]  # last logged train metrics
+    val: dict[str, float]  # last held-out evaluation
+    history: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    wandb_url: str | None = None
+    wandb_id: str | None = None
+    wandb_dir: str | None = None
+    seconds: float = 0.0
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def lineage(cfg: PipelineConfig, manifest: Manifest, teacher: Any | None) -> dict[str, Any]:
+    """Hashes of everything the student depends on (recorded in checkpoints and asset metadata)."""
+    return {
+        "manifest_hash": sha256_json(manifest.to_dict()),
+        "tokenizer_hash": manifest.tokenizer_hash,
+        "teacher": teacher.identity() if teacher is not None else None,
+        "teacher_mode": None if cfg.train.pretrain_ce_only else cfg.train.teacher_mode,
+        "config_hash": sha256_json(cfg.model_dump(mode="json")),
+    }
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, loader: Any, max_batches: int, device: torch.device, chunk_tokens: int) -> dict[str, float]:
+    """Held-out next-token CE (nats/token) with the same chunked loss as training (no full logits)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = _hidden(model, batch)
+        out = distill_loss(
+            hidden, model.get_output_embeddings().weight, batch["labels"], None,
+            temperature=1.0, distill_alpha=0.0, chunk_tokens=chunk_tokens,
+        )
+        total += out.ce.item() * out.n_tokens
+        n += out.n_tokens
+    model.train(was_training)
+    ce = total / max(n, 1)
+    return {"val_loss": ce, "val_ppl": math.exp(min(ce, 50.0)), "val_tokens": n}
+
+
+def _hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).last_hidden_state
+
+
+def train(
+    cfg: PipelineConfig,
+    *,
+    data_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    teacher_model_path: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    echo: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train the student as ``cfg`` says. ``data_dir`` holds ``manifest.json`` + shards.
+
+    ``teacher_model_path`` overrides ``teacher.model_name_or_path`` (e.g. the finetuned demo teacher).
+    ``stop_after`` ends the run (with a checkpoint) after that many steps of this process: tests use it
+    to simulate an interruption.
+    """
+    tc = cfg.train
+    t_start = time.time()
+    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(tc.device)
+    manifest = Manifest.load(data_dir)
+    check_manifest(manifest, max_seq_length=cfg.tokenize.max_seq_length)
+
+    # ---- resume state (read first: it decides the model's starting weights) -----------------
+    resume_state: dict[str, Any] | None = None
+    resume_dir: Path | None = None
+    transition = False
+    if tc.resume_from:
+        resume_dir, resume_state, resume_info = ckpt.load_trainer_state(cfg.path(tc.resume_from))
+        was_ce = bool(resume_info.get("pretrain_ce_only"))
+        transition = was_ce and not tc.pretrain_ce_only
+
+    torch.manual_seed(tc.seed)
+    from distill_dag.model.variants import build_student
+
+    if resume_dir is not None:
+        from distill_dag.model.retnet import RetNetForCausalLM
+
+        model = RetNetForCausalLM.from_pretrained(resume_dir)
+        if cfg.student.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = build_student(cfg.student, manifest.vocab_size)
+    model.to(device).train()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    check_manifest(manifest, vocab_size=vocab)
+
+    teacher = None
+    if not tc.pretrain_ce_only:
+        from distill_dag.distill.teachers.factory import make_teacher
+
+        teacher = make_teacher(cfg, device, vocab, data_dir=data_dir, teacher_model_path=teacher_model_path)
+    cache_writer = None
+    if tc.cache_logits and teacher is not None and tc.teacher_mode == "direct":
+        from distill_dag.distill.logit_cache import CacheWriter
+
+        cache_writer = CacheWriter(cfg.path(cfg.logit_cache.dir), data_dir, teacher, cfg.logit_cache)
+
+    optimizer = build_optimizers(model, tc)
+    scheduler = build_scheduler(optimizer, tc)
+    guard = NanGuard(tc.max_nan_streak)
+    saddle = SaddleDetector.from_config(tc)
+    step, tokens_seen = 0, 0
+    if resume_state is not None and not transition:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        guard.load_state_dict(resume_state["nan_guard"])
+        saddle.load_state_dict(resume_state["saddle"])
+        ckpt.set_rng_state(resume_state["rng"])
+        step = int(resume_state["step"])
+        tokens_seen = int(resume_state["tokens"])
+
+    lin = lineage(cfg, manifest, teacher)
+    run_config = cfg.model_dump(mode="json")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    tel = Telemetry(
+        run_dir, cfg.wandb, run_config, total_steps=tc.max_steps, echo=echo,
+        resume_id=(resume_state or {}).get("wandb_id") if not transition else None,
+    )
+    tel.advance(step)
+    if transition:
+        tel.event(step, "transition_ce_to_kd", from_checkpoint=str(resume_dir), teacher_mode=tc.teacher_mode)
+    elif resume_state is not None:
+        tel.event(step, "resumed", from_checkpoint=str(resume_dir))
+    n_params = sum(p.numel() for p in model.parameters())
+    tel.info(
+        f"student {cfg.student.variant}: {n_params / 1e6:.2f}M params, vocab {vocab}; "
+        f"mode={'ce_only' if teacher is None else tc.teacher_mode}; device={device}; run_dir={run_dir}"
+    )
+
+    micro_per_step = tc.grad_accum
+    loader = make_loader(data_dir, "train", tc.batch_size, seed=tc.seed, start_step=step * micro_per_step)
+    val_loader = lambda: make_loader(data_dir, "val", tc.batch_size, seed=0, shuffle=False)  # noqa: E731
+    batches = iter(loader)
+
+    stop = {"flag": False}
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        stop["flag"] = True
+
+    old_handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old_handlers[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread (e.g. inside some executors)
+            pass
+
+    def save() -> Path:
+        state = {
+            "step": step,
+            "tokens": tokens_seen,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "nan_guard": guard.state_dict(),
+            "saddle": saddle.state_dict(),
+            "rng": ckpt.rng_state(),
+            "wandb_id": tel.wandb_id or "",
+        }
+        info = {"step": step, "tokens": tokens_seen, "pretrain_ce_only": tc.pretrain_ce_only,
+                "lineage": lin, "config": run_config}
+        extra = {"tokenizer": Path(tokenizer_dir)} if tokenizer_dir else None
+        path = ckpt.save_checkpoint(run_dir, step, model, state, info, keep=tc.keep_checkpoints, extra_files=extra)
+        tel.event(step, "checkpoint", path=str(path))
+        return path
+
+    last_ckpt: Path | None = None
+    last_metrics: dict[str, float] = {}
+    val_metrics: dict[str, float] = {}
+    window = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+    steps_this_process = 0
+    weight = model.get_output_embeddings().weight
+    try:
+        while step < tc.max_steps:
+            # ---- one optimizer step over grad_accum micro-batches ------------------------
+            micro = []
+            for _ in range(micro_per_step):
+                try:
+                    micro.append(next(batches))
+                except StopIteration:
+                    raise RuntimeError("the train loader ended; it should cycle epochs") from None
+            n_scored = [int((m["labels"][:, 1:] != -100).sum()) for m in micro]
+            total_scored = max(sum(n_scored), 1)
+            loss_sum = ce_sum = kl_sum = 0.0
+            for batch, n in zip(micro, n_scored):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                topk = teacher.topk(batch) if teacher is not None else None
+                if cache_writer is not None:
+                    cache_writer.add(batch, topk)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    hidden = _hidden(model, batch)
+                out = distill_loss(
+                    hidden, weight, batch["labels"], topk if topk is not None else None,
+                    temperature=tc.temperature,
+                    distill_alpha=tc.distill_alpha if topk is not None else 0.0,
+                    tail=tc.tail, chunk_tokens=tc.loss_chunk_tokens, diversity_weight=tc.diversity_weight,
+                )
+                # token-weighted mean over the accumulated micro-batches
+                (out.loss * (n / total_scored)).backward()
+                loss_sum += out.loss.item() * n
+                ce_sum += out.ce.item() * n
+                kl_sum += out.kl.item() * n
+                tokens_seen += int(batch["attention_mask"].sum())
+            loss = loss_sum / total_scored
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            ok = guard.check(loss, grad_norm)  # raises TrainingDivergedError after the streak
+            if ok:
+                optimizer.step()
+            else:
+                tel.event(step, "nan_skip", loss=loss, grad_norm=grad_norm, streak=guard.streak)
+            optimizer.zero_grad(set_to_none=True)
+            for ev in saddle.update(step, loss, grad_norm) if ok else []:
+                tel.event(step, ev.pop("event", "saddle"), **ev)
+            scheduler.step()
+            step += 1
+            steps_this_process += 1
+            tel.advance()
+
+            window["loss"] += loss
+            window["ce"] += ce_sum / total_scored
+            window["kl"] += kl_sum / total_scored
+            window["n"] += 1
+            window["tokens"] += sum(int(m["attention_mask"].sum()) for m in micro)
+            if tc.log_interval and (step % tc.log_interval == 0 or step == tc.max_steps):
+                dt = max(time.time() - window["t"], 1e-9)
+                last_metrics = {
+                    "loss": window["loss"] / window["n"],
+                    "ce": window["ce"] / window["n"],
+                    "kl": window["kl"] / window["n"],
+                    "grad_norm": grad_norm,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": window["tokens"] / dt,
+                    "tokens": tokens_seen,
+                }
+                if device.type == "cuda":
+                    last_metrics["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                tel.log(step, last_metrics)
+                window = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+            if tc.eval_interval and step % tc.eval_interval == 0:
+                val_metrics = evaluate_loss(model, val_loader(), tc.eval_batches, device, tc.loss_chunk_tokens)
+                tel.log(step, val_metrics, kind="val")
+            if tc.save_interval and step % tc.save_interval == 0:
+                last_ckpt = save()
+            if stop["flag"] or (stop_after is not None and steps_this_process >= stop_after):
+                raise _StopRequested
+    except _StopRequested:
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
+            last_ckpt = save()
+        tel.event(step, "stopped", reason="signal" if stop["flag"] else "stop_after")
+        tel.close()
+        _restore(old_handlers)
+        if cache_writer is not None:
+            cache_writer.close()
+        raise KeyboardInterrupt(f"training stopped at step {step}; resume with --resume-from {run_dir}") from None
+    except BaseException:
+        tel.close()
+        _restore(old_handlers)
+        raise
+
+    val_metrics = evaluate_loss(model, val_loader(), tc.eval_batches, device, tc.loss_chunk_tokens)
+    tel.log(step, val_metrics, kind="val")
+    if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
+        last_ckpt = save()
+    if cache_writer is not None:
+        cache_writer.close()
+    final_dir = ckpt.write_final(run_dir, last_ckpt)
+    result = TrainResult(
+        run_dir=run_dir, checkpoint=last_ckpt, final_dir=final_dir, steps=step, tokens=tokens_seen,
+        final=last_metrics, val=val_metrics, history=list(tel.history), events=list(tel.events),
+        lineage=lin, wandb_url=tel.wandb_url, wandb_id=tel.wandb_id, wandb_dir=tel.wandb_dir, seconds=time.time() - t_start,
+    )
+    tel.close()
+    _restore(old_handlers)
+    if teacher is not None:
+        teacher.close()
+    return result
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for sig, h in handlers.items():
+        try:
+            signal.signal(sig, h)
+        except ValueError:
+            pass
+
