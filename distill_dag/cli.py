@@ -64,20 +64,109 @@ def _add_finetune_teacher(sub: argparse._SubParsersAction) -> None:
 def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache-logits", help="write the teacher's top-k logit cache")
     _config_arg(p)
-    p.set_defaults(func=lambda a: _todo("cache-logits"))
+    p.add_argument("--model", default=None, help="teacher model dir or hub name (default: teacher.model_name_or_path)")
+    p.add_argument("--adapter", default=None, help="peft adapter dir (default: teacher.adapter_path)")
+    p.add_argument("--via", default="direct", choices=["direct", "network"],
+                   help="run the teacher here (direct) or ask the server at teacher.url (network)")
+    p.add_argument("--k", type=int, default=None, help="entries per position (default: logit_cache.k)")
+    p.add_argument("--dtype", default=None, choices=["q8", "fp16", "fp32"], help="log-prob encoding")
+    p.add_argument("--output", default=None, help="cache dir (default: logit_cache.dir)")
+    p.add_argument("--shards", default=None, help="only these data shard indices, e.g. 0,2,5 (split work over workers)")
+    p.add_argument("--force", action="store_true", help="rebuild a cache written for another teacher/k/encoding")
+    p.add_argument("--stats", action="store_true", help="print the DuckDB stats (entropy, top-k mass) at the end")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+
+        from distill_dag.device import pick_device
+        from distill_dag.distill.logit_cache import cache_stats, write_logit_cache
+        from distill_dag.distill.teachers.base import TeacherError
+        from distill_dag.distill.teachers.factory import make_teacher
+
+        over: dict[str, Any] = {}
+        _set(over, "logit_cache.k", a.k)
+        _set(over, "logit_cache.dtype", a.dtype)
+        _set(over, "logit_cache.dir", a.output)
+        cfg = _load(a, over)
+        k = cfg.logit_cache.k
+        mode = "network" if a.via == "network" else "direct"
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"teacher_mode": mode, "teacher_topk": k})})
+        try:
+            teacher = make_teacher(cfg, pick_device(cfg.train.device), None, model_path=a.model, adapter_path=a.adapter)
+        except TeacherError as err:
+            print(f"distill cache-logits: {err}", file=sys.stderr)
+            return 2
+        try:
+            manifest = write_logit_cache(
+                teacher, cfg.data_root / "tokenized", cfg.path(cfg.logit_cache.dir), k, cfg.logit_cache.batch_rows,
+                dtype=cfg.logit_cache.dtype, overwrite=a.force, progress=True,
+                shards=[int(x) for x in a.shards.split(",")] if a.shards else None,
+            )
+        except TeacherError as err:
+            print(f"distill cache-logits: {err}", file=sys.stderr)
+            return 2
+        finally:
+            teacher.close()
+        done = len(manifest["shards"])
+        print(f"logit cache {cfg.path(cfg.logit_cache.dir)}: {done} shard(s) done, complete={manifest['complete']}, "
+              f"{manifest['bytes_per_entry']} bytes/entry")
+        if a.stats:
+            print(json.dumps(cache_stats(cfg.path(cfg.logit_cache.dir)), indent=2))
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_serve_teacher(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve-teacher", help="serve the teacher's top-k over HTTP (POST /v1/topk)")
     _config_arg(p)
-    p.set_defaults(func=lambda a: _todo("serve-teacher"))
+    p.add_argument("--model", default=None, help="teacher model dir or hub name (default: teacher.model_name_or_path)")
+    p.add_argument("--host", default=None, help="bind address (default: teacher.serve_host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default: teacher.serve_port (8765)")
+    p.add_argument("--k", type=int, default=None,
+                   help="largest top-k served (default: max of train.teacher_topk and logit_cache.k)")
+
+    def run(a: argparse.Namespace) -> int:
+        from distill_dag.distill.teachers.server import serve_teacher
+
+        serve_teacher(_load(a), model_path=a.model, host=a.host, port=a.port, k=a.k, device=a.device)
+        return 0
+
+    p.set_defaults(func=run)
 
 
 # ---- student -------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the RetNet student (KD or CE-only)")
     _config_arg(p)
-    p.set_defaults(func=lambda a: _todo("train"))
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--enable-saddle-interventions", action="store_true", default=None)
+    p.add_argument("--pretrain-ce-only", action="store_true", default=None, help="CE only: no teacher is loaded")
+    p.add_argument("--resume-from", help="a checkpoint dir or a run dir (follows checkpoint_latest)")
+    p.add_argument("--output-dir", help="run folder (default runs/<teacher_mode>/)")
+    p.add_argument("--log-interval", type=int)
+    p.add_argument("--eval-interval", type=int, help="0 = never")
+    p.add_argument("--teacher-mode", choices=["direct", "cached", "network"])
+
+    def run(a: argparse.Namespace) -> int:
+        o: dict[str, Any] = {}
+        for flag in ("learning_rate", "weight_decay", "max_steps", "enable_saddle_interventions",
+                     "pretrain_ce_only", "resume_from", "output_dir", "log_interval", "eval_interval",
+                     "teacher_mode"):
+            _set(o, f"train.{flag}", getattr(a, flag))
+        cfg = _load(a, o)
+        from distill_dag.distill.student_run import run_student
+
+        out = run_student(cfg)
+        for name, r in out.items():
+            if r is not None:
+                print(f"{name}: {r.steps} steps, {r.tokens} tokens, val_loss={r.val.get('val_loss'):.4f}, "
+                      f"checkpoint={r.final_dir}")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 # ---- eval ----------------------------------------------------------------------------------
