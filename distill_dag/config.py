@@ -183,6 +183,11 @@ class TrainConfig(Section):
     muon_learning_rate: float = 0.02
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    # torch.optim.Muon's LR shape adjustment: "original" (Keller Jordan's, pairs with lr ~0.02) or
+    # "match_rms_adamw" (Moonshot's: update RMS like AdamW's, so AdamW's lr can be reused)
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
     warmup_steps: int = 100
     max_steps: int = 1000
     min_lr_ratio: float = 0.1
