@@ -347,7 +347,8 @@ class CacheWriter:
         self.enc = CacheEncoding(int(k), int(vocab_size), int(seq_len), dtype)
         if self.enc.id_bits > 25:
             raise LogitCacheError(f"vocab_size {vocab_size} needs more than 25 bits per id; not supported")
-        self.header = _header(self.dm, self.enc, teacher_identity)
+        # through JSON once so it compares equal to a header read back from manifest.json
+        self.header = json.loads(json.dumps(_header(self.dm, self.enc, teacher_identity)))
         self.dir.mkdir(parents=True, exist_ok=True)
         self._partial_dir = self.dir / ".partial"
         old = _read_json(self.dir / "manifest.json")
