@@ -1,0 +1,176 @@
+"""Optimizer split (Muon vs AdamW), state round trip, and the LR schedule."""
+
+import copy
+import io
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distill_dag.config import TrainConfig
+from distill_dag.distill.optim import build_optimizers, build_schedulers, make_lr_lambda, split_parameters
+
+BLOCK_MATRIX = re.compile(r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight")
+
+
+def _llama(tied: bool, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg)
+
+
+class _Toy(nn.Module):
+    """A RetNet-like toy: embedding, blocks with biased linears, a norm, a 2-D per-head decay, LM head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"proj": nn.Linear(16, 16), "out": nn.Linear(16, 16, bias=False), "norm": nn.LayerNorm(16)})
+            for _ in range(2)
+        )
+        self.decay = nn.Parameter(torch.randn(4, 1))  # 2-D but not a weight matrix
+        self.head = nn.Linear(16, 50, bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for b in self.blocks:
+            x = b["norm"](x + b["out"](torch.tanh(b["proj"](x))) * self.decay.mean())
+        return self.head(x)
+
+
+def _cfg(**kw):
+    base = dict(optimizer="muon", learning_rate=1e-2, muon_learning_rate=0.02, weight_decay=0.1,
+                warmup_steps=3, max_steps=13, min_lr_ratio=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _names(opt):
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    return ids
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_muon_gets_exactly_the_block_matrices_of_a_llama(tied):
+    model = _llama(tied)
+    opts = build_optimizers(model, _cfg())
+    assert opts.names == ["muon", "adamw"]
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {by_id[i] for i in _names(opts.by_name("muon"))}
+    expected = {n for n, _ in model.named_parameters() if BLOCK_MATRIX.fullmatch(n)}
+    assert muon_names == expected and len(expected) == 14
+    adam_names = {by_id[i] for i in _names(opts.by_name("adamw"))}
+    assert "model.embed_tokens.weight" in adam_names
+    if not tied:
+        assert "lm_head.weight" in adam_names
+    assert adam_names | muon_names == set(by_id.values()) and not adam_names & muon_names
+    no_decay = next(g for g in opts.by_name("adamw").param_groups if g["group"] == "no_decay")
+    assert {by_id[id(p)] for p in no_decay["params"]} == {n for n in by_id.values() if "norm" in n}
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_muon_never_moves_embedding_or_lm_head():
+    model = _llama(tied=False)
+    opts = build_optimizers(model, _cfg(learning_rate=0.0))  # AdamW frozen: only Muon can move anything
+    before = copy.deepcopy(model.state_dict())
+    ids = torch.randint(0, 97, (2, 12))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opts.step()
+        opts.zero_grad()
+    after = model.state_dict()
+    for name in before:
+        moved = not torch.equal(before[name], after[name])
+        assert moved == bool(BLOCK_MATRIX.fullmatch(name)), name
+
+
+def test_toy_retnet_like_model_split_and_plain_adamw_option():
+    model = _Toy()
+    groups = split_parameters(model)
+    assert {n for n, _ in groups["muon"]} == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("proj", "out")}
+    assert {n for n, _ in groups["no_decay"]} == {"decay"} | {
+        f"blocks.{i}.{x}" for i in range(2) for x in ("proj.bias", "norm.weight", "norm.bias")
+    }
+    assert {n for n, _ in groups["decay"]} == {"embed.weight", "head.weight"}
+    opts = build_optimizers(model, _cfg(optimizer="adamw"))
+    assert opts.names == ["adamw"] and isinstance(opts[0], torch.optim.AdamW)
+    decay = next(g for g in opts[0].param_groups if g["group"] == "decay")
+    assert len(decay["params"]) == 6 and decay["weight_decay"] == 0.1
+
+
+def _train(model, opts, scheds, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 97, (2, 10), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opts.step()
+        opts.zero_grad()
+        scheds.step()
+
+
+def test_optimizer_and_scheduler_state_round_trip_continues_bitwise():
+    cfg = _cfg()
+    model = _llama(tied=False)
+    opts = build_optimizers(model, cfg)
+    scheds = build_schedulers(opts, cfg)
+    _train(model, opts, scheds, 3, seed=1)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opts.state_dict(), "sched": scheds.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    assert any("momentum_buffer" in s for s in ckpt["optim"]["muon"]["state"].values())
+    assert any("exp_avg_sq" in s for s in ckpt["optim"]["adamw"]["state"].values())
+
+    resumed = _llama(tied=False, seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    ropts = build_optimizers(resumed, cfg)
+    rscheds = build_schedulers(ropts, cfg)
+    ropts.load_state_dict(ckpt["optim"])
+    rscheds.load_state_dict(ckpt["sched"])
+    _train(model, opts, scheds, 3, seed=2)
+    _train(resumed, ropts, rscheds, 3, seed=2)
+    for (n, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert scheds.get_last_lr() == rscheds.get_last_lr()
+
+
+def test_load_refuses_a_different_optimizer_set():
+    model = _llama(tied=True)
+    state = build_optimizers(model, _cfg(optimizer="adamw")).state_dict()
+    with pytest.raises(ValueError, match="train.optimizer"):
+        build_optimizers(model, _cfg()).load_state_dict(state)
+
+
+def test_lr_schedule_is_warmup_then_cosine_to_min_ratio():
+    cfg = _cfg(warmup_steps=4, max_steps=24, min_lr_ratio=0.1)
+    f = make_lr_lambda(cfg)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(4) == pytest.approx(1.0)
+    assert f(14) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(24) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 30))
+
+
+def test_lr_multiplier_composes_with_the_schedule_at_every_step():
+    cfg = _cfg(warmup_steps=2, max_steps=20, min_lr_ratio=0.1)
+    boost = {5: 3.0, 6: 2.5, 7: 2.0, 8: 1.5}  # any step -> factor function
+    model = _llama(tied=True)
+    opts = build_optimizers(model, cfg)
+    scheds = build_schedulers(opts, cfg, multiplier=lambda s: boost.get(s, 1.0))
+    plain = make_lr_lambda(cfg)
+    seen = []
+    for s in range(12):
+        seen.append(opts.by_name("adamw").param_groups[0]["lr"])
+        assert opts.by_name("muon").param_groups[0]["lr"] == pytest.approx(
+            cfg.muon_learning_rate * plain(s) * boost.get(s, 1.0))
+        opts.step()
+        scheds.step()
+    assert seen == pytest.approx([cfg.learning_rate * plain(s) * boost.get(s, 1.0) for s in range(12)])
