@@ -51,7 +51,47 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 # ---- model ---------------------------------------------------------------------------------
 def _add_model_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model-info", help="parameter counts of a RetNet variant")
-    p.set_defaults(func=lambda a: _todo("model-info"))
+    p.add_argument("--variant", default=None, help="tiny | 350M | 500M (default: the config's student.variant)")
+    p.add_argument("--vocab-size", type=int, default=128256, help="default: Llama-3.2's 128256")
+    p.add_argument("--config", default=None, help="YAML whose student.overrides apply (default: none)")
+
+    def run(a: argparse.Namespace) -> int:
+        from distill_dag.model.variants import count_parameters, student_config
+
+        overrides: dict[str, Any] = {}
+        variant = a.variant
+        if a.config is not None:
+            student = load_config(a.config).student
+            variant, overrides = variant or student.variant, dict(student.overrides)
+        variant = variant or "500M"
+        try:
+            cfg = student_config(variant, a.vocab_size, **overrides)
+        except ValueError as err:
+            print(f"distill model-info: {err}", file=sys.stderr)
+            return 2
+        c = count_parameters(cfg)
+        print(
+            f"RetNet {variant}: d={cfg.hidden_size}, layers={cfg.num_hidden_layers}, heads={cfg.num_attention_heads} "
+            f"(key dim {cfg.head_dim}, value dim {cfg.value_dim // cfg.num_attention_heads}), "
+            f"ffn {cfg.intermediate_size}, vocab {cfg.vocab_size:,}, "
+            f"{'tied' if cfg.tie_word_embeddings else 'untied'} embeddings"
+        )
+        rows = [
+            ("embedding", c["embedding"]),
+            ("lm_head" + (" (tied)" if c["lm_head"] == 0 else ""), c["lm_head"]),
+            ("retention per layer", c["retention_per_layer"]),
+            ("ffn per layer", c["ffn_per_layer"]),
+            (f"blocks ({c['layers']})", c["blocks"]),
+            ("final norm", c["final_norm"]),
+            ("non-embedding", c["non_embedding"]),
+            ("total", c["total"]),
+        ]
+        for name, n in rows:
+            print(f"  {name:<20} {n:>14,}")
+        print(f"  = {c['total'] / 1e6:.1f}M parameters")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 # ---- teacher -------------------------------------------------------------------------------

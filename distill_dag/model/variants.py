@@ -53,7 +53,7 @@ def build_student(student_cfg: Any, vocab_size: int) -> "RetNetForCausalLM":  # 
     )
     model = RetNetForCausalLM(cfg)
     if student_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
