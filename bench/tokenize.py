@@ -1,0 +1,112 @@
+"""End-to-end JSONL -> parquet throughput vs the raw tokenizer on the same text, in the same run.
+
+    python bench/tokenize.py                 # 16 MB of stdlib text, BPE vocab 4096, max_seq_length 1024
+    python bench/tokenize.py --mb 32 --repeats 3 --max-seq-length 2048
+
+Builds a JSONL corpus from the running Python's standard library (4 files), trains a byte-level
+BPE on it, then alternates (``--repeats`` times):
+- raw: ``Tokenizer.encode_batch_fast`` over the texts already in memory (the fastest way to call
+  the tokenizer: one call over all texts, and the pipeline's own batch size; the better is kept);
+- pipeline: ``tokenize_to_parquet(..., force=True)``: read + parse JSONL, encode, pack, write
+  snappy shards, manifest and token cache.
+Prints tokens/s of each (best of the repeats) and the ratio pipeline / raw (target >= 0.85 on
+2 cores). Tokens counted are the tokenizer's output tokens (the pipeline's added EOS excluded).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file's name shadows the stdlib module `tokenize` (imported by transformers/linecache) when
+# run as `python bench/tokenize.py`: drop the script's folder from the import path first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.modules.pop("tokenize", None)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def build_corpus(root: Path, mb: float, files: int = 4) -> list[str]:
+    from distill_dag.data.sources import decode_python_source, stdlib_files
+
+    texts = [decode_python_source(p.read_bytes())[0] for _, p in stdlib_files(int(mb * 1e6))]
+    root.mkdir(parents=True, exist_ok=True)
+    per = (len(texts) + files - 1) // files
+    for k in range(files):
+        with open(root / f"part-{k}.jsonl", "w") as f:
+            for i, t in enumerate(texts[k * per:(k + 1) * per]):
+                f.write(json.dumps({"text": t, "id": f"{k}:{i}", "source": "stdlib"}) + "\n")
+    return texts
+
+
+def raw_throughput(backend, texts: list[str], batch_bytes: int) -> tuple[float, int]:
+    best = 0.0
+    n = 0
+    # one call over everything, and the pipeline's batching: keep the faster
+    batchings = [texts]
+    cur, size, batches = [], 0, []
+    for t in texts:
+        cur.append(t)
+        size += len(t)
+        if size >= batch_bytes:
+            batches.append(cur)
+            cur, size = [], 0
+    if cur:
+        batches.append(cur)
+    for mode in (batchings, batches):
+        t0 = time.perf_counter()
+        n = 0
+        for b in mode:
+            for e in backend.encode_batch_fast(b, add_special_tokens=True):
+                n += len(e.ids)
+        best = max(best, n / (time.perf_counter() - t0))
+    return best, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=16.0)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--max-seq-length", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+
+    from transformers import PreTrainedTokenizerFast
+
+    from distill_dag.data import pack
+    from distill_dag.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_bpe
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_tokenize_"))
+    texts = build_corpus(work / "raw", args.mb)
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    bpe = train_bpe(iter(texts), args.vocab)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN).save_pretrained(work / "tok")
+    backend = load_tokenizer(work / "tok").backend_tokenizer
+    backend.encode_special_tokens = True
+    print(f"corpus: {len(texts)} documents, {mb:.1f} MB; cores: {os.cpu_count()}; workdir {work}")
+
+    raw_best = pipe_best = 0.0
+    for r in range(args.repeats):
+        raw, n_raw = raw_throughput(backend, texts, pack._BATCH_BYTES)
+        t0 = time.perf_counter()
+        res = pack.tokenize_to_parquet(work / "raw", work / "out", work / "tok", args.max_seq_length, force=True,
+                                       rows_per_shard=4096)
+        dt = time.perf_counter() - t0
+        n_pipe = sum(i["tokens"] for i in res["inputs"].values()) - res["totals"]["docs"]
+        assert n_pipe == n_raw, (n_pipe, n_raw)
+        pipe = n_pipe / dt
+        print(f"repeat {r}: raw encode_batch_fast {raw:,.0f} tok/s; pipeline {pipe:,.0f} tok/s ({dt:.2f} s); "
+              f"ratio {pipe / raw:.3f}")
+        raw_best, pipe_best = max(raw_best, raw), max(pipe_best, pipe)
+    print(f"best: raw {raw_best:,.0f} tok/s, pipeline {pipe_best:,.0f} tok/s, ratio {pipe_best / raw_best:.3f} "
+          f"(target >= 0.85)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,505 @@
+"""Tokenize JSONL documents and pack them into fixed-length rows of parquet shards.
+
+Packing (one stream per split, in input order, then line order):
+
+- each document becomes ``ids + [EOS]``; a prompt/response row is ``encode(prompt) +
+  encode(response)`` (special tokens such as BOS only at the document start);
+- ``position_ids`` count 0, 1, ... from each document start and keep counting when a document
+  runs over into the next row (so a row starts at 0 only when a document starts there);
+- ``labels[i]`` is ``input_ids[i]`` or -100 (NOT shifted; each loss shifts once): -100 at every
+  document start (nothing in the document predicts its first token; the row before belongs to
+  another document) and, with ``mask_prompt``, on every prompt token; the EOS is a label;
+- the stream is cut every ``max_seq_length`` tokens, and the tail carries over into the next row
+  (across input files too); only the last row of a split is padded (pad id, attention 0,
+  labels -100, positions continuing);
+- a document is in the val split when ``blake2b(document id) / 2**64 < val_fraction`` (the id is
+  the row's ``id`` field, else ``<input key>:<line>``), so a document never straddles splits.
+
+Each input's tokens are cached under ``<output>/.cache/`` keyed by the input's sha256 and the
+tokenizer hash: ``skip_existing`` re-tokenizes only inputs whose content changed, then repacks
+from the caches (cheap); an unchanged input set leaves the shards untouched. Inputs are keyed by
+their path relative to the input root, so same-named files in different folders never collide.
+Shards are renamed into place only when complete and the manifest is written last, so a killed
+run leaves the previous manifest; rerunning produces exactly the shards and manifest of a clean
+run (everything is deterministic).
+
+Encoding runs in a worker thread (``encode_batch_fast`` releases the GIL and uses every core)
+while the main thread parses the next batch and packs the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distill_dag.data.jsonl import DEFAULT_MAX_LINE_BYTES, ReadStats, Reject, check_reject_rate, iter_jsonl
+from distill_dag.data.manifest import MANIFEST, SCHEMA_VERSION, Manifest
+from distill_dag.data.shards import ShardWriter, np_to_arrow
+from distill_dag.io import atomic_path, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
+
+CACHE_VERSION = 1
+CACHE_DIR = ".cache"
+REJECTS = "rejects.jsonl"
+_BATCH_BYTES = 1 << 20
+# per-document metadata of the token cache; the tokens themselves are raw int32 in <stem>.tokens.bin
+_CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("len", pa.int64()),
+                           ("prompt_len", pa.int32())])
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+@dataclass
+class InputFile:
+    key: str  # path relative to the input root (posix): unique per file
+    path: Path
+    sha256: str
+    bytes: int
+
+    @property
+    def cache_stem(self) -> str:
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", self.key)[-80:]
+        return f"{safe}-{hashlib.sha256(self.key.encode()).hexdigest()[:10]}"
+
+
+def discover_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursive: bool = True) -> list[InputFile]:
+    """JSONL files of a directory / file / list of them, keyed by path relative to their common root."""
+    from distill_dag.data.sources import resolve_jsonl_paths
+
+    specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    files: list[Path] = []
+    roots: list[Path] = []
+    for spec in specs:
+        p = Path(spec).resolve()
+        if p.is_dir():
+            roots.append(p)
+        elif p.is_file():
+            roots.append(p.parent)
+        else:
+            raise FileNotFoundError(f"input {spec} does not exist (give a JSONL file or a directory of them)")
+        files.extend(resolve_jsonl_paths(p, recursive=recursive))
+    files = sorted(set(files))
+    root = Path(os.path.commonpath([str(r) for r in roots])) if roots else Path(".")
+    out = [InputFile(f.relative_to(root).as_posix(), f, sha256_file(f), f.stat().st_size) for f in files]
+    return sorted(out, key=lambda x: x.key)
+
+
+def is_val(doc_id: str, val_fraction: float) -> bool:
+    """Deterministic held-out choice by document id (same answer in every process and run)."""
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < val_fraction
+
+
+# ---- documents ---------------------------------------------------------------------------------
+@dataclass
+class DocBatch:
+    """Tokenized documents: ``ids`` all documents' tokens concatenated (no EOS), ``lens`` [n],
+    ``prompt_lens`` [n] (0 for text rows), ``doc_ids`` and ``sources`` (n strings each)."""
+
+    ids: np.ndarray
+    lens: np.ndarray
+    prompt_lens: np.ndarray
+    doc_ids: list[str]
+    sources: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.lens)
+
+
+def _flatten(lists: list[list[int]], total: int) -> np.ndarray:
+    import itertools
+
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=total)
+
+
+def encode_rows(backend: Any, rows: list[dict[str, Any]], doc_ids: list[str], sources: list[str]) -> DocBatch:
+    """Encode text / prompt+response rows with a ``tokenizers.Tokenizer`` (special tokens only at the start)."""
+    firsts = [r["text"] if "text" in r else r["prompt"] for r in rows]
+    enc1 = backend.encode_batch_fast(firsts, add_special_tokens=True)
+    resp_rows = [i for i, r in enumerate(rows) if "text" not in r]
+    lists = [e.ids for e in enc1]
+    prompt_lens = np.zeros(len(rows), dtype=np.int32)
+    if resp_rows:
+        enc2 = backend.encode_batch_fast([rows[i]["response"] for i in resp_rows], add_special_tokens=False)
+        for i, e in zip(resp_rows, enc2):
+            prompt_lens[i] = len(lists[i])
+            lists[i] = lists[i] + e.ids
+    lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+    return DocBatch(_flatten(lists, int(lens.sum())), lens, prompt_lens, doc_ids, sources)
+
+
+def _row_batches(inp: InputFile, stats: ReadStats, rejects: list[Reject], batch_docs: int,
+                 max_line_bytes: int, default_source: str) -> Iterator[tuple[list[dict], list[str], list[str]]]:
+    rows: list[dict] = []
+    ids: list[str] = []
+    srcs: list[str] = []
+    size = 0
+    for line_no, row in iter_jsonl(inp.path, stats, max_line_bytes=max_line_bytes):
+        if isinstance(row, Reject):
+            row.file = str(inp.path)
+            rejects.append(row)
+            continue
+        rows.append(row)
+        rid = row.get("id")
+        ids.append(str(rid) if rid is not None else f"{inp.key}:{line_no}")
+        src = row.get("source")
+        srcs.append(src if isinstance(src, str) and src else default_source)
+        size += len(row.get("text") or "") + len(row.get("prompt") or "") + len(row.get("response") or "")
+        if len(rows) >= batch_docs or size >= _BATCH_BYTES:
+            yield rows, ids, srcs
+            rows, ids, srcs, size = [], [], [], 0
+    if rows:
+        yield rows, ids, srcs
+
+
+def _default_source(key: str) -> str:
+    parts = key.split("/")
+    return parts[0] if len(parts) > 1 else Path(key).stem
+
+
+# ---- packing -----------------------------------------------------------------------------------
+class Packer:
+    """Packs a stream of documents into rows of ``width`` tokens for one split.
+
+    ``emit(ids, attention_mask, labels, position_ids, sources)`` receives full rows ``[n, width]``.
+    """
+
+    def __init__(self, width: int, eos_id: int, pad_id: int, mask_prompt: bool,
+                 emit: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]], None]):
+        self.width, self.eos_id, self.pad_id, self.mask_prompt, self.emit = width, eos_id, pad_id, mask_prompt, emit
+        self._tok = np.empty(0, np.int32)
+        self._lab = np.empty(0, np.int32)
+        self._pos = np.empty(0, np.int32)
+        self._src = np.empty(0, np.int32)
+        self._src_names: list[str] = []
+        self._src_code: dict[str, int] = {}
+        self.docs = 0
+        self.tokens = 0
+
+    def add(self, ids: np.ndarray, lens: np.ndarray, prompt_lens: np.ndarray, sources: list[str]) -> None:
+        """Append documents (``ids`` their tokens concatenated, ``lens`` [n], ``prompt_lens`` [n])."""
+        if len(lens) == 0:
+            return
+        L = lens.astype(np.int64) + 1  # + EOS
+        ends = np.cumsum(L)
+        starts = ends - L
+        total = int(ends[-1])
+        tok = np.empty(total, np.int32)
+        is_eos = np.zeros(total, bool)
+        is_eos[ends - 1] = True
+        tok[~is_eos] = ids
+        tok[is_eos] = self.eos_id
+        pos = (np.arange(total, dtype=np.int64) - np.repeat(starts, L)).astype(np.int32)
+        lab = tok.copy()
+        lab[starts] = -100
+        if self.mask_prompt and prompt_lens.any():
+            lab[pos < np.repeat(prompt_lens, L)] = -100
+        codes = np.fromiter((self._code(s) for s in sources), dtype=np.int32, count=len(sources))
+        self._push(tok, lab, pos, np.repeat(codes, L))
+        self.docs += len(lens)
+        self.tokens += total
+
+    def _code(self, s: str) -> int:
+        c = self._src_code.get(s)
+        if c is None:
+            c = self._src_code[s] = len(self._src_names)
+            self._src_names.append(s)
+        return c
+
+    def _push(self, tok: np.ndarray, lab: np.ndarray, pos: np.ndarray, src: np.ndarray) -> None:
+        tok, lab, pos, src = (np.concatenate([a, b]) if len(a) else b
+                              for a, b in ((self._tok, tok), (self._lab, lab), (self._pos, pos), (self._src, src)))
+        n = len(tok) // self.width
+        cut = n * self.width
+        if n:
+            w = self.width
+            rows_src = [self._src_names[c] for c in src[:cut:w]]  # the document holding the row's first token
+            self.emit(tok[:cut].reshape(n, w), np.ones((n, w), np.int8), lab[:cut].reshape(n, w),
+                      pos[:cut].reshape(n, w), rows_src)
+        self._tok, self._lab, self._pos, self._src = tok[cut:].copy(), lab[cut:].copy(), pos[cut:].copy(), src[cut:].copy()
+
+    def finish(self) -> None:
+        """Pad and emit the last partial row."""
+        k = len(self._tok)
+        if k == 0:
+            return
+        w = self.width
+        pad = w - k
+        tok = np.concatenate([self._tok, np.full(pad, self.pad_id, np.int32)])
+        att = np.concatenate([np.ones(k, np.int8), np.zeros(pad, np.int8)])
+        lab = np.concatenate([self._lab, np.full(pad, -100, np.int32)])
+        pos = np.concatenate([self._pos, self._pos[-1] + 1 + np.arange(pad, dtype=np.int32)])
+        self.emit(tok[None], att[None], lab[None], pos[None], [self._src_names[int(self._src[0])]])
+        self._tok = self._lab = self._pos = self._src = np.empty(0, np.int32)
+
+
+# ---- cache of one input's tokens ---------------------------------------------------------------
+_CACHE_SUFFIXES = (".rejects.jsonl", ".tokens.bin", ".docs.parquet", ".json")
+
+
+def _cache_paths(out: Path, inp: InputFile) -> tuple[Path, Path, Path]:
+    """(docs parquet, meta json, rejects jsonl); the tokens are ``docs parquet`` with .tokens.bin."""
+    d = out / CACHE_DIR
+    return d / f"{inp.cache_stem}.docs.parquet", d / f"{inp.cache_stem}.json", d / f"{inp.cache_stem}.rejects.jsonl"
+
+
+def _tokens_path(docs_path: Path) -> Path:
+    return docs_path.with_name(docs_path.name.replace(".docs.parquet", ".tokens.bin"))
+
+
+def _cache_valid(out: Path, inp: InputFile, tok_hash: str) -> dict[str, Any] | None:
+    pq_path, meta_path, _ = _cache_paths(out, inp)
+    if not (pq_path.exists() and meta_path.exists() and _tokens_path(pq_path).exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    ok = (meta.get("version") == CACHE_VERSION and meta.get("sha256") == inp.sha256
+          and meta.get("tokenizer_hash") == tok_hash and meta.get("key") == inp.key)
+    return meta if ok else None
+
+
+def _read_cache(path: Path) -> Iterator[DocBatch]:
+    pf = pq.ParquetFile(path)
+    tokens = np.memmap(_tokens_path(path), dtype=np.int32, mode="r") if _tokens_path(path).stat().st_size else None
+    at = 0
+    for i in range(pf.num_row_groups):
+        t = pf.read_row_group(i)
+        lens = t.column("len").to_numpy().astype(np.int64)
+        n = int(lens.sum())
+        assert tokens is not None
+        yield DocBatch(np.array(tokens[at:at + n]), lens, t.column("prompt_len").to_numpy().astype(np.int32),
+                       t.column("doc_id").to_pylist(), t.column("source").to_pylist())
+        at += n
+
+
+def _batch_table(b: DocBatch) -> pa.Table:
+    return pa.Table.from_arrays([pa.array(b.doc_ids, pa.string()), pa.array(b.sources, pa.string()),
+                                 np_to_arrow(b.lens, pa.int64()), np_to_arrow(b.prompt_lens, pa.int32())],
+                                schema=_CACHE_SCHEMA)
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    out: Path
+    width: int
+    val_fraction: float
+    packers: dict[str, Packer] = field(default_factory=dict)
+    writers: dict[str, ShardWriter] = field(default_factory=dict)
+
+    def feed(self, b: DocBatch) -> tuple[int, int]:
+        """Route a batch's documents to the train / val packers; returns (val docs, tokens incl. EOS)."""
+        if b.n == 0:
+            return 0, 0
+        val = np.fromiter((is_val(d, self.val_fraction) for d in b.doc_ids), dtype=bool, count=b.n)
+        offs = np.zeros(b.n + 1, np.int64)
+        np.cumsum(b.lens, out=offs[1:])
+        for split, sel in (("train", ~val), ("val", val)):
+            if not sel.any():
+                continue
+            if sel.all():
+                ids = b.ids
+            else:
+                ids = b.ids[np.repeat(sel, b.lens)]
+            idx = np.flatnonzero(sel)
+            self.packers[split].add(ids, b.lens[sel], b.prompt_lens[sel], [b.sources[i] for i in idx])
+        return int(val.sum()), int(b.lens.sum()) + b.n
+
+
+def tokenize_to_parquet(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    max_seq_length: int,
+    *,
+    recursive: bool = True,
+    val_fraction: float = 0.02,
+    rows_per_shard: int = 8192,
+    skip_existing: bool = True,
+    force: bool = False,
+    mask_prompt: bool = True,
+    batch_docs: int = 1024,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    max_reject_rate: float | None = None,
+    tokenizer_hash: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Tokenize + pack JSONL ``inputs`` (a directory, a file, or a list) into ``output_dir``.
+
+    Writes ``train-NNNNN.parquet`` / ``val-NNNNN.parquet`` shards, ``manifest.json`` and
+    ``rejects.jsonl`` (every skipped line: file, line, reason). ``skip_existing`` reuses the token
+    cache of unchanged inputs (and returns at once when nothing changed); ``force`` (or
+    ``skip_existing=False``) re-tokenizes everything. Bad rows are reported, not fatal, unless
+    their share exceeds ``max_reject_rate`` (:class:`~distill_dag.data.jsonl.RejectRateError`).
+
+    Returns a summary: the manifest as a dict plus ``tokenized`` / ``reused`` input keys,
+    ``up_to_date``, ``rejects`` and ``rejects_file``.
+    """
+    from distill_dag.data.tokenizer import load_tokenizer, tokenizer_hash as hash_dir, tokenizer_name
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CACHE_DIR).mkdir(exist_ok=True)
+    reuse = skip_existing and not force
+    tok = load_tokenizer(tokenizer_dir)
+    tok_hash = tokenizer_hash or hash_dir(tokenizer_dir)
+    if tok.eos_token_id is None or tok.pad_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer_dir} needs eos and pad tokens (resolve it with resolve_tokenizer)")
+    files = discover_inputs(inputs, recursive)
+    if not files:
+        raise FileNotFoundError(f"no .jsonl files in {inputs} (recursive={recursive})")
+    settings = {"schema_version": SCHEMA_VERSION, "cache_version": CACHE_VERSION, "tokenizer_hash": tok_hash,
+                "max_seq_length": max_seq_length, "val_fraction": val_fraction, "mask_prompt": mask_prompt,
+                "rows_per_shard": rows_per_shard, "inputs": {f.key: f.sha256 for f in files}}
+    build_key = sha256_json(settings)
+
+    if reuse and (out / MANIFEST).exists():
+        try:
+            old = Manifest.load(out)
+        except (ValueError, FileNotFoundError):
+            old = None
+        if old is not None and old.build_key == build_key and all(
+            (out / s.path).exists() and (out / s.path).stat().st_size == s.bytes for s in old.shards
+        ):
+            return {**old.to_dict(), "tokenized": [], "reused": [f.key for f in files], "up_to_date": True,
+                    "rejects": old.totals.get("rejects", 0), "rejects_file": str(out / REJECTS)}
+
+    backend = tok.backend_tokenizer
+    backend.encode_special_tokens = True  # text that spells "<|endoftext|>" must not become a real EOS
+    run = _Run(out, max_seq_length, val_fraction)
+    for split in ("train", "val"):
+        w = ShardWriter(out, split, max_seq_length, rows_per_shard)
+        run.writers[split] = w
+        run.packers[split] = Packer(max_seq_length, tok.eos_token_id, tok.pad_token_id, mask_prompt, w.add)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(f.bytes for f in files), unit="B", unit_scale=True, desc="preprocess")
+    total_stats = ReadStats()
+    all_rejects: list[dict[str, Any]] = []
+    inputs_meta: dict[str, dict[str, Any]] = {}
+    tokenized, reused = [], []
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for inp in files:
+                meta = _cache_valid(out, inp, tok_hash) if reuse else None
+                pq_path, meta_path, rej_path = _cache_paths(out, inp)
+                if meta is not None:
+                    val_docs = tokens = 0
+                    for b in _read_cache(pq_path):
+                        v, t = run.feed(b)
+                        val_docs, tokens = val_docs + v, tokens + t
+                    reused.append(inp.key)
+                    stats = ReadStats(rows=meta["docs"], rejects=meta["rejects"], bytes=inp.bytes)
+                    stats.reasons.update(meta.get("reasons", {}))
+                    if rej_path.exists():
+                        all_rejects.extend(json.loads(x) for x in rej_path.read_text().splitlines() if x)
+                else:
+                    stats, val_docs, tokens, rejects = _tokenize_input(
+                        inp, backend, run, pool, pq_path, batch_docs, max_line_bytes)
+                    rej_dicts = [r.to_dict() for r in rejects]
+                    write_bytes_atomic(rej_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rej_dicts).encode())
+                    write_json_atomic(meta_path, {"version": CACHE_VERSION, "key": inp.key, "sha256": inp.sha256,
+                                                  "tokenizer_hash": tok_hash, "docs": stats.rows,
+                                                  "rejects": stats.rejects, "reasons": dict(stats.reasons)})
+                    all_rejects.extend(rej_dicts)
+                    tokenized.append(inp.key)
+                total_stats.add(stats)
+                inputs_meta[inp.key] = {"sha256": inp.sha256, "bytes": inp.bytes, "docs": stats.rows,
+                                        "val_docs": val_docs, "tokens": tokens, "rejects": stats.rejects}
+                if bar is not None:
+                    bar.update(inp.bytes)
+                    bar.set_postfix(rejects=total_stats.rejects)
+        for p in run.packers.values():
+            p.finish()
+        shards = run.writers["train"].close() + run.writers["val"].close()
+    except BaseException:
+        for w in run.writers.values():
+            w.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    write_bytes_atomic(out / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rejects).encode())
+    check_reject_rate(total_stats, max_reject_rate, f"preprocess {inputs}", out / REJECTS)
+
+    totals = {"rejects": total_stats.rejects, "docs": total_stats.rows}
+    for split in ("train", "val"):
+        ss = [s for s in shards if s.split == split]
+        totals[split] = {"shards": len(ss), "rows": sum(s.rows for s in ss), "tokens": sum(s.tokens for s in ss),
+                         "docs": run.packers[split].docs}
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, tokenizer_name=tokenizer_name(tokenizer_dir), tokenizer_hash=tok_hash,
+        eos_id=int(tok.eos_token_id), pad_id=int(tok.pad_token_id),
+        bos_id=None if tok.bos_token_id is None else int(tok.bos_token_id), vocab_size=len(tok),
+        max_seq_length=max_seq_length, val_fraction=val_fraction, mask_prompt=mask_prompt,
+        rows_per_shard=rows_per_shard, shards=shards, inputs=inputs_meta, totals=totals, build_key=build_key,
+    )
+    manifest.save(out)
+    _remove_stale(out, manifest, files)
+    return {**manifest.to_dict(), "tokenized": tokenized, "reused": reused, "up_to_date": False,
+            "rejects": total_stats.rejects, "rejects_file": str(out / REJECTS)}
+
+
+def _tokenize_input(inp: InputFile, backend: Any, run: _Run, pool: ThreadPoolExecutor, cache_path: Path,
+                    batch_docs: int, max_line_bytes: int) -> tuple[ReadStats, int, int, list[Reject]]:
+    """Encode one input (worker thread) while parsing the next batch and packing the last (this thread)."""
+    stats = ReadStats()
+    rejects: list[Reject] = []
+    val_docs = tokens = 0
+    with atomic_path(_tokens_path(cache_path)) as tmp_tokens, atomic_path(cache_path) as tmp, \
+            open(tmp_tokens, "wb") as token_file:
+        writer = pq.ParquetWriter(tmp, _CACHE_SCHEMA, compression="snappy")
+        try:
+            def consume(b: DocBatch) -> None:
+                nonlocal val_docs, tokens
+                v, t = run.feed(b)
+                val_docs, tokens = val_docs + v, tokens + t
+                writer.write_table(_batch_table(b))
+                token_file.write(b.ids.tobytes())
+
+            pending = None
+            for rows, ids, srcs in _row_batches(inp, stats, rejects, batch_docs, max_line_bytes, _default_source(inp.key)):
+                fut = pool.submit(encode_rows, backend, rows, ids, srcs)
+                if pending is not None:
+                    consume(pending.result())
+                pending = fut
+            if pending is not None:
+                consume(pending.result())
+        finally:
+            writer.close()
+    return stats, val_docs, tokens, rejects
+
+
+def _remove_stale(out: Path, manifest: Manifest, files: list[InputFile]) -> None:
+    """Delete shards not in the manifest and caches of inputs that are gone."""
+    keep = {s.path for s in manifest.shards}
+    for p in list(out.glob("train-*.parquet")) + list(out.glob("val-*.parquet")):
+        if p.name not in keep:
+            p.unlink(missing_ok=True)
+    stems = {f.cache_stem for f in files}
+    cache = out / CACHE_DIR
+    for p in cache.iterdir():
+        stem = next((p.name[: -len(x)] for x in _CACHE_SUFFIXES if p.name.endswith(x)), None)
+        if stem is not None and stem not in stems:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)

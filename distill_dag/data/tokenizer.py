@@ -1,0 +1,166 @@
+"""Resolve the tokenizer: a hub name / local directory, or a byte-level BPE trained on raw JSONL.
+
+Either way the result is a local ``PreTrainedTokenizerFast`` directory with an EOS token and a pad
+token that is an existing id inside the vocabulary (a new id beyond the embedding matrix would
+index out of range in every model). Its content hash (:func:`tokenizer_hash`) is computed from a
+canonical JSON form of the tokenizer (model, vocab, merges, special tokens), so it is the same in
+every process and independent of file formatting; manifests and downstream assets carry it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from distill_dag.io import atomic_dir, sha256_file, sha256_json, write_json_atomic
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+META = "distill_tokenizer.json"
+_TRAIN_VERSION = 1
+
+
+def _tok_cfg(cfg: Any):
+    return getattr(cfg, "tokenizer", cfg)
+
+
+def iter_raw_texts(raw_dir: str | os.PathLike, max_bytes: int | None = None) -> Iterator[str]:
+    """Texts of the raw JSONL files (sorted, recursive; bad lines skipped), up to ``max_bytes``.
+
+    A prompt/response row gives ``prompt + response``.
+    """
+    from distill_dag.data.jsonl import Reject, iter_jsonl
+    from distill_dag.data.sources import resolve_jsonl_paths
+
+    total = 0
+    for f in resolve_jsonl_paths(raw_dir, recursive=True):
+        for _, row in iter_jsonl(f):
+            if isinstance(row, Reject):
+                continue
+            text = row["text"] if "text" in row else row["prompt"] + row["response"]
+            yield text
+            total += len(text.encode())
+            if max_bytes is not None and total >= max_bytes:
+                return
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int = 2):
+    """A byte-level BPE (GPT-2 style) trained on ``texts``; ids 0 and 1 are EOS and pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _ensure_special(tok) -> None:
+    """EOS must exist; pad falls back to an existing token (EOS), never a new id."""
+    if tok.eos_token is None:
+        raise ValueError(
+            f"tokenizer {tok.name_or_path!r} has no eos_token; packing needs one between documents "
+            "(set tokenizer.name_or_path to a tokenizer with an EOS token)"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+
+def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
+    """Content hash of a saved tokenizer: canonical JSON of tokenizer.json + special token ids."""
+    d = Path(tokenizer_dir)
+    tj = d / "tokenizer.json"
+    if not tj.exists():
+        return sha256_json({"files": {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != META}})
+    tok = load_tokenizer(d)
+    return sha256_json({
+        "tokenizer": json.loads(tj.read_text()),
+        "eos": [tok.eos_token, tok.eos_token_id],
+        "pad": [tok.pad_token, tok.pad_token_id],
+        "bos": [tok.bos_token, tok.bos_token_id],
+        "len": len(tok),
+    })
+
+
+def load_tokenizer(tokenizer_dir: str | os.PathLike):
+    """The ``PreTrainedTokenizerFast`` saved in ``tokenizer_dir``."""
+    from transformers import AutoTokenizer
+
+    d = Path(tokenizer_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {d} does not exist (materialize the tokenizer asset first)")
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def resolve_tokenizer(cfg: Any, raw_dir: str | os.PathLike | None, out_dir: str | os.PathLike) -> tuple[Path, str]:
+    """Make ``out_dir`` a local tokenizer directory; return ``(out_dir, tokenizer_hash)``.
+
+    ``cfg`` is a :class:`~distill_dag.config.TokenizerConfig` or a whole ``PipelineConfig``.
+    - ``name_or_path`` set: ``AutoTokenizer.from_pretrained`` (hub name or local directory), pad set
+      to EOS when missing, saved to ``out_dir``.
+    - ``name_or_path`` None: a byte-level BPE of ``vocab_size`` trained on the first
+      ``train_bytes`` of the raw JSONL under ``raw_dir``.
+    An ``out_dir`` built from the same config (and, for training, the same raw bytes) is reused.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tc = _tok_cfg(cfg)
+    out = Path(out_dir)
+    if tc.name_or_path:
+        key = {"v": _TRAIN_VERSION, "name_or_path": tc.name_or_path}
+    else:
+        if raw_dir is None or not Path(raw_dir).exists():
+            raise FileNotFoundError(f"tokenizer: training a BPE needs raw JSONL, but {raw_dir} does not exist "
+                                    "(materialize raw_jsonl first, or set tokenizer.name_or_path)")
+        from distill_dag.data.sources import resolve_jsonl_paths
+
+        files = resolve_jsonl_paths(raw_dir, recursive=True)
+        if not files:
+            raise FileNotFoundError(f"tokenizer: no .jsonl files under {raw_dir} to train a BPE on")
+        key = {"v": _TRAIN_VERSION, "vocab_size": tc.vocab_size, "min_frequency": tc.min_frequency,
+               "train_bytes": tc.train_bytes,
+               "raw": [[f.relative_to(raw_dir).as_posix(), sha256_file(f)] for f in files]}
+    key_hash = sha256_json(key)
+    meta_path = out / META
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("key") == key_hash and meta.get("hash"):
+            return out, meta["hash"]
+
+    with atomic_dir(out) as tmp:
+        if tc.name_or_path:
+            tok = AutoTokenizer.from_pretrained(tc.name_or_path)
+            if not getattr(tok, "is_fast", False):
+                raise ValueError(f"tokenizer {tc.name_or_path!r} has no fast (tokenizers) version; packing needs one")
+            _ensure_special(tok)
+        else:
+            bpe = train_bpe(iter_raw_texts(raw_dir, tc.train_bytes), tc.vocab_size, tc.min_frequency)
+            tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                          model_max_length=1 << 30)
+        tok.save_pretrained(str(tmp))
+        h = tokenizer_hash(tmp)
+        write_json_atomic(tmp / META, {"key": key_hash, "hash": h, "name_or_path": tc.name_or_path or "bpe"})
+    return out, h
+
+
+def tokenizer_name(tokenizer_dir: str | os.PathLike) -> str:
+    """The name recorded when the directory was resolved (hub name, path, or "bpe"); else the dir name."""
+    meta = Path(tokenizer_dir) / META
+    if meta.exists():
+        try:
+            return json.loads(meta.read_text()).get("name_or_path") or Path(tokenizer_dir).name
+        except json.JSONDecodeError:
+            pass
+    return str(tokenizer_dir)
