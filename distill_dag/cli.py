@@ -39,13 +39,95 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
 def _add_download(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="gather the configured raw sources (or catalog categories) into JSONL")
     _config_arg(p)
-    p.set_defaults(func=lambda a: _todo("download"))
+    p.add_argument("--category", action="append", default=None, metavar="C",
+                   help="gather these categories of the curated catalog instead of data.sources (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (datasets, counts, expected size); write nothing")
+
+    def run(a: argparse.Namespace) -> int:
+        from distill_dag.config import SourceConfig
+        from distill_dag.data.jsonl import RejectRateError
+        from distill_dag.data.sources import gather_sources
+
+        cfg = _load(a)
+        if a.category:
+            cfg.data.sources = [SourceConfig(name="catalog", kind="catalog", categories=a.category)]
+        mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+        try:
+            result = gather_sources(cfg, dry_run=a.dry_run)
+        except (RejectRateError, ValueError, FileNotFoundError) as err:
+            print(f"distill download: {err}", file=sys.stderr)
+            return 1
+        for name, r in result.items():
+            if a.dry_run:
+                print(f"source '{name}' ({r['kind']}), plan:")
+                for d in r.get("datasets", []):
+                    sub_ = f" [{d['subset']}]" if d["subset"] else ""
+                    print(f"  {d['category']:<17} {d['name']:<16} {d['hub_id'] + sub_:<48} split={d['split']:<10} "
+                          f"samples={d['samples']:>7,}  ~{mb(d['expected_bytes'])}")
+                extra = {k: v for k, v in r.items() if k not in ("kind", "datasets")}
+                if "expected_bytes" in extra:
+                    extra["expected_bytes"] = mb(extra["expected_bytes"])
+                print("  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+            else:
+                print(f"source '{name}' ({r['kind']}): {r['rows']:,} rows, {mb(r['bytes'])}, {r['files']} files, "
+                      f"{r['rejects']} rejects -> {r['path']}")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="tokenize + pack JSONL files into parquet shards")
     _config_arg(p)
-    p.set_defaults(func=lambda a: _todo("preprocess"))
+    p.add_argument("--input", required=True, help="a directory of .jsonl files (or one file)")
+    p.add_argument("--output", required=True, help="output directory for shards + manifest.json")
+    p.add_argument("--recursive", action="store_true", help="also read .jsonl files in subdirectories")
+    p.add_argument("--skip-existing", action="store_true", help="re-tokenize only inputs whose content changed")
+    p.add_argument("--force", action="store_true", help="re-tokenize and rewrite everything")
+    p.add_argument("--max-seq-length", type=int, default=None, help="row length (default: tokenize.max_seq_length)")
+    p.add_argument("--tokenizer", default=None, metavar="LOCAL_TOKENIZER_DIR",
+                   help="a saved tokenizer directory (default: the config's data root/tokenizer)")
+    p.add_argument("--val-fraction", type=float, default=None, help="default: tokenize.val_fraction")
+    p.add_argument("--rows-per-shard", type=int, default=None, help="default: tokenize.rows_per_shard")
+    p.add_argument("--max-reject-rate", type=float, default=None,
+                   help="fail above this share of bad rows (default: report bad rows, never fail)")
+
+    def run(a: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from distill_dag.data.jsonl import RejectRateError
+        from distill_dag.data.pack import tokenize_to_parquet
+
+        cfg = _load(a)
+        t = cfg.tokenize
+        tok_dir = Path(a.tokenizer) if a.tokenizer else cfg.data_root / "tokenizer"
+        if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "tokenizer_config.json").exists():
+            print(f"distill preprocess: no tokenizer in {tok_dir} (pass --tokenizer LOCAL_TOKENIZER_DIR)", file=sys.stderr)
+            return 2
+        try:
+            r = tokenize_to_parquet(
+                a.input, a.output, tok_dir, a.max_seq_length or t.max_seq_length, recursive=a.recursive,
+                val_fraction=t.val_fraction if a.val_fraction is None else a.val_fraction,
+                rows_per_shard=a.rows_per_shard or t.rows_per_shard, skip_existing=a.skip_existing, force=a.force,
+                mask_prompt=t.mask_prompt, batch_docs=t.batch_docs, max_line_bytes=cfg.data.max_line_bytes,
+                max_reject_rate=a.max_reject_rate, progress=True,
+            )
+        except (RejectRateError, FileNotFoundError, ValueError) as err:
+            print(f"distill preprocess: {err}", file=sys.stderr)
+            return 1
+        if r["up_to_date"]:
+            print(f"{a.output} is up to date ({len(r['reused'])} inputs unchanged); nothing re-tokenized")
+        else:
+            print(f"tokenized {len(r['tokenized'])} input(s), reused {len(r['reused'])} from the cache")
+        for split in ("train", "val"):
+            s = r["totals"][split]
+            print(f"  {split}: {s['shards']} shards, {s['rows']:,} rows, {s['tokens']:,} tokens, {s['docs']:,} documents")
+        if r["rejects"]:
+            print(f"  {r['rejects']} bad rows skipped; each with file, line and reason in {r['rejects_file']}")
+        print(f"  manifest: {Path(a.output) / 'manifest.json'}")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 # ---- model ---------------------------------------------------------------------------------

@@ -24,12 +24,14 @@ import duckdb
 from distill_dag.data.manifest import Manifest
 
 
-def _connect(m: Manifest, split: str | None = None) -> tuple[duckdb.DuckDBPyConnection, str]:
-    """A connection with view ``rows(shard, row, input_ids, attention_mask, labels, position_ids, source, split)``."""
-    con = duckdb.connect()
+def _connect(m: Manifest, split: str | None = None,
+             con: duckdb.DuckDBPyConnection | None = None) -> tuple[duckdb.DuckDBPyConnection, str]:
+    """A connection (``con`` or a new in-memory one) with view
+    ``rows(shard, row, input_ids, attention_mask, labels, position_ids, source, split)``."""
+    con = con if con is not None else duckdb.connect()
     shards = [(i, s) for i, s in enumerate(m.shards) if split is None or s.split == split]
     if not shards:
-        con.execute("CREATE VIEW rows AS SELECT NULL::INT AS shard, NULL::BIGINT AS row, []::INT[] AS input_ids, "
+        con.execute("CREATE OR REPLACE VIEW rows AS SELECT NULL::INT AS shard, NULL::BIGINT AS row, []::INT[] AS input_ids, "
                     "[]::TINYINT[] AS attention_mask, []::INT[] AS labels, []::INT[] AS position_ids, "
                     "NULL::VARCHAR AS source, NULL::VARCHAR AS split WHERE false")
         return con, "rows"
@@ -38,7 +40,7 @@ def _connect(m: Manifest, split: str | None = None) -> tuple[duckdb.DuckDBPyConn
         path = str(m.shard_path(s)).replace("'", "''")
         parts.append(f"SELECT {i} AS shard, file_row_number AS row, input_ids, attention_mask, labels, "
                      f"position_ids, source, '{s.split}' AS split FROM read_parquet('{path}', file_row_number = true)")
-    con.execute("CREATE VIEW rows AS " + " UNION ALL ".join(parts))
+    con.execute("CREATE OR REPLACE VIEW rows AS " + " UNION ALL ".join(parts))
     return con, "rows"
 
 
@@ -70,10 +72,11 @@ def _pow2_bins(hi: int) -> list[int]:
     return bins
 
 
-def data_stats(data_dir: str | os.PathLike, split: str | None = None) -> dict[str, Any]:
+def data_stats(data_dir: str | os.PathLike, split: str | None = None,
+               con: duckdb.DuckDBPyConnection | None = None) -> dict[str, Any]:
     """Statistics of the shards in ``data_dir`` (one split, or all with None)."""
     m = Manifest.load(data_dir)
-    con, _ = _connect(m, split)
+    con, _ = _connect(m, split, con)
     _tokens_view(con)
     per_source = con.execute("""
         SELECT source, count(*) AS rows, sum(list_sum(attention_mask)) AS tokens FROM rows
@@ -123,10 +126,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 # ---- checks ------------------------------------------------------------------------------------
-def check_row_lengths(data_dir: str | os.PathLike) -> tuple[bool, str]:
-    """Every row's columns are exactly ``max_seq_length`` long (so none is longer)."""
+def check_row_lengths(data_dir: str | os.PathLike, con: duckdb.DuckDBPyConnection | None = None) -> tuple[bool, str]:
+    """No row longer than ``max_seq_length``, and all four token columns of a row equally long."""
     m = Manifest.load(data_dir)
-    con, _ = _connect(m)
+    con, _ = _connect(m, None, con)
     T = int(m.max_seq_length)
     bad, longest = con.execute(f"""
         SELECT count(*) FILTER (WHERE len(input_ids) > {T} OR len(labels) != len(input_ids)
@@ -139,10 +142,10 @@ def check_row_lengths(data_dir: str | os.PathLike) -> tuple[bool, str]:
                 else f"{bad} rows longer than max_seq_length {T} or with unequal column lengths (longest {longest})")
 
 
-def check_labels_aligned(data_dir: str | os.PathLike) -> tuple[bool, str]:
+def check_labels_aligned(data_dir: str | os.PathLike, con: duckdb.DuckDBPyConnection | None = None) -> tuple[bool, str]:
     """``labels[i]`` is ``input_ids[i]`` or -100 everywhere, and -100 wherever attention is 0."""
     m = Manifest.load(data_dir)
-    con, _ = _connect(m)
+    con, _ = _connect(m, None, con)
     _tokens_view(con)
     bad, pad_bad = con.execute("""
         SELECT count(*) FILTER (WHERE lab != -100 AND lab != tok), count(*) FILTER (WHERE att = 0 AND lab != -100)
@@ -169,3 +172,25 @@ def check_manifest_files(data_dir: str | os.PathLike, check_hash: bool = True) -
     if extra:
         return False, f"shard files not in the manifest: {extra} (left by an interrupted run; re-run preprocessing)"
     return True, f"{len(m.shards)} shards match the manifest (size, sha256, rows)"
+
+
+def run_checks(data_dir: str | os.PathLike, con: duckdb.DuckDBPyConnection | None = None) -> dict[str, tuple[bool, str]]:
+    """All checks by their asset-check names: ``{name: (passed, description)}``."""
+    return {
+        "rows_fit_max_seq_length": check_row_lengths(data_dir, con),
+        "labels_aligned_with_input_ids": check_labels_aligned(data_dir, con),
+        "manifest_matches_files": check_manifest_files(data_dir),
+    }
+
+
+def as_metadata(stats: dict[str, Any]) -> dict[str, Any]:
+    """:func:`data_stats` as flat metadata values: numbers, and markdown tables as strings."""
+    return {
+        "documents": stats["documents"],
+        "masked_label_fraction": round(stats["masked_label_fraction"], 6),
+        "duplicate_document_rate": round(stats["duplicate_document_rate"], 6),
+        "mean_document_length": round(stats["mean_document_length"], 2),
+        "tokens_per_source": markdown_table(stats["tokens_per_source"]),
+        "sequence_length_histogram": markdown_table(stats["sequence_length_histogram"]),
+        "document_length_histogram": markdown_table(stats["document_length_histogram"]),
+    }
