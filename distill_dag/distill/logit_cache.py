@@ -118,13 +118,13 @@ def read_data_manifest(data: str | Path | DataManifest) -> DataManifest:
     shards = []
     for i, s in enumerate(m.get("shards") or []):
         s = s if isinstance(s, dict) else {"file": str(s)}
-        name = Path(str(s.get("file") or s.get("path") or s.get("name"))).name
+        rel = str(s.get("path") or s.get("file") or s.get("name"))  # relative to the manifest's folder
         rows = s.get("rows", s.get("num_rows"))
         if rows is None:
             import pyarrow.parquet as pq
 
-            rows = pq.ParquetFile(d / name).metadata.num_rows
-        shards.append(DataShard(i, name, d / name, int(rows), s.get("sha256")))
+            rows = pq.ParquetFile(d / rel).metadata.num_rows
+        shards.append(DataShard(i, Path(rel).name, d / rel, int(rows), s.get("sha256")))
     if not shards:
         raise LogitCacheError(f"{path}: key 'shards' lists no shard; re-run `distill preprocess`")
     tok = m.get("tokenizer")

