@@ -116,7 +116,7 @@ def tokenized_parquet(
             "rejects": summary["rejects"],
             "rejects_file": dg.MetadataValue.path(summary["rejects_file"]),
             "totals": dg.MetadataValue.json(totals),
-            **stats.as_metadata(data_stats),
+            **{k: dg.MetadataValue.md(v) if isinstance(v, str) else v for k, v in stats.as_metadata(data_stats).items()},
         }
     )
     for name, (passed, description) in checks.items():

@@ -23,7 +23,7 @@ from distill_dag.data.manifest import Manifest, check_manifest
 from distill_dag.device import pick_device
 from distill_dag.distill import checkpoint as ckpt
 from distill_dag.distill.losses import distill_loss
-from distill_dag.distill.optim import build_optimizers, build_scheduler
+from distill_dag.distill.optim import build_optimizers, build_schedulers
 from distill_dag.distill.stability import NanGuard, SaddleDetector
 from distill_dag.distill.telemetry import Telemetry
 from distill_dag.io import sha256_json
@@ -142,17 +142,20 @@ def train(
     if not tc.pretrain_ce_only:
         from distill_dag.distill.teachers.factory import make_teacher
 
-        teacher = make_teacher(cfg, device, vocab, data_dir=data_dir, teacher_model_path=teacher_model_path)
+        teacher = make_teacher(cfg, device, vocab, model_path=teacher_model_path)
     cache_writer = None
     if tc.cache_logits and teacher is not None and tc.teacher_mode == "direct":
         from distill_dag.distill.logit_cache import CacheWriter
 
-        cache_writer = CacheWriter(cfg.path(cfg.logit_cache.dir), data_dir, teacher, cfg.logit_cache)
+        cache_writer = CacheWriter(
+            cfg.cache_dir, data_dir, k=tc.teacher_topk, vocab_size=teacher.vocab_size,
+            teacher_identity=teacher.identity(), dtype=cfg.logit_cache.dtype,
+        )
 
     optimizer = build_optimizers(model, tc)
-    scheduler = build_scheduler(optimizer, tc)
     guard = NanGuard(tc.max_nan_streak)
     saddle = SaddleDetector.from_config(tc)
+    scheduler = build_schedulers(optimizer, tc, multiplier=saddle.lr_multiplier)
     step, tokens_seen = 0, 0
     if resume_state is not None and not transition:
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -183,7 +186,15 @@ def train(
 
     micro_per_step = tc.grad_accum
     loader = make_loader(data_dir, "train", tc.batch_size, seed=tc.seed, start_step=step * micro_per_step)
-    val_loader = lambda: make_loader(data_dir, "val", tc.batch_size, seed=0, shuffle=False)  # noqa: E731
+    has_val = bool(manifest.split_shards("val"))
+    if not has_val:
+        tel.info(f"warning: {data_dir} has no 'val' shards (tokenize.val_fraction); held-out evaluation is skipped")
+
+    def evaluate() -> dict[str, float]:
+        if not has_val:
+            return {}
+        loader = make_loader(data_dir, "val", tc.batch_size, seed=0, shuffle=False, infinite=False)
+        return evaluate_loss(model, loader, tc.eval_batches, device, tc.loss_chunk_tokens)
     batches = iter(loader)
 
     stop = {"flag": False}
@@ -255,14 +266,13 @@ def train(
                 tokens_seen += int(batch["attention_mask"].sum())
             loss = loss_sum / total_scored
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            ok = guard.check(loss, grad_norm)  # raises TrainingDivergedError after the streak
-            if ok:
+            skipped = guard.check(step, loss, grad_norm)  # raises TrainingDivergedError after the streak
+            if skipped is None:
                 optimizer.step()
-            else:
-                tel.event(step, "nan_skip", loss=loss, grad_norm=grad_norm, streak=guard.streak)
             optimizer.zero_grad(set_to_none=True)
-            for ev in saddle.update(step, loss, grad_norm) if ok else []:
-                tel.event(step, ev.pop("event", "saddle"), **ev)
+            for ev in [skipped] if skipped else saddle.update(step, loss, grad_norm):
+                ev = dict(ev)
+                tel.event(ev.pop("step", step), ev.pop("event"), **ev)
             scheduler.step()
             step += 1
             steps_this_process += 1
@@ -289,8 +299,9 @@ def train(
                 tel.log(step, last_metrics)
                 window = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t": time.time()}
             if tc.eval_interval and step % tc.eval_interval == 0:
-                val_metrics = evaluate_loss(model, val_loader(), tc.eval_batches, device, tc.loss_chunk_tokens)
-                tel.log(step, val_metrics, kind="val")
+                val_metrics = evaluate()
+                if val_metrics:
+                    tel.log(step, val_metrics, kind="val")
             if tc.save_interval and step % tc.save_interval == 0:
                 last_ckpt = save()
             if stop["flag"] or (stop_after is not None and steps_this_process >= stop_after):
@@ -309,8 +320,9 @@ def train(
         _restore(old_handlers)
         raise
 
-    val_metrics = evaluate_loss(model, val_loader(), tc.eval_batches, device, tc.loss_chunk_tokens)
-    tel.log(step, val_metrics, kind="val")
+    val_metrics = evaluate()
+    if val_metrics:
+        tel.log(step, val_metrics, kind="val")
     if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
         last_ckpt = save()
     if cache_writer is not None:

@@ -1,0 +1,136 @@
+"""The trainer: exact resume, CE -> KD transition, NaN guard, logging, eval interval, mode parity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill_dag.config import config_from_dict
+from distill_dag.distill import trainer as trainer_mod
+from distill_dag.distill.checkpoint import CheckpointError, load_trainer_state
+from distill_dag.distill.trainer import train
+
+
+def _cfg(tmp_path, teacher_dir, **train_kw):
+    t = dict(teacher_mode="direct", teacher_topk=16, temperature=2.0, distill_alpha=0.5, learning_rate=3e-3,
+             warmup_steps=2, max_steps=6, batch_size=4, grad_accum=2, log_interval=1, eval_interval=3,
+             eval_batches=2, save_interval=3, keep_checkpoints=5, output_dir=str(tmp_path / "run"), device="cpu",
+             loss_chunk_tokens=64)
+    t.update(train_kw)
+    return config_from_dict({
+        "tokenize": {"max_seq_length": 64},
+        "teacher": {"model_name_or_path": str(teacher_dir)},
+        "student": {"variant": "tiny", "overrides": {"hidden_size": 32, "num_hidden_layers": 1,
+                                                     "num_attention_heads": 2, "intermediate_size": 64},
+                    "chunk_size": 16},
+        "train": t,
+        "wandb": {"mode": "disabled"},
+    })
+
+
+def _weights(result):
+    return load_file(str(result.final_dir / "model.safetensors"))
+
+
+def test_resume_continues_the_exact_same_trajectory(tmp_path, small_corpus, tiny_teacher_dir):
+    data = small_corpus["tokenized"]
+    full = train(_cfg(tmp_path / "a", tiny_teacher_dir), data_dir=data)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "b", tiny_teacher_dir), data_dir=data, stop_after=4)
+    resumed = train(_cfg(tmp_path / "b", tiny_teacher_dir, resume_from=str(tmp_path / "b" / "run")), data_dir=data)
+    assert resumed.steps == full.steps == 6
+    wa, wb = _weights(full), _weights(resumed)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # the resumed run logged steps 5..6 with the same losses as the uninterrupted run
+    la = {h["step"]: h["loss"] for h in full.history if h["kind"] == "train"}
+    lb = {h["step"]: h["loss"] for h in resumed.history if h["kind"] == "train"}
+    assert {s: la[s] for s in lb} == lb and min(lb) == 5
+
+
+def test_ce_only_then_kd_resume_logs_the_transition(tmp_path, small_corpus, tiny_teacher_dir):
+    data = small_corpus["tokenized"]
+    ce = train(_cfg(tmp_path, tiny_teacher_dir, pretrain_ce_only=True, max_steps=3, output_dir=str(tmp_path / "ce")),
+               data_dir=data)
+    assert all(h["kl"] == 0.0 for h in ce.history if h["kind"] == "train")
+    kd = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=3, resume_from=str(tmp_path / "ce"),
+                    output_dir=str(tmp_path / "kd")), data_dir=data)
+    assert [e["event"] for e in kd.events][0] == "transition_ce_to_kd"
+    assert all(h["kl"] > 0.0 for h in kd.history if h["kind"] == "train")
+    log = (tmp_path / "kd" / "train.log").read_text()
+    assert "transition_ce_to_kd" in log
+
+
+def test_nan_loss_skips_the_step_and_keeps_weights(tmp_path, small_corpus, tiny_teacher_dir, monkeypatch):
+    real = trainer_mod.distill_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):
+        out = real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] in (3, 4):  # both micro-batches of optimizer step 2
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod, "distill_loss", poisoned)
+    res = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=3, eval_interval=0, save_interval=0, pretrain_ce_only=True),
+                data_dir=small_corpus["tokenized"])
+    skips = [e for e in res.events if e["event"] == "nonfinite_step_skipped"]
+    assert len(skips) == 1 and skips[0]["step"] == 1
+
+
+def test_logged_loss_is_the_token_weighted_mean_over_micro_batches(tmp_path, small_corpus, tiny_teacher_dir, monkeypatch):
+    seen = []
+    real = trainer_mod.distill_loss
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen.append((out.loss.item(), out.n_tokens))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "distill_loss", spy)
+    res = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=1, eval_interval=0, grad_accum=3), data_dir=small_corpus["tokenized"])
+    micro = seen[:3]
+    expect = sum(l * n for l, n in micro) / sum(n for _, n in micro)
+    assert res.history[0]["loss"] == pytest.approx(expect, rel=1e-6)
+    assert res.history[0]["loss"] != pytest.approx(micro[-1][0], rel=1e-6)
+
+
+def test_eval_interval_zero_means_never_during_training(tmp_path, small_corpus, tiny_teacher_dir):
+    res = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=4, eval_interval=0, pretrain_ce_only=True),
+                data_dir=small_corpus["tokenized"])
+    vals = [h for h in res.history if h["kind"] == "val"]
+    assert len(vals) == 1 and vals[0]["step"] == 4  # only the final held-out evaluation
+
+
+def test_checkpoint_has_lineage_and_rejects_corruption(tmp_path, small_corpus, tiny_teacher_dir):
+    res = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=3), data_dir=small_corpus["tokenized"])
+    path, state, info = load_trainer_state(res.run_dir)
+    assert state["step"] == 3 and info["lineage"]["tokenizer_hash"]
+    assert info["lineage"]["teacher"] is not None
+    blob = path / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-10] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_trainer_state(res.run_dir)
+
+
+def test_saved_student_loads_with_auto_class_and_generates(tmp_path, small_corpus, tiny_teacher_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import distill_dag  # noqa: F401  (registers the RetNet with the Auto classes)
+
+    res = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=2, eval_interval=0), data_dir=small_corpus["tokenized"],
+                tokenizer_dir=small_corpus["tokenizer"])
+    model = AutoModelForCausalLM.from_pretrained(res.final_dir)
+    tok = AutoTokenizer.from_pretrained(res.final_dir)
+    ids = tok("def main():", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+    cfg = json.loads((res.final_dir / "config.json").read_text())
+    assert cfg["model_type"] == "retnet"
