@@ -93,6 +93,13 @@ def discover_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], rec
     return sorted(out, key=lambda x: x.key)
 
 
+def remove_temp_files(directory: Path) -> None:
+    """Delete ``.<name>.<random>.tmp`` files that a killed run's atomic writes left behind."""
+    for p in Path(directory).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
 def is_val(doc_id: str, val_fraction: float) -> bool:
     """Deterministic held-out choice by document id (same answer in every process and run)."""
     if val_fraction <= 0:
@@ -354,6 +361,8 @@ def tokenize_to_parquet(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CACHE_DIR).mkdir(exist_ok=True)
+    remove_temp_files(out)
+    remove_temp_files(out / CACHE_DIR)
     reuse = skip_existing and not force
     tok = load_tokenizer(tokenizer_dir)
     tok_hash = tokenizer_hash or hash_dir(tokenizer_dir)

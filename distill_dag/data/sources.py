@@ -50,7 +50,10 @@ def write_parts(out_dir: Path, fingerprint: str, items_from: Callable[[int], Ite
     ``items_from(start)`` must yield the same items on every call, starting at item ``start``.
     Returns the source's totals: rows, bytes, files (parts), rejects, skipped, reasons.
     """
+    from distill_dag.data.pack import remove_temp_files
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out_dir)
     prog_path = out_dir / PROGRESS
     prog = _read_progress(prog_path)
     if prog is None or prog.get("fingerprint") != fingerprint:
