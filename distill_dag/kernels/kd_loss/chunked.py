@@ -39,20 +39,22 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tail_softmax_torch(z: torch.Tensor, T: float, need_T: bool):
-    """z [n, V] fp32 with -inf on the support. Returns E1 = softmax(z) over the tail, ET = softmax(z/T)
-    over the tail (or None), and their logsumexps [n, 1]. ``z`` is consumed (ET reuses its memory)."""
+    """z [n, V] fp32 with -inf on the support. Returns E1 = exp(z - m), ET = exp((z - m) / T) (or None),
+    their row sums s1, sT (clamped to > 0 so callers can divide) and the tail logsumexps lse1, lseT
+    [n, 1]. E1 / s1 is softmax(z) over the tail; the normalisation is left to the caller, who folds it
+    into per-row coefficients (one [n, V] pass less each). ``z`` is consumed (ET reuses its memory)."""
     m = _finite_or_zero(z.amax(1, keepdim=True))
     E1 = (z - m).exp_()
     s1 = E1.sum(1, keepdim=True)
-    lse1 = m + s1.log()
-    E1.div_(torch.where(s1 > 0, s1, torch.ones_like(s1)))
+    lse1 = m + s1.log()  # -inf where the tail is empty
+    s1 = torch.where(s1 > 0, s1, torch.ones_like(s1))
     if not need_T:
-        return E1, None, lse1, None
-    ET = z.sub_(m).div_(T).exp_()  # max of (z - m) / T is 0: no overflow
+        return E1, None, s1, None, lse1, None
+    ET = z.sub_(m).mul_(1.0 / T).exp_()  # max of (z - m) / T is 0: no overflow
     sT = ET.sum(1, keepdim=True)
     lseT = m / T + sT.log()
-    ET.div_(torch.where(sT > 0, sT, torch.ones_like(sT)))
-    return E1, ET, lse1, lseT
+    sT = torch.where(sT > 0, sT, torch.ones_like(sT))
+    return E1, ET, s1, sT, lse1, lseT
 
 
 def _support_terms(zS, zy, lse_t1, lse_tT, logp, *, T, tail, c_ce, c_kl):
@@ -122,24 +124,25 @@ def _chunk_forward(z, y, idx, logp, *, T, tail, c_ce, c_kl, div_w, div_a, use_tr
             A, B = A + B, None
         grad = tail_grad_(z, A, B, _finite_or_zero(lse_t1), None if B is None else _finite_or_zero(lse_tT), T)
     else:
-        E1, ET, lse_t1, lse_tT = _tail_softmax_torch(z, T, need_T)
+        E1, ET, s1, sT, lse_t1, lse_tT = _tail_softmax_torch(z, T, need_T)
         ce, kl, gS, A, B, q1_S, Qrest1 = _support_terms(
             zS, zy, lse_t1, lse_tT, logp, T=T, tail=tail, c_ce=c_ce, c_kl=c_kl
         )
+        if B is not None and ET is None:  # T == 1
+            A, B = A + B, None
+        A = A / s1  # E1 is unnormalised: fold 1 / s1 (and 1 / sT) into the row coefficients
         div_tail = None
         if div_w:
-            # <q1, a> per row = Qrest1 * (E1 @ a) + sum_S q1_S a_S
-            dot = Qrest1.squeeze(1) * (E1 @ div_a)
+            # <q1, a> per row = Qrest1 * (E1 @ a) / s1 + sum_S q1_S a_S
+            dot = (Qrest1 / s1).squeeze(1) * (E1 @ div_a)
             if idx is not None:
                 a_S = div_a[idx]
                 dot = dot + (q1_S * a_S).sum(1)
                 gS = gS + div_w * q1_S * (a_S - dot[:, None])
             div_tail = E1 * (div_a[None, :] - dot[:, None])
-            div_tail.mul_(div_w * Qrest1)
-        if B is not None and ET is None:  # T == 1
-            A, B = A + B, None
+            div_tail.mul_(div_w * Qrest1 / s1)
         if B is not None:
-            grad = ET.mul_(B).add_(E1.mul_(A))
+            grad = ET.mul_(B / sT).addcmul_(E1, A)
             del E1
         else:
             grad = E1.mul_(A)
