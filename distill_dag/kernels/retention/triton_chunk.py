@@ -40,7 +40,7 @@ def _tuned(fn):
     """Autotune the launch config on a GPU; the interpreter has no driver to time configs on."""
     if INTERPRET:
         return fn
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2)]
     return triton.autotune(configs=configs, key=["K", "V", "BT", "BK", "BV"])(fn)
 
 
@@ -252,9 +252,11 @@ def _blocks(K: int, V: int, chunk_size: int) -> tuple[int, int, int]:
     return chunk_size, min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 dots unless the user allowed TF32 globally (bf16/fp16 ignore this).
-    return "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET) else "ieee"
+def _precision(dtype: torch.dtype) -> str | None:
+    """fp32 inputs: exact fp32 dots unless the user allowed TF32 globally; bf16/fp16: Triton's default."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if (torch.backends.cuda.matmul.allow_tf32 and not INTERPRET) else "ieee"
 
 
 def _launch_kw() -> dict:
