@@ -1,0 +1,262 @@
+"""Tokenize + pack: hand-computed rows, val split by document, caching, skip_existing, kill and resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from distill_dag.data.manifest import Manifest, ManifestMismatchError, check_manifest
+from distill_dag.data.pack import tokenize_to_parquet
+from distill_dag.data.shards import CorruptShardError, verify_shards
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_rows(out: Path, split: str) -> dict[str, list]:
+    m = Manifest.load(out)
+    cols: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "position_ids": [], "source": []}
+    for _, s in m.split_shards(split):
+        t = pq.read_table(out / s.path).to_pydict()
+        for k in cols:
+            cols[k] += t[k]
+    return cols
+
+
+P = -100
+PAD = 1
+
+
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_packing_matches_a_hand_computed_reference(tmp_path, word_tokenizer, mask_prompt):
+    # word ids: a2 b3 c4 d5 e6 p7 q8 r9 s10; EOS 0, pad 1
+    write_jsonl(tmp_path / "in/docs.jsonl", [
+        {"text": "a b c", "source": "s1"},                  # 2 3 4 EOS
+        {"prompt": "p q", "response": "r s", "source": "s2"},  # 7 8 | 9 10 EOS   (prompt = 7 8)
+        {"text": "d e", "source": "s3"},                    # 5 6 EOS
+    ])
+    tokenize_to_parquet(tmp_path / "in", tmp_path / "out", word_tokenizer, 5, val_fraction=0.0, mask_prompt=mask_prompt)
+    rows = read_rows(tmp_path / "out", "train")
+    q_label = P if mask_prompt else 8
+    assert rows["input_ids"] == [[2, 3, 4, 0, 7], [8, 9, 10, 0, 5], [6, 0, PAD, PAD, PAD]]
+    assert rows["position_ids"] == [[0, 1, 2, 3, 0], [1, 2, 3, 4, 0], [1, 2, 3, 4, 5]]
+    # labels are not shifted; -100 at each document start, on prompt tokens (when masked) and on padding
+    assert rows["labels"] == [[P, 3, 4, 0, P], [q_label, 9, 10, 0, P], [6, 0, P, P, P]]
+    assert rows["attention_mask"] == [[1] * 5, [1] * 5, [1, 1, 0, 0, 0]]
+    assert rows["source"] == ["s1", "s2", "s3"]  # the document holding each row's first token
+    assert read_rows(tmp_path / "out", "val")["input_ids"] == []
+    m = Manifest.load(tmp_path / "out")
+    assert (m.eos_id, m.pad_id, m.vocab_size, m.max_seq_length) == (0, 1, 12, 5)
+    assert m.totals["train"] == {"shards": 1, "rows": 3, "tokens": 12, "docs": 3}
+
+
+def test_the_pack_tail_carries_over_across_input_files(tmp_path, word_tokenizer):
+    write_jsonl(tmp_path / "in/1.jsonl", [{"text": "a b"}])
+    write_jsonl(tmp_path / "in/2.jsonl", [{"text": "c d e"}])
+    tokenize_to_parquet(tmp_path / "in", tmp_path / "out", word_tokenizer, 4, val_fraction=0.0)
+    rows = read_rows(tmp_path / "out", "train")
+    assert rows["input_ids"] == [[2, 3, 0, 4], [5, 6, 0, PAD]]
+    assert rows["position_ids"] == [[0, 1, 2, 0], [1, 2, 3, 4]]
+    assert rows["source"] == ["1", "2"]  # no "source" field: the input file's stem
+
+
+def test_text_that_spells_the_eos_token_is_not_a_document_boundary(tmp_path, bpe_tokenizer):
+    d, _ = bpe_tokenizer
+    write_jsonl(tmp_path / "in/x.jsonl", [{"text": "before <|endoftext|> after"}])
+    tokenize_to_parquet(tmp_path / "in", tmp_path / "out", d, 64, val_fraction=0.0)
+    rows = read_rows(tmp_path / "out", "train")
+    attended = [t for t, a in zip(rows["input_ids"][0], rows["attention_mask"][0]) if a]
+    eos = Manifest.load(tmp_path / "out").eos_id
+    assert attended.count(eos) == 1 and attended[-1] == eos  # only the EOS the packer appended
+
+
+def _docs_by_split(out: Path, split: str) -> list[tuple[int, ...]]:
+    """Documents rebuilt from the shards: split the attended token stream after each EOS."""
+    rows = read_rows(out, split)
+    eos = Manifest.load(out).eos_id
+    docs, cur = [], []
+    for ids, att in zip(rows["input_ids"], rows["attention_mask"]):
+        for t, a in zip(ids, att):
+            if a:
+                cur.append(t)
+                if t == eos:
+                    docs.append(tuple(cur))
+                    cur = []
+    return docs
+
+
+def test_val_split_is_chosen_by_document_id_deterministically(tmp_path, stdlib_raw, bpe_tokenizer):
+    d, _ = bpe_tokenizer
+    out = tmp_path / "out"
+    tokenize_to_parquet(stdlib_raw, out, d, 128, val_fraction=0.2, rows_per_shard=200)
+    from distill_dag.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(d)
+    tok.backend_tokenizer.encode_special_tokens = True
+    expected = {"train": [], "val": []}
+    for f in sorted(stdlib_raw.rglob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            h = int.from_bytes(hashlib.blake2b(r["id"].encode(), digest_size=8).digest(), "big") / 2**64
+            ids = tuple(tok(r["text"])["input_ids"] + [tok.eos_token_id])
+            expected["val" if h < 0.2 else "train"].append(ids)
+    assert 0 < len(expected["val"]) < len(expected["train"])
+    assert _docs_by_split(out, "val") == expected["val"]
+    assert _docs_by_split(out, "train") == expected["train"]
+    m = Manifest.load(out)
+    assert m.totals["val"]["docs"] == len(expected["val"])
+    assert sum(i["val_docs"] for i in m.inputs.values()) == len(expected["val"])
+
+
+def test_same_named_inputs_in_different_folders_do_not_collide(tmp_path, word_tokenizer):
+    write_jsonl(tmp_path / "in/x/data.jsonl", [{"text": "a b"}])
+    write_jsonl(tmp_path / "in/y/data.jsonl", [{"text": "c d e"}])
+    r = tokenize_to_parquet(tmp_path / "in", tmp_path / "out", word_tokenizer, 8, val_fraction=0.0)
+    assert sorted(r["inputs"]) == ["x/data.jsonl", "y/data.jsonl"]
+    assert [r["inputs"][k]["tokens"] for k in ("x/data.jsonl", "y/data.jsonl")] == [3, 4]
+    assert len(list((tmp_path / "out/.cache").glob("*.json"))) == 2
+    assert read_rows(tmp_path / "out", "train")["input_ids"] == [[2, 3, 0, 4, 5, 6, 0, PAD]]
+
+
+def _shard_hashes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.parquet"))}
+
+
+def test_skip_existing_retokenizes_only_changed_inputs_and_matches_a_clean_run(tmp_path, word_tokenizer):
+    for name, text in [("1", "a b"), ("2", "c d"), ("3", "e a")]:
+        write_jsonl(tmp_path / f"in/{name}.jsonl", [{"text": text, "id": name}] * 3)
+    out = tmp_path / "out"
+    r1 = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.3, rows_per_shard=2)
+    assert r1["tokenized"] == ["1.jsonl", "2.jsonl", "3.jsonl"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+
+    r2 = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.3, rows_per_shard=2)
+    assert r2["up_to_date"] and r2["tokenized"] == []
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == stamps  # nothing rewritten
+
+    write_jsonl(tmp_path / "in/2.jsonl", [{"text": "d d d", "id": "2"}] * 3)
+    r3 = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.3, rows_per_shard=2)
+    assert r3["tokenized"] == ["2.jsonl"] and r3["reused"] == ["1.jsonl", "3.jsonl"]
+    clean = tokenize_to_parquet(tmp_path / "in", tmp_path / "clean", word_tokenizer, 4, val_fraction=0.3,
+                                rows_per_shard=2)
+    assert _shard_hashes(out) == _shard_hashes(tmp_path / "clean")
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "clean/manifest.json").read_bytes()
+    assert clean["tokenized"] == ["1.jsonl", "2.jsonl", "3.jsonl"]
+
+    r4 = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.3, rows_per_shard=2, force=True)
+    assert r4["tokenized"] == ["1.jsonl", "2.jsonl", "3.jsonl"] and r4["reused"] == []
+    assert _shard_hashes(out) == _shard_hashes(tmp_path / "clean")
+
+
+def test_removed_inputs_leave_no_stale_shards_or_caches(tmp_path, word_tokenizer):
+    for i in range(4):
+        write_jsonl(tmp_path / f"in/{i}.jsonl", [{"text": "a b c d e"}] * 4)
+    out = tmp_path / "out"
+    tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.0, rows_per_shard=2)
+    n_before = len(list(out.glob("train-*.parquet")))
+    for i in range(1, 4):
+        (tmp_path / f"in/{i}.jsonl").unlink()
+    tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.0, rows_per_shard=2)
+    m = Manifest.load(out)
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(s.path for s in m.shards)
+    assert len(m.shards) < n_before
+    assert sorted(p.name.split("-")[0] for p in (out / ".cache").glob("*.json")) == ["0.jsonl"]
+
+
+_CHILD = """
+import sys, time
+from distill_dag.data import pack
+real = pack.encode_rows
+def slow(*a, **k):  # widen the window in which the parent kills us
+    time.sleep(0.15)
+    return real(*a, **k)
+pack.encode_rows = slow
+pack.tokenize_to_parquet(sys.argv[1], sys.argv[2], sys.argv[3], 64, rows_per_shard=40, batch_docs=4, val_fraction=0.1)
+print("finished")
+"""
+
+
+def test_killed_run_then_rerun_gives_the_manifest_and_shards_of_a_clean_run(tmp_path, stdlib_raw, bpe_tokenizer):
+    d, _ = bpe_tokenizer
+    out = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(stdlib_raw), str(out), str(d)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if child.poll() is not None:
+                pytest.fail(f"child ended before it could be killed: {child.communicate()}")
+            metas = list((out / ".cache").glob("*.json")) if (out / ".cache").exists() else []
+            if metas and list(out.glob("train-*.parquet")):  # one input cached and shards written
+                break
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+    assert not (out / "manifest.json").exists()  # killed mid-run, before the manifest
+    r = tokenize_to_parquet(stdlib_raw, out, d, 64, rows_per_shard=40, batch_docs=4, val_fraction=0.1)
+    assert r["reused"]  # the input finished before the kill is not tokenized again
+    tokenize_to_parquet(stdlib_raw, tmp_path / "clean", d, 64, rows_per_shard=40, batch_docs=4, val_fraction=0.1)
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "clean/manifest.json").read_bytes()
+    assert _shard_hashes(out) == _shard_hashes(tmp_path / "clean")
+    assert not list(out.glob(".*.tmp")) and not list((out / ".cache").glob(".*.tmp"))
+    verify_shards(out)
+
+
+def test_bad_rows_are_reported_in_the_rejects_file_not_fatal(tmp_path, word_tokenizer):
+    f = tmp_path / "in/x.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b'{"text": "a b"}\n{broken\n\xff\xfe\n{"text": 5}\n{"text": "c"}\n')
+    r = tokenize_to_parquet(tmp_path / "in", tmp_path / "out", word_tokenizer, 4, val_fraction=0.0)
+    assert r["rejects"] == 3 and r["totals"]["docs"] == 2
+    rej = [json.loads(x) for x in Path(r["rejects_file"]).read_text().splitlines()]
+    assert [(x["file"], x["line"]) for x in rej] == [(str(f), 2), (str(f), 3), (str(f), 4)]
+    from distill_dag.data.jsonl import RejectRateError
+
+    with pytest.raises(RejectRateError, match="3 of 5 rows rejected"):
+        tokenize_to_parquet(tmp_path / "in", tmp_path / "out2", word_tokenizer, 4, max_reject_rate=0.5)
+
+
+def test_manifest_mismatch_names_the_value_and_the_fix(tmp_path, word_tokenizer):
+    write_jsonl(tmp_path / "in/x.jsonl", [{"text": "a b"}])
+    r = tokenize_to_parquet(tmp_path / "in", tmp_path / "out", word_tokenizer, 4)
+    m = Manifest.load(tmp_path / "out")
+    check_manifest(m, r["tokenizer_hash"], 4, vocab_size=12)
+    with pytest.raises(ManifestMismatchError, match=r"max_seq_length 4 != tokenize.max_seq_length 8.*force"):
+        check_manifest(m, r["tokenizer_hash"], 8)
+    with pytest.raises(ManifestMismatchError, match=r"tokenizer hash .* != the configured tokenizer's .*force=True"):
+        check_manifest(m, "0" * 64, 4)
+    with pytest.raises(ManifestMismatchError, match=r"vocab_size 12 > the model's 10"):
+        check_manifest(m, None, None, vocab_size=10)
+
+
+def test_verify_shards_names_a_truncated_or_corrupted_shard(tmp_path, word_tokenizer):
+    write_jsonl(tmp_path / "in/x.jsonl", [{"text": "a b c d e"}] * 20)
+    tokenize_to_parquet(tmp_path / "in", tmp_path / "out", word_tokenizer, 4, val_fraction=0.0, rows_per_shard=5)
+    assert verify_shards(tmp_path / "out")["ok"]
+    victim = tmp_path / "out/train-00001.parquet"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError, match=r"train-00001.parquet: \d+ bytes, manifest says"):
+        verify_shards(tmp_path / "out")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptShardError, match="train-00001.parquet: sha256 differs"):
+        verify_shards(tmp_path / "out")
