@@ -58,7 +58,7 @@ def naive_kd_loss(h, W, y, idx, lp, *, temperature, distill_alpha):
 def make_inputs(a, device):
     g = torch.Generator().manual_seed(0)
     N, V, d, k = a.tokens, a.vocab, a.dim, a.k
-    dt = getattr(torch, a.dtype)
+    dt = torch.float32 if a.dtype == "autocast" else getattr(torch, a.dtype)
     h = (torch.randn(N, d, generator=g)).to(device, dt).requires_grad_()
     W = (torch.randn(V, d, generator=g) * d**-0.5).to(device, dt).requires_grad_()
     y = torch.randint(0, V, (N,), generator=g).to(device)
@@ -72,11 +72,12 @@ def make_inputs(a, device):
 def step(variant, inputs, a):
     h, W, y, idx, lp = inputs
     h.grad = W.grad = None
-    if variant == "naive":
-        loss = naive_kd_loss(h, W, y, idx, lp, temperature=a.temperature, distill_alpha=a.alpha)
-    else:
-        loss = fused_linear_kd_loss(h, W, y, idx, lp, temperature=a.temperature, distill_alpha=a.alpha,
-                                    tail="renormalize", chunk_tokens=a.chunk, backend=a.backend)[0]
+    with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=a.dtype == "autocast"):
+        if variant == "naive":
+            loss = naive_kd_loss(h, W, y, idx, lp, temperature=a.temperature, distill_alpha=a.alpha)
+        else:
+            loss = fused_linear_kd_loss(h, W, y, idx, lp, temperature=a.temperature, distill_alpha=a.alpha,
+                                        tail="renormalize", chunk_tokens=a.chunk, backend=a.backend)[0]
     loss.backward()
     return float(loss.detach())
 
@@ -160,8 +161,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of hidden and LM head (the losses are computed in fp32 either way)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "autocast"], default="float32",
+                   help="hidden and LM head in fp32 or bf16, or fp32 under bf16 autocast (the trainer's GPU "
+                   "setting); the losses are computed in fp32 either way")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -192,6 +192,22 @@ def test_bfloat16_hidden_gives_grads_in_input_dtypes():
     assert abs(float(out.loss.detach()) - float(ref["loss"].detach())) < 0.05 * float(ref["loss"].detach())
 
 
+def test_autocast_runs_the_lm_head_in_the_autocast_dtype_with_fp32_grads():
+    hidden, weight, labels, teacher, _ = _inputs(seed=13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = distill_loss(hidden, weight, labels, teacher, temperature=2.0, distill_alpha=0.5, chunk_tokens=4)
+    gh, gw = _grads(out.loss, hidden, weight)
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+    # reference on the same bf16-rounded operands, in fp32
+    ref = reference_distill_loss(hidden.bfloat16().float(), weight.bfloat16().float(), labels, teacher.indices,
+                                 teacher.logprobs, temperature=2.0, distill_alpha=0.5)
+    rh, rw = _grads(ref["loss"], hidden, weight)
+    torch.testing.assert_close(out.loss.detach(), ref["loss"].detach(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gw, rw, atol=2e-2, rtol=5e-2)
+    exact = distill_loss(hidden, weight, labels, teacher, temperature=2.0, distill_alpha=0.5)
+    assert not torch.equal(out.loss.detach(), exact.loss.detach())  # bf16 really was used
+
+
 def test_bad_shapes_and_settings_are_named():
     hidden, weight, labels, teacher, _ = _inputs()
     with pytest.raises(ValueError, match="labels must be"):

@@ -159,15 +159,17 @@ class FusedLinearKDLoss(torch.autograd.Function):
     """loss = sum over tokens of the per-token terms (already divided by N); see ``fused_linear_kd_loss``."""
 
     @staticmethod
-    def forward(ctx, h, W, y, idx, logp, T, alpha, tail, chunk_tokens, div_w, use_triton):
+    def forward(ctx, h, W, y, idx, logp, T, alpha, tail, chunk_tokens, div_w, use_triton, cdt):
         N, d = h.shape
         V = W.shape[0]
         dev = h.device
         with torch.autocast(device_type=dev.type, enabled=False):
-            cdt = h.dtype  # compute dtype of the matmuls (bf16 under autocast on GPU, fp32 on CPU)
+            # cdt: dtype of the three matmuls (the autocast dtype under autocast, else h's dtype);
+            # softmaxes, losses and dL/dlogits are fp32 whatever it is.
             Wc = W if W.dtype == cdt else W.to(cdt)
             need_gW = W.requires_grad
             grad_h = torch.zeros_like(h)
+            # dL/dW accumulates over chunks in fp32 (one rounding at the end, not one per chunk)
             grad_W = torch.zeros(W.shape, dtype=torch.float32, device=dev) if need_gW else None
             Neff = max(N, 1)
             has_teacher = idx is not None
@@ -175,12 +177,12 @@ class FusedLinearKDLoss(torch.autograd.Function):
             c_kl = alpha * T * T / Neff if has_teacher else 0.0
 
             div_a = None
-            div_val = h.new_zeros((), dtype=torch.float32)
+            div_val = torch.zeros((), dtype=torch.float32, device=dev)
             if div_w and N:
                 # pass 1: batch-mean predicted distribution m (needs every chunk before any gradient)
                 m = torch.zeros(V, dtype=torch.float32, device=dev)
                 for s in range(0, N, chunk_tokens):
-                    z = (h[s : s + chunk_tokens] @ Wc.T).float()
+                    z = _logits_fp32(h[s : s + chunk_tokens].to(cdt), Wc)
                     m += torch.softmax(z, dim=1).sum(0)
                     del z
                 m /= N
@@ -188,36 +190,33 @@ class FusedLinearKDLoss(torch.autograd.Function):
                 div_val = math.log(V) + (m * m.log()).sum()
                 div_a = m.log() / N
 
-            ce_sum = h.new_zeros((), dtype=torch.float32)
-            kl_sum = h.new_zeros((), dtype=torch.float32)
+            ce_sum = torch.zeros((), dtype=torch.float32, device=dev)
+            kl_sum = torch.zeros((), dtype=torch.float32, device=dev)
             for s in range(0, N, chunk_tokens):
                 e = min(s + chunk_tokens, N)
-                hc = h[s:e]
-                z = (hc @ Wc.T).float()
+                hc = h[s:e].to(cdt)
                 g, ce_c, kl_c = _chunk_forward(
-                    z, y[s:e],
+                    _logits_fp32(hc, Wc), y[s:e],
                     None if idx is None else idx[s:e],
                     None if logp is None else logp[s:e].float(),
                     T=T, tail=tail, c_ce=c_ce, c_kl=c_kl, div_w=div_w, div_a=div_a, use_triton=use_triton,
                 )
-                del z
                 ce_sum += ce_c
                 kl_sum += kl_c
-                gc = g if g.dtype == cdt else g.to(cdt)
+                gc = g.to(cdt)
+                del g  # free the fp32 [n, V] buffer before the two gradient matmuls
                 grad_h[s:e] = gc @ Wc
                 if need_gW:
-                    if cdt == torch.float32:
-                        grad_W.addmm_(gc.T, hc)
-                    else:
-                        grad_W += (gc.T @ hc).float()
-                del g, gc
+                    _accumulate_fp32_(grad_W, gc.T, hc)
+                del gc
+            if need_gW and W.dtype != torch.float32:
+                grad_W = grad_W.to(W.dtype)
             ce = ce_sum / Neff
             kl = kl_sum / Neff
             loss = c_ce * ce_sum + c_kl * kl_sum  # a tensor distinct from ce: only loss is differentiable
             if div_w:
                 loss = loss + div_w * div_val
         ctx.save_for_backward(grad_h, grad_W if need_gW else None)
-        ctx.w_dtype = W.dtype
         ctx.mark_non_differentiable(ce, kl, div_val)
         return loss, ce, kl, div_val
 
@@ -226,10 +225,32 @@ class FusedLinearKDLoss(torch.autograd.Function):
         grad_h, grad_W = ctx.saved_tensors
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
-            grad_W = None if grad_W is None else grad_W * grad_loss
-        if grad_W is not None:
-            grad_W = grad_W.to(ctx.w_dtype)
-        return grad_h, grad_W, None, None, None, None, None, None, None, None, None
+            grad_W = None if grad_W is None else grad_W * grad_loss.to(grad_W.dtype)
+        return grad_h, grad_W, None, None, None, None, None, None, None, None, None, None
+
+
+def _has_out_dtype() -> bool:
+    # torch.mm / addmm(..., out_dtype=float32) for bf16/fp16 operands: CUDA, torch >= 2.12
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 12)
+
+
+def _logits_fp32(hc: torch.Tensor, Wc: torch.Tensor) -> torch.Tensor:
+    """[n, V] fp32 logits; with 16-bit operands on CUDA the GEMM writes fp32 directly (no 16-bit copy)."""
+    if hc.dtype == torch.float32:
+        return hc @ Wc.T
+    if hc.is_cuda and _has_out_dtype():
+        return torch.mm(hc, Wc.T, out_dtype=torch.float32)
+    return (hc @ Wc.T).float()
+
+
+def _accumulate_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b without an fp32 [V, d] temporary."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _has_out_dtype():
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)  # 16-bit temporary; the in-place mixed-dtype add converts on the fly
 
 
 def fused_linear_kd_loss(
@@ -263,9 +284,12 @@ def fused_linear_kd_loss(
         use_triton = backend == "triton"
     if use_triton and diversity_weight:
         raise ValueError("the triton backend does not implement diversity_weight > 0; use backend='torch'")
+    # the LM head matmul runs in the dtype autocast would give it; without autocast in h's dtype
+    dev_type = h.device.type
+    cdt = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else h.dtype
     return FusedLinearKDLoss.apply(
         h, W, y, teacher_indices, teacher_logprobs, float(temperature), float(distill_alpha), tail,
-        int(chunk_tokens), float(diversity_weight), use_triton,
+        int(chunk_tokens), float(diversity_weight), use_triton, cdt,
     )
 
 
