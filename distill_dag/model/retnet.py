@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -36,9 +37,16 @@ try:  # transformers >= 5 spells it PreTrainedConfig; PretrainedConfig is kept a
 except ImportError:  # pragma: no cover
     from transformers import PretrainedConfig
 
-from distill_dag.kernels.retention import decay_log_gammas, retention, retention_parallel, retention_recurrent
+from distill_dag.kernels.retention import (
+    BACKENDS,
+    decay_log_gammas,
+    retention,
+    retention_parallel,
+    retention_recurrent,
+)
 
 
+@strict
 class RetNetConfig(PretrainedConfig):
     r"""Configuration of :class:`RetNetForCausalLM`.
 
@@ -84,6 +92,12 @@ class RetNetConfig(PretrainedConfig):
             raise ValueError(
                 f"RetNetConfig.retention_mode {self.retention_mode!r}: use chunkwise, parallel or recurrent"
             )
+        if self.retention_backend not in BACKENDS:
+            raise ValueError(
+                f"RetNetConfig.retention_backend {self.retention_backend!r}: use one of {', '.join(BACKENDS)}"
+            )
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"RetNetConfig.chunk_size must be a positive int, got {self.chunk_size!r}")
 
     @property
     def layer_types(self) -> list[str]:
@@ -368,7 +382,7 @@ class RetNetModel(RetNetPreTrainedModel):
 
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, position_ids, reset, pad_mask, cache)
+            h = layer(h, position_ids, reset, pad_mask, cache=cache)
         h = self.norm(h)
         if cache is not None:
             cache.seen_tokens += T
