@@ -16,3 +16,23 @@ def register_auto_classes() -> None:
         AutoModelForCausalLM.register(RetNetConfig, RetNetForCausalLM)
     except ValueError:  # already registered
         pass
+
+
+_LAZY = {
+    "RetNetConfig": "distill_dag.model.retnet",
+    "RetNetModel": "distill_dag.model.retnet",
+    "RetNetForCausalLM": "distill_dag.model.retnet",
+    "RetNetCache": "distill_dag.model.retnet",
+    "student_config": "distill_dag.model.variants",
+    "build_student": "distill_dag.model.variants",
+    "count_parameters": "distill_dag.model.variants",
+}
+
+
+def __getattr__(name: str):
+    """``from distill_dag.model import RetNetForCausalLM`` etc., imported on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'distill_dag.model' has no attribute {name!r}")
