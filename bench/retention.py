@@ -12,7 +12,8 @@ resident size before the steps. Targets: chunkwise time(16384) / time(1024) <= 2
 memory growing linearly; parallel shows its quadratic curve (it stops at ``--parallel-max``, 4096 by
 default: its [B, H, T, T] mask alone is 4 GiB at 16384).
 
-CPU, generation: per-token decode latency (median of ``--decode-tokens`` steps) and the size of the
+CPU, generation: per-token decode latency (median of ``--decode-tokens`` steps, measured round-robin
+across contexts and models so a shared machine's load changes hit every cell alike) and the size of the
 generation state at contexts 1k and 32k, RetNet (recurrent state) beside a same-width ``LlamaForCausalLM``
 with a KV cache (d 128, 2 layers, 4 heads, gated FFN 256). The RetNet context is a real chunkwise
 prefill; the Llama cache is filled with random keys/values of the context's length, since a decode
@@ -150,17 +151,12 @@ def _cache_bytes(cache) -> int:
     return total
 
 
-def _decode_latency(model, cache, start_pos: int, n: int) -> float:
-    tok = torch.randint(0, VOCAB, (1, 1))
-    times = []
+def _decode_step(model, cache, pos: int, tok: torch.Tensor) -> tuple[float, torch.Tensor]:
     with torch.no_grad():
-        for i in range(n + 2):
-            pos = torch.tensor([[start_pos + i]])
-            t0 = time.perf_counter()
-            out = model(tok, position_ids=pos, cache=cache, use_cache=True)
-            times.append(time.perf_counter() - t0)
-            tok = out.logits[:, -1:].argmax(-1)
-    return statistics.median(times[2:])
+        t0 = time.perf_counter()
+        out = model(tok, position_ids=torch.tensor([[pos]]), cache=cache, use_cache=True)
+        sec = time.perf_counter() - t0
+    return sec, out.logits[:, -1:].argmax(-1)
 
 
 def bench_generation(contexts: list[int], decode_tokens: int) -> dict:
@@ -176,24 +172,35 @@ def bench_generation(contexts: list[int], decode_tokens: int) -> dict:
             intermediate_size=256, max_position_embeddings=max(contexts) + decode_tokens + 8, tie_word_embeddings=True,
         )
     ).eval()
-    rows = []
-    print(f"\n== generation: per-token decode latency and state size, batch 1 (CPU, {torch.get_num_threads()} threads)")
-    print(f"{'context':>8} | {'RetNet ms/tok':>13} {'state KB':>9} | {'Llama ms/tok':>12} {'KV cache KB':>12}")
+    states = {}
     for L in contexts:
         cache = RetNetCache(retnet.config)
         with torch.no_grad():
             for s in range(0, L, 8192):  # chunkwise prefill, in pieces to bound the logits' memory
                 e = min(L, s + 8192)
                 retnet(torch.randint(0, VOCAB, (1, e - s)), position_ids=torch.arange(s, e)[None], cache=cache, use_cache=True, logits_to_keep=1)
-        r_ms = _decode_latency(retnet, cache, L, decode_tokens) * 1e3
-        r_bytes = _cache_bytes(cache)
         kv = DynamicCache(config=llama.config)
         g = torch.Generator().manual_seed(0)
         for i in range(llama.config.num_hidden_layers):
-            k = torch.randn(1, 4, L, 32, generator=g)
-            kv.update(k, torch.randn(1, 4, L, 32, generator=g), i)
-        l_ms = _decode_latency(llama, kv, L, decode_tokens) * 1e3
-        l_bytes = _cache_bytes(kv)
+            kv.update(torch.randn(1, 4, L, 32, generator=g), torch.randn(1, 4, L, 32, generator=g), i)
+        states[L] = {"retnet": cache, "llama": kv, "bytes": (_cache_bytes(cache), _cache_bytes(kv))}
+    # Round-robin over contexts and models, so load changes on a shared machine hit every cell alike.
+    times = {(L, name): [] for L in contexts for name in ("retnet", "llama")}
+    toks = {key: torch.randint(0, VOCAB, (1, 1)) for key in times}
+    for i in range(decode_tokens + 2):
+        for L in contexts:
+            for name, model in (("retnet", retnet), ("llama", llama)):
+                sec, toks[(L, name)] = _decode_step(model, states[L][name], L + i, toks[(L, name)])
+                if i >= 2:  # two warm-up steps
+                    times[(L, name)].append(sec)
+    rows = []
+    print(f"\n== generation: per-token decode latency (median of {decode_tokens}) and state size, batch 1 (CPU, {torch.get_num_threads()} threads)")
+    print(f"{'context':>8} | {'RetNet ms/tok':>13} {'state KB':>9} | {'Llama ms/tok':>12} {'KV cache KB':>12}")
+    for L in contexts:
+        r_ms = statistics.median(times[(L, "retnet")]) * 1e3
+        l_ms = statistics.median(times[(L, "llama")]) * 1e3
+        r_bytes = _cache_bytes(states[L]["retnet"])
+        l_bytes = _cache_bytes(states[L]["llama"])
         rows.append({"context": L, "retnet_ms": r_ms, "retnet_state_bytes": r_bytes, "llama_ms": l_ms, "llama_kv_bytes": l_bytes})
         print(f"{L:>8} | {r_ms:>13.3f} {r_bytes / 1024:>9.1f} | {l_ms:>12.3f} {l_bytes / 1024:>12.1f}", flush=True)
     a, b = rows[0], rows[-1]
@@ -327,7 +334,7 @@ def main() -> int:
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--parallel-max", type=int, default=4096)
     ap.add_argument("--contexts", default="1024,32768")
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--skip-training", action="store_true")
