@@ -208,6 +208,18 @@ def test_autocast_runs_the_lm_head_in_the_autocast_dtype_with_fp32_grads():
     assert not torch.equal(out.loss.detach(), exact.loss.detach())  # bf16 really was used
 
 
+def test_no_grad_evaluation_gives_the_same_loss_and_frozen_head_gets_no_grad():
+    hidden, weight, labels, teacher, _ = _inputs(seed=14)
+    train = distill_loss(hidden, weight, labels, teacher, temperature=2.0, distill_alpha=0.5, tail="bucket")
+    with torch.no_grad():
+        ev = distill_loss(hidden, weight, labels, teacher, temperature=2.0, distill_alpha=0.5, tail="bucket")
+    assert torch.equal(train.loss.detach(), ev.loss) and not ev.loss.requires_grad
+    frozen = weight.detach()
+    out = distill_loss(hidden, frozen, labels, teacher, temperature=2.0, distill_alpha=0.5, tail="bucket")
+    (gh,) = torch.autograd.grad(out.loss, (hidden,))
+    torch.testing.assert_close(gh, _grads(train.loss, hidden, weight)[0])
+
+
 def test_bad_shapes_and_settings_are_named():
     hidden, weight, labels, teacher, _ = _inputs()
     with pytest.raises(ValueError, match="labels must be"):

@@ -159,7 +159,7 @@ class FusedLinearKDLoss(torch.autograd.Function):
     """loss = sum over tokens of the per-token terms (already divided by N); see ``fused_linear_kd_loss``."""
 
     @staticmethod
-    def forward(ctx, h, W, y, idx, logp, T, alpha, tail, chunk_tokens, div_w, use_triton, cdt):
+    def forward(ctx, h, W, y, idx, logp, T, alpha, tail, chunk_tokens, div_w, use_triton, cdt, need_gh, need_gW):
         N, d = h.shape
         V = W.shape[0]
         dev = h.device
@@ -167,8 +167,7 @@ class FusedLinearKDLoss(torch.autograd.Function):
             # cdt: dtype of the three matmuls (the autocast dtype under autocast, else h's dtype);
             # softmaxes, losses and dL/dlogits are fp32 whatever it is.
             Wc = W if W.dtype == cdt else W.to(cdt)
-            need_gW = W.requires_grad
-            grad_h = torch.zeros_like(h)
+            grad_h = torch.zeros_like(h) if need_gh else None
             # dL/dW accumulates over chunks in fp32 (one rounding at the end, not one per chunk)
             grad_W = torch.zeros(W.shape, dtype=torch.float32, device=dev) if need_gW else None
             Neff = max(N, 1)
@@ -203,9 +202,13 @@ class FusedLinearKDLoss(torch.autograd.Function):
                 )
                 ce_sum += ce_c
                 kl_sum += kl_c
+                if not (need_gh or need_gW):  # evaluation: the loss is all we need
+                    del g
+                    continue
                 gc = g.to(cdt)
                 del g  # free the fp32 [n, V] buffer before the two gradient matmuls
-                grad_h[s:e] = gc @ Wc
+                if need_gh:
+                    grad_h[s:e] = gc @ Wc
                 if need_gW:
                     _accumulate_fp32_(grad_W, gc.T, hc)
                 del gc
@@ -216,7 +219,7 @@ class FusedLinearKDLoss(torch.autograd.Function):
             loss = c_ce * ce_sum + c_kl * kl_sum  # a tensor distinct from ce: only loss is differentiable
             if div_w:
                 loss = loss + div_w * div_val
-        ctx.save_for_backward(grad_h, grad_W if need_gW else None)
+        ctx.save_for_backward(grad_h, grad_W)
         ctx.mark_non_differentiable(ce, kl, div_val)
         return loss, ce, kl, div_val
 
@@ -224,9 +227,9 @@ class FusedLinearKDLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         grad_h, grad_W = ctx.saved_tensors
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
             grad_W = None if grad_W is None else grad_W * grad_loss.to(grad_W.dtype)
-        return grad_h, grad_W, None, None, None, None, None, None, None, None, None, None
+        return (grad_h, grad_W) + (None,) * 12
 
 
 def _has_out_dtype() -> bool:
@@ -287,9 +290,12 @@ def fused_linear_kd_loss(
     # the LM head matmul runs in the dtype autocast would give it; without autocast in h's dtype
     dev_type = h.device.type
     cdt = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else h.dtype
+    # gradients are produced in the forward, so only when they will be asked for (not under no_grad)
+    grad_on = torch.is_grad_enabled()
     return FusedLinearKDLoss.apply(
         h, W, y, teacher_indices, teacher_logprobs, float(temperature), float(distill_alpha), tail,
-        int(chunk_tokens), float(diversity_weight), use_triton, cdt,
+        int(chunk_tokens), float(diversity_weight), use_triton, cdt, grad_on and h.requires_grad,
+        grad_on and W.requires_grad,
     )
 
 
