@@ -1,0 +1,362 @@
+"""Teacher finetuning (the ``teacher_adapters`` asset, ``distill finetune-teacher``).
+
+Two modes (``teacher_ft.mode``):
+
+- ``lora``: peft LoRA adapters (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``) on
+  a hub/local causal LM (``teacher.model_name_or_path``); only adapter weights train.
+- ``full``: every weight trains; for tiny teachers, e.g. the demo's random-init tiny Llama
+  (``teacher.model_name_or_path: null`` + ``teacher.init_tiny``, vocab = the manifest's).
+
+Label convention (the project's one): ``labels[b, t]`` is ``input_ids[b, t]`` or -100, NOT shifted;
+they go to the Hugging Face model unchanged, which shifts them exactly once. The loss of one
+optimizer step over its ``grad_accum`` micro-batches is the token mean::
+
+    L = - sum_{micro-batches} sum_{b, t : labels[b, t+1] != -100} log p(labels[b, t+1] | tokens <= t) / N
+
+with ``N`` the number of scored tokens of the whole step (``num_items_in_batch``), so every token
+weighs the same whatever micro-batch it is in. Packed documents are kept apart as in evaluation
+(:func:`distill_dag.eval.perplexity.lm_inputs`: ``position_ids``, no attention mask).
+
+The tokenizer's vocabulary is never extended: no pad token is added (batches are full rows;
+padding is masked by labels = -100), so the teacher's vocab size is the student's.
+
+Written under ``output_dir``:
+
+- ``checkpoints/step-NNNNNNN/`` + ``checkpoint_latest`` (the project's checkpoint format,
+  :mod:`distill_dag.distill.checkpoint`): weights (adapter or model), optimizer, scheduler, RNG
+  states, step and the early-stopping state; saved every ``save_interval`` steps and on
+  SIGINT/SIGTERM before the process stops (:class:`TrainingInterrupted`);
+- ``best/``: the weights of the best validation perplexity (early stopping restores them);
+- ``final_adapter/`` (lora) or ``final_model/`` (full; ``save_pretrained`` + the tokenizer), and
+  ``merged_model/`` with ``merge: true`` (lora ``merge_and_unload``);
+- ``metrics.json``: validation perplexity before/after, relative improvement, the check of the
+  expected improvement, steps, tokens, paths.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from distill_dag.config import ConfigError, PipelineConfig, TeacherFinetuneConfig
+from distill_dag.io import atomic_dir, sha256_dir, sha256_file, write_json_atomic
+
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived: a checkpoint was saved at ``step``; resume with ``resume_from``."""
+
+    def __init__(self, checkpoint: Path, step: int, signum: int):
+        super().__init__(
+            f"teacher finetuning interrupted by signal {signum} at step {step}; checkpoint saved to {checkpoint} "
+            f"(continue with --resume-from {checkpoint.parent.parent})"
+        )
+        self.checkpoint, self.step, self.signum = checkpoint, step, signum
+
+
+def check_finetune_config(cfg: PipelineConfig) -> None:
+    """Every teacher_ft key is used by the chosen mode or rejected here, with the key's name."""
+    ft, defaults = cfg.teacher_ft, TeacherFinetuneConfig()
+    errs: list[str] = []
+    if ft.mode == "full":
+        for k in LORA_KEYS:
+            if getattr(ft, k) != getattr(defaults, k):
+                errs.append(f"teacher_ft.{k} = {getattr(ft, k)!r} has no effect with teacher_ft.mode 'full' "
+                            f"(remove it, or set mode: lora)")
+        if ft.merge:
+            errs.append("teacher_ft.merge applies to LoRA adapters; mode 'full' already writes a whole model "
+                        "(final_model/): set merge: false")
+        if cfg.teacher.dtype in ("bfloat16", "float16"):
+            errs.append(f"teacher.dtype {cfg.teacher.dtype!r}: full finetuning keeps float32 weights "
+                        "(set teacher.dtype: auto or float32)")
+    else:
+        if ft.lora_r < 1:
+            errs.append(f"teacher_ft.lora_r must be >= 1 (got {ft.lora_r})")
+        if not 0.0 <= ft.lora_dropout < 1.0:
+            errs.append(f"teacher_ft.lora_dropout must be in [0, 1) (got {ft.lora_dropout})")
+        if not ft.target_modules:
+            errs.append("teacher_ft.target_modules is empty: name the linear layers to adapt, e.g. [q_proj, v_proj]")
+    if cfg.teacher.adapter_path:
+        errs.append("teacher.adapter_path is set: finetuning starts from the base teacher and writes a new adapter; "
+                    "set it to null (continue an interrupted run with --resume-from)")
+    for k, lo in (("batch_size", 1), ("grad_accum", 1), ("max_steps", 1), ("warmup_steps", 0), ("eval_interval", 0),
+                  ("eval_batches", 0), ("early_stopping_patience", 0), ("save_interval", 0)):
+        if getattr(ft, k) < lo:
+            errs.append(f"teacher_ft.{k} must be >= {lo} (got {getattr(ft, k)})")
+    if ft.learning_rate <= 0:
+        errs.append(f"teacher_ft.learning_rate must be > 0 (got {ft.learning_rate})")
+    if errs:
+        raise ConfigError("invalid teacher finetuning config:\n  " + "\n  ".join(errs))
+
+
+def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ConfigError(
+            f"teacher_ft.target_modules: {missing} match no linear layer of the teacher "
+            f"(its linear layers: {sorted(names)})"
+        )
+
+
+def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trainable teacher (peft-wrapped for lora) on ``device``, and what identifies its base."""
+    from distill_dag.distill.teacher_model import build_tiny_teacher, load_teacher
+
+    ft = cfg.teacher_ft
+    torch.manual_seed(ft.seed)  # tiny init and LoRA A matrices: the same on every (re)start
+    if cfg.teacher.model_name_or_path is None:
+        if not cfg.teacher.init_tiny:
+            raise ConfigError("teacher.model_name_or_path is null and teacher.init_tiny is not set: name a teacher "
+                              "(hub id or local dir) or give init_tiny (LlamaConfig fields) for a tiny demo teacher")
+        model = build_tiny_teacher(vocab_size, cfg.teacher.init_tiny, seed=ft.seed).to(device)
+        base = {"init_tiny": cfg.teacher.init_tiny, "vocab_size": vocab_size, "seed": ft.seed}
+    else:
+        model = load_teacher(cfg.teacher, device, trainable=True)
+        base = {"model_name_or_path": cfg.teacher.model_name_or_path}
+    if ft.mode == "full":
+        model = model.float()  # fp32 master weights; no optimizer state in half precision
+        model.train()
+        return model, base
+    from peft import LoraConfig, get_peft_model
+
+    _check_targets(model, ft.target_modules)
+    lora = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+                      target_modules=list(ft.target_modules), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.train()
+    return model, base
+
+
+def _save_weights(model: torch.nn.Module, out: Path, tokenizer: Any | None = None) -> None:
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def load_weights(model: torch.nn.Module, src: Path) -> None:
+    """Load what :func:`_save_weights` wrote (an adapter for a peft model, else the whole model)."""
+    from safetensors.torch import load_file
+
+    if (src / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        res = set_peft_model_state_dict(model, load_file(src / "adapter_model.safetensors"))
+        bad = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
+        if bad:
+            raise RuntimeError(f"{src}/adapter_model.safetensors does not fit this adapter (unexpected {bad[:3]})")
+        return
+    f = src / "model.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"{src} holds neither adapter_model.safetensors nor model.safetensors")
+    missing, unexpected = model.load_state_dict(load_file(f), strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"{f} does not fit the teacher: missing {sorted(set(missing) - tied)[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+
+
+def finetune_teacher(
+    cfg: PipelineConfig,
+    data_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    device: str | torch.device | None = None,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Finetune the teacher on ``data_dir``'s train split; returns (and writes) the metrics.
+
+    ``data_dir``: a tokenized_parquet folder (manifest + shards, with a ``val`` split);
+    ``tokenizer_dir``: default ``cfg.tokenizer_dir``; ``resume_from``: a checkpoint dir or a run dir
+    with ``checkpoint_latest``; ``device``: default ``cfg.train.device`` (CUDA when present).
+    """
+    from distill_dag.data.dataset import make_loader
+    from distill_dag.data.manifest import MANIFEST, Manifest, check_manifest
+    from distill_dag.data.tokenizer import load_tokenizer, tokenizer_hash
+    from distill_dag.device import pick_device
+    from distill_dag.distill import checkpoint as ckpt
+    from distill_dag.distill.optim import make_lr_lambda
+    from distill_dag.eval.perplexity import lm_inputs, perplexity
+
+    check_finetune_config(cfg)
+    ft = cfg.teacher_ft
+    data_dir, out = Path(data_dir), Path(output_dir)
+    dev = torch.device(device) if isinstance(device, torch.device) else pick_device(device or cfg.train.device)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else cfg.tokenizer_dir
+    tokenizer = load_tokenizer(tok_dir)
+    tok_hash = tokenizer_hash(tok_dir)
+    manifest = Manifest.load(data_dir)
+    check_manifest(manifest, tok_hash, cfg.tokenize.max_seq_length)
+    if not manifest.split_shards("val"):
+        raise ValueError(f"{data_dir / MANIFEST}: no 'val' split; teacher finetuning measures held-out perplexity "
+                         "before and after (set tokenize.val_fraction > 0 and re-run preprocessing with force)")
+
+    model, base_id = build_model(cfg, manifest.vocab_size, dev)
+    check_manifest(manifest, vocab_size=model.get_input_embeddings().num_embeddings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    log(f"teacher_ft: mode={ft.mode} trainable {n_trainable:,} / {n_total:,} params on {dev}")
+    opt = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(ft))
+
+    # the same val batches for every evaluation (before, intervals, after)
+    val_loader = make_loader(data_dir, "val", ft.batch_size, tokenizer_hash=tok_hash)
+    val_batches = list(islice(val_loader, ft.eval_batches or None))
+
+    def evaluate() -> dict[str, float]:
+        return perplexity(model, val_batches, device=dev)
+
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "best_ppl": None, "best_step": None, "bad_evals": 0,
+                             "early_stopped": False, "history": []}
+    tstate = None
+    if resume_from is not None:
+        path, tstate, _ = ckpt.load_trainer_state(resume_from)
+        load_weights(model, path)
+        opt.load_state_dict(tstate["optimizer"])
+        sched.load_state_dict(tstate["scheduler"])
+        state.update(tstate["teacher_ft"])
+        log(f"teacher_ft: resumed from {path} at step {state['step']}")
+    else:
+        before = evaluate()
+        state["before"] = before
+        log(f"teacher_ft: val ppl before finetuning {before['ppl']:.3f} ({before['tokens']} tokens)")
+
+    run_info = {
+        "kind": "teacher_ft",
+        "config": cfg.model_dump(mode="json"),
+        "lineage": {"manifest_sha256": sha256_file(data_dir / MANIFEST), "tokenizer_hash": tok_hash, "base": base_id},
+    }
+    best_dir = out / "best"
+
+    def save_checkpoint() -> Path:
+        tstate = {"step": state["step"], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "rng": ckpt.rng_state(), "teacher_ft": dict(state)}
+        return ckpt.save_checkpoint(out, state["step"], model, tstate, run_info, keep=ft.keep_checkpoints)
+
+    # SIGINT/SIGTERM: finish the current step, save a checkpoint, stop (signals only reach the main thread)
+    stop: dict[str, int] = {}
+    handlers: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, _f: stop.setdefault("signum", signum))
+
+    train_iter = iter(make_loader(data_dir, "train", ft.batch_size, seed=ft.seed,
+                                  start_step=state["step"] * ft.grad_accum, tokenizer_hash=tok_hash))
+    if tstate is not None:
+        # after the iterator is created: creating it draws from torch's RNG, in a fresh run before step 1 too
+        ckpt.set_rng_state(tstate["rng"])
+    model.train()
+    t0, tokens0 = time.time(), state["tokens"]
+    try:
+        while state["step"] < ft.max_steps and not state["early_stopped"]:
+            if stop:
+                raise TrainingInterrupted(save_checkpoint(), state["step"], stop["signum"])
+            micro = [next(train_iter) for _ in range(ft.grad_accum)]
+            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            loss_sum = 0.0
+            for b in micro:
+                kw = lm_inputs(model, b, dev)
+                # HF shifts the unshifted labels once; num_items_in_batch makes the sum a mean over the step
+                out_ = model(**kw, labels=b["labels"].to(dev), num_items_in_batch=max(n_items, 1))
+                out_.loss.backward()
+                loss_sum += float(out_.loss.detach())
+            if ft.grad_clip > 0:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, ft.grad_clip))
+            else:
+                gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"] += n_items
+            step = state["step"]
+            if step % ft.log_interval == 0 or step == ft.max_steps:
+                tps = (state["tokens"] - tokens0) / max(time.time() - t0, 1e-9)
+                log(f"teacher_ft step {step}/{ft.max_steps}: loss {loss_sum:.4f} lr {sched.get_last_lr()[0]:.3g} "
+                    f"grad_norm {gnorm:.3g} {tps:,.0f} tok/s")
+            if ft.eval_interval and step % ft.eval_interval == 0:
+                ev = evaluate()
+                state["history"].append({"step": step, "train_loss": loss_sum, "val_ppl": ev["ppl"],
+                                         "val_nats_per_token": ev["nats_per_token"]})
+                if state["best_ppl"] is None or ev["ppl"] < state["best_ppl"]:
+                    state.update(best_ppl=ev["ppl"], best_step=step, bad_evals=0)
+                    with atomic_dir(best_dir) as tmp:
+                        _save_weights(model, tmp)
+                else:
+                    state["bad_evals"] += 1
+                log(f"teacher_ft step {step}: val ppl {ev['ppl']:.3f} (best {state['best_ppl']:.3f} "
+                    f"at step {state['best_step']})")
+                if ft.early_stopping_patience and state["bad_evals"] >= ft.early_stopping_patience:
+                    state["early_stopped"] = True
+                    log(f"teacher_ft: early stop at step {step}: no val improvement in "
+                        f"{state['bad_evals']} evaluations")
+            if ft.save_interval and step % ft.save_interval == 0:
+                save_checkpoint()
+        if stop:
+            raise TrainingInterrupted(save_checkpoint(), state["step"], stop["signum"])
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+    after = evaluate()
+    restored_best = False
+    if state["best_ppl"] is not None and state["best_ppl"] < after["ppl"] and best_dir.exists():
+        load_weights(model, best_dir)
+        after = evaluate()
+        restored_best = True
+        log(f"teacher_ft: restored the best weights (step {state['best_step']})")
+    model.eval()
+    before = state["before"]
+    rel = (before["ppl"] - after["ppl"]) / before["ppl"]
+    metrics: dict[str, Any] = {
+        "mode": ft.mode,
+        "steps": state["step"],
+        "tokens_trained": state["tokens"],
+        "trainable_params": n_trainable,
+        "val_tokens": after["tokens"],
+        "val_ppl_before": before["ppl"],
+        "val_ppl_after": after["ppl"],
+        "val_nats_per_token_before": before["nats_per_token"],
+        "val_nats_per_token_after": after["nats_per_token"],
+        "relative_improvement": rel,
+        "expected_improvement": ft.expected_improvement,
+        "meets_expected_improvement": bool(rel >= ft.expected_improvement),
+        "early_stopped": state["early_stopped"],
+        "best_step": state["best_step"],
+        "restored_best": restored_best,
+        "output_dir": str(out),
+        "final_adapter": None,
+        "final_model": None,
+        "merged_model": None,
+        "history": state["history"],
+    }
+    if ft.mode == "lora":
+        with atomic_dir(out / "final_adapter") as tmp:
+            _save_weights(model, tmp, tokenizer)
+        metrics["final_adapter"] = str(out / "final_adapter")
+        if ft.merge:
+            merged = model.merge_and_unload()
+            with atomic_dir(out / "merged_model") as tmp:
+                _save_weights(merged, tmp, tokenizer)
+            metrics["merged_model"] = str(out / "merged_model")
+    else:
+        with atomic_dir(out / "final_model") as tmp:
+            _save_weights(model, tmp, tokenizer)
+        metrics["final_model"] = str(out / "final_model")
+    final = metrics["final_adapter"] or metrics["final_model"]
+    metrics["final_sha256"] = sha256_dir(final)
+    write_json_atomic(out / "metrics.json", metrics)
+    verdict = "meets" if metrics["meets_expected_improvement"] else "does NOT meet"
+    log(f"teacher_ft: val ppl {before['ppl']:.3f} -> {after['ppl']:.3f} ({100 * rel:+.1f}%), {verdict} the expected "
+        f"{100 * ft.expected_improvement:.0f}% improvement; wrote {final}")
+    return metrics
+
