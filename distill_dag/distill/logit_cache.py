@@ -510,6 +510,26 @@ class CacheWriter:
         )
 
 
+def open_cache_writer(cfg: Any, teacher: Any, *, overwrite: bool = False) -> CacheWriter:
+    """The writer direct-mode training uses when ``train.cache_logits`` is on (``PipelineConfig`` ``cfg``).
+
+    Call ``writer.add(batch, teacher_topk)`` after each teacher forward (``batch`` with ``shard``,
+    ``row``, ``input_ids``, ``attention_mask``), ``writer.flush()`` with each checkpoint and
+    ``writer.close()`` at the end. The teacher must give ``k >= logit_cache.k`` (build it with
+    ``k = max(train.teacher_topk, logit_cache.k)`` and slice ``[..., :teacher_topk]`` for the loss).
+    """
+    k = cfg.logit_cache.k
+    if teacher.k < k:
+        raise LogitCacheError(
+            f"train.cache_logits needs the teacher's top-{k} (logit_cache.k) but it gives k={teacher.k}: build the "
+            f"direct teacher with k = max(train.teacher_topk, logit_cache.k)"
+        )
+    return CacheWriter(
+        cfg.path(cfg.logit_cache.dir), cfg.data_root / "tokenized", k=k, vocab_size=teacher.vocab_size,
+        teacher_identity=teacher.identity(), dtype=cfg.logit_cache.dtype, overwrite=overwrite,
+    )
+
+
 def _write_stats(rec: np.ndarray, enc: CacheEncoding, path: Path, chunk_rows: int = 64) -> None:
     """Per valid position: teacher entropy lower bound, top-k mass and top-1 prob, as Parquet.
 

@@ -238,3 +238,17 @@ def test_cache_stats_match_the_teachers_distribution(tmp_path, data, teacher):
     assert st["mean_topk_mass"] == pytest.approx(torch.cat(masses).mean().item(), abs=1e-5)
     assert st["mean_entropy_lb"] == pytest.approx(torch.cat(ents).mean().item(), abs=1e-4)
     assert sum(h["fraction"] for h in st["coverage_histogram"]) == pytest.approx(1.0)
+
+
+def test_training_cache_writer_from_config_refuses_a_teacher_with_too_small_k(tmp_path, data, teacher):
+    from distill_dag.config import config_from_dict
+    from distill_dag.distill.logit_cache import open_cache_writer
+
+    cfg = config_from_dict({"data": {"root": str(data.parent)}, "logit_cache": {"dir": str(tmp_path / "c"), "k": K}})
+    with pytest.raises(LogitCacheError, match=r"k = max\(train.teacher_topk, logit_cache.k\)"):
+        open_cache_writer(cfg, DirectTeacher(teacher.model, K - 1))
+    w = open_cache_writer(cfg, teacher)
+    for b in all_batches(data, 5):
+        w.add(b, teacher.topk(b))
+    w.close()
+    assert w.complete and CachedTeacher(tmp_path / "c", data, K).k == K
