@@ -180,7 +180,32 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:
 def _add_finetune_teacher(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune-teacher", help="LoRA (or full) finetuning of the teacher")
     _config_arg(p)
-    p.set_defaults(func=lambda a: _todo("finetune-teacher"))
+    p.add_argument("--resume-from", help="a checkpoint dir, or the output dir (follows checkpoint_latest)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--mode", choices=["lora", "full"])
+    p.add_argument("--output-dir", help="default teacher_ft.output_dir")
+    p.add_argument("--eval-interval", type=int, help="0 = only before and after")
+
+    def run(a: argparse.Namespace) -> int:
+        o: dict[str, Any] = {}
+        for flag in ("max_steps", "learning_rate", "mode", "output_dir", "eval_interval"):
+            _set(o, f"teacher_ft.{flag}", getattr(a, flag))
+        cfg = _load(a, o)
+        import json
+
+        from distill_dag.distill.teacher_finetune import TrainingInterrupted, finetune_teacher
+
+        try:
+            m = finetune_teacher(cfg, cfg.tokenized_dir, cfg.teacher_ft_dir, tokenizer_dir=cfg.tokenizer_dir,
+                                 resume_from=a.resume_from, device=cfg.train.device)
+        except TrainingInterrupted as err:
+            print(str(err), file=sys.stderr)
+            return 130
+        print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
@@ -295,7 +320,31 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity and needle-in-a-haystack on a checkpoint")
     _config_arg(p)
-    p.set_defaults(func=lambda a: _todo("eval"))
+    p.add_argument("--checkpoint", help="checkpoint dir or run dir (default <run_dir>/final)")
+    p.add_argument("--split", choices=["val", "train"], help="default eval.split")
+    p.add_argument("--niah", action=argparse.BooleanOptionalAction, default=None, help="default eval.niah")
+    p.add_argument("--teacher", help="teacher_ft output / model / adapter dir (default: teacher_ft.output_dir if done)")
+    p.add_argument("--baseline", help="CE-only student checkpoint (default <run_dir>_ce_only/final if present)")
+    p.add_argument("--out", help="report folder (default eval.output_dir or <run_dir>/eval)")
+    p.add_argument("--max-batches", type=int, help="perplexity batches (0 = the whole split)")
+
+    def run(a: argparse.Namespace) -> int:
+        o: dict[str, Any] = {}
+        _set(o, "eval.max_batches", a.max_batches)
+        cfg = _load(a, o)
+        from distill_dag.eval.report import evaluate_run
+
+        r = evaluate_run(cfg, checkpoint=a.checkpoint, split=a.split, niah=a.niah, out_dir=a.out,
+                         teacher=a.teacher or "auto", baseline=a.baseline or "auto", device=cfg.train.device)
+        from distill_dag.eval.perplexity import table_markdown
+
+        print(table_markdown(r["perplexity_rows"]))
+        if r.get("niah_table"):
+            print(f"\nneedle-in-a-haystack accuracy {r['niah_accuracy']:.2f}\n{r['niah_table']}")
+        print(f"\nreport: {r['report_path']}")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _todo(name: str) -> int:

@@ -235,6 +235,11 @@ class EvalConfig(Section):
     niah_trials: int = 3
     sample_prompts: int = 3
     max_new_tokens: int = 32
+    batch_size: int = Field(8, ge=1)
+    niah_max_new_tokens: int = Field(8, ge=1)  # a 5-digit key needs at most a few tokens
+    sample_prompt_tokens: int = Field(32, ge=1)
+    seed: int = 0
+    output_dir: str | None = None  # default <run_dir>/eval
 
 
 class WandbConfig(Section):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -75,6 +76,13 @@ def batch_nll(model: torch.nn.Module, batch: Batch, device: torch.device | str |
     return total, count
 
 
+def split_loader(data_dir: str | Path, split: str = "val", batch_size: int = 8) -> Iterable[Batch]:
+    """One ordered pass over a tokenized_parquet split (the train split too: no shuffle, no repeat)."""
+    from distill_dag.data.dataset import make_loader
+
+    return make_loader(data_dir, split, batch_size, shuffle=False, infinite=False)
+
+
 def perplexity(
     model: torch.nn.Module,
     data: Iterable[Batch] | str | Path,
@@ -90,9 +98,7 @@ def perplexity(
     ``ppl`` and ``tokens`` (the number of scored tokens). The model's train/eval mode is restored.
     """
     if isinstance(data, (str, Path)):
-        from distill_dag.eval.data import iter_batches
-
-        data = iter_batches(data, split, batch_size)
+        data = split_loader(data, split, batch_size)
     limit = max_batches if max_batches and max_batches > 0 else None
     was_training = model.training
     model.eval()
@@ -114,17 +120,23 @@ def perplexity(
 
 def perplexity_table(
     models: dict[str, torch.nn.Module],
-    data_dir: str | Path,
+    data: list[Batch] | str | Path,
     *,
     split: str = "val",
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     batch_size: int = 8,
 ) -> list[dict[str, Any]]:
-    """One row per model (``{"model": name, **perplexity(...)}``), all on the same batches."""
+    """One row per model (``{"model": name, **perplexity(...)}``), all on the same batches.
+
+    ``data``: a data dir (read once, then shared) or a list of batches (re-iterable, not a generator).
+    """
+    if isinstance(data, (str, Path)):
+        limit = max_batches if max_batches and max_batches > 0 else None
+        data = list(islice(split_loader(data, split, batch_size), limit))
     rows = []
     for name, model in models.items():
-        r = perplexity(model, data_dir, split=split, max_batches=max_batches, device=device, batch_size=batch_size)
+        r = perplexity(model, data, max_batches=max_batches, device=device)
         rows.append({"model": name, **r})
     return rows
 
