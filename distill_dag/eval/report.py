@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -80,29 +80,32 @@ def _ppl_rows(models: dict[str, Any], batches: list[dict[str, torch.Tensor]], de
 def sample_generations(
     model: torch.nn.Module,
     tokenizer: Any,
-    batches: list[dict[str, torch.Tensor]],
+    batches: Iterable[dict[str, torch.Tensor]],
     *,
     n: int,
     prompt_tokens: int,
     max_new_tokens: int,
 ) -> list[dict[str, str]]:
-    """Greedy continuations of the first ``prompt_tokens`` of ``n`` held-out documents, with the
-    document's real continuation as the reference."""
+    """Greedy continuations of the first ``prompt_tokens`` of ``n`` held-out documents (one per row),
+    with the document's real continuation as the reference."""
     dev = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[dict[str, str]] = []
+    if n <= 0:
+        return out
     for b in batches:
-        for ids, pos in zip(b["input_ids"], b["position_ids"]):
-            starts = (pos == 0).nonzero().flatten().tolist()
+        for ids, pos, mask in zip(b["input_ids"], b["position_ids"], b["attention_mask"]):
+            width = int(mask.sum())
+            starts = [t for t in (pos[:width] == 0).nonzero().flatten().tolist()]
             for s in starts:
                 end = s + 1
-                while end < len(pos) and pos[end] != 0:
+                while end < width and pos[end] != 0:
                     end += 1
                 if end - s < prompt_tokens + 4:
                     continue
                 prompt = ids[s : s + prompt_tokens]
                 ref = ids[s + prompt_tokens : min(end, s + prompt_tokens + max_new_tokens)]
                 x = prompt[None].to(dev)
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 g = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                    do_sample=False, num_beams=1, pad_token_id=pad)
                 out.append({
@@ -260,7 +263,8 @@ def evaluate_checkpoint(
                                  f"![teacher NIAH](niah_heatmap_teacher.png)\n")
         write_json_atomic(out / "niah.json", niah_json)
 
-    samples = sample_generations(student, tokenizer, batches, n=ec.sample_prompts,
+    # prompts start documents; the whole split is scanned lazily until enough documents are found
+    samples = sample_generations(student, tokenizer, split_loader(data_dir, split, ec.batch_size), n=ec.sample_prompts,
                                  prompt_tokens=ec.sample_prompt_tokens, max_new_tokens=ec.max_new_tokens)
     write_json_atomic(out / "samples.json", samples)
     result["samples"] = [{k: _one_line(v) for k, v in s.items()} for s in samples]
