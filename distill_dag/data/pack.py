@@ -365,7 +365,7 @@ def tokenize_to_parquet(
     remove_temp_files(out / CACHE_DIR)
     reuse = skip_existing and not force
     tok = load_tokenizer(tokenizer_dir)
-    tok_hash = tokenizer_hash or hash_dir(tokenizer_dir)
+    tok_hash = tokenizer_hash or hash_dir(tokenizer_dir, tok)
     if tok.eos_token_id is None or tok.pad_token_id is None:
         raise ValueError(f"tokenizer {tokenizer_dir} needs eos and pad tokens (resolve it with resolve_tokenizer)")
     files = discover_inputs(inputs, recursive)

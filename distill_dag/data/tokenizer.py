@@ -75,13 +75,16 @@ def _ensure_special(tok) -> None:
         tok.pad_token = tok.eos_token
 
 
-def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
-    """Content hash of a saved tokenizer: canonical JSON of tokenizer.json + special token ids."""
+def tokenizer_hash(tokenizer_dir: str | os.PathLike, tok: Any = None) -> str:
+    """Content hash of a saved tokenizer: canonical JSON of tokenizer.json + special token ids.
+
+    ``tok``: the already loaded tokenizer of ``tokenizer_dir`` (saves loading it again).
+    """
     d = Path(tokenizer_dir)
     tj = d / "tokenizer.json"
     if not tj.exists():
         return sha256_json({"files": {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != META}})
-    tok = load_tokenizer(d)
+    tok = tok if tok is not None else load_tokenizer(d)
     return sha256_json({
         "tokenizer": json.loads(tj.read_text()),
         "eos": [tok.eos_token, tok.eos_token_id],
