@@ -10,7 +10,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-echo "== GPU tests"; timeout 240 python3 -m pytest -q -o addopts="" -p no:cacheprovider -m "gpu" \
+echo "== GPU tests"; timeout 300 python3 -m pytest -q -o addopts="" -p no:cacheprovider -m "gpu" \
   tests/kernels tests/distill/test_losses.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 echo "== retention bench"; timeout 240 python3 bench/retention.py --gpu --skip-training --skip-generation --json "$OUT/retention_gpu.json" 2>&1 | tail -40
 echo "== kd loss bench"; timeout 120 python3 bench/kd_loss.py --iters 3 2>&1 | tail -20

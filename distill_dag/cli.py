@@ -225,40 +225,26 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from distill_dag.device import pick_device
-        from distill_dag.distill.logit_cache import cache_stats, write_logit_cache
+        from distill_dag.distill.logit_cache import build_logit_cache
         from distill_dag.distill.teachers.base import TeacherError
-        from distill_dag.distill.teachers.factory import make_teacher
 
         over: dict[str, Any] = {}
         _set(over, "logit_cache.k", a.k)
         _set(over, "logit_cache.dtype", a.dtype)
         _set(over, "logit_cache.dir", a.output)
         cfg = _load(a, over)
-        k = cfg.logit_cache.k
-        mode = "network" if a.via == "network" else "direct"
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"teacher_mode": mode, "teacher_topk": k})})
         try:
-            teacher = make_teacher(cfg, pick_device(cfg.train.device), None, model_path=a.model, adapter_path=a.adapter)
-        except TeacherError as err:
-            print(f"distill cache-logits: {err}", file=sys.stderr)
-            return 2
-        try:
-            manifest = write_logit_cache(
-                teacher, cfg.data_root / "tokenized", cfg.path(cfg.logit_cache.dir), k, cfg.logit_cache.batch_rows,
-                dtype=cfg.logit_cache.dtype, overwrite=a.force, progress=True,
+            summary = build_logit_cache(
+                cfg, model_path=a.model, adapter_path=a.adapter, via=a.via, force=a.force, progress=True,
                 shards=[int(x) for x in a.shards.split(",")] if a.shards else None,
             )
         except TeacherError as err:
             print(f"distill cache-logits: {err}", file=sys.stderr)
             return 2
-        finally:
-            teacher.close()
-        done = len(manifest["shards"])
-        print(f"logit cache {cfg.path(cfg.logit_cache.dir)}: {done} shard(s) done, complete={manifest['complete']}, "
-              f"{manifest['bytes_per_entry']} bytes/entry")
-        if a.stats:
-            print(json.dumps(cache_stats(cfg.path(cfg.logit_cache.dir)), indent=2))
+        print(f"logit cache {cfg.cache_dir}: {summary['shards_done']} shard(s) done, complete={summary['complete']}, "
+              f"{summary['bytes_per_entry']} bytes/entry")
+        if a.stats and "stats" in summary:
+            print(json.dumps(summary["stats"], indent=2))
         return 0
 
     p.set_defaults(func=run)

@@ -6,7 +6,7 @@ import dagster as dg
 from distill_dag.assets.common import pipeline_config, require_upstream
 from distill_dag.assets.data import tokenized_parquet, tokenizer
 from distill_dag.assets.run_config import DistillRunConfig
-from distill_dag.resources import DuckDBResource, PipelineConfigResource, TeacherEndpointResource
+from distill_dag.resources import PipelineConfigResource, TeacherEndpointResource
 
 GROUP = "teacher"
 
@@ -47,15 +47,13 @@ def logit_cache(
     config: DistillRunConfig,
     pipeline: PipelineConfigResource,
     teacher_endpoint: TeacherEndpointResource,
-    duckdb: DuckDBResource,
 ) -> dg.MaterializeResult:
     from distill_dag.distill.logit_cache import build_logit_cache
 
     cfg = pipeline_config(config, pipeline, teacher_endpoint.overrides())
     require_upstream(cfg.tokenized_dir / "manifest.json", "tokenized_parquet", "logit_cache")
     teacher_endpoint.export_token(cfg.teacher.token_env)
-    with duckdb.connect() as con:
-        summary = build_logit_cache(cfg, con=con, log=context.log.info)
+    summary = build_logit_cache(cfg, log=context.log.info)
     metadata = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
     metadata["path"] = dg.MetadataValue.path(str(cfg.cache_dir))
     for k, v in summary.items():

@@ -645,6 +645,53 @@ def write_logit_cache(
     return json.loads((Path(cache_dir) / "manifest.json").read_text())
 
 
+def build_logit_cache(
+    cfg: Any,
+    *,
+    model_path: str | Path | None = None,
+    adapter_path: str | Path | None = None,
+    via: str = "direct",
+    shards: Iterable[int] | None = None,
+    force: bool = False,
+    progress: bool = False,
+    log: Any = print,
+) -> dict[str, Any]:
+    """The ``logit_cache`` stage as the CLI and the asset run it: pick the teacher (the finetuned one
+    from ``teacher_adapters`` unless ``model_path`` / ``adapter_path`` say otherwise; ``via`` direct
+    or network), write the cache (resumable), return its manifest summary with the DuckDB stats.
+    """
+    from distill_dag.device import pick_device
+    from distill_dag.distill.teacher_model import finetuned_teacher
+    from distill_dag.distill.teachers.factory import make_teacher
+
+    ft_model, ft_adapter = finetuned_teacher(cfg)
+    model_path = model_path or ft_model
+    adapter_path = adapter_path or ft_adapter
+    k = cfg.logit_cache.k
+    mode = "network" if via == "network" else "direct"
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"teacher_mode": mode, "teacher_topk": k})})
+    teacher = make_teacher(cfg, pick_device(cfg.train.device), None, model_path=model_path, adapter_path=adapter_path)
+    log(f"logit cache: teacher {teacher.identity()}, k={k}, dtype={cfg.logit_cache.dtype}")
+    try:
+        manifest = write_logit_cache(
+            teacher, cfg.tokenized_dir, cfg.cache_dir, k, cfg.logit_cache.batch_rows,
+            dtype=cfg.logit_cache.dtype, overwrite=force, progress=progress, shards=shards,
+        )
+    finally:
+        teacher.close()
+    summary = {
+        "k": k,
+        "dtype": cfg.logit_cache.dtype,
+        "complete": bool(manifest.get("complete")),
+        "shards_done": len(manifest.get("shards", [])),
+        "bytes_per_entry": manifest.get("bytes_per_entry"),
+        "teacher": manifest.get("teacher"),
+    }
+    if summary["complete"]:
+        summary["stats"] = cache_stats(cfg.cache_dir)
+    return summary
+
+
 # --------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------

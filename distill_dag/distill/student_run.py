@@ -6,19 +6,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distill_dag.config import PipelineConfig
+from distill_dag.distill.teacher_model import finetuned_teacher
 from distill_dag.distill.trainer import TrainResult, train
-
-
-def finetuned_teacher(cfg: PipelineConfig) -> tuple[Path | None, Path | None]:
-    """(model dir, adapter dir) written by ``teacher_adapters``, when it ran; else (None, None).
-
-    ``full`` finetuning writes ``final_model/``; ``lora`` writes ``final_adapter/``. An explicit
-    ``teacher.adapter_path`` in the config wins over the finetuned adapter.
-    """
-    root = cfg.teacher_ft_dir
-    model = root / "final_model"
-    adapter = root / "final_adapter"
-    return (model if model.is_dir() else None, adapter if adapter.is_dir() and not cfg.teacher.adapter_path else None)
 
 
 def teacher_overrides(cfg: PipelineConfig) -> tuple[PipelineConfig, Path | None]:

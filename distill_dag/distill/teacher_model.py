@@ -68,3 +68,15 @@ def load_teacher(
         for p in model.parameters():
             p.requires_grad_(False)
     return model
+
+
+def finetuned_teacher(cfg: Any) -> tuple[Path | None, Path | None]:
+    """(model dir, adapter dir) written by ``teacher_adapters`` when it ran, else (None, None).
+
+    ``full`` finetuning writes ``final_model/``; ``lora`` writes ``final_adapter/``. An explicit
+    ``teacher.adapter_path`` in the config wins over the finetuned adapter.
+    """
+    root = cfg.teacher_ft_dir
+    model, adapter = root / "final_model", root / "final_adapter"
+    return (model if model.is_dir() else None,
+            adapter if adapter.is_dir() and not cfg.teacher.adapter_path else None)

@@ -25,6 +25,7 @@ from distill_dag.distill import checkpoint as ckpt
 from distill_dag.distill.losses import distill_loss
 from distill_dag.distill.optim import build_optimizers, build_schedulers
 from distill_dag.distill.stability import NanGuard, SaddleDetector
+from distill_dag.distill.teachers.base import TeacherTopK
 from distill_dag.distill.telemetry import Telemetry
 from distill_dag.io import sha256_json
 
@@ -142,15 +143,16 @@ def train(
     if not tc.pretrain_ce_only:
         from distill_dag.distill.teachers.factory import make_teacher
 
-        teacher = make_teacher(cfg, device, vocab, model_path=teacher_model_path)
+        warm_cache = tc.cache_logits and tc.teacher_mode == "direct"
+        # warming the cache needs the cache's k, which may exceed the loss's: query max, slice for the loss
+        tcfg = cfg.model_copy(update={"train": tc.model_copy(
+            update={"teacher_topk": max(tc.teacher_topk, cfg.logit_cache.k if warm_cache else 0)})})
+        teacher = make_teacher(tcfg, device, vocab, model_path=teacher_model_path)
     cache_writer = None
-    if tc.cache_logits and teacher is not None and tc.teacher_mode == "direct":
-        from distill_dag.distill.logit_cache import CacheWriter
+    if teacher is not None and tc.cache_logits and tc.teacher_mode == "direct":
+        from distill_dag.distill.logit_cache import open_cache_writer
 
-        cache_writer = CacheWriter(
-            cfg.cache_dir, data_dir, k=tc.teacher_topk, vocab_size=teacher.vocab_size,
-            teacher_identity=teacher.identity(), dtype=cfg.logit_cache.dtype,
-        )
+        cache_writer = open_cache_writer(cfg, teacher)
 
     optimizer = build_optimizers(model, tc)
     guard = NanGuard(tc.max_nan_streak)
@@ -223,6 +225,8 @@ def train(
         info = {"step": step, "tokens": tokens_seen, "pretrain_ce_only": tc.pretrain_ce_only,
                 "lineage": lin, "config": run_config}
         extra = {"tokenizer": Path(tokenizer_dir)} if tokenizer_dir else None
+        if cache_writer is not None:
+            cache_writer.flush()
         path = ckpt.save_checkpoint(run_dir, step, model, state, info, keep=tc.keep_checkpoints, extra_files=extra)
         tel.event(step, "checkpoint", path=str(path))
         return path
@@ -250,6 +254,8 @@ def train(
                 topk = teacher.topk(batch) if teacher is not None else None
                 if cache_writer is not None:
                     cache_writer.add(batch, topk)
+                if topk is not None and topk.k > tc.teacher_topk:
+                    topk = TeacherTopK(topk.indices[..., : tc.teacher_topk], topk.logprobs[..., : tc.teacher_topk])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     hidden = _hidden(model, batch)
                 out = distill_loss(
