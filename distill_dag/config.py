@@ -173,6 +173,28 @@ class StudentConfig(Section):
     retention_backend: Literal["auto", "torch", "triton", "fla"] = "auto"
 
 
+class AlignConfig(Section):
+    """Stage 1 of ``student.init: from_teacher`` (distill_dag/distill/align.py): the converted student's
+    retention layers trained, teacher frozen, to reproduce each teacher layer's attention output (MSE)."""
+
+    steps: int = Field(200, ge=0)  # 0: convert only, KD starts from the unaligned conversion
+    # 1: V/O copied as they are (value dim = d); 2: the paper's 2d, the extra half zero-initialised
+    value_factor: Literal[1, 2] = 1
+    learning_rate: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    batch_size: int = Field(8, ge=1)
+    log_interval: int = Field(10, ge=1)
+    eval_interval: int = Field(50, ge=0)  # per-layer held-out MSE; 0 = only before and after
+    eval_batches: int = Field(4, ge=1)
+    save_interval: int = Field(100, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    output_dir: str | None = None  # default <train run dir>_aligned
+
+
 class TrainConfig(Section):
     teacher_mode: Literal["direct", "cached", "network"] = "direct"
     pretrain_ce_only: bool = False
@@ -257,6 +279,7 @@ class PipelineConfig(Section):
     logit_cache: LogitCacheConfig = Field(default_factory=LogitCacheConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
