@@ -133,6 +133,10 @@ def train(
         model = RetNetForCausalLM.from_pretrained(resume_dir)
         if cfg.student.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.student.init == "from_teacher":  # the stage-1 (aligned) student: distill_dag/distill/align.py
+        from distill_dag.distill.align import load_aligned_student
+
+        model = load_aligned_student(cfg)
     else:
         model = build_student(cfg.student, manifest.vocab_size)
     model.to(device).train()

@@ -17,6 +17,15 @@ from distill_dag.model.convert import (
 )
 from distill_dag.model.retnet import RetNetForCausalLM
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: on 2 shared cores, intra-op threading costs far more than it gains
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 VOCAB = 97
 
 

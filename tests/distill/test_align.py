@@ -1,0 +1,153 @@
+"""Stage 1 (retention alignment): per-layer MSE falls, only retention moves, exact resume, reuse and
+refusal by lineage, and KD (stage 2) starting from the aligned student."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill_dag.config import config_from_dict
+from distill_dag.distill.align import align_student, aligned_dir, load_aligned_student, teacher_attention_io
+from distill_dag.distill.student_run import run_student
+from distill_dag.distill.trainer import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: on 2 shared cores, intra-op threading costs far more than it gains
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(tmp_path, teacher_dir, align=None, **train_kw):
+    a = dict(steps=40, learning_rate=1e-2, warmup_steps=2, batch_size=8, log_interval=5, eval_interval=20,
+             eval_batches=2, save_interval=20, seed=0)
+    a.update(align or {})
+    t = dict(teacher_mode="direct", teacher_topk=16, temperature=1.0, max_steps=0, batch_size=4, log_interval=1,
+             eval_interval=0, eval_batches=2, save_interval=0, output_dir=str(tmp_path / "run"), device="cpu",
+             loss_chunk_tokens=64)
+    t.update(train_kw)
+    return config_from_dict({
+        "tokenize": {"max_seq_length": 64},
+        "teacher": {"model_name_or_path": str(teacher_dir)},
+        "teacher_ft": {"output_dir": str(tmp_path / "no_teacher_ft")},
+        "student": {"init": "from_teacher", "chunk_size": 16},
+        "align": a,
+        "train": t,
+        "wandb": {"mode": "disabled"},
+    })
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory, small_corpus, tiny_teacher_dir):
+    tmp = tmp_path_factory.mktemp("align")
+    cfg = _cfg(tmp, tiny_teacher_dir)
+    return cfg, align_student(cfg, data_dir=small_corpus["tokenized"])
+
+
+def test_alignment_lowers_the_held_out_mse_of_every_layer(aligned):
+    _, res = aligned
+    assert res.steps == 40 and len(res.mse_before) == len(res.mse_after) == 2
+    for before, after, rel in zip(res.mse_before, res.mse_after, res.rel_mse_after):
+        assert after < 0.5 * before, (before, after)
+        assert rel < 1.0  # better than predicting zero
+
+
+def test_reported_mse_matches_an_independent_recomputation(aligned, small_corpus, tiny_teacher_dir):
+    """Layer 0's held-out MSE recomputed without the hooks: x = input_layernorm(embedding), y = the teacher's
+    attention recomputed by SoftmaxAttention on the unaligned conversion (proven equal to the teacher's in
+    tests/model/test_convert.py), r = the aligned student's retention."""
+    from distill_dag.data.dataset import make_loader
+    from distill_dag.distill.teacher_model import load_teacher
+    from distill_dag.model.convert import SoftmaxAttention, convert_teacher
+    from distill_dag.model.retnet import RetNetForCausalLM
+
+    cfg, res = aligned
+    teacher = load_teacher(cfg.teacher, torch.device("cpu"), model_path=tiny_teacher_dir)
+    attention = SoftmaxAttention(convert_teacher(teacher)[0].model.layers[0].retention)
+    student = RetNetForCausalLM.from_pretrained(res.final_dir).eval()
+    batches = [b for _, b in zip(range(2), make_loader(small_corpus["tokenized"], "val", 8, shuffle=False,
+                                                      infinite=False))]
+    se, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            pos, am = b["position_ids"], b["attention_mask"]
+            x = teacher.model.layers[0].input_layernorm(teacher.model.embed_tokens(b["input_ids"]))
+            y = attention(x, pos, None, None, None)
+            hx, hy = teacher_attention_io(teacher, b)
+            torch.testing.assert_close(hx[0], x)
+            torch.testing.assert_close(hy[0], y, rtol=1e-4, atol=1e-6)
+            r = student.model.layers[0].retention(x, pos, pos == 0, None if am.all() else am, None)
+            m = am.bool()
+            se += float(((r - y)[m] ** 2).sum())
+            n += int(m.sum()) * x.shape[-1]
+    assert se / n == pytest.approx(res.mse_after[0], rel=1e-3)
+
+
+def test_only_retention_parameters_change_during_alignment(aligned, tiny_teacher_dir):
+    from distill_dag.distill.teacher_model import load_teacher
+
+    cfg, res = aligned
+    teacher = load_teacher(cfg.teacher, torch.device("cpu"), model_path=tiny_teacher_dir)
+    t = teacher.state_dict()
+    s = load_file(str(res.final_dir / "model.safetensors"))
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    for i in range(2):
+        assert torch.equal(s[f"model.layers.{i}.ffn.down_proj.weight"], t[f"model.layers.{i}.mlp.down_proj.weight"])
+        assert torch.equal(s[f"model.layers.{i}.retention_norm.weight"], t[f"model.layers.{i}.input_layernorm.weight"])
+        assert torch.equal(s[f"model.layers.{i}.ffn_norm.weight"], t[f"model.layers.{i}.post_attention_layernorm.weight"])
+        # the copied Q was trained away from the teacher's
+        assert not torch.equal(s[f"model.layers.{i}.retention.q_proj.weight"], t[f"model.layers.{i}.self_attn.q_proj.weight"])
+    assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
+
+
+def test_interrupted_alignment_resumes_to_the_same_weights(tmp_path, small_corpus, tiny_teacher_dir):
+    small = dict(steps=6, save_interval=3, eval_interval=0, log_interval=1)
+    full = align_student(_cfg(tmp_path / "a", tiny_teacher_dir, small), data_dir=small_corpus["tokenized"])
+    cfg_b = _cfg(tmp_path / "b", tiny_teacher_dir, small)
+    with pytest.raises(KeyboardInterrupt):
+        align_student(cfg_b, data_dir=small_corpus["tokenized"], stop_after=4)
+    resumed = align_student(cfg_b, data_dir=small_corpus["tokenized"])
+    wa = load_file(str(full.final_dir / "model.safetensors"))
+    wb = load_file(str(resumed.final_dir / "model.safetensors"))
+    assert resumed.steps == 6 and resumed.tokens == full.tokens and wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert resumed.mse_before == full.mse_before
+    log = (aligned_dir(cfg_b) / "metrics.jsonl").read_text()
+    assert '"event": "resumed"' in log
+
+
+def test_finished_alignment_is_reused_and_a_changed_config_is_refused(aligned, small_corpus):
+    cfg, res = aligned
+    again = align_student(cfg, data_dir=small_corpus["tokenized"])
+    assert again.reused and again.mse_after == res.mse_after
+    changed = cfg.model_copy(deep=True)
+    changed.align.learning_rate = 5e-3
+    with pytest.raises(RuntimeError, match="align"):
+        load_aligned_student(changed)
+    with pytest.raises(RuntimeError, match="align"):
+        align_student(changed, data_dir=small_corpus["tokenized"])
+
+
+def test_kd_with_from_teacher_needs_stage_one(tmp_path, small_corpus, tiny_teacher_dir):
+    with pytest.raises(FileNotFoundError, match="stage 1"):
+        train(_cfg(tmp_path, tiny_teacher_dir), data_dir=small_corpus["tokenized"])
+
+
+def test_run_student_aligns_then_kd_starts_from_the_aligned_student(tmp_path, small_corpus, tiny_teacher_dir):
+    cfg = _cfg(tmp_path, tiny_teacher_dir, {"steps": 3, "eval_interval": 0, "save_interval": 0,
+                                            "output_dir": str(tmp_path / "aligned")})
+    cfg.data.root = str(small_corpus["root"])  # cfg.tokenized_dir = <root>/tokenized
+    out = run_student(cfg)
+    assert out["aligned"].steps == 3 and out["student"].steps == 0
+    wa = load_file(str(out["aligned"].final_dir / "model.safetensors"))
+    wk = load_file(str(out["student"].final_dir / "model.safetensors"))
+    assert wa.keys() == wk.keys() and all(torch.equal(wa[k], wk[k]) for k in wa)
+    kd = run_student(cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "max_steps": 2, "output_dir": str(tmp_path / "kd2")})}, deep=True))
+    assert kd["aligned"].reused and kd["student"].steps == 2
+    assert all(h["kl"] > 0 for h in kd["student"].history if h["kind"] == "train")
