@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill_dag.data.manifest import Manifest, check_manifest
-from distill_dag.data.shards import table_to_arrays
+from distill_dag.data.shards import CorruptShardError, table_to_arrays
+from distill_dag.io import sha256_file
 
 _FIELDS = ("input_ids", "attention_mask", "labels", "position_ids")
 
@@ -51,7 +52,7 @@ class PackedDataset(Dataset):
         groups = []  # (global start, rows, shard position, row group, first row in shard)
         start = 0
         for pos, (_, s) in enumerate(self.shards):
-            md = pq.ParquetFile(self.manifest.shard_path(s)).metadata
+            md = _shard_metadata(self.manifest.shard_path(s), s)
             if md.num_rows != s.rows:
                 raise ValueError(f"{self.manifest.shard_path(s)}: {md.num_rows} rows but the manifest says {s.rows}; "
                                  "re-run preprocessing with force")
@@ -65,6 +66,7 @@ class PackedDataset(Dataset):
         self.num_rows = start
         self.cache_groups = cache_groups
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return self.num_rows
@@ -79,6 +81,9 @@ class PackedDataset(Dataset):
         if arr is None:
             _, _, pos, g, _ = self.groups[gi]
             shard = self.shards[int(pos)][1]
+            if int(pos) not in self._verified:  # once per shard: a file that is not the manifest's is never read
+                _verify_sha256(self.manifest.shard_path(shard), shard)
+                self._verified.add(int(pos))
             table = pq.ParquetFile(self.manifest.shard_path(shard)).read_row_group(int(g), columns=list(_FIELDS))
             arr = table_to_arrays(table, self.width)
             self._cache[gi] = arr
@@ -99,6 +104,40 @@ class PackedDataset(Dataset):
         item["shard"] = torch.tensor(self.shards[int(pos)][0], dtype=torch.long)
         item["row"] = torch.tensor(int(first) + r, dtype=torch.long)
         return item
+
+
+def _fix() -> str:
+    return "re-run preprocessing (`distill preprocess`, or tokenize.force / --force) to rebuild the shards"
+
+
+def _shard_metadata(path: Path, shard: Any) -> Any:
+    """The parquet footer of a shard whose size matches the manifest; a missing, truncated or replaced
+    file is a :class:`CorruptShardError` naming it."""
+    if not path.exists():
+        raise CorruptShardError(f"{path}: missing (listed in {path.parent / 'manifest.json'}); {_fix()}")
+    size = path.stat().st_size
+    if size != shard.bytes:
+        raise CorruptShardError(f"{path}: {size} bytes, the manifest says {shard.bytes} (truncated or replaced); {_fix()}")
+    try:
+        return pq.ParquetFile(path).metadata
+    except Exception as err:  # noqa: BLE001 - any footer error means the file is unusable
+        raise CorruptShardError(f"{path}: unreadable parquet ({err}); {_fix()}") from None
+
+
+# (path, size, mtime_ns) -> sha256 of shards already checked in this process
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def _verify_sha256(path: Path, shard: Any) -> None:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(key) != shard.sha256:
+        if sha256_file(path) != shard.sha256:
+            raise CorruptShardError(
+                f"{path}: sha256 differs from {path.parent / 'manifest.json'} (corrupt, or rewritten by a preprocessing "
+                f"run that did not finish); {_fix()}"
+            )
+        _VERIFIED[key] = shard.sha256
 
 
 def epoch_order(dataset: PackedDataset, seed: int, epoch: int, shuffle: bool = True, window: int = 4) -> np.ndarray:

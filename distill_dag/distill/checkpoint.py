@@ -81,6 +81,7 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     target = ckpt_root / f"step-{step:07d}"
+    _remove_leftovers(run_dir, ckpt_root)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -98,6 +99,20 @@ def save_checkpoint(
     write_bytes_atomic(run_dir / LATEST, f"checkpoints/{target.name}\n".encode())
     _prune(ckpt_root, keep, target)
     return target
+
+
+def _remove_leftovers(run_dir: Path, ckpt_root: Path) -> None:
+    """Delete what a save killed mid-write left: temp checkpoint dirs and a half ``checkpoint_latest``.
+
+    Safe because one process (rank 0) writes a run dir, and none of these names is ever read. A
+    ``.step-N.old`` is kept while ``step-N`` is missing: it is then the only copy of that checkpoint.
+    """
+    olds = [p for p in ckpt_root.glob(".step-*.old") if (ckpt_root / p.name[1:-4]).is_dir()]
+    for p in [*ckpt_root.glob(".step-*.tmp"), *olds, *run_dir.glob(f".{LATEST}.*.tmp")]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _prune(ckpt_root: Path, keep: int, newest: Path) -> None:
