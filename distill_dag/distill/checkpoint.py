@@ -82,21 +82,30 @@ def save_checkpoint(
     ckpt_root = run_dir / "checkpoints"
     target = ckpt_root / f"step-{step:07d}"
     _remove_leftovers(run_dir, ckpt_root)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        (tmp / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True, default=str))
-        for name, src in (extra_files or {}).items():
-            src = Path(src)
-            if src.is_dir():
-                for f in src.iterdir():
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)
-            else:
-                shutil.copy2(src, tmp / name)
-        sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True))
-    write_bytes_atomic(run_dir / LATEST, f"checkpoints/{target.name}\n".encode())
+    try:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+            (tmp / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True, default=str))
+            for name, src in (extra_files or {}).items():
+                src = Path(src)
+                if src.is_dir():
+                    for f in src.iterdir():
+                        if f.is_file():
+                            shutil.copy2(f, tmp / f.name)
+                else:
+                    shutil.copy2(src, tmp / name)
+            sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True))
+        write_bytes_atomic(run_dir / LATEST, f"checkpoints/{target.name}\n".encode())
+    except OSError as err:  # disk full, quota, I/O error: atomic writes left the previous checkpoint as it was
+        prev = (run_dir / LATEST).read_text().strip() if (run_dir / LATEST).exists() else None
+        kept = (f"the previous checkpoint {run_dir / prev} is intact and {LATEST} still points at it"
+                if prev else "no earlier checkpoint exists")
+        raise CheckpointError(
+            f"writing checkpoint {target} failed: {err}; {kept}. Free disk space (or set train.output_dir on a "
+            f"larger disk) and resume with --resume-from {run_dir}"
+        ) from err
     _prune(ckpt_root, keep, target)
     return target
 
