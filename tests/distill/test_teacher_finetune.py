@@ -147,3 +147,24 @@ def test_config_keys_are_used_or_rejected(tmp_path, small_corpus, tiny_teacher_d
     with pytest.raises(ConfigError, match=r"init_tiny"):
         finetune_teacher(_cfg(teacher={"model_name_or_path": None}), small_corpus["tokenized"], tmp_path,
                          tokenizer_dir=small_corpus["tokenizer"], log=lambda s: None)
+
+
+def test_cli_finetune_teacher_maps_flags_and_writes_metrics(tmp_path, small_corpus, capsys):
+    import yaml
+
+    from distill_dag.cli import main
+
+    root = tmp_path / "data"
+    root.mkdir()
+    os.symlink(small_corpus["tokenized"], root / "tokenized")
+    os.symlink(small_corpus["tokenizer"], root / "tokenizer")
+    d = {"data": {"root": str(root)}, "tokenize": {"max_seq_length": 64},
+         "teacher": {"model_name_or_path": None, "init_tiny": TINY},
+         "teacher_ft": {"mode": "full", "max_steps": 50, "eval_batches": 2, "batch_size": 4,
+                        "output_dir": str(tmp_path / "ft")}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
+    assert main(["finetune-teacher", "--config", str(tmp_path / "cfg.yaml"), "--max-steps", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["final_model"] == str(tmp_path / "ft" / "final_model")
+    assert '"steps": 2' in out and '"meets_expected_improvement"' in out

@@ -1,18 +1,15 @@
-"""Test corpus helpers: stdlib text, a BPE tokenizer trained on the spot, tiny Llamas, packed shards.
+"""Test helpers: stdlib text, a BPE tokenizer trained on the spot, tiny Llamas, hand-packed rows.
 
-The shards follow the tokenized_parquet contract (COMMON.md): rows of ``max_seq_length`` with EOS
+:func:`pack` follows the tokenized_parquet contract (COMMON.md): rows of ``max_seq_length`` with EOS
 between documents, ``position_ids`` restarting at 0 at every document start, unshifted labels, the
 last row padded with attention_mask 0 / labels -100.
 """
 
 from __future__ import annotations
 
-import json
 import sysconfig
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 EOS = "<|endoftext|>"
@@ -79,33 +76,3 @@ def pack(docs: list[list[int]], eos_id: int, seq_len: int) -> dict[str, list[lis
         rows["labels"].append(ids + [-100] * pad)
         rows["position_ids"].append([p for _, p in chunk] + [0] * pad)
     return rows
-
-
-def write_split(out_dir: Path, split: str, rows: dict[str, list[list[int]]], source: str = "test") -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = len(rows["input_ids"])
-    table = pa.table(
-        {
-            "input_ids": pa.array(rows["input_ids"], pa.list_(pa.int32())),
-            "attention_mask": pa.array(rows["attention_mask"], pa.list_(pa.int8())),
-            "labels": pa.array(rows["labels"], pa.list_(pa.int32())),
-            "position_ids": pa.array(rows["position_ids"], pa.list_(pa.int32())),
-            "source": pa.array([source] * n, pa.string()),
-        }
-    )
-    path = out_dir / f"{split}-00000.parquet"
-    pq.write_table(table, path)
-    return path
-
-
-def write_dataset(out_dir: Path, tokenizer, train_docs: list[str], val_docs: list[str], seq_len: int) -> Path:
-    """A tokenized_parquet folder (train + val shards + manifest) from raw text documents."""
-    eos = tokenizer.eos_token_id
-    shards = []
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
-        rows = pack(ids, eos, seq_len)
-        p = write_split(out_dir, split, rows)
-        shards.append({"file": p.name, "split": split, "rows": len(rows["input_ids"])})
-    (out_dir / "manifest.json").write_text(json.dumps({"max_seq_length": seq_len, "shards": shards}))
-    return out_dir

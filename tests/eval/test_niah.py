@@ -20,14 +20,6 @@ from tests.eval._corpus import tiny_llama, train_tokenizer
 from tests.eval._induction_llama import induction_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return train_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=512, max_chars=200_000)

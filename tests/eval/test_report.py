@@ -12,14 +12,6 @@ from distill_dag.eval.report import evaluate_checkpoint
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg_dict(root):
     return {
         "data": {"root": str(root)},
