@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,18 @@ def row_problem(obj: Any) -> str | None:
     return "no 'text' field and no 'prompt'/'response' fields"
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """True when a string (key or value) anywhere in ``obj`` holds an unpaired UTF-16 surrogate."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):  # unencodable, or too deep to check: not a usable row
+        return True
+    return False
+
+
 def _excerpt(raw: bytes) -> str:
     return raw[:_EXCERPT].decode("utf-8", errors="replace")
 
@@ -136,6 +149,18 @@ def iter_jsonl(
                 stats.rejects += 1
                 stats.reasons["malformed JSON"] += 1
                 yield line_no, Reject(name, line_no, f"malformed JSON: {err.msg} at column {err.colno}", _excerpt(raw))
+                continue
+            except RecursionError:  # e.g. 100k nested '[': valid-looking, but no row is nested that deep
+                stats.rejects += 1
+                stats.reasons["malformed JSON"] += 1
+                yield line_no, Reject(name, line_no, "malformed JSON: nested too deeply", _excerpt(raw))
+                continue
+            if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+                # "\ud800" is valid JSON but not text: the tokenizer, parquet and hashing all refuse it
+                stats.rejects += 1
+                stats.reasons["lone surrogate"] += 1
+                yield line_no, Reject(name, line_no, "lone surrogate: a \\uD800-\\uDFFF escape that is not part of a "
+                                      "pair is not valid Unicode", _excerpt(raw))
                 continue
             if validate:
                 problem = row_problem(obj)
