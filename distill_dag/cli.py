@@ -295,7 +295,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         out = run_student(cfg)
         for name, r in out.items():
             if r is not None:
-                print(f"{name}: {r.steps} steps, {r.tokens} tokens, val_loss={r.val.get('val_loss'):.4f}, "
+                print(f"{name}: {r.steps} steps, {r.tokens} tokens, val_loss={r.val.get('val_loss')}, "
                       f"checkpoint={r.final_dir}")
         return 0
 

@@ -36,30 +36,34 @@ class Telemetry:
         echo: Callable[[str], None] | None = None,
         progress: bool = True,
         resume_id: str | None = None,
+        enabled: bool = True,
     ) -> None:
+        """``enabled=False`` (ranks other than 0) keeps the history in memory and writes nothing."""
+        self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logger = logging.getLogger(f"distill_dag.train.{self.run_dir.name}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
         self.logger.handlers.clear()
-        fh = logging.FileHandler(self.run_dir / "train.log")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        self.logger.addHandler(fh)
+        if enabled:
+            fh = logging.FileHandler(self.run_dir / "train.log")
+            fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            self.logger.addHandler(fh)
         self.echo = echo
-        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        self.metrics_file = open(self.run_dir / "metrics.jsonl" if enabled else os.devnull, "a")
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.bar = None
-        if progress and sys.stderr.isatty():
+        if enabled and progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
         self.wandb_run = None
         self.wandb_dir: str | None = None
         mode = wandb_mode(wandb_cfg)
-        if mode != "disabled":
+        if enabled and mode != "disabled":
             import wandb
 
             self.wandb_run = wandb.init(
@@ -83,6 +87,8 @@ class Telemetry:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
         self.logger.info(msg)
         if self.echo is not None:
             self.echo(msg)

@@ -22,6 +22,15 @@ from distill_dag.data.dataset import make_loader
 from distill_dag.data.manifest import Manifest, check_manifest
 from distill_dag.device import pick_device
 from distill_dag.distill import checkpoint as ckpt
+from distill_dag.distill.distributed import (
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+    local_rows,
+    no_sync,
+    wrap,
+)
 from distill_dag.distill.losses import distill_loss
 from distill_dag.distill.optim import build_optimizers, build_schedulers
 from distill_dag.distill.stability import NanGuard, SaddleDetector
@@ -112,6 +121,9 @@ def train(
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(tc.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
     manifest = Manifest.load(data_dir)
     check_manifest(manifest, max_seq_length=cfg.tokenize.max_seq_length)
 
@@ -178,6 +190,7 @@ def train(
     tel = Telemetry(
         run_dir, cfg.wandb, run_config, total_steps=tc.max_steps, echo=echo,
         resume_id=(resume_state or {}).get("wandb_id") if not transition else None,
+        enabled=dist_info.is_main,
     )
     tel.advance(step)
     if transition:
@@ -187,17 +200,21 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     tel.info(
         f"student {cfg.student.variant}: {n_params / 1e6:.2f}M params, vocab {vocab}; "
-        f"mode={'ce_only' if teacher is None else tc.teacher_mode}; device={device}; run_dir={run_dir}"
+        f"mode={'ce_only' if teacher is None else tc.teacher_mode}; device={device}; run_dir={run_dir}; "
+        f"world_size={dist_info.world_size}"
     )
 
     micro_per_step = tc.grad_accum
-    loader = make_loader(data_dir, "train", tc.batch_size, seed=tc.seed, start_step=step * micro_per_step)
+    # one global micro-batch of batch_size * world_size rows; each rank takes its slice
+    loader = make_loader(data_dir, "train", tc.batch_size * dist_info.world_size, seed=tc.seed,
+                         start_step=step * micro_per_step)
+    student = wrap(model, dist_info, device)
     has_val = bool(manifest.split_shards("val"))
     if not has_val:
         tel.info(f"warning: {data_dir} has no 'val' shards (tokenize.val_fraction); held-out evaluation is skipped")
 
     def evaluate() -> dict[str, float]:
-        if not has_val:
+        if not has_val or not dist_info.is_main:
             return {}
         loader = make_loader(data_dir, "val", tc.batch_size, seed=0, shuffle=False, infinite=False)
         return evaluate_loss(model, loader, tc.eval_batches, device, tc.loss_chunk_tokens)
@@ -216,6 +233,10 @@ def train(
             pass
 
     def save() -> Path:
+        path = run_dir / "checkpoints" / f"step-{step:07d}"
+        if not dist_info.is_main:  # rank 0 writes; the others wait until it is on disk
+            barrier(dist_info)
+            return path
         state = {
             "step": step,
             "tokens": tokens_seen,
@@ -233,6 +254,7 @@ def train(
             cache_writer.flush()
         path = ckpt.save_checkpoint(run_dir, step, model, state, info, keep=tc.keep_checkpoints, extra_files=extra)
         tel.event(step, "checkpoint", path=str(path))
+        barrier(dist_info)
         return path
 
     last_ckpt: Path | None = None
@@ -247,33 +269,42 @@ def train(
             micro = []
             for _ in range(micro_per_step):
                 try:
-                    micro.append(next(batches))
+                    micro.append(local_rows(next(batches), dist_info, tc.batch_size))
                 except StopIteration:
                     raise RuntimeError("the train loader ended; it should cycle epochs") from None
             n_scored = [int((m["labels"][:, 1:] != -100).sum()) for m in micro]
-            total_scored = max(sum(n_scored), 1)
+            # the global token count: each rank's loss is weighted so that DDP's gradient mean equals
+            # the token-weighted mean of one process running the whole global batch
+            total_scored = max(all_reduce_sum(float(sum(n_scored)), dist_info, device), 1.0)
+            scale = float(dist_info.world_size)
             loss_sum = ce_sum = kl_sum = 0.0
-            for batch, n in zip(micro, n_scored):
+            for i_micro, (batch, n) in enumerate(zip(micro, n_scored)):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 topk = teacher.topk(batch) if teacher is not None else None
                 if cache_writer is not None:
                     cache_writer.add(batch, topk)
                 if topk is not None and topk.k > tc.teacher_topk:
                     topk = TeacherTopK(topk.indices[..., : tc.teacher_topk], topk.logprobs[..., : tc.teacher_topk])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    hidden = _hidden(model, batch)
+                last = i_micro == len(micro) - 1
+                with no_sync(student, last), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    hidden = student(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
                 out = distill_loss(
                     hidden, weight, batch["labels"], topk if topk is not None else None,
                     temperature=tc.temperature,
                     distill_alpha=tc.distill_alpha if topk is not None else 0.0,
                     tail=tc.tail, chunk_tokens=tc.loss_chunk_tokens, diversity_weight=tc.diversity_weight,
                 )
-                # token-weighted mean over the accumulated micro-batches
-                (out.loss * (n / total_scored)).backward()
+                # token-weighted mean over the accumulated micro-batches (and ranks)
+                with no_sync(student, last):
+                    (out.loss * (n * scale / total_scored)).backward()
                 loss_sum += out.loss.item() * n
                 ce_sum += out.ce.item() * n
                 kl_sum += out.kl.item() * n
-                tokens_seen += int(batch["attention_mask"].sum())
+            loss_sum, ce_sum, kl_sum, step_tokens = (
+                all_reduce_sum(x, dist_info, device)
+                for x in (loss_sum, ce_sum, kl_sum, float(sum(int(m["attention_mask"].sum()) for m in micro)))
+            )
+            tokens_seen += int(step_tokens)
             loss = loss_sum / total_scored
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
             skipped = guard.check(step, loss, grad_norm)  # raises TrainingDivergedError after the streak
@@ -292,7 +323,7 @@ def train(
             window["ce"] += ce_sum / total_scored
             window["kl"] += kl_sum / total_scored
             window["n"] += 1
-            window["tokens"] += sum(int(m["attention_mask"].sum()) for m in micro)
+            window["tokens"] += int(step_tokens)
             if tc.log_interval and (step % tc.log_interval == 0 or step == tc.max_steps):
                 dt = max(time.time() - window["t"], 1e-9)
                 last_metrics = {
@@ -337,7 +368,10 @@ def train(
         last_ckpt = save()
     if cache_writer is not None:
         cache_writer.close()
-    final_dir = ckpt.write_final(run_dir, last_ckpt)
+    final_dir = run_dir / "final"
+    if dist_info.is_main:
+        final_dir = ckpt.write_final(run_dir, last_ckpt)
+    barrier(dist_info)
     result = TrainResult(
         run_dir=run_dir, checkpoint=last_ckpt, final_dir=final_dir, steps=step, tokens=tokens_seen,
         final=last_metrics, val=val_metrics, history=list(tel.history), events=list(tel.events),
@@ -347,6 +381,7 @@ def train(
     _restore(old_handlers)
     if teacher is not None:
         teacher.close()
+    cleanup(dist_info)
     return result
 
 
