@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: install demo test test-all test-vllm dev bench clean
+.PHONY: install demo test test-all dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,9 +17,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Materialize the whole graph up to the student checkpoint on the built-in demo config (CPU, minutes).
-demo: install
+$(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
+	cp deploy/dagster.yaml $@
+
+# Materialize the whole graph up to the student checkpoint on the built-in demo config (CPU, minutes).
+demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster asset materialize --select '*student_ckpt' -m distill_dag.definitions
 
 # The test suite CI runs (.ci/run). Installs Debian's chromium for the browser test when apt is usable.
@@ -31,8 +34,7 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
 
-dev: install
-	mkdir -p $(DAGSTER_HOME)
+dev: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml
 
 clean:
