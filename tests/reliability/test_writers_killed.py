@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from _rel import cfg_dict, kill_group, metrics, run_child, start_child, wait_for, write_cfg  # noqa: E402
-from conftest import stdlib_jsonl  # noqa: E402  (tests/conftest.py: the corpus writer)
+from support import stdlib_jsonl  # noqa: E402
 
 from distill_dag.data.dataset import PackedDataset  # noqa: E402
 from distill_dag.data.manifest import Manifest  # noqa: E402
