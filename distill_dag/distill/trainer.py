@@ -94,6 +94,18 @@ def evaluate_loss(model: torch.nn.Module, loader: Any, max_batches: int, device:
     return {"val_loss": ce, "val_ppl": math.exp(min(ce, 50.0)), "val_tokens": n}
 
 
+def _tokenizer_hash(tokenizer_dir: str | Path) -> str:
+    from distill_dag.data.tokenizer import tokenizer_hash
+
+    d = Path(tokenizer_dir)
+    if not ((d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists()):
+        raise FileNotFoundError(
+            f"{d} holds no tokenizer (no tokenizer.json / tokenizer_config.json): pass the tokenizer the shards were "
+            "built with (<data.root>/tokenizer, written by `distill preprocess`)"
+        )
+    return tokenizer_hash(d)
+
+
 def _hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
@@ -126,6 +138,8 @@ def train(
         device = torch.device("cuda", dist_info.local_rank)
     manifest = Manifest.load(data_dir)
     check_manifest(manifest, max_seq_length=cfg.tokenize.max_seq_length)
+    if tokenizer_dir is not None:  # it ships with the student: it must be the one the shards were built with
+        check_manifest(manifest, tokenizer_hash=_tokenizer_hash(tokenizer_dir))
 
     # ---- resume state (read first: it decides the model's starting weights) -----------------
     resume_state: dict[str, Any] | None = None
@@ -164,6 +178,8 @@ def train(
         tcfg = cfg.model_copy(update={"train": tc.model_copy(
             update={"teacher_topk": max(tc.teacher_topk, cfg.logit_cache.k if warm_cache else 0)})})
         teacher = make_teacher(tcfg, device, vocab, model_path=teacher_model_path)
+        if hasattr(teacher, "require_shards"):  # a cached teacher must hold every train shard before step 1
+            teacher.require_shards([i for i, _ in manifest.split_shards("train")])
     cache_writer = None
     if teacher is not None and tc.cache_logits and tc.teacher_mode == "direct":
         from distill_dag.distill.logit_cache import open_cache_writer

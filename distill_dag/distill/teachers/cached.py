@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill_dag.distill.logit_cache import DataManifest, LogitCacheReader
+from distill_dag.distill.logit_cache import DataManifest, LogitCacheError, LogitCacheReader
 from distill_dag.distill.teachers.base import TeacherTopK
 from distill_dag.io import sha256_json
 
@@ -42,6 +42,18 @@ class CachedTeacher:
         self.k = self.reader.k
         self.vocab_size = self.reader.vocab_size
         self.check_tokens = check_tokens
+
+    def require_shards(self, shards: list[int]) -> None:
+        """Refuse, before any compute, a cache that lacks data shards (indices in the data manifest) a run will read."""
+        missing = [s for s in shards if s not in self.reader.shards]
+        if missing:
+            dm = self.reader.dm
+            names = [dm.shards[s].name if dm is not None and s < len(dm.shards) else f"#{s}" for s in missing]
+            raise LogitCacheError(
+                f"{self.reader.dir / 'manifest.json'}: data shard(s) {', '.join(names)} are not in the cache (not "
+                f"finished); run `distill cache-logits --config ...` to complete it (`--shards "
+                f"{','.join(map(str, missing))}` for just these)"
+            )
 
     def topk(self, batch: dict[str, torch.Tensor]) -> TeacherTopK:
         """``batch["shard"]`` [B], ``batch["row"]`` [B] (and ``input_ids`` [B, T]) -> TeacherTopK [B, T, k]."""
