@@ -45,6 +45,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -59,6 +60,8 @@ SCHEMA_VERSION = 1
 TEMPERATURE_POLICY = "T=1 log-probs"
 LogprobDtype = Literal["q8", "fp16", "fp32"]
 _MAX_GAP = 100.0  # nats; anything further below the top is e^-100 of it and is clamped here
+# a temp file older than this is a killed writer's leftover; a younger one may be a live worker's write
+STALE_TMP_S = 3600.0
 _Q8_STEPS = 254  # grid steps per largest consecutive gap; rounding adds at most one more (<= 255)
 
 
@@ -369,8 +372,12 @@ class CacheWriter:
         part_header = _read_json(self._partial_dir / "header.json")
         if part_header is not None and (_mismatch(part_header, self.header) or part_header.get("data_manifest_hash") != self.dm.fingerprint):
             shutil.rmtree(self._partial_dir)
-        for tmp in self.dir.glob(".*.tmp"):  # left by a writer killed inside atomic_path
-            tmp.unlink(missing_ok=True)
+        for tmp in self.dir.glob(".*.tmp"):  # left by a writer killed inside atomic_path...
+            try:  # ...but a fresh one may be another worker's write in progress: leave it alone
+                if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
         self._open: dict[int, tuple[np.memmap, np.ndarray]] = {}
         self._write_manifest()
 
