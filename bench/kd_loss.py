@@ -21,6 +21,13 @@ variants run in one process one after the other. On the CPU the memory workers o
 each, and the times come from one more process that alternates naive and chunked steps (so load
 from other processes on a shared machine hits both alike) and also reports process CPU time.
 Ratios are chunked / naive: targets are peak memory <= 0.25 and time <= 1.0.
+
+Measured (defaults: 4096 tokens, vocab 128256, d 1152, k 512, chunk 1024, T 2, renormalize):
+  H200, torch 2.11, fp32, triton tail:      memory 0.138, time 0.91  (74 vs 82 ms, 1103 vs 8016 MiB)
+  H200, bf16 autocast, triton tail:         memory 0.195, time 0.60  (13 vs 22 ms)
+  H200, pure bf16, triton tail:             memory 0.165, time 0.62
+  H200, fp32 / autocast, torch tail:        memory 0.20 / 0.23, time 1.01 / 1.01
+  CPU, 2 shared cores, fp32, torch tail:    memory 0.203 (1644 vs 8101 MiB), time 1.23 (CPU time 1.17)
 """
 
 from __future__ import annotations
