@@ -302,14 +302,15 @@ def train(
                 if topk is not None and topk.k > tc.teacher_topk:
                     topk = TeacherTopK(topk.indices[..., : tc.teacher_topk], topk.logprobs[..., : tc.teacher_topk])
                 last = i_micro == len(micro) - 1
+                # bf16 autocast on GPU for the model AND the chunked LM head (the loss math stays fp32)
                 with no_sync(student, last), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     hidden = student(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-                out = distill_loss(
-                    hidden, weight, batch["labels"], topk if topk is not None else None,
-                    temperature=tc.temperature,
-                    distill_alpha=tc.distill_alpha if topk is not None else 0.0,
-                    tail=tc.tail, chunk_tokens=tc.loss_chunk_tokens, diversity_weight=tc.diversity_weight,
-                )
+                    out = distill_loss(
+                        hidden, weight, batch["labels"], topk,
+                        temperature=tc.temperature,
+                        distill_alpha=tc.distill_alpha if topk is not None else 0.0,
+                        tail=tc.tail, chunk_tokens=tc.loss_chunk_tokens, diversity_weight=tc.diversity_weight,
+                    )
                 # token-weighted mean over the accumulated micro-batches (and ranks)
                 with no_sync(student, last):
                     (out.loss * (n * scale / total_scored)).backward()
@@ -347,7 +348,7 @@ def train(
                     "ce": window["ce"] / window["n"],
                     "kl": window["kl"] / window["n"],
                     "grad_norm": grad_norm,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    **{f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in zip(optimizer.names, optimizer)},
                     "tokens_per_s": window["tokens"] / dt,
                     "tokens": tokens_seen,
                 }
