@@ -300,7 +300,7 @@ def bench_gpu(iters: int) -> dict:
 
     print("\n500M student fwd+bwd (bf16 autocast, fp32 weights), batch 1")
     model = RetNetForCausalLM(student_config("500M", 128256)).to(dev)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for T in (4096, 16384):
         x = torch.randint(0, 128256, (1, T), device=dev)
         row = {"T": T}
