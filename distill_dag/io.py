@@ -47,6 +47,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        # the files' data must be on disk before the name is: else a power cut can leave a complete-looking
+        # directory of empty files
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file() and not f.is_symlink():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}):
+            _fsync_dir(d)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

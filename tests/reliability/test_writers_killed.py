@@ -166,3 +166,34 @@ def test_manifest_killed_mid_file_never_lets_a_reader_mix_old_manifest_and_new_s
     assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
     assert not list(out.glob(".*.tmp"))
     assert np.array_equal(_rows(out), _rows(tmp_path / "clean"))
+
+
+def test_atomic_dir_makes_every_file_durable_before_the_rename(tmp_path, monkeypatch):
+    """A power cut must not leave a renamed checkpoint whose files were never flushed: every file of the
+    temp directory is fsynced before the directory takes the final name (then the parent is fsynced)."""
+    import os
+
+    from distill_dag import io as dio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(dio.os, "fsync", fsync)
+    monkeypatch.setattr(dio.os, "replace", replace)
+    target = tmp_path / "ckpt"
+    with dio.atomic_dir(target) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"w" * 100)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "trainer_state.pt").write_bytes(b"s" * 10)
+    rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(target))
+    synced_before = {e[1] for e in events[:rename] if e[0] == "fsync"}
+    for rel in ("model.safetensors", "sub/trainer_state.pt"):
+        assert str(tmp / rel) in synced_before, (rel, events)
+    assert ("fsync", str(tmp_path)) in events[rename:]  # the rename itself made durable
