@@ -141,3 +141,11 @@ def test_converted_student_round_trips_through_save_pretrained(tmp_path):
         a = student.eval()(input_ids=ids, position_ids=pos, use_cache=False).logits
         b = again.eval()(input_ids=ids, position_ids=pos, use_cache=False).logits
     assert torch.equal(a, b) and again.config.value_factor == 1
+
+
+def test_a_teacher_family_without_a_table_is_refused_by_model_type():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64))
+    with pytest.raises(ConversionError, match="'gpt2'.*FAMILIES"):
+        convert_teacher(gpt2)
