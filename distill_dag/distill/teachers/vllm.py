@@ -22,8 +22,19 @@ relative positions, so its absolute offset does not matter.) Positions with ``at
 (padding at the end of the last row) are not sent: they get a finite placeholder (ids ``0..k-1``,
 log-prob ``log(1/V)``) that the loss masks out through ``labels == -100``.
 
-vLLM refuses ``prompt_logprobs`` above its ``--max-logprobs`` (20 unless raised): start it with
-``--max-logprobs K``.
+Server settings this client needs (checked against a real vLLM 0.32 CPU server, ``make test-vllm``):
+
+* ``--max-logprobs K`` or more: vLLM refuses ``prompt_logprobs`` above it (20 unless raised).
+* ``--max-model-len`` above the longest document, i.e. at least ``max_seq_length + 1``: the one
+  generated token counts against the context, and a prompt of exactly ``max_model_len`` tokens is
+  refused (``400 max_tokens must be at least 1, got 0``). When the model name is read from
+  ``GET /v1/models``, so is its ``max_model_len``, and longer documents are refused before any request.
+  vLLM itself refuses a ``--max-model-len`` above the model's ``max_position_embeddings``.
+* On the CPU backend, a head_dim in {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}: other sizes
+  start a server that fails at the first request ("Unsupported CPU attention configuration").
+* Prefix caching (on by default) is harmless: vLLM computes every prompt position of a request
+  that asks for ``prompt_logprobs`` (measured: the same prompt, and a prompt sharing a 64- or
+  100-token prefix with an earlier one, gave bit-identical log-probs).
 """
 
 from __future__ import annotations
@@ -87,6 +98,8 @@ class VLLMTeacher:
 
     ``vocab_size``: vLLM does not report it; pass the teacher's (the factory reads it from the
     model's config). ``None`` makes ``vocab_size`` unknown (0) and only ids are range-checked later.
+    ``max_model_len``: the server's context; read from ``GET /v1/models`` when ``model`` is None, else
+    unknown unless given (then an over-long document is refused by the server, with the same hint).
     """
 
     def __init__(
@@ -101,17 +114,21 @@ class VLLMTeacher:
         *,
         model: str | None = None,
         vocab_size: int | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         self.http = RetryingHTTP(url, timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s, token=token)
         self.url = self.http.url
         self.k = int(k)
         self.batch_rows = max(1, int(batch_rows))
         self.vocab_size = int(vocab_size or 0)
+        self.max_model_len = int(max_model_len) if max_model_len else None
         if model is None:
             models = self.http.request("GET", "/v1/models", lambda r: r.json()["data"])
             if not models:
                 raise TeacherError(f"vLLM server {self.url} serves no model (GET /v1/models is empty)")
             model = models[0]["id"]
+            if self.max_model_len is None and models[0].get("max_model_len"):
+                self.max_model_len = int(models[0]["max_model_len"])
         self.model = model
 
     def _complete(self, prompts: list[list[int]]) -> list[dict[str, Any]]:
@@ -131,7 +148,13 @@ class VLLMTeacher:
                 raise ValueError(f"{len(choices)} choices for {len(prompts)} prompts")
             return choices
 
-        return self.http.request("POST", "/v1/completions", parse, json=body)
+        try:
+            return self.http.request("POST", "/v1/completions", parse, json=body)
+        except TeacherError as err:
+            if "max_tokens" in str(err) or "context length" in str(err):
+                raise TeacherError(f"{err} -- the longest prompt here has {max(map(len, prompts))} tokens and vLLM needs "
+                                   "room for one generated token: restart vLLM with --max-model-len >= max_seq_length + 1") from None
+            raise
 
     def topk(self, batch: dict[str, torch.Tensor]) -> TeacherTopK:
         ids = batch["input_ids"].cpu().numpy()
@@ -148,6 +171,13 @@ class VLLMTeacher:
                     prompts.append(ids[b, s:e].tolist())
             if not prompts:
                 continue
+            longest = max(map(len, prompts))
+            if self.max_model_len is not None and longest >= self.max_model_len:
+                raise TeacherError(
+                    f"vLLM server {self.url} serves {self.model!r} with max_model_len={self.max_model_len}, but a document "
+                    f"of {longest} tokens needs {longest + 1} (prompt + the one generated token): restart vLLM with "
+                    f"--max-model-len >= {longest + 1} (max_seq_length + 1)"
+                )
             choices = self._complete(prompts)
             for (b, s, e), ch in zip(where, choices):
                 try:
