@@ -418,7 +418,7 @@ def tokenize_to_parquet(
                     stats = ReadStats(rows=meta["docs"], rejects=meta["rejects"], bytes=inp.bytes)
                     stats.reasons.update(meta.get("reasons", {}))
                     if rej_path.exists():
-                        all_rejects.extend(json.loads(x) for x in rej_path.read_text().splitlines() if x)
+                        all_rejects.extend(json.loads(x) for x in rej_path.read_text().split("\n") if x)
                 else:
                     stats, val_docs, tokens, rejects = _tokenize_input(
                         inp, backend, run, pool, pq_path, batch_docs, max_line_bytes)

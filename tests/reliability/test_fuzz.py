@@ -123,6 +123,7 @@ def test_every_jsonl_line_is_a_row_or_a_reject_with_file_and_line(data):
 @given(data=files)
 @example(data=b'{"text": "ok"}\n{"text": "\\ud800 lone"}\n{"prompt": "\\udc00", "response": "r"}\n'
               b'{"text": "x", "id": "\\ud83d"}\n{"text": "y", "source": "\\ud83d"}\n' + b"[" * 100_000 + b"\n")
+@example(data=b'{"text": "\xc2\x85"}')  # U+0085 is a line break to str.splitlines: rejects must split on "\n" only
 def test_tokenizing_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(small_corpus, data):
     d = Path(tempfile.mkdtemp())
     try:
@@ -132,7 +133,7 @@ def test_tokenizing_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(small
         r = tokenize_to_parquet(src.parent, d / "out", small_corpus["tokenizer"], 16, val_fraction=0.0,
                                 max_line_bytes=MAX_LINE, skip_existing=False)
         assert r["totals"]["docs"] == rows
-        rej = [json.loads(x) for x in (d / "out" / "rejects.jsonl").read_text().splitlines()]
+        rej = [json.loads(x) for x in (d / "out" / "rejects.jsonl").read_text().split("\n") if x]
         assert [(x["file"], x["line"]) for x in rej] == [(str(src.resolve()), n) for n in sorted(rejected)] or \
                [(x["file"], x["line"]) for x in rej] == [(str(src), n) for n in sorted(rejected)]
         assert all(x["reason"] for x in rej)
