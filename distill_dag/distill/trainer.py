@@ -365,17 +365,17 @@ def train(
             if stop["flag"] or (stop_after is not None and steps_this_process >= stop_after):
                 raise _StopRequested
     except _StopRequested:
-        if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
-            last_ckpt = save()
-        tel.event(step, "stopped", reason="signal" if stop["flag"] else "stop_after")
-        tel.close()
-        _restore(old_handlers)
-        if cache_writer is not None:
-            cache_writer.close()
+        try:
+            if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
+                last_ckpt = save()
+            tel.event(step, "stopped", reason="signal" if stop["flag"] else "stop_after")
+            if cache_writer is not None:
+                cache_writer.close()
+        finally:
+            _shutdown(tel, old_handlers, teacher)
         raise KeyboardInterrupt(f"training stopped at step {step}; resume with --resume-from {run_dir}") from None
     except BaseException:
-        tel.close()
-        _restore(old_handlers)
+        _shutdown(tel, old_handlers, teacher)
         raise
 
     val_metrics = evaluate()
@@ -400,6 +400,14 @@ def train(
         teacher.close()
     cleanup(dist_info)
     return result
+
+
+def _shutdown(tel: Telemetry, handlers: dict[int, Any], teacher: Any) -> None:
+    """Close what a run holds open, whatever ended it."""
+    tel.close()
+    _restore(handlers)
+    if teacher is not None:
+        teacher.close()
 
 
 def _restore(handlers: dict[int, Any]) -> None:
