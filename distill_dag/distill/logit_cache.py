@@ -109,40 +109,28 @@ def _tokenized_dir(data_dir: str | Path) -> Path:
 
 
 def read_data_manifest(data: str | Path | DataManifest) -> DataManifest:
-    """Read ``tokenized_parquet``'s ``manifest.json`` (a path to it, its folder, or the data root)."""
+    """The cache's view of ``tokenized_parquet``'s manifest (a path to it, its folder, or the data
+    root), read by the one manifest reader, :meth:`distill_dag.data.manifest.Manifest.load`."""
+    from distill_dag.data.manifest import Manifest
+
     if isinstance(data, DataManifest):
         return data
     d = _tokenized_dir(data)
-    path = d / "manifest.json"
     try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise LogitCacheError(f"{path}: cannot read the data manifest ({err}); re-run `distill preprocess`") from None
-    shards = []
-    for i, s in enumerate(m.get("shards") or []):
-        s = s if isinstance(s, dict) else {"file": str(s)}
-        rel = str(s.get("path") or s.get("file") or s.get("name"))  # relative to the manifest's folder
-        rows = s.get("rows", s.get("num_rows"))
-        if rows is None:
-            import pyarrow.parquet as pq
-
-            rows = pq.ParquetFile(d / rel).metadata.num_rows
-        shards.append(DataShard(i, Path(rel).name, d / rel, int(rows), s.get("sha256")))
+        m = Manifest.load(d)
+    except (OSError, ValueError, TypeError) as err:
+        raise LogitCacheError(f"{d / 'manifest.json'}: cannot read the data manifest ({err}); re-run `distill preprocess`") from None
+    shards = [DataShard(i, Path(s.path).name, d / s.path, int(s.rows), s.sha256) for i, s in enumerate(m.shards)]
     if not shards:
-        raise LogitCacheError(f"{path}: key 'shards' lists no shard; re-run `distill preprocess`")
-    tok = m.get("tokenizer")
-    tok_hash = m.get("tokenizer_hash") or m.get("tokenizer_sha256")
-    if isinstance(tok, dict):
-        tok_hash = tok_hash or tok.get("hash") or tok.get("sha256")
-    seq_len = m.get("max_seq_length")
+        raise LogitCacheError(f"{d / 'manifest.json'}: key 'shards' lists no shard; re-run `distill preprocess`")
     fp = sha256_json(
         {
-            "shards": [[s.name, s.rows, s.sha256 or sha256_file(s.path)] for s in shards],
-            "tokenizer_hash": tok_hash,
-            "max_seq_length": seq_len,
+            "shards": [[s.name, s.rows, s.sha256] for s in shards],
+            "tokenizer_hash": m.tokenizer_hash,
+            "max_seq_length": m.max_seq_length,
         }
     )
-    return DataManifest(path, shards, tok_hash, int(seq_len) if seq_len else None, fp)
+    return DataManifest(d / "manifest.json", shards, m.tokenizer_hash, m.max_seq_length, fp)
 
 
 def tokens_hash(input_ids: np.ndarray) -> np.ndarray:

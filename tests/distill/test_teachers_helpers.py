@@ -75,10 +75,11 @@ def write_data(root: Path, shard_rows: list[int], seq_len: int = T, vocab: int =
         sha = hashlib.sha256((d / name).read_bytes()).hexdigest()
         shards.append({"path": name, "split": split, "rows": n, "tokens": int(rows["attention_mask"].sum()),
                        "sha256": sha, "bytes": (d / name).stat().st_size})
-    # the keys of distill_dag/data/manifest.py's Manifest that the cache reads
-    manifest = {"schema_version": 1, "tokenizer_name": "test", "tokenizer_hash": tokenizer_hash, "vocab_size": vocab,
-                "max_seq_length": seq_len, "shards": shards}
-    (d / "manifest.json").write_text(json.dumps(manifest))
+    from distill_dag.data.manifest import SCHEMA_VERSION, Manifest, ShardInfo
+
+    Manifest(schema_version=SCHEMA_VERSION, tokenizer_name="test", tokenizer_hash=tokenizer_hash, eos_id=0, pad_id=0,
+             bos_id=None, vocab_size=vocab, max_seq_length=seq_len, val_fraction=0.0, mask_prompt=False,
+             rows_per_shard=max(shard_rows), shards=[ShardInfo(**s) for s in shards]).save(d)
     return d
 
 
