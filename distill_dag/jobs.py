@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from distill_dag.config import load_config
+from distill_dag.io import sha256_json
 
 retokenize_job = dg.define_asset_job(
     "retokenize",
@@ -62,5 +63,5 @@ def new_raw_data_sensor(context: dg.SensorEvaluationContext):
     context.update_cursor(json.dumps(current))
     if not changed:  # files were only removed
         return dg.SkipReason(f"JSONL files removed under {watch}; nothing new to tokenize")
-    return dg.RunRequest(run_key=f"raw-{hash(json.dumps(current, sort_keys=True)) & 0xFFFFFFFF:x}",
-                         tags={"changed_files": ",".join(changed[:20])})
+    # a content key (not Python's per-process salted hash) so Dagster de-duplicates the same change
+    return dg.RunRequest(run_key=f"raw-{sha256_json(current)[:16]}", tags={"changed_files": ",".join(changed[:20])})

@@ -9,6 +9,7 @@ the key's name, exactly as on the CLI.
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any, Literal, Optional
 
@@ -33,7 +34,7 @@ def _dagster_type(annotation: Any) -> Any:
         return list[_dagster_type(inner)]
     if origin is dict:
         return dict
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
         return _dagster_type(non_none[0]) if len(non_none) == 1 else Any
     if origin is Literal:  # Dagster config has no Literal: the pydantic model checks the choice
