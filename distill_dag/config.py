@@ -337,10 +337,10 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Pip
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -371,7 +371,7 @@ def load_config(name: str | os.PathLike | None = None, overrides: dict[str, Any]
     base = raw.pop("base", None)
     if base is not None:
         parent = load_config(path.parent / base).model_dump(mode="json")
-        raw = _deep_merge(parent, raw)
+        raw = deep_merge(parent, raw)
     if overrides:
-        raw = _deep_merge(raw, overrides)
+        raw = deep_merge(raw, overrides)
     return config_from_dict(raw, str(path))

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import dagster as dg
 
 from distill_dag.assets.run_config import DistillRunConfig
-from distill_dag.config import ConfigError, PipelineConfig
+from distill_dag.config import ConfigError, PipelineConfig, deep_merge, load_config
 from distill_dag.resources import PipelineConfigResource
 
 MODULE = "distill_dag.definitions"
@@ -20,11 +20,9 @@ def pipeline_config(
     config: DistillRunConfig, pipeline: PipelineConfigResource, *extra: dict[str, Any]
 ) -> PipelineConfig:
     """The run's config: the YAML file (run config's ``config_file`` or the resource's) + overrides."""
-    from distill_dag.config import _deep_merge, load_config
-
     overrides: dict[str, Any] = {}
     for o in (*extra, config.overrides()):
-        overrides = _deep_merge(overrides, o)
+        overrides = deep_merge(overrides, o)
     try:
         return load_config(config.config_file or pipeline.config_file, overrides)
     except ConfigError as err:
