@@ -7,6 +7,7 @@ work itself is done by the core modules (imported lazily so ``distill --help`` s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable
 
@@ -282,19 +283,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-interval", type=int)
     p.add_argument("--eval-interval", type=int, help="0 = never")
     p.add_argument("--teacher-mode", choices=["direct", "cached", "network"])
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: whole student per rank, or sharded")
 
     def run(a: argparse.Namespace) -> int:
         o: dict[str, Any] = {}
         for flag in ("learning_rate", "weight_decay", "max_steps", "enable_saddle_interventions",
                      "pretrain_ce_only", "resume_from", "output_dir", "log_interval", "eval_interval",
-                     "teacher_mode"):
+                     "teacher_mode", "parallel"):
             _set(o, f"train.{flag}", getattr(a, flag))
         cfg = _load(a, o)
         from distill_dag.distill.student_run import run_student
 
         out = run_student(cfg)
         for name, r in out.items():
-            if r is not None:
+            if r is not None and os.environ.get("RANK", "0") == "0":  # one summary under torchrun
                 print(f"{name}: {r.steps} steps, {r.tokens} tokens, val_loss={r.val.get('val_loss')}, "
                       f"checkpoint={r.final_dir}")
         return 0

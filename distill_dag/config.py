@@ -246,6 +246,10 @@ class TrainConfig(Section):
     ce_only_baseline: bool = False
     launcher: Literal["in_process", "torchrun"] = "in_process"
     nproc_per_node: int = 1
+    # with several ranks (torchrun): ddp = whole student per rank; fsdp = parameters, gradients and
+    # optimizer state sharded (FSDP2), for students that do not fit one device
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    dist_timeout_s: float = Field(1800.0, gt=0)  # a collective waiting longer fails (a dead or hung rank)
 
 
 class EvalConfig(Section):

@@ -45,7 +45,7 @@ def student_ckpt(
         require_upstream(cfg.cache_dir, "logit_cache", "student_ckpt")
     teacher_endpoint.export_token(cfg.teacher.token_env)
     if cfg.train.launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.train.nproc_per_node),
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.train.nproc_per_node),
                    "-m", "distill_dag.assets.student_pipes"]
         invocation = dg.PipesSubprocessClient().run(
             context=context, command=command, extras={"config": cfg.model_dump(mode="json")}

@@ -73,10 +73,12 @@ def save_checkpoint(
     *,
     keep: int = 2,
     extra_files: dict[str, Path] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``step-NNNNNNN`` atomically, point ``checkpoint_latest`` at it, prune old ones.
 
     ``extra_files`` (name -> source path or directory) are copied in, e.g. the tokenizer.
+    ``model_state`` replaces ``model.state_dict()`` (the gathered weights of an FSDP-sharded model).
     """
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -84,7 +86,7 @@ def save_checkpoint(
     _remove_leftovers(run_dir, ckpt_root)
     try:
         with atomic_dir(target) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
             torch.save(trainer_state, tmp / "trainer_state.pt")
             (tmp / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True, default=str))
             for name, src in (extra_files or {}).items():

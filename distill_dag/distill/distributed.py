@@ -1,11 +1,19 @@
 """Data parallelism for the trainer, on torch.distributed as torchrun sets it up.
 
-``torchrun --nproc-per-node N -m distill_dag.train --config ...`` runs the same trainer in N
-processes (NCCL on GPUs, gloo on CPU). Each optimizer step consumes one GLOBAL batch of
+``torchrun --standalone --nproc-per-node N -m distill_dag.train --config ...`` runs the same trainer in
+N processes (NCCL on GPUs, gloo on CPU). Each optimizer step consumes one GLOBAL batch of
 ``batch_size * world_size`` rows per micro-batch; rank r takes rows ``[r*batch_size, (r+1)*batch_size)``,
 so the data order, and the loss, are those of a single process with the matching global batch.
-Rank 0 alone logs and writes checkpoints; a checkpoint holds the unwrapped model and full optimizer
-state, so it loads at any world size.
+
+``train.parallel`` picks how the student is spread over the ranks:
+- ``ddp``: every rank holds the whole student; gradients are all-reduced (DistributedDataParallel).
+- ``fsdp``: parameters, gradients and optimizer state are sharded (FSDP2 ``fully_shard``: each RetNet
+  block, then the root), for students that do not fit one GPU. Muon still sees whole matrices: its
+  Newton-Schulz runs on DTensors, which gather what each product needs.
+Either way the loss (chunked LM head included) runs inside the wrapped module's forward
+(:class:`StudentLoss`), so FSDP has the LM head's weight unsharded when it is used. Rank 0 alone logs
+and writes checkpoints; a checkpoint holds the full (unsharded) model and the optimizer state keyed by
+parameter name, so it loads at any world size and in either mode.
 """
 
 from __future__ import annotations
@@ -13,10 +21,13 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from distill_dag.distill.losses import distill_loss
 
 
 @dataclass
@@ -24,6 +35,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    parallel: str = "ddp"
 
     @property
     def enabled(self) -> bool:
@@ -33,18 +45,25 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        return self.enabled and self.parallel == "fsdp"
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op for a single process)."""
+
+def init_distributed(device_type: str, parallel: str = "ddp", timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun describes in the environment (no-op for a single process).
+
+    ``timeout_s`` bounds every collective: a rank that died or hangs turns into an error on the others
+    instead of a job that waits forever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        return DistInfo(parallel=parallel)
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), parallel)
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return info
 
 
@@ -69,34 +88,84 @@ def local_rows(batch: dict[str, torch.Tensor], info: DistInfo, batch_size: int) 
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
-class HiddenStates(torch.nn.Module):
-    """The student as DDP sees it: forward returns the last hidden state [B, T, d]; the LM head and the
-    loss run chunked outside (distill_loss), and their gradients still reach DDP's hooks."""
+class StudentLoss(torch.nn.Module):
+    """The student as DDP/FSDP see it: forward = RetNet body + chunked LM head + loss
+    (:func:`distill_dag.distill.losses.distill_loss`), returning its ``LossOutput``. Full logits
+    [B, T, V] are never materialised; under FSDP the LM head's weight is gathered for this forward."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    def forward(self, batch: dict[str, torch.Tensor], teacher: Any = None, **loss_kw: Any) -> Any:
+        hidden = self.model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
         ).last_hidden_state
+        return distill_loss(hidden, self.model.get_output_embeddings().weight, batch["labels"], teacher, **loss_kw)
 
 
 def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    hidden = HiddenStates(model)
+    """``StudentLoss(model)``, under DDP or FSDP2 when there are several ranks. Build the optimizers
+    AFTER this: ``fully_shard`` replaces the parameters with sharded ones."""
+    module = StudentLoss(model)
     if not info.enabled:
-        return hidden
+        return module
+    if info.parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (info.world_size,))
+        for block in model.model.layers:  # one all-gather per block, freed after its forward/backward
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)  # embeddings, final norm and the (tied) LM head
+        return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(hidden, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    return DDP(module, device_ids=[info.local_rank] if device.type == "cuda" else None)
 
 
 def no_sync(wrapped: torch.nn.Module, last_micro_batch: bool) -> Any:
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
-    if last_micro_batch or not hasattr(wrapped, "no_sync"):
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) on all but the last micro-batch."""
+    if last_micro_batch:
         return nullcontext()
-    return wrapped.no_sync()
+    if hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2: accumulate unsharded grads locally
+        return _fsdp_no_sync(wrapped)
+    return nullcontext()
+
+
+class _fsdp_no_sync:
+    def __init__(self, module: Any):
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (over all shards under FSDP) and return it."""
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_model_state(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on rank 0 under FSDP (every rank must call it: it gathers the
+    shards); None otherwise (the model itself holds whole tensors)."""
+    if not info.sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied weight (LM head = embeddings) is listed under both names; keep the name save_pretrained
+    # keeps (named_parameters lists a shared parameter once, under its first name)
+    aliases = set(model.state_dict()) - {n for n, _ in model.named_parameters()} - {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in full.items() if k not in aliases}
 
 
 def cleanup(info: DistInfo) -> None:

@@ -74,6 +74,12 @@ def split_parameters(model: nn.Module, use_muon: bool = True) -> dict[str, list[
     return groups
 
 
+def _full_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 class Optimizers(list):
     """The run's optimizers (a list of ``torch.optim.Optimizer``), stepped and checkpointed together.
 
@@ -96,17 +102,31 @@ class Optimizers(list):
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for opt in self for g in opt.param_groups]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {name: opt.state_dict() for name, opt in zip(self.names, self)}
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """``{name: state}``. With ``model`` (the module the parameters belong to, possibly FSDP/DDP
+        wrapped) each state is keyed by parameter NAME and holds whole tensors, so it loads at any world
+        size; under FSDP every rank must call it (it gathers), and rank 0 gets the tensors."""
+        if model is None:
+            return {name: opt.state_dict() for name, opt in zip(self.names, self)}
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return {name: get_optimizer_state_dict(model, opt, options=_full_state_options())
+                for name, opt in zip(self.names, self)}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
+        """Load what ``state_dict`` wrote (pass the same kind of ``model`` argument)."""
         if sorted(state) != sorted(self.names):
             raise ValueError(
                 f"optimizer state holds {sorted(state)} but this run builds {sorted(self.names)}: "
                 "resume with the same train.optimizer (and model) as the checkpoint"
             )
         for name, opt in zip(self.names, self):
-            opt.load_state_dict(state[name])
+            if model is None:
+                opt.load_state_dict(state[name])
+            else:
+                from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+                set_optimizer_state_dict(model, opt, optim_state_dict=state[name], options=_full_state_options())
 
     def by_name(self, name: str) -> torch.optim.Optimizer:
         return self[self.names.index(name)]

@@ -23,15 +23,18 @@ from distill_dag.data.manifest import Manifest, check_manifest
 from distill_dag.device import pick_device
 from distill_dag.distill import checkpoint as ckpt
 from distill_dag.distill.distributed import (
+    DistInfo,
+    StudentLoss,
     all_reduce_sum,
     barrier,
     cleanup,
+    clip_grad_norm,
+    full_model_state,
     init_distributed,
     local_rows,
     no_sync,
     wrap,
 )
-from distill_dag.distill.losses import distill_loss
 from distill_dag.distill.optim import build_optimizers, build_schedulers
 from distill_dag.distill.stability import NanGuard, SaddleDetector
 from distill_dag.distill.teachers.base import TeacherTopK
@@ -73,23 +76,28 @@ def lineage(cfg: PipelineConfig, manifest: Manifest, teacher: Any | None) -> dic
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, loader: Any, max_batches: int, device: torch.device, chunk_tokens: int) -> dict[str, float]:
-    """Held-out next-token CE (nats/token) with the same chunked loss as training (no full logits)."""
-    was_training = model.training
-    model.eval()
+def evaluate_loss(
+    model: torch.nn.Module, loader: Any, max_batches: int, device: torch.device, chunk_tokens: int,
+    dist_info: DistInfo | None = None, batch_size: int | None = None,
+) -> dict[str, float]:
+    """Held-out next-token CE (nats/token) with the same chunked loss as training (no full logits).
+
+    ``model``: the student, or the trainer's wrapped :class:`StudentLoss`. With several ranks every rank
+    calls this with the same loader of ``batch_size * world_size`` rows and scores its own slice."""
+    dist_info = dist_info or DistInfo()
+    module = model if isinstance(getattr(model, "module", model), StudentLoss) else StudentLoss(model)
+    was_training = module.training
+    module.eval()
     total, n = 0.0, 0
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        batch = {k: v.to(device) for k, v in batch.items()}
-        hidden = _hidden(model, batch)
-        out = distill_loss(
-            hidden, model.get_output_embeddings().weight, batch["labels"], None,
-            temperature=1.0, distill_alpha=0.0, chunk_tokens=chunk_tokens,
-        )
+        batch = {k: v.to(device) for k, v in local_rows(batch, dist_info, batch_size or 0).items()}
+        out = module(batch, None, temperature=1.0, distill_alpha=0.0, chunk_tokens=chunk_tokens)
         total += out.ce.item() * out.n_tokens
         n += out.n_tokens
-    model.train(was_training)
+    module.train(was_training)
+    total, n = all_reduce_sum(total, dist_info, device), int(all_reduce_sum(float(n), dist_info, device))
     ce = total / max(n, 1)
     return {"val_loss": ce, "val_ppl": math.exp(min(ce, 50.0)), "val_tokens": n}
 
@@ -104,12 +112,6 @@ def _tokenizer_hash(tokenizer_dir: str | Path) -> str:
             "built with (<data.root>/tokenizer, written by `distill preprocess`)"
         )
     return tokenizer_hash(d)
-
-
-def _hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-    ).last_hidden_state
 
 
 def train(
@@ -133,7 +135,7 @@ def train(
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(tc.device)
-    dist_info = init_distributed(device.type)
+    dist_info = init_distributed(device.type, tc.parallel, tc.dist_timeout_s)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
     manifest = Manifest.load(data_dir)
@@ -186,13 +188,14 @@ def train(
 
         cache_writer = open_cache_writer(cfg, teacher)
 
+    student = wrap(model, dist_info, device)  # before the optimizers: FSDP replaces the parameters
     optimizer = build_optimizers(model, tc)
     guard = NanGuard(tc.max_nan_streak)
     saddle = SaddleDetector.from_config(tc)
     scheduler = build_schedulers(optimizer, tc, multiplier=saddle.lr_multiplier)
     step, tokens_seen = 0, 0
     if resume_state is not None and not transition:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        optimizer.load_state_dict(resume_state["optimizer"], model)
         scheduler.load_state_dict(resume_state["scheduler"])
         guard.load_state_dict(resume_state["nan_guard"])
         saddle.load_state_dict(resume_state["saddle"])
@@ -214,26 +217,30 @@ def train(
     elif resume_state is not None:
         tel.event(step, "resumed", from_checkpoint=str(resume_dir))
     n_params = sum(p.numel() for p in model.parameters())
+    # under FSDP each rank holds only its shard (DTensor.to_local) of every parameter
+    n_local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     tel.info(
         f"student {cfg.student.variant}: {n_params / 1e6:.2f}M params, vocab {vocab}; "
         f"mode={'ce_only' if teacher is None else tc.teacher_mode}; device={device}; run_dir={run_dir}; "
         f"world_size={dist_info.world_size}"
+        + (f"; fsdp: {n_local / 1e6:.4f}M parameters on this rank" if dist_info.sharded else "")
     )
 
     micro_per_step = tc.grad_accum
     # one global micro-batch of batch_size * world_size rows; each rank takes its slice
     loader = make_loader(data_dir, "train", tc.batch_size * dist_info.world_size, seed=tc.seed,
                          start_step=step * micro_per_step)
-    student = wrap(model, dist_info, device)
     has_val = bool(manifest.split_shards("val"))
     if not has_val:
         tel.info(f"warning: {data_dir} has no 'val' shards (tokenize.val_fraction); held-out evaluation is skipped")
 
     def evaluate() -> dict[str, float]:
-        if not has_val or not dist_info.is_main:
+        if not has_val:
             return {}
-        loader = make_loader(data_dir, "val", tc.batch_size, seed=0, shuffle=False, infinite=False)
-        return evaluate_loss(model, loader, tc.eval_batches, device, tc.loss_chunk_tokens)
+        # every rank scores its slice of each global batch (FSDP needs all ranks in every forward)
+        loader = make_loader(data_dir, "val", tc.batch_size * dist_info.world_size, seed=0, shuffle=False,
+                             infinite=False, drop_last=dist_info.enabled)
+        return evaluate_loss(student, loader, tc.eval_batches, device, tc.loss_chunk_tokens, dist_info, tc.batch_size)
     batches = iter(loader)
 
     stop = {"flag": False}
@@ -250,13 +257,16 @@ def train(
 
     def save() -> Path:
         path = run_dir / "checkpoints" / f"step-{step:07d}"
+        # whole tensors keyed by name: loadable at any world size (under FSDP all ranks gather)
+        model_state = full_model_state(model, dist_info)
+        optim_state = optimizer.state_dict(model) if dist_info.is_main or dist_info.sharded else None
         if not dist_info.is_main:  # rank 0 writes; the others wait until it is on disk
             barrier(dist_info)
             return path
         state = {
             "step": step,
             "tokens": tokens_seen,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_state,
             "scheduler": scheduler.state_dict(),
             "nan_guard": guard.state_dict(),
             "saddle": saddle.state_dict(),
@@ -268,7 +278,8 @@ def train(
         extra = {"tokenizer": Path(tokenizer_dir)} if tokenizer_dir else None
         if cache_writer is not None:
             cache_writer.flush()
-        path = ckpt.save_checkpoint(run_dir, step, model, state, info, keep=tc.keep_checkpoints, extra_files=extra)
+        path = ckpt.save_checkpoint(run_dir, step, model, state, info, keep=tc.keep_checkpoints, extra_files=extra,
+                                    model_state=model_state)
         tel.event(step, "checkpoint", path=str(path))
         barrier(dist_info)
         return path
@@ -278,7 +289,6 @@ def train(
     val_metrics: dict[str, float] = {}
     window = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t": time.time()}
     steps_this_process = 0
-    weight = model.get_output_embeddings().weight
     try:
         while step < tc.max_steps:
             # ---- one optimizer step over grad_accum micro-batches ------------------------
@@ -304,9 +314,8 @@ def train(
                 last = i_micro == len(micro) - 1
                 # bf16 autocast on GPU for the model AND the chunked LM head (the loss math stays fp32)
                 with no_sync(student, last), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    hidden = student(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-                    out = distill_loss(
-                        hidden, weight, batch["labels"], topk,
+                    out = student(
+                        batch, topk,
                         temperature=tc.temperature,
                         distill_alpha=tc.distill_alpha if topk is not None else 0.0,
                         tail=tc.tail, chunk_tokens=tc.loss_chunk_tokens, diversity_weight=tc.diversity_weight,
@@ -323,7 +332,7 @@ def train(
             )
             tokens_seen += int(step_tokens)
             loss = loss_sum / total_scored
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            grad_norm = clip_grad_norm(student, tc.grad_clip)
             skipped = guard.check(step, loss, grad_norm)  # raises TrainingDivergedError after the streak
             if skipped is None:
                 optimizer.step()

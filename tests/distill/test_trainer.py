@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill_dag.config import config_from_dict
-from distill_dag.distill import trainer as trainer_mod
+from distill_dag.distill import distributed as distributed_mod
 from distill_dag.distill.checkpoint import CheckpointError, load_trainer_state
 from distill_dag.distill.trainer import train
 
@@ -66,7 +66,7 @@ def test_ce_only_then_kd_resume_logs_the_transition(tmp_path, small_corpus, tiny
 
 
 def test_nan_loss_skips_the_step_and_keeps_weights(tmp_path, small_corpus, tiny_teacher_dir, monkeypatch):
-    real = trainer_mod.distill_loss
+    real = distributed_mod.distill_loss
     calls = {"n": 0}
 
     def poisoned(*a, **kw):
@@ -76,7 +76,7 @@ def test_nan_loss_skips_the_step_and_keeps_weights(tmp_path, small_corpus, tiny_
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_mod, "distill_loss", poisoned)
+    monkeypatch.setattr(distributed_mod, "distill_loss", poisoned)
     res = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=3, eval_interval=0, save_interval=0, pretrain_ce_only=True),
                 data_dir=small_corpus["tokenized"])
     skips = [e for e in res.events if e["event"] == "nonfinite_step_skipped"]
@@ -85,14 +85,14 @@ def test_nan_loss_skips_the_step_and_keeps_weights(tmp_path, small_corpus, tiny_
 
 def test_logged_loss_is_the_token_weighted_mean_over_micro_batches(tmp_path, small_corpus, tiny_teacher_dir, monkeypatch):
     seen = []
-    real = trainer_mod.distill_loss
+    real = distributed_mod.distill_loss
 
     def spy(*a, **kw):
         out = real(*a, **kw)
         seen.append((out.loss.item(), out.n_tokens))
         return out
 
-    monkeypatch.setattr(trainer_mod, "distill_loss", spy)
+    monkeypatch.setattr(distributed_mod, "distill_loss", spy)
     res = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=1, eval_interval=0, grad_accum=3), data_dir=small_corpus["tokenized"])
     micro = seen[:3]
     expect = sum(l * n for l, n in micro) / sum(n for _, n in micro)

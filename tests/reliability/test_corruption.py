@@ -21,6 +21,7 @@ from test_teachers_helpers import all_batches, tiny_llama, write_data  # noqa: E
 
 from distill_dag.data.dataset import PackedDataset  # noqa: E402
 from distill_dag.data.shards import CorruptShardError  # noqa: E402
+from distill_dag.distill import distributed as distributed_mod  # noqa: E402
 from distill_dag.distill import trainer as trainer_mod  # noqa: E402
 from distill_dag.distill.checkpoint import LATEST, CheckpointError, load_trainer_state  # noqa: E402
 from distill_dag.distill.logit_cache import CacheWriter, LogitCacheError, write_logit_cache  # noqa: E402
@@ -76,7 +77,7 @@ def test_resume_from_a_damaged_checkpoint_stops_before_the_first_step(tmp_path, 
     run = _copy_run(trained_run, tmp_path / "run")
     _truncate(_ckpt(run) / "trainer_state.pt")
     calls = []
-    monkeypatch.setattr(trainer_mod, "distill_loss", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(distributed_mod, "distill_loss", lambda *a, **k: calls.append(1))
     cfg = make_cfg(tmp_path / "again", small_corpus, tiny_teacher_dir, max_steps=4, resume_from=str(run))
     with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt"):
         train(cfg, data_dir=small_corpus["tokenized"])

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _rel import make_cfg  # noqa: E402
 
 from distill_dag.data.manifest import Manifest, ManifestMismatchError  # noqa: E402
-from distill_dag.distill import trainer as trainer_mod  # noqa: E402
+from distill_dag.distill import distributed as distributed_mod  # noqa: E402
 from distill_dag.distill.logit_cache import LogitCacheError, write_logit_cache  # noqa: E402
 from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
 from distill_dag.distill.trainer import train  # noqa: E402
@@ -29,7 +29,7 @@ def no_compute(monkeypatch):
     def forbidden(*_a, **_k):
         calls.append(1)
         raise AssertionError("compute started before the refusal")
-    monkeypatch.setattr(trainer_mod, "distill_loss", forbidden)
+    monkeypatch.setattr(distributed_mod, "distill_loss", forbidden)
     from distill_dag.distill.teachers import direct
 
     monkeypatch.setattr(direct.DirectTeacher, "topk", forbidden)
