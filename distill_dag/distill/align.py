@@ -37,6 +37,7 @@ import torch
 
 from distill_dag.config import PipelineConfig
 from distill_dag.distill import checkpoint as ckpt
+from distill_dag.distill.stopping import StopSignals
 
 # align fields that change the resulting weights (the rest is bookkeeping)
 _WEIGHT_FIELDS = ("steps", "value_factor", "learning_rate", "weight_decay", "warmup_steps", "min_lr_ratio",
@@ -325,6 +326,7 @@ def align_student(
     last: Path | None = None
     done_here = 0
     window = {"loss": 0.0, "mse": None, "n": 0, "tokens": 0, "t": time.time()}
+    stop = StopSignals().install()  # SIGINT/SIGTERM: finish the step, checkpoint, stop
     try:
         while step < ac.steps:
             b = {k: v.to(device) for k, v in next(batches).items()}
@@ -361,10 +363,10 @@ def align_student(
                 tel.log(step, flat(evaluate()), kind="val")
             if ac.save_interval and step % ac.save_interval == 0:
                 last = save()
-            if stop_after is not None and done_here >= stop_after and step < ac.steps:
+            if (stop or (stop_after is not None and done_here >= stop_after)) and step < ac.steps:
                 if last is None or not last.name.endswith(f"{step:07d}"):
                     last = save()
-                tel.event(step, "stopped", reason="stop_after")
+                tel.event(step, "stopped", reason="signal" if stop else "stop_after")
                 raise KeyboardInterrupt(f"alignment stopped at step {step}; run again to resume from {out}")
         after = evaluate()
         if after["mse"]:
@@ -372,6 +374,7 @@ def align_student(
         if last is None or not last.name.endswith(f"{step:07d}"):
             last = save()
     finally:
+        stop.restore()
         tel.close()
     for p in student.parameters():
         p.requires_grad_(True)

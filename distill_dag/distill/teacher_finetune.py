@@ -35,8 +35,6 @@ Written under ``output_dir``:
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from itertools import islice
 from pathlib import Path
@@ -45,6 +43,7 @@ from typing import Any, Callable
 import torch
 
 from distill_dag.config import ConfigError, PipelineConfig, TeacherFinetuneConfig
+from distill_dag.distill.stopping import StopSignals
 from distill_dag.io import atomic_dir, sha256_dir, sha256_file, write_json_atomic
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
@@ -242,12 +241,8 @@ def finetune_teacher(
                   "rng": ckpt.rng_state(), "teacher_ft": dict(state)}
         return ckpt.save_checkpoint(out, state["step"], model, tstate, run_info, keep=ft.keep_checkpoints)
 
-    # SIGINT/SIGTERM: finish the current step, save a checkpoint, stop (signals only reach the main thread)
-    stop: dict[str, int] = {}
-    handlers: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, lambda signum, _f: stop.setdefault("signum", signum))
+    # SIGINT/SIGTERM: finish the current step, save a checkpoint, stop
+    stop = StopSignals().install()
 
     train_iter = iter(make_loader(data_dir, "train", ft.batch_size, seed=ft.seed,
                                   start_step=state["step"] * ft.grad_accum, tokenizer_hash=tok_hash))
@@ -259,7 +254,7 @@ def finetune_teacher(
     try:
         while state["step"] < ft.max_steps and not state["early_stopped"]:
             if stop:
-                raise TrainingInterrupted(save_checkpoint(), state["step"], stop["signum"])
+                raise TrainingInterrupted(save_checkpoint(), state["step"], stop.signum)
             micro = [next(train_iter) for _ in range(ft.grad_accum)]
             n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
             loss_sum = 0.0
@@ -302,10 +297,9 @@ def finetune_teacher(
             if ft.save_interval and step % ft.save_interval == 0:
                 save_checkpoint()
         if stop:
-            raise TrainingInterrupted(save_checkpoint(), state["step"], stop["signum"])
+            raise TrainingInterrupted(save_checkpoint(), state["step"], stop.signum)
     finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+        stop.restore()
 
     after = evaluate()
     restored_best = False

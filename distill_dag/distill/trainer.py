@@ -8,7 +8,6 @@ loss is the token-weighted mean over them, with CE and KL shown apart.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from distill_dag.distill.distributed import (
 )
 from distill_dag.distill.optim import build_optimizers, build_schedulers
 from distill_dag.distill.stability import NanGuard, SaddleDetector
+from distill_dag.distill.stopping import StopSignals
 from distill_dag.distill.teachers.base import TeacherTopK
 from distill_dag.distill.telemetry import Telemetry
 from distill_dag.io import sha256_json
@@ -243,17 +243,7 @@ def train(
         return evaluate_loss(student, loader, tc.eval_batches, device, tc.loss_chunk_tokens, dist_info, tc.batch_size)
     batches = iter(loader)
 
-    stop = {"flag": False}
-
-    def _on_signal(signum: int, _frame: Any) -> None:
-        stop["flag"] = True
-
-    old_handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old_handlers[sig] = signal.signal(sig, _on_signal)
-        except ValueError:  # not the main thread (e.g. inside some executors)
-            pass
+    stop = StopSignals().install()  # restored by _shutdown, whatever ends the run
 
     def save() -> Path:
         path = run_dir / "checkpoints" / f"step-{step:07d}"
@@ -371,20 +361,22 @@ def train(
                     tel.log(step, val_metrics, kind="val")
             if tc.save_interval and step % tc.save_interval == 0:
                 last_ckpt = save()
-            if stop["flag"] or (stop_after is not None and steps_this_process >= stop_after):
+            # every rank stops at the same step, even if the signal reached only one of them
+            signalled = all_reduce_sum(float(bool(stop)), dist_info, device) > 0
+            if signalled or (stop_after is not None and steps_this_process >= stop_after):
                 raise _StopRequested
     except _StopRequested:
         try:
             if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
                 last_ckpt = save()
-            tel.event(step, "stopped", reason="signal" if stop["flag"] else "stop_after")
+            tel.event(step, "stopped", reason="signal" if signalled else "stop_after")
             if cache_writer is not None:
                 cache_writer.close()
         finally:
-            _shutdown(tel, old_handlers, teacher)
+            _shutdown(tel, stop, teacher)
         raise KeyboardInterrupt(f"training stopped at step {step}; resume with --resume-from {run_dir}") from None
     except BaseException:
-        _shutdown(tel, old_handlers, teacher)
+        _shutdown(tel, stop, teacher)
         raise
 
     val_metrics = evaluate()
@@ -403,26 +395,14 @@ def train(
         final=last_metrics, val=val_metrics, history=list(tel.history), events=list(tel.events),
         lineage=lin, wandb_url=tel.wandb_url, wandb_id=tel.wandb_id, wandb_dir=tel.wandb_dir, seconds=time.time() - t_start,
     )
-    tel.close()
-    _restore(old_handlers)
-    if teacher is not None:
-        teacher.close()
+    _shutdown(tel, stop, teacher)
     cleanup(dist_info)
     return result
 
 
-def _shutdown(tel: Telemetry, handlers: dict[int, Any], teacher: Any) -> None:
+def _shutdown(tel: Telemetry, stop: StopSignals, teacher: Any) -> None:
     """Close what a run holds open, whatever ended it."""
     tel.close()
-    _restore(handlers)
+    stop.restore()
     if teacher is not None:
         teacher.close()
-
-
-def _restore(handlers: dict[int, Any]) -> None:
-    for sig, h in handlers.items():
-        try:
-            signal.signal(sig, h)
-        except ValueError:
-            pass
-

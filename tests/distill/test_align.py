@@ -4,6 +4,8 @@ refusal by lineage, and KD (stage 2) starting from the aligned student."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -106,12 +108,18 @@ def test_only_retention_parameters_change_during_alignment(aligned, tiny_teacher
     assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
 
 
-def test_interrupted_alignment_resumes_to_the_same_weights(tmp_path, small_corpus, tiny_teacher_dir):
+def test_alignment_stopped_by_sigint_checkpoints_and_resumes_to_the_same_weights(tmp_path, small_corpus, tiny_teacher_dir):
     small = dict(steps=6, save_interval=3, eval_interval=0, log_interval=1)
     full = align_student(_cfg(tmp_path / "a", tiny_teacher_dir, small), data_dir=small_corpus["tokenized"])
     cfg_b = _cfg(tmp_path / "b", tiny_teacher_dir, small)
-    with pytest.raises(KeyboardInterrupt):
-        align_student(cfg_b, data_dir=small_corpus["tokenized"], stop_after=4)
+
+    def interrupt_at_step_4(msg):
+        if msg.startswith("[train 4]"):
+            os.kill(os.getpid(), signal.SIGINT)  # the real path: handler -> finish the step -> checkpoint
+
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 4"):
+        align_student(cfg_b, data_dir=small_corpus["tokenized"], echo=interrupt_at_step_4)
+    assert (aligned_dir(cfg_b) / "checkpoints" / "step-0000004").is_dir()
     resumed = align_student(cfg_b, data_dir=small_corpus["tokenized"])
     wa = load_file(str(full.final_dir / "model.safetensors"))
     wb = load_file(str(resumed.final_dir / "model.safetensors"))
