@@ -295,13 +295,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         from distill_dag.distill.student_run import run_student
 
         out = run_student(cfg)
-        for name, r in out.items():
-            if r is not None and os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+        if os.environ.get("RANK", "0") != "0":  # one summary under torchrun
+            return 0
+        if out["alignment"] is not None:
+            a = out["alignment"]
+            print(f"alignment: {a.steps} steps, {a.tokens} tokens, per-layer val MSE "
+                  f"{_floats(a.mse_before)} -> {_floats(a.mse_after)}, student={a.final_dir}")
+        for name in ("student", "baseline"):
+            if (r := out[name]) is not None:
                 print(f"{name}: {r.steps} steps, {r.tokens} tokens, val_loss={r.val.get('val_loss')}, "
                       f"checkpoint={r.final_dir}")
         return 0
 
     p.set_defaults(func=run)
+
+
+def _floats(xs: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"
 
 
 # ---- eval ----------------------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """The student: a RetNet trained by sparse top-k KD from the teacher (direct, cached or network).
 
 ``train.launcher: in_process`` trains inside the Dagster step (CPU demo, one GPU); ``torchrun`` launches
-``torchrun --nproc-per-node N -m distill_dag.assets.student_pipes`` through Dagster Pipes, which streams
+``torchrun --standalone --nproc-per-node N -m distill_dag.assets.student_pipes`` through Dagster Pipes, which streams
 the logs and reports the same metadata back. Same core code path either way (``run_student``).
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -91,14 +90,19 @@ def student_metadata(out: dict) -> dict[str, tuple[str, object]]:
         ]).value)
         series["CE-only train"] = _series(baseline.history, "train", "ce")
         series["CE-only val"] = _series(baseline.history, "val", "val_loss")
+    if (al := out.get("alignment")) is not None:  # stage 1 of student.init: from_teacher
+        meta["alignment"] = ("json", {
+            "steps": al.steps, "tokens": al.tokens, "reused": al.reused, "student": str(al.final_dir),
+            "val_mse_before": al.mse_before, "val_mse_after": al.mse_after,
+            "val_rel_mse_before": al.rel_mse_before, "val_rel_mse_after": al.rel_mse_after,
+            "tensors_copied": len(al.conversion["mapping"]), "tensors_new": len(al.conversion["new_params"]),
+        })
     png = loss_curve_png(series, "student loss")
     meta["loss_curve"] = ("md", f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})")
     if kd.wandb_url:
         meta["wandb"] = ("url", kd.wandb_url)
     elif kd.wandb_dir:
         meta["wandb_offline_dir"] = ("path", kd.wandb_dir)
-    (Path(kd.run_dir) / "asset_metadata.json").write_text(json.dumps(
-        {k: v for k, (t, v) in meta.items() if t in ("int", "float", "bool", "path", "url")}, indent=2))
     return {k: v for k, v in meta.items() if v[1] is not None}
 
 

@@ -30,16 +30,16 @@ def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = Non
 
     With ``student.init: from_teacher`` stage 1 (retention alignment) runs first.
 
-    Returns ``{"student": TrainResult, "baseline": TrainResult | None}``.
+    Returns ``{"student": TrainResult, "baseline": TrainResult | None, "alignment": AlignResult | None}``.
     """
     cfg, teacher_model = teacher_overrides(cfg)
-    result: dict[str, TrainResult | None] = {"baseline": None}
+    result: dict[str, Any] = {"baseline": None, "alignment": None}
     if cfg.student.init == "from_teacher" and not cfg.train.resume_from:
         # stage 1 (retention alignment) before KD; reused when already done for this teacher and config
         from distill_dag.distill.align import align_student
 
-        # (not returned: callers print every result as a TrainResult; its summary is <aligned_dir>/final/align.json)
-        align_student(cfg, data_dir=cfg.tokenized_dir, teacher_model_path=teacher_model, echo=echo)
+        result["alignment"] = align_student(cfg, data_dir=cfg.tokenized_dir, teacher_model_path=teacher_model,
+                                            echo=echo)
     result["student"] = train(cfg, data_dir=cfg.tokenized_dir, tokenizer_dir=cfg.tokenizer_dir,
                               teacher_model_path=teacher_model, echo=echo)
     if cfg.train.ce_only_baseline and not cfg.train.pretrain_ce_only:
