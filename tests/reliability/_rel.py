@@ -64,8 +64,17 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def run_child(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=child_env(**env))
-    return r
+    """Run to the end (stdout and stderr apart). Past ``timeout`` the whole process group is killed
+    (torchrun's workers too) and the test fails showing what the child printed."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(**env),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args)} still ran after {timeout} s:\n{out[-3000:]}\n{err[-5000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def start_child(args: list[str], **env: str) -> subprocess.Popen:
