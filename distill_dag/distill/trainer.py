@@ -83,7 +83,8 @@ def evaluate_loss(
     """Held-out next-token CE (nats/token) with the same chunked loss as training (no full logits).
 
     ``model``: the student, or the trainer's wrapped :class:`StudentLoss`. With several ranks every rank
-    calls this with the same loader of ``batch_size * world_size`` rows and scores its own slice."""
+    calls this with the same loader of ``batch_size * world_size`` rows and scores its own slice.
+    Returns {} when nothing was scored."""
     dist_info = dist_info or DistInfo()
     module = model if isinstance(getattr(model, "module", model), StudentLoss) else StudentLoss(model)
     was_training = module.training
@@ -98,7 +99,9 @@ def evaluate_loss(
         n += out.n_tokens
     module.train(was_training)
     total, n = all_reduce_sum(total, dist_info, device), int(all_reduce_sum(float(n), dist_info, device))
-    ce = total / max(n, 1)
+    if n == 0:  # e.g. fewer val rows than one global batch under torchrun (whole batches only there)
+        return {}
+    ce = total / n
     return {"val_loss": ce, "val_ppl": math.exp(min(ce, 50.0)), "val_tokens": n}
 
 
