@@ -10,6 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+# mkstemp/mkdtemp create 0600 files and 0700 folders; what we publish gets the modes open() and
+# mkdir() would give (the process umask), so others sharing a data root or run folder can read it
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -21,6 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -45,6 +52,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(DIR_MODE)
     try:
         yield tmp
         # the files' data must be on disk before the name is: else a power cut can leave a complete-looking
