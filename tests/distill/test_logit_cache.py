@@ -14,7 +14,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_teachers_helpers import VOCAB, all_batches, reference_kl, reference_kl_bucket, tiny_llama, write_data  # noqa: E402
+from support import VOCAB, all_batches, write_data  # noqa: E402
+from test_teachers_helpers import reference_kl, reference_kl_bucket, tiny_llama  # noqa: E402
 
 from distill_dag.distill.logit_cache import (  # noqa: E402
     CacheEncoding, CacheWriter, LogitCacheError, cache_stats, pack_ids, unpack_ids, write_logit_cache,

@@ -18,7 +18,8 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_teachers_helpers import all_batches, make_rows, tiny_llama, write_data  # noqa: E402
+from support import all_batches, make_rows, write_data  # noqa: E402
+from test_teachers_helpers import tiny_llama  # noqa: E402
 
 from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
 from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_teachers_helpers import VOCAB, all_batches, make_rows, tiny_llama, write_data  # noqa: E402
+from support import VOCAB, all_batches, make_rows, write_data  # noqa: E402
+from test_teachers_helpers import tiny_llama  # noqa: E402
 
 from distill_dag.config import config_from_dict  # noqa: E402
 from distill_dag.distill.logit_cache import write_logit_cache  # noqa: E402

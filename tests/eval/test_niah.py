@@ -16,13 +16,15 @@ from distill_dag.eval.niah import (
     score,
     stdlib_haystack,
 )
-from tests.eval._corpus import tiny_llama, train_tokenizer
+from support import stdlib_tokenizer, tiny_llama
 from tests.eval._induction_llama import induction_llama
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=512, max_chars=200_000)
+    from distill_dag.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(stdlib_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=512, max_bytes=200_000)[1])
 
 
 @pytest.fixture(scope="module")

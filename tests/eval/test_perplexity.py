@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distill_dag.eval.perplexity import perplexity, perplexity_table
-from tests.eval._corpus import pack, tiny_llama
+from support import pack, tiny_llama
 
 
 def _reference_nll(model, rows) -> tuple[float, int]:

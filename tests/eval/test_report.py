@@ -8,15 +8,14 @@ import yaml
 
 from distill_dag.config import config_from_dict
 from distill_dag.eval.report import evaluate_checkpoint
-
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+from support import TINY_LLAMA, tiny_llama
 
 
 def _cfg_dict(root):
     return {
         "data": {"root": str(root)},
         "tokenize": {"max_seq_length": 64},
-        "teacher": {"model_name_or_path": None, "init_tiny": TINY},
+        "teacher": {"model_name_or_path": None, "init_tiny": TINY_LLAMA},
         "teacher_ft": {"mode": "full", "output_dir": str(root / "teacher_ft")},
         "train": {"device": "cpu", "output_dir": str(root / "run")},
         "eval": {"max_batches": 2, "batch_size": 4, "niah_context_lengths": [64, 96], "niah_depths": [0.5],
@@ -30,7 +29,6 @@ def run(tmp_path_factory, small_corpus):
     import os
 
     from distill_dag.data.manifest import Manifest
-    from distill_dag.distill.teacher_model import build_tiny_teacher
     from distill_dag.model.variants import student_config
     from distill_dag.model.retnet import RetNetForCausalLM
 
@@ -45,8 +43,8 @@ def run(tmp_path_factory, small_corpus):
     (root / "run" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "kind": "train", "loss": 6.0 - s / 10, "ce": 6.1 - s / 10}) + "\n" for s in range(1, 6)
     ) + json.dumps({"step": 5, "kind": "eval", "val_loss": 5.8}) + "\n")
-    build_tiny_teacher(vocab, TINY, seed=7).save_pretrained(root / "teacher_ft" / "final_model")
-    build_tiny_teacher(vocab, TINY, seed=8).save_pretrained(root / "baseline")
+    tiny_llama(vocab, seed=7).save_pretrained(root / "teacher_ft" / "final_model")
+    tiny_llama(vocab, seed=8).save_pretrained(root / "baseline")
     return root
 
 

@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "distill"))
 from _rel import make_cfg, metrics  # noqa: E402
-from test_teachers_helpers import all_batches, tiny_llama, write_data  # noqa: E402
+from support import all_batches, write_data  # noqa: E402
+from test_teachers_helpers import tiny_llama  # noqa: E402
 
 from distill_dag.data.dataset import PackedDataset  # noqa: E402
 from distill_dag.data.shards import CorruptShardError  # noqa: E402

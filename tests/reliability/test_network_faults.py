@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "distill"))
 from _rel import final_weights, last_train_step, make_cfg  # noqa: E402
 from test_server import Server, free_port  # noqa: E402  (`distill serve-teacher` in a subprocess, K=8)
-from test_teachers_helpers import all_batches, tiny_llama, write_data  # noqa: E402
+from support import all_batches, write_data  # noqa: E402
+from test_teachers_helpers import tiny_llama  # noqa: E402
 
 from distill_dag.distill.checkpoint import load_trainer_state  # noqa: E402
 from distill_dag.distill.teachers.base import TeacherError  # noqa: E402

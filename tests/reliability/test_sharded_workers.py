@@ -61,7 +61,8 @@ def test_two_workers_on_disjoint_shards_equal_one_worker(tmp_path, small_corpus,
 
 def test_a_worker_starting_never_deletes_a_live_workers_temp_file(tmp_path, monkeypatch):
     """Worker B opens the shared cache while worker A is inside an atomic write: A's temp file must survive."""
-    from test_teachers_helpers import all_batches, tiny_llama, write_data
+    from support import all_batches, write_data
+    from test_teachers_helpers import tiny_llama
 
     from distill_dag.distill.logit_cache import CacheWriter
     from distill_dag.distill.teachers.direct import DirectTeacher
