@@ -58,7 +58,7 @@ from distill_dag.io import atomic_path, sha256_file, sha256_json, write_bytes_at
 CACHE_VERSION = 1
 CACHE_DIR = ".cache"
 REJECTS = "rejects.jsonl"
-_BATCH_BYTES = 1 << 20
+_BATCH_BYTES = 4 << 20  # text per encode call: long enough that a call is not mostly its tail
 _ENCODE_INFLIGHT = 2  # batches encoded at once (each call is itself parallel over documents)
 # per-document metadata of the token cache; the tokens themselves are raw int32 in <stem>.tokens.bin
 _CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("len", pa.int64()),
@@ -188,16 +188,20 @@ def _default_source(key: str) -> str:
 class Packer:
     """Packs a stream of documents into rows of ``width`` tokens for one split.
 
-    ``emit(ids, attention_mask, labels, position_ids, sources)`` receives full rows ``[n, width]``.
+    ``emit(ids, attention_mask, labels, position_ids, sources)`` receives full rows ``[n, width]``
+    (fresh arrays: the receiver may keep them).
     """
 
     def __init__(self, width: int, eos_id: int, pad_id: int, mask_prompt: bool,
                  emit: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]], None]):
         self.width, self.eos_id, self.pad_id, self.mask_prompt, self.emit = width, eos_id, pad_id, mask_prompt, emit
+        # the carried-over tail (< width tokens) and the documents in it: start offsets (the first may
+        # be < 0: a document that began in an emitted row) and source codes
         self._tok = np.empty(0, np.int32)
         self._lab = np.empty(0, np.int32)
         self._pos = np.empty(0, np.int32)
-        self._src = np.empty(0, np.int32)
+        self._doc_start = np.empty(0, np.int64)
+        self._doc_src = np.empty(0, np.int32)
         self._src_names: list[str] = []
         self._src_code: dict[str, int] = {}
         self.docs = 0
@@ -207,24 +211,34 @@ class Packer:
         """Append documents (``ids`` their tokens concatenated, ``lens`` [n], ``prompt_lens`` [n])."""
         if len(lens) == 0:
             return
+        k = len(self._tok)
         L = lens.astype(np.int64) + 1  # + EOS
-        ends = np.cumsum(L)
+        ends = np.cumsum(L) + k  # offsets in the buffer that starts with the carried tail
         starts = ends - L
-        total = int(ends[-1])
-        tok = np.empty(total, np.int32)
-        is_eos = np.zeros(total, bool)
-        is_eos[ends - 1] = True
-        tok[~is_eos] = ids
-        tok[is_eos] = self.eos_id
-        pos = (np.arange(total, dtype=np.int64) - np.repeat(starts, L)).astype(np.int32)
+        size = int(ends[-1])
+        # one pass per array, the carried tail written in front (no concatenation afterwards)
+        tok = np.empty(size, np.int32)
+        tok[:k] = self._tok
+        keep = np.ones(size - k, bool)
+        keep[ends - 1 - k] = False
+        tok[k:][keep] = ids
+        tok[ends - 1] = self.eos_id
+        pos = np.ones(size, np.int32)  # 0 at each document start, +1 per token: a cumulative sum
+        pos[:k] = self._pos
+        pos[starts[0]] = 0
+        pos[starts[1:]] = 1 - L[:-1]  # back from the previous document's last position (L - 1) to 0
+        np.cumsum(pos[k:], out=pos[k:])
         lab = tok.copy()
+        lab[:k] = self._lab
         lab[starts] = -100
         if self.mask_prompt and prompt_lens.any():
-            lab[pos < np.repeat(prompt_lens, L)] = -100
+            lab[k:][pos[k:] < np.repeat(prompt_lens, L)] = -100
         codes = np.fromiter((self._code(s) for s in sources), dtype=np.int32, count=len(sources))
-        self._push(tok, lab, pos, np.repeat(codes, L))
+        doc_start = np.concatenate([self._doc_start, starts])
+        doc_src = np.concatenate([self._doc_src, codes])
         self.docs += len(lens)
-        self.tokens += total
+        self.tokens += size - k
+        self._emit_full(tok, lab, pos, doc_start, doc_src)
 
     def _code(self, s: str) -> int:
         c = self._src_code.get(s)
@@ -233,17 +247,21 @@ class Packer:
             self._src_names.append(s)
         return c
 
-    def _push(self, tok: np.ndarray, lab: np.ndarray, pos: np.ndarray, src: np.ndarray) -> None:
-        tok, lab, pos, src = (np.concatenate([a, b]) if len(a) else b
-                              for a, b in ((self._tok, tok), (self._lab, lab), (self._pos, pos), (self._src, src)))
-        n = len(tok) // self.width
-        cut = n * self.width
+    def _emit_full(self, tok: np.ndarray, lab: np.ndarray, pos: np.ndarray, doc_start: np.ndarray,
+                   doc_src: np.ndarray) -> None:
+        w = self.width
+        n = len(tok) // w
+        cut = n * w
         if n:
-            w = self.width
-            rows_src = [self._src_names[c] for c in src[:cut:w]]  # the document holding the row's first token
+            # a row's source: the document holding its first token (the last one starting at or before it)
+            first = np.searchsorted(doc_start, np.arange(0, cut, w), side="right") - 1
+            rows_src = [self._src_names[c] for c in doc_src[first].tolist()]
             self.emit(tok[:cut].reshape(n, w), np.ones((n, w), np.int8), lab[:cut].reshape(n, w),
                       pos[:cut].reshape(n, w), rows_src)
-        self._tok, self._lab, self._pos, self._src = tok[cut:].copy(), lab[cut:].copy(), pos[cut:].copy(), src[cut:].copy()
+        # the documents reaching into the tail: from the last one that starts at or before the cut
+        d = int(np.searchsorted(doc_start, cut, side="right")) - 1
+        self._doc_start, self._doc_src = doc_start[d:] - cut, doc_src[d:].copy()
+        self._tok, self._lab, self._pos = tok[cut:].copy(), lab[cut:].copy(), pos[cut:].copy()
 
     def finish(self) -> None:
         """Pad and emit the last partial row."""
@@ -256,8 +274,9 @@ class Packer:
         att = np.concatenate([np.ones(k, np.int8), np.zeros(pad, np.int8)])
         lab = np.concatenate([self._lab, np.full(pad, -100, np.int32)])
         pos = np.concatenate([self._pos, self._pos[-1] + 1 + np.arange(pad, dtype=np.int32)])
-        self.emit(tok[None], att[None], lab[None], pos[None], [self._src_names[int(self._src[0])]])
-        self._tok = self._lab = self._pos = self._src = np.empty(0, np.int32)
+        self.emit(tok[None], att[None], lab[None], pos[None], [self._src_names[int(self._doc_src[0])]])
+        self._tok = self._lab = self._pos = np.empty(0, np.int32)
+        self._doc_start, self._doc_src = np.empty(0, np.int64), np.empty(0, np.int32)
 
 
 # ---- cache of one input's tokens ---------------------------------------------------------------

@@ -260,3 +260,70 @@ def test_verify_shards_names_a_truncated_or_corrupted_shard(tmp_path, word_token
     victim.write_bytes(bytes(flipped))
     with pytest.raises(CorruptShardError, match="train-00001.parquet: sha256 differs"):
         verify_shards(tmp_path / "out")
+
+
+def _reference_pack(docs: list[tuple[list[int], int, str]], width: int, eos: int, pad: int, mask_prompt: bool):
+    """Plain-Python packing of (ids, prompt_len, source) documents: one token at a time."""
+    stream = []  # (token, label, position, source)
+    for ids, prompt_len, src in docs:
+        for i, t in enumerate(ids + [eos]):
+            lab = -100 if i == 0 or (mask_prompt and i < prompt_len) else t
+            stream.append((t, lab, i, src))
+    rows = [stream[i:i + width] for i in range(0, len(stream), width)]
+    out = {"ids": [], "att": [], "lab": [], "pos": [], "src": []}
+    for r in rows:
+        k = len(r)
+        out["ids"].append([x[0] for x in r] + [pad] * (width - k))
+        out["att"].append([1] * k + [0] * (width - k))
+        out["lab"].append([x[1] for x in r] + [-100] * (width - k))
+        out["pos"].append([x[2] for x in r] + [r[-1][2] + 1 + j for j in range(width - k)])
+        out["src"].append(r[0][3])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packer_matches_a_token_by_token_reference(seed):
+    from distill_dag.data.pack import Packer
+
+    rng = np.random.default_rng(seed)
+    width = int(rng.choice([1, 3, 7, 16]))
+    mask_prompt = bool(seed % 2)
+    docs = []
+    for _ in range(int(rng.integers(1, 40))):
+        n = int(rng.integers(1, 30))
+        docs.append(([int(x) for x in rng.integers(2, 50, n)], int(rng.integers(0, n + 1)) if rng.random() < 0.4 else 0,
+                     f"s{int(rng.integers(0, 4))}"))
+    got = {"ids": [], "att": [], "lab": [], "pos": [], "src": []}
+
+    def emit(ids, att, lab, pos, src):
+        for k, a in zip(("ids", "att", "lab", "pos"), (ids, att, lab, pos)):
+            assert a.shape[1] == width
+            got[k] += a.tolist()
+        got["src"] += src
+
+    p = Packer(width, 0, 1, mask_prompt, emit)
+    i = 0
+    while i < len(docs):  # batches of random size, so the carried tail crosses add() calls
+        j = i + int(rng.integers(1, 6))
+        batch = docs[i:j]
+        p.add(np.array([t for d in batch for t in d[0]], np.int32), np.array([len(d[0]) for d in batch]),
+              np.array([d[1] for d in batch], np.int32), [d[2] for d in batch])
+        i = j
+    p.finish()
+    assert got == _reference_pack(docs, width, 0, 1, mask_prompt)
+
+
+def test_shard_bytes_do_not_depend_on_batching_or_threads(tmp_path, stdlib_raw, bpe_tokenizer, monkeypatch):
+    """Encoding runs ahead in threads and shards are written by another: the bytes must not depend on it."""
+    from distill_dag.data import pack
+
+    d, _ = bpe_tokenizer
+    runs = []
+    for i, (batch_docs, batch_bytes, inflight) in enumerate([(1024, 4 << 20, 2), (3, 1 << 14, 1), (7, 1 << 12, 3)]):
+        monkeypatch.setattr(pack, "_BATCH_BYTES", batch_bytes)
+        monkeypatch.setattr(pack, "_ENCODE_INFLIGHT", inflight)
+        out = tmp_path / f"out{i}"
+        tokenize_to_parquet(stdlib_raw, out, d, 96, rows_per_shard=30, batch_docs=batch_docs, val_fraction=0.2)
+        runs.append((_shard_hashes(out), (out / "manifest.json").read_bytes()))
+    assert len(runs[0][0]) > 4  # several shards of each split
+    assert runs[1] == runs[0] and runs[2] == runs[0]
