@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib path gives the same rows
+    orjson = None
+
 DEFAULT_MAX_LINE_BYTES = 16 * 2**20
 _EXCERPT = 120
 
@@ -95,6 +100,29 @@ def _has_lone_surrogate(obj: Any) -> bool:
     return False
 
 
+_PLAIN = (str, int, bool, type(None))
+
+
+def _fast_row(raw: bytes) -> dict[str, Any] | None:
+    """``raw`` parsed by orjson (~2x faster, no separate UTF-8 decode) when the result is certainly what
+    ``json.loads`` gives: an object whose values are strings, ints, bools or nulls. Else None: the
+    caller takes the stdlib path, which also words every reject's reason. orjson refuses invalid
+    UTF-8, lone surrogates, NaN/Infinity and deep nesting; it turns ints beyond 64 bits into floats
+    (so floats go the stdlib way too)."""
+    if orjson is None:
+        return None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict:
+        return None
+    for v in obj.values():
+        if not isinstance(v, _PLAIN):
+            return None
+    return obj
+
+
 def _excerpt(raw: bytes) -> str:
     return raw[:_EXCERPT].decode("utf-8", errors="replace")
 
@@ -136,6 +164,13 @@ def iter_jsonl(
                 continue
             if not raw.strip():
                 continue
+            obj = _fast_row(raw)
+            if obj is not None:
+                problem = row_problem(obj) if validate else None
+                if problem is None:
+                    stats.rows += 1
+                    yield line_no, obj
+                    continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:

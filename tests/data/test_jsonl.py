@@ -88,3 +88,36 @@ def test_reject_rate_error_only_above_the_configured_rate():
     msg = str(e.value)
     assert "5 of 100 rows" in msg and "malformed JSON: 5" in msg and "/r/rejects.jsonl" in msg
     assert "max_reject_rate" in msg
+
+
+def test_the_orjson_fast_path_reads_exactly_what_the_stdlib_path_reads(tmp_path, monkeypatch):
+    """Rows, reject reasons and counts are the same with and without orjson, on lines where the two
+    parsers disagree (big ints, NaN, lone surrogates, deep nesting, BOM) and on plain ones."""
+    from distill_dag.data import jsonl
+
+    lines = [
+        b'{"text": "plain", "id": 7, "source": "s", "flag": true, "none": null}',
+        b'{"text": "big id", "id": 123456789012345678901234567890}',      # orjson: a float
+        b'{"text": "max u64", "id": 18446744073709551615}',
+        b'{"text": "float id", "id": 1.5e300}',
+        b'{"text": "nan", "score": NaN}',                                  # orjson refuses NaN
+        b'{"text": "lone \\ud800 surrogate"}',
+        b'{"text": "pair \\ud83d\\ude00"}',
+        b'{"text": "nested", "meta": {"a": [1, 2.5, {"b": null}]}}',
+        b"[" * 3000 + b"]" * 3000,
+        b'\xef\xbb\xbf{"text": "bom"}',
+        b'{"text": 123456789012345678901234567890}',                      # non-string text: int, not float
+        b'{"prompt": "p", "response": "r", "id": "x", "id": "y"}',        # duplicate key: the last wins
+        b'{"text": "caf\xe9"}',
+        b'{"text": "a\x01b"}',
+        b'"just a string"',
+    ]
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    fast = _read(f)
+    monkeypatch.setattr(jsonl, "orjson", None)
+    slow = _read(f)
+    assert repr(fast[0]) == repr(slow[0])  # repr: 1.2e29 == 123...890 as numbers, not as ids
+    assert [r.to_dict() for r in fast[1]] == [r.to_dict() for r in slow[1]]
+    assert fast[2].to_dict() == slow[2].to_dict()
+    assert len(fast[0]) == 8 and len(fast[1]) == 7
