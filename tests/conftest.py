@@ -29,3 +29,15 @@ def tiny_teacher_dir(tmp_path_factory, small_corpus) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "tiny_llama"
     tiny_llama(Manifest.load(small_corpus["tokenized"]).vocab_size).save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matmuls: on 2 shared cores intra-op threading costs far more than it gains. Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

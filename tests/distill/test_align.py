@@ -17,13 +17,7 @@ from distill_dag.distill.student_run import run_student
 from distill_dag.distill.trainer import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: on 2 shared cores, intra-op threading costs far more than it gains
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tmp_path, teacher_dir, align=None, **train_kw):

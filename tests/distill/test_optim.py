@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
+from support import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill_dag.config import TrainConfig
 from distill_dag.distill.optim import build_optimizers, build_schedulers, make_lr_lambda, split_parameters
@@ -16,11 +16,8 @@ from distill_dag.distill.optim import build_optimizers, build_schedulers, make_l
 BLOCK_MATRIX = re.compile(r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight")
 
 
-def _llama(tied: bool, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
-    return LlamaForCausalLM(cfg)
+def _llama(tied: bool, seed: int = 0):
+    return tiny_llama(97, seed, hidden_size=32, intermediate_size=64, tie_word_embeddings=tied).train()
 
 
 class _Toy(nn.Module):

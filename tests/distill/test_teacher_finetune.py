@@ -11,13 +11,7 @@ from safetensors.torch import load_file
 from distill_dag.config import ConfigError, config_from_dict
 from distill_dag.distill.teacher_finetune import TrainingInterrupted, finetune_teacher
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: one thread is as fast on an idle machine and far faster on a shared one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from support import tiny_llama
 
 from distill_dag.model.convert import (
     ConversionError,
@@ -17,24 +17,16 @@ from distill_dag.model.convert import (
 )
 from distill_dag.model.retnet import RetNetForCausalLM
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: on 2 shared cores, intra-op threading costs far more than it gains
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 VOCAB = 97
 
 
-def _teacher(layers=2, heads=4, kv_heads=2, d=32, tie=True, seed=0, **kw) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=d, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                      tie_word_embeddings=tie, rope_theta=500.0, rms_norm_eps=1e-5, **kw)
-    model = LlamaForCausalLM(cfg).eval()
+def _teacher(layers=2, heads=4, kv_heads=2, d=32, tie=True, seed=0, **kw):
+    model = tiny_llama(VOCAB, seed, hidden_size=d, intermediate_size=48, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                       tie_word_embeddings=tie, rope_theta=500.0, rms_norm_eps=1e-5, **kw)
     with torch.no_grad():  # non-trivial attention patterns and norm gains (random init is near-uniform)
         for name, p in model.named_parameters():
             p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.1))
