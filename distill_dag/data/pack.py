@@ -400,11 +400,15 @@ class _Run:
         for split, sel in (("train", ~val), ("val", val)):
             if not sel.any():
                 continue
-            if sel.all():
+            idx = np.flatnonzero(sel)
+            if len(idx) == b.n:
                 ids = b.ids
             else:
-                ids = b.ids[np.repeat(sel, b.lens)]
-            idx = np.flatnonzero(sel)
+                # copy the runs of consecutive chosen documents (few: val documents are rare), not a
+                # per-token mask
+                cut = np.flatnonzero(np.diff(idx) != 1) + 1
+                first, last = idx[np.r_[0, cut]], idx[np.r_[cut - 1, len(idx) - 1]]
+                ids = np.concatenate([b.ids[offs[a]:offs[z + 1]] for a, z in zip(first.tolist(), last.tolist())])
             self.packers[split].add(ids, b.lens[sel], b.prompt_lens[sel], [b.sources[i] for i in idx])
         return int(val.sum()), int(b.lens.sum()) + b.n
 
