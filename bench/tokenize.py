@@ -6,9 +6,9 @@
 Builds a JSONL corpus from the running Python's standard library (4 files), trains a byte-level
 BPE on it, then alternates (``--repeats`` times):
 - raw: ``Tokenizer.encode_batch_fast`` over the texts already in memory, token ids read out (the
-  fastest way to call the tokenizer: one call over all texts, the pipeline's batches one at a time,
-  and the pipeline's batches ``pack._ENCODE_INFLIGHT`` at a time from as many threads; the best
-  is kept);
+  fastest way to call the tokenizer: one call over all texts, in input order and longest first;
+  the pipeline's batches one at a time; and, as the pipeline calls it, its batches longest first,
+  ``pack._ENCODE_INFLIGHT`` at a time from as many threads; the best is kept);
 - pipeline: ``tokenize_to_parquet(..., force=True)``: read + parse JSONL, encode, pack, write
   snappy shards, manifest and token cache.
 Prints tokens/s of each (best of the repeats) and the ratio pipeline / raw (target >= 0.85 on
@@ -49,15 +49,19 @@ def build_corpus(root: Path, mb: float, files: int = 4) -> list[str]:
 
 
 def raw_throughput(backend, texts: list[str], batch_bytes: int, inflight: int = 1) -> tuple[float, float, int]:
-    """(wall tok/s, tok per CPU-second, tokens) of the fastest of three ways to call the tokenizer."""
+    """(wall tok/s, tok per CPU-second, tokens) of the fastest of four ways to call the tokenizer."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from distill_dag.data.pack import encode_longest_first
 
     def count(batch: list[str]) -> int:
         return sum(len(e.ids) for e in backend.encode_batch_fast(batch, add_special_tokens=True))
 
+    def count_sorted(batch: list[str]) -> int:
+        return sum(len(e.ids) for e in encode_longest_first(backend, batch, add_special_tokens=True))
+
     best = best_cpu = 0.0
     n = 0
-    # one call over everything, the pipeline's batches one by one, and `inflight` of them at once
     batchings = [texts]
     cur, size, batches = [], 0, []
     for t in texts:
@@ -68,13 +72,14 @@ def raw_throughput(backend, texts: list[str], batch_bytes: int, inflight: int = 
             cur, size = [], 0
     if cur:
         batches.append(cur)
-    for mode, threads in ((batchings, 1), (batches, 1), (batches, inflight)):
+    for mode, threads, fn in ((batchings, 1, count), (batchings, 1, count_sorted), (batches, 1, count),
+                              (batches, inflight, count_sorted)):
         t0, c0 = time.perf_counter(), time.process_time()
         if threads == 1:
-            n = sum(count(b) for b in mode)
+            n = sum(fn(b) for b in mode)
         else:
             with ThreadPoolExecutor(threads) as pool:
-                n = sum(pool.map(count, mode))
+                n = sum(pool.map(fn, mode))
         best = max(best, n / (time.perf_counter() - t0))
         best_cpu = max(best_cpu, n / (time.process_time() - c0))
     return best, best_cpu, n

