@@ -23,7 +23,7 @@ Shards are renamed into place only when complete and the manifest is written las
 run leaves the previous manifest; rerunning produces exactly the shards and manifest of a clean
 run (everything is deterministic).
 
-Three stages overlap (throughput within ~15% of the bare tokenizer on 2 cores, bench/tokenize.py):
+Three stages overlap (on 2 cores ~0.82 of the bare tokenizer's wall-clock throughput, bench/tokenize.py):
 the main thread reads + parses JSONL batches (across input files) and packs encoded ones;
 ``_ENCODE_INFLIGHT`` batches are encoded at once in worker threads (``encode_batch_fast``
 releases the GIL and spreads each batch over every core; two batches in flight keep the cores
