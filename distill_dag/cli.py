@@ -92,6 +92,9 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows-per-shard", type=int, default=None, help="default: tokenize.rows_per_shard")
     p.add_argument("--max-reject-rate", type=float, default=None,
                    help="fail above this share of bad rows (default: report bad rows, never fail)")
+    p.add_argument("--worker", default=None, metavar="I/N",
+                   help="tokenize only worker I's share of the inputs into the token cache (of N workers, "
+                        "no coordination needed); then run once without --worker to pack")
 
     def run(a: argparse.Namespace) -> int:
         from pathlib import Path
@@ -105,17 +108,29 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
         if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "tokenizer_config.json").exists():
             print(f"distill preprocess: no tokenizer in {tok_dir} (pass --tokenizer LOCAL_TOKENIZER_DIR)", file=sys.stderr)
             return 2
+        worker = None
+        if a.worker is not None:
+            try:
+                i, n = (int(x) for x in a.worker.split("/"))
+            except ValueError:
+                print(f"distill preprocess: --worker {a.worker!r}: give I/N, e.g. --worker 0/4", file=sys.stderr)
+                return 2
+            worker = (i, n)
         try:
             r = tokenize_to_parquet(
                 a.input, a.output, tok_dir, a.max_seq_length or t.max_seq_length, recursive=a.recursive,
                 val_fraction=t.val_fraction if a.val_fraction is None else a.val_fraction,
                 rows_per_shard=a.rows_per_shard or t.rows_per_shard, skip_existing=a.skip_existing, force=a.force,
                 mask_prompt=t.mask_prompt, batch_docs=t.batch_docs, max_line_bytes=cfg.data.max_line_bytes,
-                max_reject_rate=a.max_reject_rate, progress=True,
+                max_reject_rate=a.max_reject_rate, progress=worker is None, worker=worker,
             )
         except (RejectRateError, FileNotFoundError, ValueError) as err:
             print(f"distill preprocess: {err}", file=sys.stderr)
             return 1
+        if worker is not None:
+            print(f"worker {worker[0]}/{worker[1]}: tokenized {len(r['tokenized'])} input(s) into the token cache, "
+                  f"{len(r['reused'])} already cached; pack with: distill preprocess (same arguments, no --worker)")
+            return 0
         if r["up_to_date"]:
             print(f"{a.output} is up to date ({len(r['reused'])} inputs unchanged); nothing re-tokenized")
         else:

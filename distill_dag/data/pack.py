@@ -101,11 +101,30 @@ def discover_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], rec
     return sorted(out, key=lambda x: x.key)
 
 
-def remove_temp_files(directory: Path) -> None:
-    """Delete ``.<name>.<random>.tmp`` files that a killed run's atomic writes left behind."""
+def remove_temp_files(directory: Path, stems: set[str] | None = None) -> None:
+    """Delete ``.<name>.<random>.tmp`` files that a killed run's atomic writes left behind (only those
+    of cache files named ``<stem>.*`` when ``stems`` is given: other workers' live writes stay)."""
     for p in Path(directory).glob(".*.tmp"):
+        if stems is not None and not any(p.name.startswith(f".{stem}.") for stem in stems):
+            continue
         if p.is_file():
             p.unlink(missing_ok=True)
+
+
+def worker_inputs(files: list[InputFile], worker: int, num_workers: int) -> list[InputFile]:
+    """The inputs worker ``worker`` of ``num_workers`` tokenizes: largest first, each to the least
+    loaded worker (by bytes). Every worker computes the same split from the same inputs, so they need
+    no coordination; the result keeps input order."""
+    if not 0 <= worker < num_workers:
+        raise ValueError(f"worker {worker} of {num_workers}: give 0 <= worker < num_workers (e.g. --worker 0/2)")
+    load = [0] * num_workers
+    mine = set()
+    for f in sorted(files, key=lambda f: (-f.bytes, f.key)):
+        w = min(range(num_workers), key=lambda i: (load[i], i))
+        load[w] += f.bytes
+        if w == worker:
+            mine.add(f.key)
+    return [f for f in files if f.key in mine]
 
 
 def is_val(doc_id: str, val_fraction: float) -> bool:
@@ -442,8 +461,13 @@ def tokenize_to_parquet(
     max_reject_rate: float | None = None,
     tokenizer_hash: str | None = None,
     progress: bool = False,
+    worker: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Tokenize + pack JSONL ``inputs`` (a directory, a file, or a list) into ``output_dir``.
+
+    ``worker=(i, n)``: only tokenize this worker's share of the inputs (:func:`worker_inputs`) into
+    the token cache, and pack nothing. n workers (processes, machines on a shared filesystem, Dagster
+    runs) fill the cache without coordinating; a final call without ``worker`` then only packs.
 
     Writes ``train-NNNNN.parquet`` / ``val-NNNNN.parquet`` shards, ``manifest.json`` and
     ``rejects.jsonl`` (every skipped line: file, line, reason). ``skip_existing`` reuses the token
@@ -459,8 +483,6 @@ def tokenize_to_parquet(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CACHE_DIR).mkdir(exist_ok=True)
-    remove_temp_files(out)
-    remove_temp_files(out / CACHE_DIR)
     reuse = skip_existing and not force
     tok = load_tokenizer(tokenizer_dir)
     tok_hash = tokenizer_hash or hash_dir(tokenizer_dir, tok)
@@ -469,6 +491,11 @@ def tokenize_to_parquet(
     files = discover_inputs(inputs, recursive)
     if not files:
         raise FileNotFoundError(f"no .jsonl files in {inputs} (recursive={recursive})")
+    if worker is not None:
+        return _fill_cache(out, worker_inputs(files, *worker), tok, tok_hash, worker, reuse=reuse,
+                           batch_docs=batch_docs, max_line_bytes=max_line_bytes)
+    remove_temp_files(out)
+    remove_temp_files(out / CACHE_DIR)
     settings = {"schema_version": SCHEMA_VERSION, "cache_version": CACHE_VERSION, "tokenizer_hash": tok_hash,
                 "max_seq_length": max_seq_length, "val_fraction": val_fraction, "mask_prompt": mask_prompt,
                 "rows_per_shard": rows_per_shard, "inputs": {f.key: f.sha256 for f in files}}
@@ -547,18 +574,9 @@ def tokenize_to_parquet(
             io.submit(fresh.cache.write, b)
             return
         # "end": the cache is renamed into place before its meta says it is valid (same thread, in order)
-        inp, stats = fresh.inp, fresh.stats
-        _, meta_path, rej_path = _cache_paths(out, inp)
-        rej_dicts = [r.to_dict() for r in fresh.rejects]
-        io.submit(fresh.cache.close)
-        io.submit(write_bytes_atomic, rej_path,
-                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rej_dicts).encode())
-        io.submit(write_json_atomic, meta_path, {"version": CACHE_VERSION, "key": inp.key, "sha256": inp.sha256,
-                                                 "tokenizer_hash": tok_hash, "docs": stats.rows,
-                                                 "rejects": stats.rejects, "reasons": dict(stats.reasons)})
-        all_rejects.extend(rej_dicts)
-        tokenized.append(inp.key)
-        finished(inp, stats, fresh.val_docs, fresh.tokens)
+        all_rejects.extend(_finish_cache(io, out, fresh, tok_hash))
+        tokenized.append(fresh.inp.key)
+        finished(fresh.inp, fresh.stats, fresh.val_docs, fresh.tokens)
 
     open_caches: list[_CacheWriter] = []
     io = BackgroundWriter()
@@ -619,6 +637,51 @@ def tokenize_to_parquet(
     _remove_stale(out, manifest, files)
     return {**manifest.to_dict(), "tokenized": tokenized, "reused": reused, "up_to_date": False,
             "rejects": total_stats.rejects, "rejects_file": str(out / REJECTS)}
+
+
+def _fill_cache(out: Path, files: list[InputFile], tok: Any, tok_hash: str, worker: tuple[int, int], *,
+                reuse: bool, batch_docs: int, max_line_bytes: int) -> dict[str, Any]:
+    """A worker's share: each input's tokens into its token cache (atomic files; the cache's meta is
+    written last, so a killed worker leaves no cache that looks valid), nothing packed."""
+    remove_temp_files(out / CACHE_DIR, {f.cache_stem for f in files})
+    backend = tok.backend_tokenizer
+    backend.encode_special_tokens = True
+    tokenized, reused = [], []
+    io = BackgroundWriter()
+    try:
+        for inp in files:
+            if reuse and _cache_valid(out, inp, tok_hash) is not None:
+                reused.append(inp.key)
+                continue
+            fresh = _Fresh(inp, _CacheWriter(_cache_paths(out, inp)[0]))
+            io.submit(fresh.cache.open)
+            for rows in _row_batches(inp, fresh.stats, fresh.rejects, batch_docs, max_line_bytes,
+                                     _default_source(inp.key)):
+                io.submit(fresh.cache.write, encode_rows(backend, *rows))
+            _finish_cache(io, out, fresh, tok_hash)
+            tokenized.append(inp.key)
+        io.drain()
+    except BaseException:
+        io.cancel()
+        raise
+    finally:
+        io.close()
+    return {"worker": list(worker), "tokenized": tokenized, "reused": reused, "up_to_date": not tokenized}
+
+
+def _finish_cache(io: BackgroundWriter, out: Path, fresh: _Fresh, tok_hash: str) -> list[dict[str, Any]]:
+    """Queue the end of an input's cache: its files renamed into place, then its rejects, then the meta
+    that marks it valid (same writer thread, in order). Returns the rejects as dicts."""
+    inp, stats = fresh.inp, fresh.stats
+    _, meta_path, rej_path = _cache_paths(out, inp)
+    rej_dicts = [r.to_dict() for r in fresh.rejects]
+    io.submit(fresh.cache.close)
+    io.submit(write_bytes_atomic, rej_path,
+              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rej_dicts).encode())
+    io.submit(write_json_atomic, meta_path, {"version": CACHE_VERSION, "key": inp.key, "sha256": inp.sha256,
+                                             "tokenizer_hash": tok_hash, "docs": stats.rows,
+                                             "rejects": stats.rejects, "reasons": dict(stats.reasons)})
+    return rej_dicts
 
 
 def _remove_stale(out: Path, manifest: Manifest, files: list[InputFile]) -> None:

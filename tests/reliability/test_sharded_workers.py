@@ -1,6 +1,8 @@
-"""The logit cache split by shard over workers that share nothing but the folder: two concurrent
-`distill cache-logits --shards` processes on disjoint shard sets give, once a third run has looked,
-a complete cache byte-identical to a single worker's."""
+"""Work split over workers that share nothing but the folder:
+- the logit cache by shard: two concurrent `distill cache-logits --shards` processes on disjoint shard
+  sets give, once a third run has looked, a complete cache byte-identical to a single worker's;
+- tokenization by input: two concurrent `distill preprocess --worker i/2` fill the token cache, and the
+  packing run then encodes nothing and writes the shards and manifest of a single-process run."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from _rel import cfg_dict, run_child, start_child, write_cfg  # noqa: E402
 from distill_dag.io import sha256_file  # noqa: E402
 
 CACHE = [sys.executable, "-m", "distill_dag.cli", "cache-logits"]
+PREPROCESS = [sys.executable, "-m", "distill_dag.cli", "preprocess"]
 
 
 def _cache_cfg(tmp_path, corpus, teacher_dir, cache_dir):
@@ -98,3 +101,54 @@ def test_a_worker_starting_never_deletes_a_live_workers_temp_file(tmp_path, monk
     os.utime(old, (time.time() - STALE_TMP_S - 60,) * 2)
     CacheWriter(cache, data, **kw)
     assert not old.exists() and fresh.exists()
+
+
+def _jsonl_inputs(root: Path, n: int) -> Path:
+    """n JSONL inputs of unequal sizes (stdlib text), a bad line in one, one in a subfolder."""
+    from support import stdlib_jsonl
+
+    for i in range(n):
+        path = root / ("sub" if i == 3 else "") / f"part-{i}.jsonl"
+        stdlib_jsonl(path, 20_000 * (i + 1), doc_chars=3000 + 1000 * i)  # different cuts: different text
+    with open(root / "part-1.jsonl", "a") as f:
+        f.write('{"text": broken\n')
+    return root
+
+
+def _outputs(d: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(d.glob("*.parquet")) + [d / "manifest.json", d / "rejects.jsonl"]}
+
+
+def test_two_tokenize_workers_fill_the_cache_and_packing_equals_one_process(tmp_path, small_corpus):
+    raw = _jsonl_inputs(tmp_path / "raw", 5)
+    args = ["--input", str(raw), "--recursive", "--tokenizer", str(small_corpus["tokenizer"]),
+            "--max-seq-length", "64", "--rows-per-shard", "64", "--val-fraction", "0.1"]
+    shared = tmp_path / "shared"
+    workers = [start_child([*PREPROCESS, *args, "--output", str(shared), "--worker", f"{w}/2"]) for w in (0, 1)]
+    for w in workers:  # at the same time, on one output folder
+        w.wait(300)
+        out = w.stdout.read().decode(errors="replace")
+        assert w.returncode == 0, out[-3000:]
+    assert not list(shared.glob("*.parquet")) and not (shared / "manifest.json").exists()  # workers pack nothing
+    assert len(list((shared / ".cache").glob("*.json"))) == 5  # every input cached, by one worker or the other
+
+    pack = run_child([*PREPROCESS, *args, "--output", str(shared), "--skip-existing"])
+    assert pack.returncode == 0, pack.stderr[-3000:]
+    assert "tokenized 0 input(s), reused 5 from the cache" in pack.stdout
+
+    single = tmp_path / "single"
+    one = run_child([*PREPROCESS, *args, "--output", str(single)])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert _outputs(shared) == _outputs(single) and len(_outputs(single)) > 4
+    assert not list(shared.glob(".*.tmp")) and not list((shared / ".cache").glob(".*.tmp"))
+
+
+def test_workers_split_inputs_by_size_and_every_input_once(tmp_path):
+    from distill_dag.data.pack import InputFile, worker_inputs
+
+    files = [InputFile(f"f{i}", tmp_path / f"f{i}", "", b) for i, b in enumerate([50, 10, 40, 30, 20, 5])]
+    parts = [worker_inputs(files, w, 3) for w in range(3)]
+    assert sorted(f.key for part in parts for f in part) == sorted(f.key for f in files)
+    loads = [sum(f.bytes for f in part) for part in parts]
+    assert sorted(loads) == [50, 50, 55]  # largest first, each to the least loaded: 50+5 / 40+10 / 30+20
+    assert all(part == sorted(part, key=lambda f: f.key) for part in parts)  # input order kept
