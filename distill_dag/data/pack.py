@@ -23,7 +23,8 @@ Shards are renamed into place only when complete and the manifest is written las
 run leaves the previous manifest; rerunning produces exactly the shards and manifest of a clean
 run (everything is deterministic).
 
-Three stages overlap (on 2 cores ~0.82 of the bare tokenizer's wall-clock throughput, bench/tokenize.py):
+Three stages overlap (on 2 cores 1.08-1.2x the bare tokenizer's ``encode_batch`` and ~0.8 of its
+``encode_batch_fast``, wall-clock, bench/tokenize.py):
 the main thread reads + parses JSONL batches (across input files) and packs encoded ones;
 ``_ENCODE_INFLIGHT`` batches are encoded at once in worker threads (``encode_batch_fast``
 releases the GIL and spreads each batch over every core; two batches in flight keep the cores
