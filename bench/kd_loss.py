@@ -27,7 +27,8 @@ Measured (defaults: 4096 tokens, vocab 128256, d 1152, k 512, chunk 1024, T 2, r
   H200, bf16 autocast, triton tail:         memory 0.195, time 0.60  (13 vs 22 ms)
   H200, pure bf16, triton tail:             memory 0.165, time 0.62
   H200, fp32 / autocast, torch tail:        memory 0.20 / 0.23, time 1.01 / 1.01
-  CPU, 2 shared cores, fp32, torch tail:    memory 0.203 (1644 vs 8101 MiB), time 1.23 (CPU time 1.17)
+  CPU, 2 cores, quiet, fp32, torch tail:    memory 0.203 (1642 vs 8077 MiB), time 0.62 (14.2 vs 23.1 s; CPU time 0.63)
+  CPU, 2 cores shared with other jobs:     time 1.23 (CPU time 1.17): load skews the alternating timer
 """
 
 from __future__ import annotations
