@@ -1,7 +1,7 @@
 """The student: a RetNet trained by sparse top-k KD from the teacher (direct, cached or network).
 
 ``train.launcher: in_process`` trains inside the Dagster step (CPU demo, one GPU); ``torchrun`` launches
-``torchrun --standalone --nproc-per-node N -m distill_dag.assets.student_pipes`` through Dagster Pipes, which streams
+``torchrun --standalone --local-addr 127.0.0.1 --nproc-per-node N -m distill_dag.assets.student_pipes`` through Dagster Pipes, which streams
 the logs and reports the same metadata back. Same core code path either way (``run_student``).
 """
 
@@ -44,7 +44,8 @@ def student_ckpt(
         require_upstream(cfg.cache_dir, "logit_cache", "student_ckpt")
     teacher_endpoint.export_token(cfg.teacher.token_env)
     if cfg.train.launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.train.nproc_per_node),
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+                   "--nproc-per-node", str(cfg.train.nproc_per_node),
                    "-m", "distill_dag.assets.student_pipes"]
         invocation = dg.PipesSubprocessClient().run(
             context=context, command=command, extras={"config": cfg.model_dump(mode="json")}

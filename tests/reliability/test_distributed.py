@@ -35,9 +35,11 @@ def _config(tmp_path, corpus, teacher, name, layers=1, **train_kw):
 def _launcher(nproc: int) -> list[str]:
     if nproc == 1:
         return TRAIN_CHILD
-    # --standalone: torchrun picks a free port itself (no race with a port chosen and released by us)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "distill_dag.train"]
+    # --standalone: the agent's store listens on a free port before any worker connects (a port chosen
+    # and released by us could be taken meanwhile); --local-addr: workers reach it by IP, whatever
+    # "localhost" or the host name resolve to
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+            "--nproc-per-node", str(nproc), "-m", "distill_dag.train"]
 
 
 def _train(config, nproc=1):
