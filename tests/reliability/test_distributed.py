@@ -43,7 +43,8 @@ def _launcher(nproc: int) -> list[str]:
 
 
 def _train(config, nproc=1):
-    r = run_child([*_launcher(nproc), "--config", str(config)])
+    # ~15 s each here; a hang fails within pytest's own timeout, with every process killed
+    r = run_child([*_launcher(nproc), "--config", str(config)], timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
