@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,3 +175,28 @@ def all_batches(tok_dir: Path, batch_rows: int = 4) -> list[dict[str, torch.Tens
             b["row"] = torch.arange(a, min(a + batch_rows, n), dtype=torch.long)
             out.append(b)
     return out
+
+
+# ---- run configs --------------------------------------------------------------------------------
+def cfg_dict(tmp_path: Path, corpus: dict[str, Path] | None, teacher_dir: Path | None, **train_kw: Any) -> dict[str, Any]:
+    """A train config (as a dict) of a one-layer tiny RetNet (hidden 32) distilled from ``teacher_dir`` on
+    the session corpus (``corpus`` None: pass ``data_dir`` to ``train`` instead); ``train_kw``
+    overrides train.*. Run outputs under ``tmp_path``."""
+    t = dict(teacher_mode="direct", teacher_topk=16, temperature=2.0, distill_alpha=0.5, learning_rate=3e-3,
+             warmup_steps=2, max_steps=8, batch_size=4, grad_accum=2, log_interval=1, eval_interval=0,
+             eval_batches=2, save_interval=2, keep_checkpoints=3, output_dir=str(tmp_path / "run"), device="cpu",
+             loss_chunk_tokens=64)
+    t.update(train_kw)
+    return {
+        **({"data": {"root": str(corpus["root"])}} if corpus else {}),
+        "tokenize": {"max_seq_length": 64},
+        "teacher": {"model_name_or_path": str(teacher_dir) if teacher_dir else None},
+        # outside the project tree, so a finetuned demo teacher under runs/ is never picked up
+        "teacher_ft": {"output_dir": str(tmp_path / "teacher_ft")},
+        "logit_cache": {"dir": str(tmp_path / "cache"), "k": 16},
+        "student": {"variant": "tiny", "overrides": {"hidden_size": 32, "num_hidden_layers": 1,
+                                                     "num_attention_heads": 2, "intermediate_size": 64},
+                    "chunk_size": 16},
+        "train": t,
+        "wandb": {"mode": "disabled"},
+    }

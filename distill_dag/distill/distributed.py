@@ -19,10 +19,10 @@ parameter name, so it loads at any world size and in either mode.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -135,15 +135,13 @@ def no_sync(wrapped: torch.nn.Module, last_micro_batch: bool) -> Any:
     return nullcontext()
 
 
-class _fsdp_no_sync:
-    def __init__(self, module: Any):
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.module.set_requires_gradient_sync(False)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module.set_requires_gradient_sync(True)
+@contextmanager
+def _fsdp_no_sync(module: Any) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> float:
@@ -154,14 +152,21 @@ def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+def full_state_options() -> Any:
+    """State dicts of whole tensors (gathered from the shards under FSDP), on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def full_model_state(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict on rank 0 under FSDP (every rank must call it: it gathers the
     shards); None otherwise (the model itself holds whole tensors)."""
     if not info.sharded:
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=full_state_options())
     # a tied weight (LM head = embeddings) is listed under both names; keep the name save_pretrained
     # keeps (named_parameters lists a shared parameter once, under its first name)
     aliases = set(model.state_dict()) - {n for n, _ in model.named_parameters()} - {n for n, _ in model.named_buffers()}

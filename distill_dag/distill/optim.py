@@ -74,17 +74,11 @@ def split_parameters(model: nn.Module, use_muon: bool = True) -> dict[str, list[
     return groups
 
 
-def _full_state_options() -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 class Optimizers(list):
     """The run's optimizers (a list of ``torch.optim.Optimizer``), stepped and checkpointed together.
 
-    ``state_dict()`` is ``{name: optimizer.state_dict()}``; ``load_state_dict`` refuses a checkpoint
-    whose optimizer set differs (e.g. saved with ``optimizer: adamw``, resumed with ``muon``)."""
+    ``state_dict(model)`` is ``{name: that optimizer's state by parameter name}``; ``load_state_dict``
+    refuses a checkpoint whose optimizer set differs (e.g. saved with ``optimizer: adamw``, resumed with ``muon``)."""
 
     def __init__(self, named: dict[str, torch.optim.Optimizer]):
         super().__init__(named.values())
@@ -102,31 +96,30 @@ class Optimizers(list):
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for opt in self for g in opt.param_groups]
 
-    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """``{name: state}``. With ``model`` (the module the parameters belong to, possibly FSDP/DDP
-        wrapped) each state is keyed by parameter NAME and holds whole tensors, so it loads at any world
-        size; under FSDP every rank must call it (it gathers), and rank 0 gets the tensors."""
-        if model is None:
-            return {name: opt.state_dict() for name, opt in zip(self.names, self)}
+    def state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """``{name: state}``, each keyed by parameter NAME of ``model`` (the module the parameters
+        belong to, possibly FSDP/DDP wrapped) with whole tensors, so it loads at any world size. Under
+        FSDP every rank must call it (it gathers) and rank 0 gets the tensors."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return {name: get_optimizer_state_dict(model, opt, options=_full_state_options())
+        from distill_dag.distill.distributed import full_state_options
+
+        return {name: get_optimizer_state_dict(model, opt, options=full_state_options())
                 for name, opt in zip(self.names, self)}
 
-    def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
-        """Load what ``state_dict`` wrote (pass the same kind of ``model`` argument)."""
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Load what ``state_dict`` wrote (sharding it again under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        from distill_dag.distill.distributed import full_state_options
+
         if sorted(state) != sorted(self.names):
             raise ValueError(
                 f"optimizer state holds {sorted(state)} but this run builds {sorted(self.names)}: "
                 "resume with the same train.optimizer (and model) as the checkpoint"
             )
         for name, opt in zip(self.names, self):
-            if model is None:
-                opt.load_state_dict(state[name])
-            else:
-                from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-                set_optimizer_state_dict(model, opt, optim_state_dict=state[name], options=_full_state_options())
+            set_optimizer_state_dict(model, opt, optim_state_dict=state[name], options=full_state_options())
 
     def by_name(self, name: str) -> torch.optim.Optimizer:
         return self[self.names.index(name)]

@@ -1,8 +1,8 @@
 """Graceful stops for the training loops (student, teacher finetuning, alignment).
 
-Inside ``with StopSignals() as stop:``, SIGINT and SIGTERM no longer kill the process: they set
-``stop.signum``, the loop finishes the step it is in, writes a checkpoint and ends; the previous
-handlers come back on exit. Handlers can only be installed from the main thread; elsewhere (some
+Between ``stop = StopSignals().install()`` and ``stop.restore()``, SIGINT and SIGTERM no longer kill
+the process: they set ``stop.signum`` (``bool(stop)`` turns true), the loop finishes the step it is in,
+writes a checkpoint and ends. Handlers can only be installed from the main thread; elsewhere (some
 executors) the signals keep their default meaning.
 """
 
@@ -20,18 +20,12 @@ class StopSignals:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
-        return self.install()
-
     def install(self) -> "StopSignals":
-        """Take over SIGINT/SIGTERM until :meth:`restore` (what ``with`` does for a block)."""
+        """Take over SIGINT/SIGTERM until :meth:`restore`."""
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.restore()
 
     def __bool__(self) -> bool:
         """True once a stop was requested."""

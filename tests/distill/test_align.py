@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from support import cfg_dict
+
 from distill_dag.config import config_from_dict
 from distill_dag.distill.align import align_student, aligned_dir, load_aligned_student, teacher_attention_io
 from distill_dag.distill.student_run import run_student
@@ -21,22 +23,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tmp_path, teacher_dir, align=None, **train_kw):
+    """Stage 1 + KD from the teacher: the tiny train config of support.cfg_dict with a from_teacher student."""
     a = dict(steps=40, learning_rate=1e-2, warmup_steps=2, batch_size=8, log_interval=5, eval_interval=20,
              eval_batches=2, save_interval=20, seed=0)
-    a.update(align or {})
-    t = dict(teacher_mode="direct", teacher_topk=16, temperature=1.0, max_steps=0, batch_size=4, log_interval=1,
-             eval_interval=0, eval_batches=2, save_interval=0, output_dir=str(tmp_path / "run"), device="cpu",
-             loss_chunk_tokens=64)
-    t.update(train_kw)
-    return config_from_dict({
-        "tokenize": {"max_seq_length": 64},
-        "teacher": {"model_name_or_path": str(teacher_dir)},
-        "teacher_ft": {"output_dir": str(tmp_path / "no_teacher_ft")},
-        "student": {"init": "from_teacher", "chunk_size": 16},
-        "align": a,
-        "train": t,
-        "wandb": {"mode": "disabled"},
-    })
+    t = dict(temperature=1.0, max_steps=0, grad_accum=1, save_interval=0, keep_checkpoints=2, learning_rate=1e-3,
+             warmup_steps=100)  # the library defaults these tests were written with
+    d = cfg_dict(tmp_path, None, teacher_dir, **{**t, **train_kw})
+    d["teacher_ft"]["output_dir"] = str(tmp_path / "no_teacher_ft")
+    d["student"] = {"init": "from_teacher", "chunk_size": 16}
+    d["align"] = {**a, **(align or {})}
+    return config_from_dict(d)
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def test_optimizer_and_scheduler_state_round_trip_continues_bitwise():
     scheds = build_schedulers(opts, cfg)
     _train(model, opts, scheds, 3, seed=1)
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": opts.state_dict(), "sched": scheds.state_dict()}, buf)
+    torch.save({"model": model.state_dict(), "optim": opts.state_dict(model), "sched": scheds.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     assert any("momentum_buffer" in s for s in ckpt["optim"]["muon"]["state"].values())
@@ -130,7 +130,7 @@ def test_optimizer_and_scheduler_state_round_trip_continues_bitwise():
     resumed.load_state_dict(ckpt["model"])
     ropts = build_optimizers(resumed, cfg)
     rscheds = build_schedulers(ropts, cfg)
-    ropts.load_state_dict(ckpt["optim"])
+    ropts.load_state_dict(ckpt["optim"], resumed)
     rscheds.load_state_dict(ckpt["sched"])
     _train(model, opts, scheds, 3, seed=2)
     _train(resumed, ropts, rscheds, 3, seed=2)
@@ -141,9 +141,9 @@ def test_optimizer_and_scheduler_state_round_trip_continues_bitwise():
 
 def test_load_refuses_a_different_optimizer_set():
     model = _llama(tied=True)
-    state = build_optimizers(model, _cfg(optimizer="adamw")).state_dict()
+    state = build_optimizers(model, _cfg(optimizer="adamw")).state_dict(model)
     with pytest.raises(ValueError, match="train.optimizer"):
-        build_optimizers(model, _cfg()).load_state_dict(state)
+        build_optimizers(model, _cfg()).load_state_dict(state, model)
 
 
 def test_lr_schedule_is_warmup_then_cosine_to_min_ratio():

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from support import cfg_dict
+
 from distill_dag.config import config_from_dict
 from distill_dag.distill import distributed as distributed_mod
 from distill_dag.distill.checkpoint import CheckpointError, load_trainer_state
@@ -15,20 +17,8 @@ from distill_dag.distill.trainer import train
 
 
 def _cfg(tmp_path, teacher_dir, **train_kw):
-    t = dict(teacher_mode="direct", teacher_topk=16, temperature=2.0, distill_alpha=0.5, learning_rate=3e-3,
-             warmup_steps=2, max_steps=6, batch_size=4, grad_accum=2, log_interval=1, eval_interval=3,
-             eval_batches=2, save_interval=3, keep_checkpoints=5, output_dir=str(tmp_path / "run"), device="cpu",
-             loss_chunk_tokens=64)
-    t.update(train_kw)
-    return config_from_dict({
-        "tokenize": {"max_seq_length": 64},
-        "teacher": {"model_name_or_path": str(teacher_dir)},
-        "student": {"variant": "tiny", "overrides": {"hidden_size": 32, "num_hidden_layers": 1,
-                                                     "num_attention_heads": 2, "intermediate_size": 64},
-                    "chunk_size": 16},
-        "train": t,
-        "wandb": {"mode": "disabled"},
-    })
+    kw = dict(max_steps=6, eval_interval=3, save_interval=3, keep_checkpoints=5)
+    return config_from_dict(cfg_dict(tmp_path, None, teacher_dir, **{**kw, **train_kw}))
 
 
 def _weights(result):

@@ -20,31 +20,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from support import cfg_dict
+
 from distill_dag.config import PipelineConfig, config_from_dict
 
 TRAIN_CHILD = [sys.executable, "-m", "distill_dag.train"]
-
-
-def cfg_dict(tmp_path: Path, corpus: dict[str, Path], teacher_dir: Path | None, **train_kw: Any) -> dict[str, Any]:
-    """A run of a 2-layer-free tiny RetNet (hidden 32) on the session corpus; ``train_kw`` overrides train.*."""
-    t = dict(teacher_mode="direct", teacher_topk=16, temperature=2.0, distill_alpha=0.5, learning_rate=3e-3,
-             warmup_steps=2, max_steps=8, batch_size=4, grad_accum=2, log_interval=1, eval_interval=0,
-             eval_batches=2, save_interval=2, keep_checkpoints=3, output_dir=str(tmp_path / "run"), device="cpu",
-             loss_chunk_tokens=64)
-    t.update(train_kw)
-    return {
-        "data": {"root": str(corpus["root"])},
-        "tokenize": {"max_seq_length": 64},
-        "teacher": {"model_name_or_path": str(teacher_dir) if teacher_dir else None},
-        # outside the project tree, so a finetuned demo teacher under runs/ is never picked up
-        "teacher_ft": {"output_dir": str(tmp_path / "teacher_ft")},
-        "logit_cache": {"dir": str(tmp_path / "cache"), "k": 16},
-        "student": {"variant": "tiny", "overrides": {"hidden_size": 32, "num_hidden_layers": 1,
-                                                     "num_attention_heads": 2, "intermediate_size": 64},
-                    "chunk_size": 16},
-        "train": t,
-        "wandb": {"mode": "disabled"},
-    }
 
 
 def make_cfg(tmp_path: Path, corpus: dict[str, Path], teacher_dir: Path | None, **train_kw: Any) -> PipelineConfig:
