@@ -14,6 +14,7 @@ entry instead of ~20 as JSON text, and no float parsing.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import time
 from typing import Any
@@ -45,26 +46,44 @@ def encode_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = N
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *parts])
 
 
-def decode_arrays(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def decode_arrays(body: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Parse a DTK1 message (``bytes`` or ``bytearray``; the arrays are views of it, not copies).
+
+    Every malformed message raises :class:`WireError` with what is wrong, never another exception:
+    a header that is not an object, ``arrays`` not a list of ``{"name", "dtype", "shape"}``, a name
+    twice, a bool or negative dimension, ``meta`` not an object, truncated or trailing bytes.
+    """
     if len(body) < 8 or body[:4] != MAGIC:
         raise WireError("not a DTK1 message (bad magic)")
     (hlen,) = struct.unpack("<I", body[4:8])
     if 8 + hlen > len(body):
         raise WireError("truncated header")
     try:
-        header = json.loads(body[8 : 8 + hlen])
-        specs, meta = header["arrays"], header.get("meta", {})
-    except (ValueError, KeyError, TypeError) as err:
+        header = json.loads(bytes(body[8 : 8 + hlen]))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise WireError(f"bad header: {err}") from None
+    if not isinstance(header, dict):
+        raise WireError(f"bad header: a JSON object is expected, not {type(header).__name__}")
+    specs, meta = header.get("arrays"), header.get("meta", {})
+    if not isinstance(specs, list):
+        raise WireError(f"bad header: 'arrays' must be a list, not {type(specs).__name__}")
+    if not isinstance(meta, dict):
+        raise WireError(f"bad header: 'meta' must be an object, not {type(meta).__name__}")
     out, off = {}, 8 + hlen
     for s in specs:
-        dt, shape = s.get("dtype"), s.get("shape")
-        if dt not in _DTYPES or not isinstance(shape, list) or not all(isinstance(x, int) and x >= 0 for x in shape):
+        if not isinstance(s, dict):
+            raise WireError(f"bad array spec {s!r}: an object with name, dtype and shape is expected")
+        name, dt, shape = s.get("name"), s.get("dtype"), s.get("shape")
+        if (not isinstance(name, str) or dt not in _DTYPES or not isinstance(shape, list)
+                or not all(type(x) is int and x >= 0 for x in shape)):
             raise WireError(f"bad array spec {s!r}")
-        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        if name in out:
+            raise WireError(f"array {name!r} given twice")
+        count = math.prod(shape)  # Python ints: a huge shape cannot overflow into a small one
+        n = count * np.dtype(dt).itemsize
         if off + n > len(body):
-            raise WireError(f"array {s.get('name')!r} truncated")
-        out[str(s["name"])] = np.frombuffer(body, dtype=dt, count=n // np.dtype(dt).itemsize, offset=off).reshape(shape)
+            raise WireError(f"array {name!r} truncated")
+        out[name] = np.frombuffer(body, dtype=dt, count=count, offset=off).reshape(shape)
         off += n
     if off != len(body):
         raise WireError(f"{len(body) - off} trailing bytes")
