@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill_dag.io import atomic_dir, sha256_file, write_bytes_atomic, write_json_atomic
+from distill_dag.io import FILE_MODE, atomic_dir, sha256_file, write_bytes_atomic, write_json_atomic
 
 LATEST = "checkpoint_latest"
 
@@ -174,12 +174,25 @@ def load_trainer_state(path: str | Path) -> tuple[Path, dict[str, Any], dict[str
     return path, state, run_info
 
 
-def write_final(run_dir: str | Path, ckpt: Path) -> Path:
-    """Copy the last checkpoint's model (+ tokenizer) to ``<run_dir>/final`` for from_pretrained users."""
+def write_final(run_dir: str | Path, ckpt: Path, *, max_length: int | None = None) -> Path:
+    """Copy the last checkpoint's model (+ tokenizer) to ``<run_dir>/final``, a Hugging Face Hub model folder.
+
+    :func:`distill_dag.model.hub.prepare_hf_folder` ships the modeling code (``auto_map``: loads with
+    ``trust_remote_code=True`` and no distill_dag), sets the special token ids and the tokenizer's
+    ``model_max_length`` (``max_length``, default the run's ``tokenize.max_seq_length``) and writes the model
+    card. Every file gets the umask's mode. ``checksums.json`` covers the folder as written, except the card
+    (``README.md``, ``model_card.json``), which the training run and the evaluation fill in later.
+    """
+    from distill_dag.model.hub import UNCHECKSUMMED, prepare_hf_folder
+
     final = Path(run_dir) / "final"
     with atomic_dir(final) as tmp:
         for f in ckpt.iterdir():
-            if f.is_file() and f.name not in ("trainer_state.pt",):
+            if f.is_file() and f.name not in ("trainer_state.pt", "checksums.json"):
                 shutil.copy2(f, tmp / f.name)
+                (tmp / f.name).chmod(FILE_MODE)
+        prepare_hf_folder(tmp, max_length=max_length)
+        sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in UNCHECKSUMMED}
+        write_json_atomic(tmp / "checksums.json", sums)
     write_json_atomic(final / "source.json", {"checkpoint": str(ckpt)})
     return final

@@ -49,4 +49,23 @@ def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = Non
         base.train.cache_logits = False
         base.train.output_dir = str(cfg.run_dir) + "_ce_only"
         result["baseline"] = train(base, data_dir=cfg.tokenized_dir, tokenizer_dir=cfg.tokenizer_dir, echo=echo)
+    _card_facts(result)
     return result
+
+
+def _card_facts(result: dict[str, Any]) -> None:
+    """The losses of each run (and the KD student's CE-only comparison) into its final folder's model card."""
+    from distill_dag.model.hub import update_model_card
+
+    baseline = result["baseline"]
+    for run in (result["student"], baseline):
+        if run is None or not (run.final_dir / "model_card.json").exists():
+            continue
+        names = {"loss": "train loss, last logged step (nats/token)", "ce": "train cross-entropy, last logged step",
+                 "kl": "train KD term (KL), last logged step", "val_loss": "held-out loss (nats/token)",
+                 "val_ppl": "held-out perplexity"}
+        losses = {names[k]: v for src in (run.final, run.val) for k, v in src.items() if k in names}
+        if run is result["student"] and baseline is not None and "val_loss" in baseline.val:
+            losses["held-out loss of the CE-only baseline, same steps and tokens"] = baseline.val["val_loss"]
+        update_model_card(run.final_dir, training={"tokens": run.tokens, "steps": run.steps, "losses": losses,
+                                                   "wandb_url": run.wandb_url})

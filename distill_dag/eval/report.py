@@ -332,5 +332,9 @@ def evaluate_run(
         baseline = b if b.is_dir() else None
     out = Path(out_dir) if out_dir is not None else (cfg.path(cfg.eval.output_dir) if cfg.eval.output_dir
                                                      else cfg.run_dir / "eval")
-    return evaluate_checkpoint(ckpt, cfg, cfg.tokenized_dir, out, teacher=teacher, baseline=baseline,
-                               split=split, niah=niah, device=device, log=log)
+    result = evaluate_checkpoint(ckpt, cfg, cfg.tokenized_dir, out, teacher=teacher, baseline=baseline,
+                                 split=split, niah=niah, device=device, log=log)
+    from distill_dag.model.hub import add_eval_to_model_card  # the student's model card gets the tables
+
+    add_eval_to_model_card(result["checkpoint"], result)
+    return result

@@ -1,15 +1,16 @@
-"""RetNet student (owned by the model issue). ``register_auto_classes`` is called on package import."""
+"""RetNet student: the model (``retnet``), named sizes (``variants``), teacher conversion (``convert``) and the
+Hugging Face Hub folder (``hub``: shipped modeling code, ``auto_map``, model card).
+
+``register_auto_classes`` is called on ``import distill_dag``: it registers the student with transformers'
+AutoConfig / AutoModelForCausalLM, so ``from_pretrained`` needs no ``trust_remote_code`` inside the package.
+"""
 
 
 def register_auto_classes() -> None:
     """Register RetNetConfig / RetNetForCausalLM with AutoConfig / AutoModelForCausalLM (idempotent)."""
-    try:
-        from distill_dag.model.retnet import RetNetConfig, RetNetForCausalLM
-    except ModuleNotFoundError as err:  # model not written yet
-        if err.name == "distill_dag.model.retnet":
-            return
-        raise
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distill_dag.model.retnet import RetNetConfig, RetNetForCausalLM
 
     try:
         AutoConfig.register(RetNetConfig.model_type, RetNetConfig)

@@ -20,6 +20,8 @@ One file, top to bottom: config, norms, rotation, multi-scale retention, FFN, bl
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -286,6 +288,12 @@ class RetNetBlock(GradientCheckpointingLayer):
         return h + self.ffn(self.ffn_norm(h))
 
 
+# safetensors writes its files 0600; published files get the mode open() would give (the process umask)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
 class RetNetPreTrainedModel(PreTrainedModel):
     config_class = RetNetConfig
     config: RetNetConfig
@@ -306,13 +314,24 @@ class RetNetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RetNetRMSNorm):
             init.ones_(module.weight)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained``, then the weight files get the umask's mode (0644 under umask 022)
+        like every other file of the folder, instead of the 0600 that safetensors gives them."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        for f in Path(save_directory).glob("model*.safetensors*"):
+            if f.is_file() and not f.is_symlink():
+                f.chmod(_FILE_MODE)
+        return out
+
 
 class RetNetModel(RetNetPreTrainedModel):
     """Embeddings -> blocks -> final norm. Returns ``.last_hidden_state`` [B, T, d] (and ``.cache``)."""
 
     def __init__(self, config: RetNetConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # no padding_idx: padding is masked out of the state and the loss, and a pad id that is also EOS (as
+        # in Llama's tokenizers) must keep learning its embedding
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([RetNetBlock(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RetNetRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
