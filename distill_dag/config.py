@@ -1,22 +1,41 @@
 """Run configuration: one pydantic model tree shared by the CLI and the Dagster assets.
 
-A YAML file under ``configs/`` holds a whole :class:`PipelineConfig`; every section has defaults,
-so a file only names what it changes. Unknown keys and wrong types are errors that name the key
-(``extra="forbid"`` everywhere). Paths are relative to the project root unless absolute.
+A YAML file holds a whole :class:`PipelineConfig`; every section has defaults, so a file only names
+what it changes. Every field carries a description (the Dagster Launchpad shows it), numeric bounds
+and, for choices, a ``Literal``; unknown keys, wrong types, values out of bounds and NaN/inf are
+errors that name the key and the file (``extra="forbid"`` everywhere).
+
+Paths (the rule, also in the README):
+- on the command line, a relative path is relative to the current directory;
+- inside a config file, relative to the folder of that file (each file of a ``base:`` chain for its
+  own keys); the bundled configs (``configs/``, reachable by name: ``--config demo.yaml``) are
+  templates, so theirs are relative to the current directory;
+- in a dict (Dagster run config, ``config_from_dict``), relative to the current directory.
+A ``*name_or_path`` value (tokenizer, teacher, hf dataset) is a local folder when it starts with
+``/ ./ ../ ~`` or exists there; otherwise it is a hub id and stays as written.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(os.environ.get("DISTILL_DAG_CONFIG_DIR", PROJECT_ROOT / "configs"))
 DEFAULT_CONFIG = "demo.yaml"
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file above 1 MiB is refused (it is not a config)
+MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (an "alias bomb" expands to billions)
+MAX_BASE_DEPTH = 16
+
+# json_schema_extra markers of the fields that hold filesystem paths (see the module docstring)
+PATH = {"path": "path"}
+NAME_OR_PATH = {"path": "name_or_path"}
 
 
 class ConfigError(ValueError):
@@ -24,9 +43,24 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+    """Base of every config section: unknown keys are errors, values are validated on assignment,
+    floats must be finite (NaN and inf are refused)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False, use_attribute_docstrings=False)
+
+
+def _f(default: Any, description: str, **kw: Any) -> Any:
+    return Field(default, description=description, **kw)
+
+
+def _factory(factory: Any, description: str, **kw: Any) -> Any:
+    return Field(default_factory=factory, description=description, **kw)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,262 +69,300 @@ class Section(BaseModel):
 class SourceConfig(Section):
     """One raw source. ``kind`` picks how rows are gathered into JSONL under ``data.root/raw``."""
 
-    name: str
-    kind: Literal["stdlib", "jsonl", "hf", "catalog"]
-    # jsonl: a file, a directory or a glob (relative to the project root)
-    path: str | None = None
-    recursive: bool = True
-    # hf: dataset id on the hub or a local dataset directory / data files
-    dataset: str | None = None
-    subset: str | None = None
-    split: str = "train"
-    # maps our field -> their field, e.g. {"prompt": "question", "response": "answer"}
-    field_map: dict[str, str] = Field(default_factory=dict)
-    max_rows: int | None = None
-    # stdlib: how many bytes of the running Python's standard library to gather
-    max_bytes: int = 30_000_000
-    # catalog: categories of the curated catalog (distill_dag/data/catalog.yaml)
-    categories: list[str] = Field(default_factory=list)
-    category: str = "general"
-    # hf: a hub revision (e.g. "refs/convert/parquet" for script-based datasets); streaming reads
-    # only the rows needed instead of downloading the whole split
-    revision: str | None = None
-    streaming: bool = False
+    name: str = Field(description="Name of the source; its JSONL goes to data.root/raw/<name>/", min_length=1)
+    kind: Literal["stdlib", "jsonl", "hf", "catalog"] = Field(
+        description="stdlib: this Python's standard library as text; jsonl: local files; hf: a Hugging Face "
+                    "dataset; catalog: categories of the curated catalog")
+    path: str | None = _f(None, "jsonl: a file, a directory or a glob; catalog: another catalog YAML "
+                                "(relative to the config file)", json_schema_extra=PATH)
+    recursive: bool = _f(True, "jsonl: also read .jsonl files in subdirectories")
+    dataset: str | None = _f(None, "hf: dataset id on the hub, or a local dataset directory / data files",
+                             json_schema_extra=NAME_OR_PATH)
+    subset: str | None = _f(None, "hf: the dataset's configuration (subset) name")
+    split: str = _f("train", "hf: the split to read", min_length=1)
+    field_map: dict[str, str] = _factory(dict, "maps our field -> the dataset's field, e.g. "
+                                               "{prompt: question, response: answer}")
+    max_rows: int | None = _f(None, "at most this many rows of the source (null: all)", ge=1)
+    max_bytes: int = _f(30_000_000, "stdlib: how many bytes of the standard library to gather", ge=1)
+    categories: list[str] = _factory(list, "catalog: categories to gather (distill_dag/data/catalog.yaml)")
+    category: str = _f("general", "category recorded on each row of a jsonl/hf source", min_length=1)
+    revision: str | None = _f(None, "hf: a hub revision (e.g. refs/convert/parquet for script-based datasets)")
+    streaming: bool = _f(False, "hf: stream only the rows needed instead of downloading the whole split")
 
 
 class DataConfig(Section):
-    root: str = "data"
-    sources: list[SourceConfig] = Field(
-        default_factory=lambda: [SourceConfig(name="stdlib", kind="stdlib")]
-    )
-    # the run fails when more than this fraction of rows of a source is rejected
-    max_reject_rate: float = Field(0.05, ge=0.0, le=1.0)
-    # the re-tokenization schedule and the new-raw-data sensor
-    retokenize_cron: str = "0 3 * * *"
-    watch_dir: str | None = None
-    # a JSONL line longer than this is rejected without being read into memory
-    max_line_bytes: int = Field(16 * 2**20, ge=1024)
-    # rows per raw JSONL part file (each part is written atomically; a rerun resumes after the last)
-    rows_per_part: int = Field(10_000, ge=1)
+    """Where the data lives and how raw sources are gathered (raw_jsonl)."""
+
+    root: str = _f("data", "Data root: raw/, tokenizer/ and tokenized/ live under it", json_schema_extra=PATH,
+                   min_length=1)
+    tokenized_dir: str | None = _f(None, "The packed dataset folder (manifest.json + shards) training reads and "
+                                         "tokenized_parquet writes (null: <root>/tokenized)", json_schema_extra=PATH)
+    sources: list[SourceConfig] = _factory(lambda: [SourceConfig(name="stdlib", kind="stdlib")],
+                                           "The raw sources gathered by raw_jsonl / distill download")
+    max_reject_rate: float = _f(0.05, "The run fails when more than this fraction of a source's rows is rejected",
+                                ge=0.0, le=1.0)
+    retokenize_cron: str = _f("0 3 * * *", "Cron schedule of the re-tokenization job", min_length=1)
+    watch_dir: str | None = _f(None, "Folder the new-raw-data sensor watches for JSONL (null: sensor off)",
+                               json_schema_extra=PATH)
+    max_line_bytes: int = _f(16 * 2**20, "A JSONL line longer than this is rejected without being read into memory",
+                             ge=1024)
+    rows_per_part: int = _f(10_000, "Rows per raw JSONL part file (each part written atomically; a rerun resumes)",
+                            ge=1)
 
 
 class TokenizerConfig(Section):
-    # hub name or local directory for AutoTokenizer; None trains a byte-level BPE on raw_jsonl
-    name_or_path: str | None = None
-    vocab_size: int = Field(4096, ge=256)
-    min_frequency: int = 2
-    train_bytes: int = 20_000_000
+    """The tokenizer asset / distill tokenizer: a hub or local tokenizer, or a byte-level BPE trained here."""
+
+    name_or_path: str | None = _f(None, "Hub name or local directory for AutoTokenizer; null trains a byte-level "
+                                        "BPE on the raw JSONL", json_schema_extra=NAME_OR_PATH)
+    vocab_size: int = _f(4096, "BPE vocabulary size (only when training a BPE)", ge=256, le=1 << 21)
+    min_frequency: int = _f(2, "BPE: a merge needs at least this many occurrences", ge=1)
+    train_bytes: int = _f(20_000_000, "BPE: train on the first this-many bytes of the raw text", ge=1)
 
 
 class TokenizeConfig(Section):
-    max_seq_length: int = Field(1024, ge=8)
-    val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
-    rows_per_shard: int = Field(8192, ge=1)
-    skip_existing: bool = True
-    force: bool = False
-    num_proc: int = Field(2, ge=1)
-    mask_prompt: bool = True
-    # documents per encode_batch call
-    batch_docs: int = Field(1024, ge=1)
+    """Packing JSONL into fixed-length parquet rows (tokenized_parquet / distill preprocess)."""
+
+    max_seq_length: int = _f(1024, "Tokens per packed row", ge=8, le=1 << 20)
+    val_fraction: float = _f(0.02, "Share of documents held out as the val split (0 = no val split)",
+                             ge=0.0, lt=1.0)
+    rows_per_shard: int = _f(8192, "Rows per parquet shard", ge=1)
+    skip_existing: bool = _f(True, "Re-tokenize only inputs whose content changed")
+    force: bool = _f(False, "Re-tokenize and rewrite everything")
+    mask_prompt: bool = _f(True, "prompt/response rows: no loss on the prompt's tokens (labels -100)")
+    batch_docs: int = _f(1024, "Documents per encode_batch call", ge=1)
 
 
 # --------------------------------------------------------------------------------------------
 # teacher: teacher_adapters, logit_cache, teacher providers
 # --------------------------------------------------------------------------------------------
 class TeacherConfig(Section):
-    # hub name or local directory; None with ``init_tiny`` builds a random-init tiny Llama (demo)
-    model_name_or_path: str | None = "meta-llama/Llama-3.2-1B"
-    adapter_path: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # network mode
-    url: str = "http://127.0.0.1:8765"
-    api: Literal["topk", "vllm"] = "topk"
-    token_env: str = "DISTILL_TEACHER_TOKEN"
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    batch_rows: int = 8
-    # demo: a tiny Llama initialised at random then fully finetuned on the demo corpus
-    init_tiny: dict[str, Any] | None = None
-    # serve-teacher: where it listens and the largest request (batch x length x k) it accepts (413 above)
-    serve_host: str = "127.0.0.1"
-    serve_port: int = 8765
-    max_request_elems: int = Field(1 << 25, ge=1)
-    # api vllm: the served model name (None: the first of GET /v1/models)
-    vllm_model: str | None = None
+    """The teacher model and how it is reached (direct, network server, vLLM)."""
+
+    model_name_or_path: str | None = _f("meta-llama/Llama-3.2-1B", "Hub name or local directory of the teacher; "
+                                        "null with init_tiny builds a random-init tiny Llama (demo)",
+                                        json_schema_extra=NAME_OR_PATH)
+    adapter_path: str | None = _f(None, "A peft (LoRA) adapter folder applied to the teacher", json_schema_extra=PATH)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Teacher weights' dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
+    url: str = _f("http://127.0.0.1:8765", "network mode: the teacher server's base URL (DISTILL_TEACHER_URL wins)",
+                  min_length=1)
+    api: Literal["topk", "vllm"] = _f("topk", "network mode: our binary /v1/topk, or a stock vLLM server")
+    token_env: str = _f("DISTILL_TEACHER_TOKEN", "Environment variable holding the server's bearer token",
+                        min_length=1)
+    timeout_s: float = _f(60.0, "network mode: seconds per request", gt=0.0)
+    max_retries: int = _f(5, "network mode: retries of a failed request", ge=0, le=100)
+    backoff_s: float = _f(1.0, "network mode: first retry delay in seconds (doubles each retry)", ge=0.0)
+    batch_rows: int = _f(8, "network mode: rows per request", ge=1)
+    init_tiny: dict[str, Any] | None = _f(None, "demo: LlamaConfig fields of a random-init tiny teacher "
+                                                "(with model_name_or_path null)")
+    serve_host: str = _f("127.0.0.1", "serve-teacher: bind address", min_length=1)
+    serve_port: int = _f(8765, "serve-teacher: port", ge=0, le=65535)
+    max_request_elems: int = _f(1 << 25, "serve-teacher: largest request (batch x length x k); 413 above", ge=1)
+    vllm_model: str | None = _f(None, "api vllm: the served model name (null: the first of GET /v1/models)")
+
+
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class TeacherFinetuneConfig(Section):
-    mode: Literal["lora", "full"] = "lora"
-    lora_r: int = 32
-    lora_alpha: int = 64
-    lora_dropout: float = 0.1
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int = 1000
-    warmup_steps: int = 50
-    eval_interval: int = 100
-    eval_batches: int = 20
-    early_stopping_patience: int = 3
-    save_interval: int = 200
-    merge: bool = False
-    output_dir: str = "runs/teacher_ft"
-    seed: int = 0
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine decays to learning_rate * min_lr_ratio
-    grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
-    log_interval: int = Field(10, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    # the seed's "expect 10%+": checked against the measured relative val-ppl improvement, never assumed
-    expected_improvement: float = 0.10
+    """Finetuning the teacher on the tokenized data (teacher_adapters / distill finetune-teacher)."""
+
+    mode: Literal["lora", "full"] = _f("lora", "lora: train a peft adapter; full: train every weight")
+    lora_r: int = _f(32, "LoRA rank", ge=1)
+    lora_alpha: int = _f(64, "LoRA alpha (scale = alpha / r)", ge=1)
+    lora_dropout: float = _f(0.1, "LoRA dropout", ge=0.0, lt=1.0)
+    target_modules: list[str] = _factory(lambda: list(_LORA_TARGETS), "LoRA: the linear layers to adapt")
+    learning_rate: float = _f(2e-4, "Peak learning rate (AdamW)", gt=0.0, le=10.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
+    batch_size: int = _f(4, "Rows per micro-batch", ge=1)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1)
+    max_steps: int = _f(1000, "Optimizer steps", ge=1)
+    warmup_steps: int = _f(50, "Linear warm-up steps", ge=0)
+    eval_interval: int = _f(100, "Held-out eval every this many steps (0 = only before and after)", ge=0)
+    eval_batches: int = _f(20, "Batches per held-out eval (0 = the whole val split)", ge=0)
+    early_stopping_patience: int = _f(3, "Stop after this many evals without improvement (0 = never)", ge=0)
+    save_interval: int = _f(200, "Checkpoint every this many steps (0 = only the final one)", ge=0)
+    merge: bool = _f(False, "lora: also write the adapter merged into the base weights")
+    output_dir: str = _f("runs/teacher_ft", "Run folder (checkpoints, final adapter or model)",
+                         json_schema_extra=PATH, min_length=1)
+    seed: int = _f(0, "Random seed", ge=0)
+    min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0)
+    log_interval: int = _f(10, "Log every this many steps", ge=1)
+    keep_checkpoints: int = _f(2, "Checkpoints kept (older ones are deleted)", ge=1)
+    expected_improvement: float = _f(0.10, "The relative held-out perplexity improvement the run is checked "
+                                           "against (measured, never assumed)", ge=0.0, lt=1.0)
 
 
 class LogitCacheConfig(Section):
-    k: int = Field(64, ge=1, le=1024)
-    dir: str = "data/logit_cache"
-    batch_rows: int = 8
-    # log-prob encoding (distill_dag/distill/logit_cache.py): q8 = 1 byte/entry, fp16 = 2, fp32 = 4 (exact)
-    dtype: Literal["q8", "fp16", "fp32"] = "q8"
-    # check each cache shard's sha256 when the cached teacher first opens it
-    verify: bool = True
+    """The teacher's top-k log-prob cache (logit_cache / distill cache-logits / teacher_mode cached)."""
+
+    k: int = _f(64, "Entries per position (the teacher's top-k); at most the vocabulary", ge=1, le=1024)
+    dir: str = _f("data/logit_cache", "Cache folder", json_schema_extra=PATH, min_length=1)
+    batch_rows: int = _f(8, "Rows per teacher forward while caching", ge=1)
+    dtype: Literal["q8", "fp16", "fp32"] = _f("q8", "Log-prob encoding: q8 = 1 byte/entry, fp16 = 2, fp32 = 4 "
+                                                    "(exact)")
+    verify: bool = _f(True, "Check each cache shard's sha256 when the cached teacher first opens it")
 
 
 # --------------------------------------------------------------------------------------------
 # student and training
 # --------------------------------------------------------------------------------------------
 class StudentConfig(Section):
-    variant: str = "500M"  # tiny | 350M | 500M (distill_dag/model/variants.py)
-    # overrides of the variant's RetNetConfig fields, e.g. {"num_hidden_layers": 2}
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    init: Literal["scratch", "from_teacher"] = "scratch"
-    chunk_size: int = Field(64, ge=1)  # chunkwise retention; a power of two >= 16 for the Triton kernel
-    gradient_checkpointing: bool = False
-    # auto: Triton on CUDA, PyTorch chunkwise elsewhere; fla needs flash-linear-attention and CUDA
-    retention_backend: Literal["auto", "torch", "triton", "fla"] = "auto"
+    """The RetNet student."""
+
+    variant: Literal["tiny", "350M", "500M"] = _f("500M", "RetNet size (distill_dag/model/variants.py)")
+    overrides: dict[str, Any] = _factory(dict, "Overrides of the variant's RetNetConfig fields, e.g. "
+                                               "{num_hidden_layers: 2}")
+    init: Literal["scratch", "from_teacher"] = _f("scratch", "scratch: random init; from_teacher: converted from "
+                                                             "the teacher, then aligned (align.*)")
+    chunk_size: int = _f(64, "Chunkwise retention chunk; a power of two >= 16 for the Triton kernel", ge=1)
+    gradient_checkpointing: bool = _f(False, "Recompute each block in the backward pass (less memory)")
+    retention_backend: Literal["auto", "torch", "triton", "fla"] = _f(
+        "auto", "auto: Triton on CUDA, PyTorch chunkwise elsewhere; fla needs flash-linear-attention and CUDA")
 
 
 class AlignConfig(Section):
     """Stage 1 of ``student.init: from_teacher`` (distill_dag/distill/align.py): the converted student's
     retention layers trained, teacher frozen, to reproduce each teacher layer's attention output (MSE)."""
 
-    steps: int = Field(200, ge=0)  # 0: convert only, KD starts from the unaligned conversion
-    # 1: V/O copied as they are (value dim = d); 2: the paper's 2d, the extra half zero-initialised
-    value_factor: Literal[1, 2] = 1
-    learning_rate: float = Field(3e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(10, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
-    batch_size: int = Field(8, ge=1)
-    log_interval: int = Field(10, ge=1)
-    eval_interval: int = Field(50, ge=0)  # per-layer held-out MSE; 0 = only before and after
-    eval_batches: int = Field(4, ge=1)
-    save_interval: int = Field(100, ge=0)
-    keep_checkpoints: int = Field(2, ge=1)
-    seed: int = 0
-    output_dir: str | None = None  # default <train run dir>_aligned
+    steps: int = _f(200, "Alignment steps (0: convert only; KD starts from the unaligned conversion)", ge=0)
+    value_factor: Literal[1, 2] = _f(1, "1: V/O copied as they are (value dim = d); 2: the paper's 2d, the extra "
+                                        "half zero-initialised")
+    learning_rate: float = _f(3e-3, "Peak learning rate (AdamW)", gt=0.0, le=10.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
+    warmup_steps: int = _f(10, "Linear warm-up steps", ge=0)
+    min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0)
+    batch_size: int = _f(8, "Rows per step", ge=1)
+    log_interval: int = _f(10, "Log every this many steps", ge=1)
+    eval_interval: int = _f(50, "Per-layer held-out MSE every this many steps (0 = only before and after)", ge=0)
+    eval_batches: int = _f(4, "Batches per eval", ge=1)
+    save_interval: int = _f(100, "Checkpoint every this many steps (0 = only the final one)", ge=0)
+    keep_checkpoints: int = _f(2, "Checkpoints kept", ge=1)
+    seed: int = _f(0, "Random seed", ge=0)
+    output_dir: str | None = _f(None, "Run folder (null: <train run dir>_aligned)", json_schema_extra=PATH)
 
 
 class TrainConfig(Section):
-    teacher_mode: Literal["direct", "cached", "network"] = "direct"
-    pretrain_ce_only: bool = False
-    # loss
-    teacher_topk: int = Field(512, ge=1)
-    temperature: float = Field(2.0, gt=0.0)
-    distill_alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of KL; (1 - alpha) weights CE
-    tail: Literal["renormalize", "bucket"] = "renormalize"
-    diversity_weight: float = Field(0.0, ge=0.0)
-    loss_chunk_tokens: int = Field(1024, ge=1)
-    # optimisation
-    optimizer: Literal["muon", "adamw"] = "muon"
-    learning_rate: float = 1e-3
-    muon_learning_rate: float = 0.02
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = Field(1e-8, gt=0.0)
-    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
-    # torch.optim.Muon's LR shape adjustment: "original" (Keller Jordan's, pairs with lr ~0.02) or
-    # "match_rms_adamw" (Moonshot's: update RMS like AdamW's, so AdamW's lr can be reused)
-    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    # stability
-    max_nan_streak: int = 10
-    enable_saddle_interventions: bool = False
-    saddle_window: int = 50
-    saddle_rel_improvement: float = 0.01
-    saddle_grad_norm: float = 0.05
-    saddle_lr_boost: float = 3.0
-    saddle_boost_steps: int = 50
-    saddle_cooldown: int = 200
-    # bookkeeping
-    seed: int = 0
-    log_interval: int = 10
-    eval_interval: int = 200
-    eval_batches: int = 20
-    save_interval: int = 200
-    keep_checkpoints: int = 2
-    output_dir: str | None = None  # default runs/<teacher_mode>/
-    resume_from: str | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    cache_logits: bool = False  # direct mode also writes the logit cache (logit_cache.dir)
-    # also train a CE-only student with the same steps and data, to show what KD adds
-    ce_only_baseline: bool = False
-    launcher: Literal["in_process", "torchrun"] = "in_process"
-    nproc_per_node: int = 1
-    # with several ranks (torchrun): ddp = whole student per rank; fsdp = parameters, gradients and
-    # optimizer state sharded (FSDP2), for students that do not fit one device
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    dist_timeout_s: float = Field(1800.0, gt=0)  # a collective waiting longer fails (a dead or hung rank)
+    """Training the student: KD from the teacher (direct, cached or network), or CE only."""
+
+    teacher_mode: Literal["direct", "cached", "network"] = _f(
+        "direct", "direct: the teacher in this process; cached: read logit_cache; network: ask teacher.url")
+    pretrain_ce_only: bool = _f(False, "CE only: no teacher is loaded")
+    teacher_topk: int = _f(512, "Teacher top-k entries per position the KD loss uses; at most the vocabulary",
+                           ge=1, le=1 << 16)
+    temperature: float = _f(2.0, "KD temperature, applied to teacher and student alike (KD term scaled by T^2)",
+                            gt=0.0, le=100.0)
+    distill_alpha: float = _f(0.5, "Weight of the KL term; (1 - alpha) weights CE", ge=0.0, le=1.0)
+    tail: Literal["renormalize", "bucket"] = _f("renormalize", "Probability outside the top-k: renormalize the "
+                                                               "top-k, or model it as one tail bucket")
+    diversity_weight: float = _f(0.0, "Weight of the diversity term (0 = off)", ge=0.0)
+    loss_chunk_tokens: int = _f(1024, "Tokens per chunk of the chunked LM-head + loss", ge=1)
+    optimizer: Literal["muon", "adamw"] = _f("muon", "muon: Muon on 2-D hidden matrices + AdamW on the rest; "
+                                                     "adamw: AdamW everywhere")
+    learning_rate: float = _f(1e-3, "Peak AdamW learning rate", gt=0.0, le=10.0)
+    muon_learning_rate: float = _f(0.02, "Peak Muon learning rate (hidden matrices)", gt=0.0, le=10.0)
+    weight_decay: float = _f(0.01, "Decoupled weight decay", ge=0.0)
+    betas: tuple[Beta, Beta] = _f((0.9, 0.95), "AdamW betas, each in [0, 1)")
+    adam_eps: float = _f(1e-8, "AdamW epsilon", gt=0.0)
+    muon_momentum: float = _f(0.95, "Muon momentum", ge=0.0, lt=1.0)
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = _f(
+        "original", "torch.optim.Muon's LR shape adjustment: original (Keller Jordan's, pairs with lr ~0.02) or "
+                    "match_rms_adamw (Moonshot's: update RMS like AdamW's, so AdamW's lr can be reused)")
+    warmup_steps: int = _f(100, "Linear warm-up steps", ge=0)
+    max_steps: int = _f(1000, "Optimizer steps (0 only with student.init from_teacher: stage 1 alone)", ge=0)
+    min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0)
+    batch_size: int = _f(8, "Rows per micro-batch (per rank under torchrun)", ge=1)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1)
+    max_nan_streak: int = _f(10, "Consecutive non-finite steps (skipped) before the run is declared diverged", ge=1)
+    enable_saddle_interventions: bool = _f(False, "Boost the LR for a while when the loss plateaus with small "
+                                                  "gradients")
+    saddle_window: int = _f(50, "Saddle detection: steps compared", ge=1)
+    saddle_rel_improvement: float = _f(0.01, "Saddle detection: relative loss improvement below which it is a "
+                                             "plateau", ge=0.0, le=1.0)
+    saddle_grad_norm: float = _f(0.05, "Saddle detection: gradient norm below which it is small", ge=0.0)
+    saddle_lr_boost: float = _f(3.0, "LR multiplier during an intervention", ge=1.0, le=100.0)
+    saddle_boost_steps: int = _f(50, "Steps an intervention lasts", ge=1)
+    saddle_cooldown: int = _f(200, "Steps after an intervention before another one", ge=0)
+    seed: int = _f(0, "Random seed", ge=0)
+    log_interval: int = _f(10, "Log every this many steps (0 = never)", ge=0)
+    eval_interval: int = _f(200, "Held-out eval every this many steps (0 = never)", ge=0)
+    eval_batches: int = _f(20, "Batches per held-out eval", ge=1)
+    save_interval: int = _f(200, "Checkpoint every this many steps (0 = only the final one)", ge=0)
+    keep_checkpoints: int = _f(2, "Checkpoints kept", ge=1)
+    output_dir: str | None = _f(None, "Run folder (null: runs/<teacher_mode>/)", json_schema_extra=PATH)
+    resume_from: str | None = _f(None, "A checkpoint folder or a run folder (follows checkpoint_latest)",
+                                 json_schema_extra=PATH)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when present")
+    cache_logits: bool = _f(False, "direct mode: also write the logit cache (logit_cache.dir)")
+    ce_only_baseline: bool = _f(False, "Also train a CE-only student with the same steps and data, to show what "
+                                       "KD adds")
+    launcher: Literal["in_process", "torchrun"] = _f("in_process", "student_ckpt: train in the Dagster step, or "
+                                                                   "launch torchrun through Dagster Pipes")
+    nproc_per_node: int = _f(1, "torchrun: processes (GPUs) per node", ge=1, le=1024)
+    parallel: Literal["ddp", "fsdp"] = _f("ddp", "With several ranks: ddp = whole student per rank; fsdp = "
+                                                 "parameters, gradients and optimizer state sharded (FSDP2)")
+    dist_timeout_s: float = _f(1800.0, "A collective waiting longer fails (a dead or hung rank)", gt=0.0)
 
 
 class EvalConfig(Section):
-    split: Literal["val", "train"] = "val"
-    max_batches: int = 50
-    niah: bool = True
-    niah_context_lengths: list[int] = Field(default_factory=lambda: [256, 512, 1024])
-    niah_depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
-    niah_trials: int = 3
-    sample_prompts: int = 3
-    max_new_tokens: int = 32
-    batch_size: int = Field(8, ge=1)
-    niah_max_new_tokens: int = Field(8, ge=1)  # a 5-digit key needs at most a few tokens
-    sample_prompt_tokens: int = Field(32, ge=1)
-    seed: int = 0
-    output_dir: str | None = None  # default <run_dir>/eval
+    """Evaluation (eval_report / distill eval): perplexity, needle-in-a-haystack, samples."""
+
+    split: Literal["val", "train"] = _f("val", "Split evaluated")
+    max_batches: int = _f(50, "Perplexity batches (0 = the whole split)", ge=0)
+    niah: bool = _f(True, "Run the needle-in-a-haystack test")
+    niah_context_lengths: list[Annotated[int, Field(ge=16)]] = _factory(
+        lambda: [256, 512, 1024], "NIAH haystack lengths in tokens")
+    niah_depths: list[Fraction] = _factory(lambda: [0.1, 0.5, 0.9], "NIAH needle depths, each in [0, 1]")
+    niah_trials: int = _f(3, "NIAH trials per (length, depth)", ge=1)
+    sample_prompts: int = _f(3, "Sample generations in the report", ge=0)
+    max_new_tokens: int = _f(32, "Tokens per sample generation", ge=1)
+    batch_size: int = _f(8, "Rows per eval batch", ge=1)
+    niah_max_new_tokens: int = _f(8, "Tokens generated per NIAH answer (a 5-digit key needs a few)", ge=1)
+    sample_prompt_tokens: int = _f(32, "Prompt tokens per sample generation", ge=1)
+    seed: int = _f(0, "Random seed", ge=0)
+    output_dir: str | None = _f(None, "Report folder (null: <run_dir>/eval)", json_schema_extra=PATH)
 
 
 class WandbConfig(Section):
-    project: str = "distill-dag"
-    entity: str | None = None
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """Weights & Biases logging (online with WANDB_API_KEY, else offline)."""
+
+    project: str = _f("distill-dag", "W&B project (WANDB_PROJECT wins)", min_length=1)
+    entity: str | None = _f(None, "W&B entity (WANDB_ENTITY wins)")
+    mode: Literal["auto", "online", "offline", "disabled"] = _f(
+        "auto", "auto: online when WANDB_API_KEY is set, else offline")
 
 
 class PipelineConfig(Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    teacher_ft: TeacherFinetuneConfig = Field(default_factory=TeacherFinetuneConfig)
-    logit_cache: LogitCacheConfig = Field(default_factory=LogitCacheConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    align: AlignConfig = Field(default_factory=AlignConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    """The whole run configuration: one section per stage."""
+
+    data: DataConfig = _factory(DataConfig, "Raw sources and the data root")
+    tokenizer: TokenizerConfig = _factory(TokenizerConfig, "The tokenizer")
+    tokenize: TokenizeConfig = _factory(TokenizeConfig, "Packing into parquet shards")
+    teacher: TeacherConfig = _factory(TeacherConfig, "The teacher and how it is reached")
+    teacher_ft: TeacherFinetuneConfig = _factory(TeacherFinetuneConfig, "Teacher finetuning")
+    logit_cache: LogitCacheConfig = _factory(LogitCacheConfig, "The teacher's top-k logit cache")
+    student: StudentConfig = _factory(StudentConfig, "The RetNet student")
+    train: TrainConfig = _factory(TrainConfig, "Student training (KD or CE only)")
+    align: AlignConfig = _factory(AlignConfig, "Stage 1 of student.init from_teacher")
+    eval: EvalConfig = _factory(EvalConfig, "Evaluation")
+    wandb: WandbConfig = _factory(WandbConfig, "Weights & Biases")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        errs = cross_field_errors(self)
+        if errs:
+            raise ValueError("; ".join(f"key '{k}': {m}" for k, m in errs))
+        return self
 
     def path(self, p: str | os.PathLike) -> Path:
-        """Resolve a config path: absolute stays, relative is under the project root."""
-        p = Path(p)
-        return p if p.is_absolute() else PROJECT_ROOT / p
+        """Resolve a config path: absolute stays, ``~`` expands, relative is under the current directory
+        (paths from config files were already made absolute against their file's folder at load)."""
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else Path.cwd() / p
 
     @property
     def data_root(self) -> Path:
@@ -308,7 +380,7 @@ class PipelineConfig(Section):
 
     @property
     def tokenized_dir(self) -> Path:
-        return self.data_root / "tokenized"
+        return self.path(self.data.tokenized_dir) if self.data.tokenized_dir else self.data_root / "tokenized"
 
     @property
     def teacher_ft_dir(self) -> Path:
@@ -323,20 +395,147 @@ class PipelineConfig(Section):
         return self.path(self.train.output_dir or f"runs/{self.train.teacher_mode}")
 
 
+def cross_field_errors(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """Checks across sections, each naming its key; the vocabulary is checked where it is known here
+    (a BPE trained by us has at most ``tokenizer.vocab_size``), else by :func:`check_vocab`."""
+    errs: list[tuple[str, str]] = []
+    if cfg.train.max_steps == 0 and cfg.student.init != "from_teacher":
+        errs.append(("train.max_steps", "0 trains nothing (0 is only for student.init from_teacher: stage 1 "
+                                        "alone); set train.max_steps >= 1"))
+    if cfg.tokenizer.name_or_path is None:
+        errs += vocab_errors(cfg, cfg.tokenizer.vocab_size, "tokenizer.vocab_size (a BPE trained here)")
+    return errs
+
+
+def vocab_errors(cfg: PipelineConfig, vocab_size: int, where: str) -> list[tuple[str, str]]:
+    errs = []
+    if not cfg.train.pretrain_ce_only and cfg.train.teacher_topk > vocab_size:
+        errs.append(("train.teacher_topk", f"{cfg.train.teacher_topk} is above the vocabulary ({vocab_size}, "
+                                           f"{where}); set train.teacher_topk <= {vocab_size}"))
+    if cfg.logit_cache.k > vocab_size:
+        errs.append(("logit_cache.k", f"{cfg.logit_cache.k} is above the vocabulary ({vocab_size}, {where}); "
+                                      f"set logit_cache.k <= {vocab_size}"))
+    return errs
+
+
+def check_vocab(cfg: PipelineConfig, vocab_size: int, where: str) -> None:
+    """Refuse a top-k above the vocabulary once the vocabulary is known (``where``: e.g. the manifest's
+    path); raises :class:`ConfigError` naming the key."""
+    errs = vocab_errors(cfg, int(vocab_size), where)
+    if errs:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  key '{k}': {m}" for k, m in errs))
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+def _field_index() -> dict[str, list[str]]:
+    """leaf name -> dotted keys that have it (for "did you mean" on a key in the wrong section)."""
+    out: dict[str, list[str]] = {}
+    for sec, f in PipelineConfig.model_fields.items():
+        for name in f.annotation.model_fields:  # type: ignore[union-attr]
+            out.setdefault(name, []).append(f"{sec}.{name}")
+    return out
+
+
+def _hint(key: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    from distill_dag.migrate import SEED_KEYS
+
+    if leaf in SEED_KEYS:
+        target = SEED_KEYS[leaf][0]
+        if target:
+            return (f"a seed config key: did you mean `{target}`? (`distill migrate-config OLD.yaml > NEW.yaml` "
+                    f"converts a whole seed config)")
+        return f"a seed config key with no equivalent here: {SEED_KEYS[leaf][1]}"
+    where = [k for k in _field_index().get(leaf, []) if k != key]
+    if where:
+        return f"did you mean `{where[0]}`?"
+    return "remove it or check its spelling"
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{key}' (remove it or check its spelling)")
+            lines.append(f"  unknown key '{key}' ({_hint(key)})")
+        elif not e["loc"] and e["type"] == "value_error":  # a cross-section check: its message names the keys
+            for m in str(e["msg"]).removeprefix("Value error, ").split("; "):
+                lines.append(f"  {m}" if m.startswith("key '") else f"  key '<root>': {m}")
         else:
-            lines.append(f"  key '{key}': {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"]
+            if e["type"] == "finite_number":
+                msg = "must be a finite number (NaN and inf are refused)"
+            lines.append(f"  key '{key}': {msg} (got {_short(e.get('input'))})")
     return "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> PipelineConfig:
+# --------------------------------------------------------------------------------------------
+# paths
+# --------------------------------------------------------------------------------------------
+def _path_kind(section: type[BaseModel], name: str) -> str | None:
+    f = section.model_fields.get(name)
+    extra = f.json_schema_extra if f is not None else None
+    return extra.get("path") if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+
+def _resolve_one(value: str, kind: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if kind == "name_or_path":
+        explicit = value.startswith(("./", "../", ".\\", "..\\")) or value in (".", "..")
+        if not explicit and not (base / p).exists():
+            return value  # a hub id
+    return os.path.normpath(base / p)
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of the config dict ``raw`` with its relative path values made absolute against ``base``
+    (fields marked :data:`PATH` / :data:`NAME_OR_PATH`); anything not understood is left to validation."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for sec, f in PipelineConfig.model_fields.items():
+        d = out.get(sec)
+        if not isinstance(d, dict):
+            continue
+        model = f.annotation
+        d = dict(d)
+        for name, v in d.items():
+            kind = _path_kind(model, name)  # type: ignore[arg-type]
+            if kind and isinstance(v, str) and v:
+                d[name] = _resolve_one(v, kind, base)
+        if sec == "data" and isinstance(d.get("sources"), list):
+            d["sources"] = [
+                {k: (_resolve_one(v, _path_kind(SourceConfig, k), base)  # type: ignore[arg-type]
+                     if _path_kind(SourceConfig, k) and isinstance(v, str) and v else v) for k, v in s.items()}
+                if isinstance(s, dict) else s
+                for s in d["sources"]
+            ]
+        out[sec] = d
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>", base_dir: str | os.PathLike | None = None
+                     ) -> PipelineConfig:
+    """Validate a config dict; relative paths in it resolve against ``base_dir`` (default: the current
+    directory)."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}:\n  key '<root>': the top level must be a mapping of "
+                          f"sections, got {type(data).__name__}")
+    data = resolve_paths(data or {}, Path(base_dir) if base_dir is not None else Path.cwd())
     try:
-        return PipelineConfig.model_validate(data or {})
+        return PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
 
@@ -348,34 +547,162 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_config_path(name: str | os.PathLike | None) -> Path:
-    """``None`` -> configs/demo.yaml; a bare name -> configs/<name>; else the given path."""
+def bundled_configs() -> list[str]:
+    return sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+
+
+def resolve_config_path(name: str | os.PathLike | None, relative_to: str | os.PathLike | None = None) -> Path:
+    """The config file ``name`` names, absolute: ``None`` -> the bundled demo.yaml; a path that exists
+    (relative to ``relative_to``, default the current directory) -> it; else a bundled config by name."""
     if name is None:
-        return CONFIG_DIR / DEFAULT_CONFIG
-    p = Path(name)
-    if p.exists():
-        return p
+        return (CONFIG_DIR / DEFAULT_CONFIG).resolve()
+    p = Path(name).expanduser()
+    here = p if p.is_absolute() else Path(relative_to or Path.cwd()) / p
+    if here.exists():
+        return here.resolve()
     if not p.is_absolute() and (CONFIG_DIR / p).exists():
-        return CONFIG_DIR / p
-    raise ConfigError(f"config file not found: {name} (looked in . and {CONFIG_DIR})")
+        return (CONFIG_DIR / p).resolve()
+    known = ", ".join(bundled_configs()) or "none"
+    raise ConfigError(f"config file not found: {name} (looked in {Path(relative_to or Path.cwd())} and in the "
+                      f"bundled configs: {known})")
+
+
+def is_bundled(path: Path) -> bool:
+    try:
+        return path.resolve().parent == CONFIG_DIR.resolve()
+    except OSError:
+        return False
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with duplicate mapping keys refused (with the line) and aliases bounded."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not None:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                                  f"(first at line {first}): keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """Values in ``node`` once aliases are expanded (memoized over the node graph, so a bomb is cheap to
+    measure); stops counting past ``limit``."""
+    memo: dict[int, int] = {}
+
+    def size(n: yaml.Node, depth: int) -> int:
+        if id(n) in memo:
+            return memo[id(n)]
+        if depth > 200:
+            raise ConfigError("YAML nested more than 200 levels deep")
+        memo[id(n)] = 0  # a recursive alias counts once
+        s = 1
+        if isinstance(n, yaml.SequenceNode):
+            for c in n.value:
+                s += size(c, depth + 1)
+                if s > limit:
+                    break
+        elif isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                s += size(k, depth + 1) + size(v, depth + 1)
+                if s > limit:
+                    break
+        memo[id(n)] = s
+        return s
+
+    return size(node, 0)
+
+
+def read_yaml(path: Path) -> Any:
+    """One YAML file, refused with a clear :class:`ConfigError` (naming the file) when it is a folder,
+    too large, binary, not UTF-8, invalid YAML, has duplicate keys or expands past
+    :data:`MAX_YAML_NODES` values through aliases."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a YAML config file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is too large for a config file (limit {MAX_CONFIG_BYTES:,})")
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if b"\0" in data:
+        raise ConfigError(f"{path}: a binary file, not a YAML config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}): not a YAML config file") from None
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+                raise ConfigError(f"{path}: YAML aliases expand to more than {MAX_YAML_NODES:,} values "
+                                  "(an alias bomb?); write the values out")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except ConfigError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+
+
+def _load_chain(path: Path, chain: list[Path]) -> dict[str, Any]:
+    """The raw dict of ``path`` merged over its ``base:`` chain, paths already absolute."""
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in [*chain[chain.index(path):], path])
+        raise ConfigError(f"base: cycle {cycle}: remove one of the base: lines")
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{path}: base: chain deeper than {MAX_BASE_DEPTH} files ({chain[0]} -> ...)")
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    raw = resolve_paths(raw, Path.cwd() if is_bundled(path) else path.parent)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: key 'base' must be one file name (e.g. base: train_direct.yaml), "
+                          f"got {type(base).__name__} {_short(base)}")
+    try:
+        parent_path = resolve_config_path(base, relative_to=path.parent)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: key 'base': {err}") from None
+    return deep_merge(_load_chain(parent_path, [*chain, path]), raw)
 
 
 def load_config(name: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load a YAML config; ``overrides`` is a nested dict merged on top (CLI flags, Dagster run config).
+    """Load a YAML config; ``overrides`` is a nested dict merged on top (CLI flags, Dagster run config),
+    its relative paths relative to the current directory.
 
-    A YAML file may start with ``base: other.yaml`` to inherit from another file of the same folder.
+    A YAML file may start with ``base: other.yaml`` to inherit from another file (relative to its folder,
+    or a bundled config by name).
     """
     path = resolve_config_path(name)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is not None:
-        parent = load_config(path.parent / base).model_dump(mode="json")
-        raw = deep_merge(parent, raw)
+    raw = _load_chain(path, [])
     if overrides:
-        raw = deep_merge(raw, overrides)
-    return config_from_dict(raw, str(path))
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"overrides must be a mapping of sections, got {type(overrides).__name__}")
+        raw = deep_merge(raw, resolve_paths(overrides, Path.cwd()))
+    # every path is absolute by now: validation resolves nothing more
+    return config_from_dict(raw, str(path), base_dir=Path.cwd())
