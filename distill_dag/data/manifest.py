@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill_dag.io import write_json_atomic
+from distill_dag.io import sha256_json, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -96,6 +96,22 @@ class Manifest:
                 "re-run preprocessing with force=True (tokenize.force / --force)"
             )
         return cls.from_dict(d, directory)
+
+    # ---- identity ----
+    @property
+    def data_version(self) -> str:
+        """The dataset's one identity (Dagster's ``DataVersion`` of ``tokenized_parquet``, the logit
+        cache's and the trainers' lineage): sha256 of what the shards hold and how to read them.
+
+        Shard *names* (not their generation folder), rows and sha256, plus the tokenizer hash and row
+        length: a rebuild that writes the same bytes has the same version, whatever its inputs' mtimes.
+        """
+        return sha256_json({
+            "schema_version": self.schema_version,
+            "shards": [[Path(s.path).name, s.split, s.rows, s.sha256] for s in self.shards],
+            "tokenizer_hash": self.tokenizer_hash,
+            "max_seq_length": self.max_seq_length,
+        })
 
     # ---- queries ----
     def split_shards(self, split: str) -> list[tuple[int, ShardInfo]]:

@@ -1,4 +1,5 @@
-"""Logit cache: encoding accuracy, resumability, idempotence, refusals, corruption, DuckDB stats."""
+"""Logit cache: encoding accuracy, one shard per unit of work (atomic, locked, reusable), refusals,
+corruption, DuckDB stats."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 from support import VOCAB, all_batches, write_data  # noqa: E402
 from test_teachers_helpers import reference_kl, reference_kl_bucket, tiny_llama  # noqa: E402
 
-from distill_dag.distill.logit_cache import (  # noqa: E402
-    CacheEncoding, CacheWriter, LogitCacheError, cache_stats, pack_ids, unpack_ids, write_logit_cache,
-)
+from distill_dag.distill.cache import layout  # noqa: E402
+from distill_dag.distill.cache.codec import CacheEncoding, LogitCacheError, pack_ids, unpack_ids  # noqa: E402
+from distill_dag.distill.cache.stats import cache_stats  # noqa: E402
+from distill_dag.distill.cache.writer import write_cache_shard, write_logit_cache  # noqa: E402
 from distill_dag.distill.teachers.cached import CachedTeacher  # noqa: E402
 from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
 from distill_dag.io import sha256_file  # noqa: E402
@@ -105,28 +106,21 @@ def test_q8_gap_codes_never_overflow_on_extreme_gaps():
     assert np.all(np.abs(back - want)[..., :4] <= step[..., None] + 1e-4)
 
 
-def test_training_side_writer_gives_byte_identical_cache(tmp_path, data, teacher):
+def _records(cache, key):
+    return layout.shard_dir(cache, key) / layout.RECORDS
+
+
+def test_two_shards_written_apart_equal_one_run_byte_for_byte(tmp_path, data, teacher):
     rb = RowByRow(teacher)
-    write_logit_cache(rb, data, tmp_path / "offline", K, 4)
-    # training order: shuffled rows across shards, odd batch sizes, rows seen twice, two sessions
-    batches = all_batches(data, 1)
-    order = np.random.default_rng(0).permutation(len(batches))
-    seq = [batches[i] for i in order] + [batches[0]]
-    w = CacheWriter(tmp_path / "train", data, k=K, vocab_size=VOCAB, teacher_identity=rb.identity())
-    for i in range(0, 9, 3):
-        b = {k: torch.cat([x[k] for x in seq[i : i + 3]]) for k in seq[0]}
-        w.add(b, rb.topk(b))
-    w.close()
-    w = CacheWriter(tmp_path / "train", data, k=K, vocab_size=VOCAB, teacher_identity=rb.identity())  # resumed run
-    for b in seq[9:]:
-        w.add(b, rb.topk(b))
-    w.close()
-    assert w.complete
-    for name in ("train-00000.npy", "val-00001.npy", "train-00000.stats.parquet", "val-00001.stats.parquet"):
-        assert sha256_file(tmp_path / "offline" / name) == sha256_file(tmp_path / "train" / name), name
-    a = json.loads((tmp_path / "offline" / "manifest.json").read_text())
-    b = json.loads((tmp_path / "train" / "manifest.json").read_text())
-    assert a == b
+    write_logit_cache(rb, data, tmp_path / "one", K, 4)
+    # two workers, each with its own teacher object, each writing one shard (the partition's unit)
+    a = write_cache_shard(RowByRow(teacher), data, "val-00001", tmp_path / "split", k=K, batch_rows=3)
+    b = write_cache_shard(RowByRow(teacher), data, "train-00000", tmp_path / "split", k=K, batch_rows=5)
+    assert not a.reused and not b.reused
+    for key in ("train-00000", "val-00001"):
+        for f in (layout.RECORDS, layout.STATS, layout.SHARD_HEADER):
+            assert sha256_file(layout.shard_dir(tmp_path / "one", key) / f) == sha256_file(layout.shard_dir(tmp_path / "split", key) / f)
+    assert a.data_version == json.loads((layout.shard_dir(tmp_path / "one", "val-00001") / "shard.json").read_text())["data_version"]
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -135,7 +129,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from test_teachers_helpers import tiny_llama
     from test_logit_cache import RowByRow, K
     from distill_dag.distill.teachers.direct import DirectTeacher
-    from distill_dag.distill.logit_cache import write_logit_cache
+    from distill_dag.distill.cache.writer import write_cache_shard
 
     class Dies(RowByRow):
         def topk(self, batch):
@@ -143,40 +137,72 @@ KILL_SCRIPT = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: a real crash
             return super().topk(batch)
 
-    write_logit_cache(Dies(DirectTeacher(tiny_llama(), K)), {data!r}, {cache!r}, K, 2)
+    write_cache_shard(Dies(DirectTeacher(tiny_llama(), K)), {data!r}, {key!r}, {cache!r}, k=K, batch_rows=2)
 """)
 
 
-def test_killed_writer_resumes_and_never_rewrites_a_finished_shard(tmp_path, data, teacher):
-    # 10 rows in shard 0 at 2 rows/batch = 5 calls; dying at call 7 is inside shard 1
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), die_at=7, data=str(data), cache=str(tmp_path / "c"))
+def test_killed_shard_write_publishes_nothing_and_reruns_alone(tmp_path, data, teacher):
+    cache = tmp_path / "c"
+    done = write_cache_shard(teacher, data, "train-00000", cache, k=K, batch_rows=4)
+    before = (sha256_file(_records(cache, "train-00000")), os.path.realpath(layout.shard_dir(cache, "train-00000")))
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), die_at=2, data=str(data), key="val-00001", cache=str(cache))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode == -9, r.stderr
-    first = tmp_path / "c" / "train-00000.npy"
-    assert first.exists() and not (tmp_path / "c" / "val-00001.npy").exists()
-    before = (first.stat().st_ino, first.stat().st_mtime_ns, sha256_file(first))
-    man = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert [s["data_shard"] for s in man["shards"]] == ["train-00000.parquet"] and not man["complete"]
-    with pytest.raises(LogitCacheError, match="not in the cache"):
-        CachedTeacher(tmp_path / "c", None, K).topk(all_batches(data, 7)[-1])
-
+    assert not layout.shard_dir(cache, "val-00001").exists()  # nothing half-written is visible
+    assert (cache / ".build" / "val-00001").exists()  # the killed build is left behind...
+    with pytest.raises(LogitCacheError, match="partition.*val-00001.*--partition val-00001"):
+        CachedTeacher(cache, data, K).topk(all_batches(data, 7)[-1])
     rb = RowByRow(teacher)
-    write_logit_cache(rb, data, tmp_path / "c", K, 2)
-    assert rb.calls <= 4  # only shard 1 (7 rows) was computed
-    assert (first.stat().st_ino, first.stat().st_mtime_ns, sha256_file(first)) == before
-    write_logit_cache(RowByRow(teacher), data, tmp_path / "clean", K, 2)
-    for name in ("train-00000.npy", "val-00001.npy"):
-        assert sha256_file(tmp_path / "c" / name) == sha256_file(tmp_path / "clean" / name)
-    assert not list((tmp_path / "c").glob(".*.tmp"))
+    again = write_cache_shard(rb, data, "val-00001", cache, k=K, batch_rows=2)  # ...and cleared by the rerun
+    assert rb.calls == 4 and not (cache / ".build" / "val-00001").exists()
+    assert (sha256_file(_records(cache, "train-00000")), os.path.realpath(layout.shard_dir(cache, "train-00000"))) == before
+    clean = write_cache_shard(RowByRow(teacher), data, "val-00001", tmp_path / "clean", k=K, batch_rows=2)
+    assert again.data_version == clean.data_version and done.rows == 10
 
 
-def test_second_run_is_a_no_op(tmp_path, data, teacher):
-    write_logit_cache(teacher, data, tmp_path / "c", K, 4)
-    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*.npy")}
+def test_same_teacher_and_data_reuse_the_shard(tmp_path, data, teacher):
+    first = write_logit_cache(teacher, data, tmp_path / "c", K, 4)
+    stamp = {k: _records(tmp_path / "c", k).stat().st_mtime_ns for k in ("train-00000", "val-00001")}
     rb = RowByRow(teacher)
-    man = write_logit_cache(rb, data, tmp_path / "c", K, 4)
-    assert rb.calls == 0 and man["complete"]
-    assert stamp == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*.npy")}
+    again = write_logit_cache(rb, data, tmp_path / "c", K, 4)
+    assert rb.calls == 0 and all(s.reused for s in again)
+    assert [s.data_version for s in first] == [s.data_version for s in again]
+    assert stamp == {k: _records(tmp_path / "c", k).stat().st_mtime_ns for k in stamp}
+    forced = write_cache_shard(RowByRow(teacher), data, "val-00001", tmp_path / "c", k=K, force=True)
+    assert not forced.reused and forced.data_version == first[1].data_version  # same bytes, same version
+
+
+def test_a_second_writer_of_one_shard_is_refused_while_the_first_holds_it(tmp_path, data, teacher):
+    import fcntl
+
+    (tmp_path / "c" / ".build").mkdir(parents=True)
+    fd = os.open(tmp_path / "c" / ".build" / "val-00001.lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(LogitCacheError, match=r"another run \(pid 4242\) is writing logit_cache partition 'val-00001'"):
+            write_cache_shard(teacher, data, "val-00001", tmp_path / "c", k=K)
+    finally:
+        os.close(fd)
+    assert write_cache_shard(teacher, data, "val-00001", tmp_path / "c", k=K).rows == 7
+
+
+def test_a_republished_shard_swaps_whole_and_old_readers_keep_reading(tmp_path, data, teacher):
+    cache = tmp_path / "c"
+    write_logit_cache(teacher, data, cache, K, 4)
+    b = all_batches(data, 4)[0]
+    reader = CachedTeacher(cache, data, K)
+    old = reader.topk(b)  # maps train-00000's records
+    other = DirectTeacher(tiny_llama(seed=3), K)
+    new = write_cache_shard(other, data, "train-00000", cache, k=K)
+    assert torch.equal(reader.topk(b).indices, old.indices)  # the open map still reads the old generation
+    assert len(list((cache / ".gen").glob("train-00000-*"))) == 1  # the old one is gone from disk
+    with pytest.raises(LogitCacheError, match="mixes shards of two teachers"):
+        CachedTeacher(cache, data, K)  # val-00001 is still the first teacher's
+    write_cache_shard(other, data, "val-00001", cache, k=K)
+    fresh = CachedTeacher(cache, data, K)
+    assert torch.equal(fresh.topk(b).indices, other.topk(b).indices)
+    assert fresh.reader.shards[0]["data_version"] == new.data_version
 
 
 def test_refuses_cache_of_other_tokenizer_other_data_or_smaller_k(tmp_path, teacher):
@@ -188,36 +214,23 @@ def test_refuses_cache_of_other_tokenizer_other_data_or_smaller_k(tmp_path, teac
     with pytest.raises(LogitCacheError, match="tokenizer hash tok-hash-1 .* tok-hash-2.*rebuild"):
         CachedTeacher(tmp_path / "c", other_tok, K)
     other_rows = write_data(tmp_path / "d3", [6], seed=5)
-    with pytest.raises(LogitCacheError, match="data manifest hash.*distill cache-logits"):
-        CachedTeacher(tmp_path / "c", other_rows, K)
-    # a batch whose tokens differ from the cached row's is refused even without a manifest to compare
-    b = all_batches(other_rows, 2)[0]
-    with pytest.raises(LogitCacheError, match="other tokens"):
-        CachedTeacher(tmp_path / "c", None, K).topk(b)
-
-
-def test_writer_refuses_other_teacher_unless_forced(tmp_path, data, teacher):
-    write_logit_cache(teacher, data, tmp_path / "c", K, 4)
-    other = DirectTeacher(tiny_llama(seed=3), K)
-    with pytest.raises(LogitCacheError, match="teacher_hash.*--force"):
-        write_logit_cache(other, data, tmp_path / "c", K, 4)
-    write_logit_cache(other, data, tmp_path / "c", K, 4, overwrite=True)
-    b = all_batches(data, 4)[0]
-    assert torch.equal(CachedTeacher(tmp_path / "c", data, K).topk(b).indices, other.topk(b).indices)
+    stale = CachedTeacher(tmp_path / "c", other_rows, K)  # the shard of that name holds other rows
+    with pytest.raises(LogitCacheError, match="train-00000.*stale.*--shards train-00000"):
+        stale.require_shards([0])
 
 
 def test_corrupt_shard_is_detected_and_named(tmp_path, data, teacher):
     write_logit_cache(teacher, data, tmp_path / "c", K, 4)
-    shard = tmp_path / "c" / "val-00001.npy"
+    shard = _records(tmp_path / "c", "val-00001")
     raw = bytearray(shard.read_bytes())
     raw[-100] ^= 0x40
     shard.write_bytes(bytes(raw))
     cached = CachedTeacher(tmp_path / "c", data, K)
     cached.topk(all_batches(data, 4)[0])  # the intact shard still reads
-    with pytest.raises(LogitCacheError, match=r"val-00001\.npy: cache shard is corrupt"):
+    with pytest.raises(LogitCacheError, match=r"records\.npy: cache shard is corrupt.*val-00001"):
         cached.topk(all_batches(data, 4)[-1])
     shard.write_bytes(bytes(raw[:-10]))  # truncated
-    with pytest.raises(LogitCacheError, match=r"val-00001\.npy: cache shard is corrupt"):
+    with pytest.raises(LogitCacheError, match=r"records\.npy: cache shard is corrupt"):
         CachedTeacher(tmp_path / "c", data, K, verify=False).topk(all_batches(data, 4)[-1])
 
 
@@ -234,22 +247,10 @@ def test_cache_stats_match_the_teachers_distribution(tmp_path, data, teacher):
         ent = -(top.exp() * top).sum(-1) - tail * tail.log()
         masses.append(mass[valid])
         ents.append(ent[valid])
-    st = cache_stats(tmp_path / "c")
+    st = cache_stats(layout.shard_dir(tmp_path / "c", key) / layout.STATS for key in ("train-00000", "val-00001"))
     assert st["positions"] == sum(len(m) for m in masses) == 10 * 16 + 7 * 16 - 3
     assert st["mean_topk_mass"] == pytest.approx(torch.cat(masses).mean().item(), abs=1e-5)
     assert st["mean_entropy_lb"] == pytest.approx(torch.cat(ents).mean().item(), abs=1e-4)
     assert sum(h["fraction"] for h in st["coverage_histogram"]) == pytest.approx(1.0)
 
 
-def test_training_cache_writer_from_config_refuses_a_teacher_with_too_small_k(tmp_path, data, teacher):
-    from distill_dag.config import config_from_dict
-    from distill_dag.distill.logit_cache import open_cache_writer
-
-    cfg = config_from_dict({"data": {"root": str(data.parent)}, "logit_cache": {"dir": str(tmp_path / "c"), "k": K}})
-    with pytest.raises(LogitCacheError, match=r"k = max\(train.teacher_topk, logit_cache.k\)"):
-        open_cache_writer(cfg, DirectTeacher(teacher.model, K - 1))
-    w = open_cache_writer(cfg, teacher)
-    for b in all_batches(data, 5):
-        w.add(b, teacher.topk(b))
-    w.close()
-    assert w.complete and CachedTeacher(tmp_path / "c", data, K).k == K

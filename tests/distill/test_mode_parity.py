@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill_dag.data.dataset import make_loader
-from distill_dag.distill.logit_cache import write_logit_cache
+from distill_dag.distill.cache.writer import write_logit_cache
 from distill_dag.distill.losses import distill_loss
 from distill_dag.distill.teacher_model import load_teacher
 from distill_dag.distill.teachers.cached import CachedTeacher

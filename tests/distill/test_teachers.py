@@ -21,7 +21,7 @@ from support import VOCAB, all_batches, make_rows, write_data  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 
 from distill_dag.config import config_from_dict  # noqa: E402
-from distill_dag.distill.logit_cache import write_logit_cache  # noqa: E402
+from distill_dag.distill.cache.writer import write_logit_cache  # noqa: E402
 from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
 from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
 from distill_dag.distill.teachers.factory import make_teacher  # noqa: E402

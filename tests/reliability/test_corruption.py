@@ -25,7 +25,9 @@ from distill_dag.data.shards import CorruptShardError  # noqa: E402
 from distill_dag.distill import distributed as distributed_mod  # noqa: E402
 from distill_dag.distill import trainer as trainer_mod  # noqa: E402
 from distill_dag.distill.checkpoint import LATEST, CheckpointError, load_trainer_state  # noqa: E402
-from distill_dag.distill.logit_cache import CacheWriter, LogitCacheError, write_logit_cache  # noqa: E402
+from distill_dag.distill.cache import layout  # noqa: E402
+from distill_dag.distill.cache.codec import LogitCacheError  # noqa: E402
+from distill_dag.distill.cache.writer import write_logit_cache  # noqa: E402
 from distill_dag.distill.teachers.cached import CachedTeacher  # noqa: E402
 from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
 from distill_dag.distill.trainer import train  # noqa: E402
@@ -193,32 +195,28 @@ def cache(tmp_path_factory):
     return data, tmp / "c", teacher
 
 
-def test_truncated_cache_manifest_or_shard_meta_is_refused_naming_it(tmp_path, cache):
+def test_truncated_cache_shard_header_is_refused_naming_it(tmp_path, cache):
     data, src, teacher = cache
-    c = shutil.copytree(src, tmp_path / "c")
-    _truncate(c / "manifest.json")
-    with pytest.raises(LogitCacheError, match=r"c/manifest\.json is not valid JSON.*distill cache-logits"):
+    c = shutil.copytree(src, tmp_path / "c", symlinks=True)
+    header = layout.shard_dir(c, "train-00000") / layout.SHARD_HEADER
+    _truncate(header)
+    with pytest.raises(LogitCacheError, match=r"train-00000/shard\.json is not valid JSON.*cache-logits --shards train-00000"):
         CachedTeacher(c, data, 8)
-    shutil.copy2(src / "manifest.json", c / "manifest.json")
-    _truncate(c / "train-00000.meta.json")
-    with pytest.raises(LogitCacheError, match=r"train-00000\.meta\.json is not valid JSON"):
-        CacheWriter(c, data, k=8, vocab_size=teacher.vocab_size, teacher_identity=teacher.identity())
 
 
 def test_cache_shard_of_the_wrong_shape_is_refused_naming_it(tmp_path, cache):
     import numpy as np
 
     data, src, _ = cache
-    c = shutil.copytree(src, tmp_path / "c")
-    shard = c / "val-00001.npy"
+    c = shutil.copytree(src, tmp_path / "c", symlinks=True)
+    shard = layout.shard_dir(c, "val-00001") / layout.RECORDS
     np.save(shard, np.zeros(3, dtype=np.float32))  # a valid .npy, just not a cache shard
-    man = json.loads((c / "manifest.json").read_text())
-    for s in man["shards"]:  # even with a manifest that vouches for its bytes
-        if s["file"] == shard.name:
-            s["bytes"], s["sha256"] = shard.stat().st_size, sha256_file(shard)
-    (c / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(LogitCacheError, match=r"val-00001\.npy: records do not match"):
-        CachedTeacher(c, None, 8).topk(all_batches(data, 5)[-1])
+    hp = layout.shard_dir(c, "val-00001") / layout.SHARD_HEADER
+    h = json.loads(hp.read_text())  # even with a header that vouches for its bytes
+    h["bytes"], h["records_sha256"] = shard.stat().st_size, sha256_file(shard)
+    hp.write_text(json.dumps(h))
+    with pytest.raises(LogitCacheError, match=r"val-00001/records\.npy: records do not match"):
+        CachedTeacher(c, data, 8).topk(all_batches(data, 5)[-1])
 
 
 # ---- nothing unpickles: a static check of the package ----------------------------------------------

@@ -16,7 +16,8 @@ from _rel import make_cfg  # noqa: E402
 
 from distill_dag.data.manifest import Manifest, ManifestMismatchError  # noqa: E402
 from distill_dag.distill import distributed as distributed_mod  # noqa: E402
-from distill_dag.distill.logit_cache import LogitCacheError, write_logit_cache  # noqa: E402
+from distill_dag.distill.cache.codec import LogitCacheError  # noqa: E402
+from distill_dag.distill.cache.writer import write_logit_cache  # noqa: E402
 from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
 from distill_dag.distill.trainer import train  # noqa: E402
 
@@ -93,7 +94,7 @@ def partial_cache(tmp_path_factory, small_corpus, tiny_teacher_dir):
     from transformers import AutoModelForCausalLM
 
     m = Manifest.load(small_corpus["tokenized"])
-    val = [i for i, _ in m.split_shards("val")]
+    val = [Path(s.path).stem for _, s in m.split_shards("val")]
     teacher = DirectTeacher(AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval(), 8)
     cache = tmp_path_factory.mktemp("partial") / "cache"
     write_logit_cache(teacher, small_corpus["tokenized"], cache, 8, 16, shards=val)
@@ -116,7 +117,7 @@ def test_k_larger_than_the_cache_holds_is_refused_before_any_compute(tmp_path, s
 
 def test_cache_missing_train_shards_is_refused_before_any_compute(tmp_path, small_corpus, partial_cache, no_compute):
     cache, m = partial_cache
-    missing = [s.path for _, s in m.split_shards("train")]
-    with pytest.raises(LogitCacheError, match=rf"{missing[0]}.*distill cache-logits"):
+    missing = [Path(s.path).stem for _, s in m.split_shards("train")]
+    with pytest.raises(LogitCacheError, match=rf"partition\(s\) {missing[0]}.*--partition {missing[0]}.*distill cache-logits --shards"):
         train(_cached_cfg(tmp_path, small_corpus, cache, teacher_topk=8), data_dir=small_corpus["tokenized"])
     _no_steps(tmp_path / "run")

@@ -1,7 +1,7 @@
-"""The cached teacher: replays the top-k that ``distill cache-logits`` stored, by (shard, row).
+"""The cached teacher: replays the top-k that the ``logit_cache`` partitions stored, by (shard, row).
 
 No teacher in memory: each batch reads exactly its rows' records from the memory-mapped cache
-shards (see :mod:`distill_dag.distill.logit_cache` for the encoding) and decodes them.
+shards (see :mod:`distill_dag.distill.cache.codec` for the encoding) and decodes them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill_dag.distill.logit_cache import DataManifest, LogitCacheError, LogitCacheReader
+from distill_dag.distill.cache.layout import DataManifest
+from distill_dag.distill.cache.reader import LogitCacheReader
 from distill_dag.distill.teachers.base import TeacherTopK
 from distill_dag.io import sha256_json
 
@@ -32,7 +33,7 @@ class CachedTeacher:
     def __init__(
         self,
         cache_dir: str | Path,
-        data_manifest: str | Path | DataManifest | None,
+        data_manifest: str | Path | DataManifest,
         k: int,
         *,
         verify: bool = True,
@@ -45,15 +46,7 @@ class CachedTeacher:
 
     def require_shards(self, shards: list[int]) -> None:
         """Refuse, before any compute, a cache that lacks data shards (indices in the data manifest) a run will read."""
-        missing = [s for s in shards if s not in self.reader.shards]
-        if missing:
-            dm = self.reader.dm
-            names = [dm.shards[s].name if dm is not None and s < len(dm.shards) else f"#{s}" for s in missing]
-            raise LogitCacheError(
-                f"{self.reader.dir / 'manifest.json'}: data shard(s) {', '.join(names)} are not in the cache (not "
-                f"finished); run `distill cache-logits --config ...` to complete it (`--shards "
-                f"{','.join(map(str, missing))}` for just these)"
-            )
+        self.reader.require(shards)
 
     def topk(self, batch: dict[str, torch.Tensor]) -> TeacherTopK:
         """``batch["shard"]`` [B], ``batch["row"]`` [B] (and ``input_ids`` [B, T]) -> TeacherTopK [B, T, k]."""
@@ -71,7 +64,7 @@ class CachedTeacher:
             "cache_dir": str(self.reader.dir),
             "teacher": h.get("teacher"),
             "teacher_hash": h.get("teacher_hash"),
-            "cache_manifest_sha256": sha256_json(h),
+            "cache_shards_sha256": sha256_json({k: v["data_version"] for k, v in sorted(self.reader.shards.items())}),
         }
 
     def close(self) -> None:

@@ -61,7 +61,7 @@ def make_teacher(
     elif mode == "cached":
         from distill_dag.distill.teachers.cached import CachedTeacher
 
-        teacher = CachedTeacher(cfg.path(cfg.logit_cache.dir), cfg.data_root / "tokenized", k, verify=cfg.logit_cache.verify)
+        teacher = CachedTeacher(cfg.cache_dir, cfg.tokenized_dir, k, verify=cfg.logit_cache.verify)
     elif mode == "network":
         if t.api == "topk":
             from distill_dag.distill.teachers.network import NetworkTeacher

@@ -1,0 +1,247 @@
+"""Write one cache shard: the teacher's top-k for every row of one data shard, published atomically.
+
+This is the unit of work of the ``logit_cache`` asset (one partition) and of ``distill cache-logits``
+(a loop over shards). Which shards run, where and how many at once is the orchestrator's business
+(Dagster partitions, backfills, the ``gpu`` pool); this module only makes one shard correct:
+
+* rows are computed in data order and written into ``.build/<key>/`` under an exclusive lock
+  (``.build/<key>.lock``): a second writer of the same shard is refused at once, and a writer killed
+  half-way leaves a build folder that the next writer of that shard (holding the lock) clears;
+* the finished folder is renamed to ``.gen/<key>-<version>`` and the ``<key>`` symlink is swapped to
+  it in one ``rename``: readers see the previous shard or the new one, whole;
+* a published shard with the same teacher, tokenizer, data shard and encoding is reused as it is
+  (same bytes, same data version), unless ``force``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from distill_dag.distill.cache import layout
+from distill_dag.distill.cache.codec import SCHEMA_VERSION, TEMPERATURE_POLICY, CacheEncoding, LogitCacheError, LogprobDtype
+from distill_dag.distill.cache.stats import write_stats
+from distill_dag.io import DIR_MODE, sha256_file, sha256_json, write_json_atomic
+
+
+@dataclass(frozen=True)
+class CacheShard:
+    """What one partition wrote (or found already written)."""
+
+    key: str
+    dir: Path  # the published folder, <cache_dir>/<key> (a symlink to its generation)
+    header: dict[str, Any]
+    reused: bool = False
+    seconds: float = 0.0
+
+    @property
+    def data_version(self) -> str:
+        return self.header["data_version"]
+
+    @property
+    def rows(self) -> int:
+        return int(self.header["rows"])
+
+
+def shard_header(dm: layout.DataManifest, shard: layout.DataShard, enc: CacheEncoding, teacher_identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity part of ``shard.json`` (what the records are computed from)."""
+    import json
+
+    return json.loads(json.dumps({  # through JSON once so it compares equal to a header read back
+        "schema_version": SCHEMA_VERSION,
+        "kind": "teacher_topk_logit_cache_shard",
+        "teacher": teacher_identity,
+        "teacher_hash": sha256_json(teacher_identity),
+        "tokenizer_hash": dm.tokenizer_hash,
+        "data_shard": shard.name,
+        "data_shard_sha256": shard.sha256,
+        "rows": shard.rows,
+        "k": enc.k,
+        "temperature": TEMPERATURE_POLICY,
+        "dtype": enc.logprobs,
+        "encoding": enc.to_json(),
+    }))
+
+
+def _same_input(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    keys = (*layout.IDENTITY_KEYS, "data_shard_sha256", "rows")
+    return old is not None and all(old.get(k) == new.get(k) for k in keys)
+
+
+def iter_shard_batches(shard: layout.DataShard, batch_rows: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches (loader format: input_ids, attention_mask, position_ids [B, T], row, shard [B]) of
+    every row of one parquet shard, in order, read one row group at a time."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(shard.path)
+    cols = ["input_ids", "attention_mask", "position_ids"]
+    start = 0
+    for g in range(pf.num_row_groups):
+        t = pf.read_row_group(g, columns=cols)
+        n = t.num_rows
+        arrs = {c: t.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.int64)
+                for c in cols}
+        for a in range(0, n, batch_rows):
+            b = {c: torch.from_numpy(arrs[c][a : a + batch_rows]) for c in cols}
+            rows = torch.arange(start + a, start + min(a + batch_rows, n), dtype=torch.long)
+            b["row"] = rows
+            b["shard"] = torch.full((len(rows),), shard.index, dtype=torch.long)
+            yield b
+        start += n
+
+
+@contextmanager
+def _shard_lock(cache_dir: Path, key: str) -> Iterator[Path]:
+    """Exclusive right to build shard ``key``; yields its (emptied) build folder."""
+    build_root = cache_dir / ".build"
+    build_root.mkdir(parents=True, exist_ok=True)
+    lock_path = build_root / f"{key}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise LogitCacheError(
+                f"{lock_path}: another run (pid {holder}) is writing logit_cache partition '{key}' right now; "
+                "wait for it, or cancel that run"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        build = build_root / key
+        if build.exists():  # a killed writer's leftover: nobody else can hold this lock
+            shutil.rmtree(build)
+        build.mkdir(mode=DIR_MODE)
+        try:
+            yield build
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _publish(cache_dir: Path, key: str, build: Path, version: str) -> None:
+    """Rename the finished build to its generation and swap the ``key`` symlink to it (one rename)."""
+    gen_root = cache_dir / ".gen"
+    gen_root.mkdir(exist_ok=True)
+    gen = gen_root / f"{key}-{version[:16]}"
+    if gen.exists():  # the same content was published before (e.g. forced rebuild, same teacher)
+        shutil.rmtree(build)
+    else:
+        for f in build.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(build, gen)
+    link = layout.shard_dir(cache_dir, key)
+    tmp = cache_dir / f".{key}.link.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.join(".gen", gen.name), tmp)
+    os.replace(tmp, link)
+    fd = os.open(cache_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for old in gen_root.glob(f"{key}-*"):  # earlier generations of this shard (readers keep open maps)
+        if old != gen and old.name[len(key) + 1 :].isalnum() and len(old.name) == len(gen.name):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_cache_shard(
+    provider: Any,
+    data: str | Path | layout.DataManifest,
+    key: str,
+    cache_dir: str | Path,
+    *,
+    k: int,
+    dtype: LogprobDtype = "q8",
+    batch_rows: int = 8,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> CacheShard:
+    """Cache ``provider``'s top-k for every row of data shard ``key``; publish it atomically.
+
+    ``progress(rows_done, rows_total)`` is called after each batch. Returns the shard's header
+    (with ``data_version``, the sha256 of what was written: the same rows and teacher give the same
+    bytes, hence the same version).
+    """
+    t0 = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    dm = layout.read_data_manifest(data)
+    shard = dm.shard(key)
+    if provider.k < k:
+        raise LogitCacheError(f"teacher provider gives k={provider.k} < logit_cache.k={k}")
+    enc = CacheEncoding(int(k), int(provider.vocab_size), int(dm.seq_len), dtype)
+    if enc.id_bits > 25:
+        raise LogitCacheError(f"vocab_size {provider.vocab_size} needs more than 25 bits per id; not supported")
+    want = shard_header(dm, shard, enc, provider.identity())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    old = layout.read_shard_header(cache_dir, key)
+    if not force and _same_input(old, want):
+        return CacheShard(key, layout.shard_dir(cache_dir, key), old, reused=True)
+    with _shard_lock(cache_dir, key) as build:
+        records = build / layout.RECORDS
+        mm = np.lib.format.open_memmap(records, mode="w+", dtype=enc.record_dtype, shape=(shard.rows,))
+        done = 0
+        for batch in iter_shard_batches(shard, batch_rows):
+            topk = provider.topk(batch)
+            if topk.k < enc.k:
+                raise LogitCacheError(f"teacher gave k={topk.k} but the cache stores k={enc.k}")
+            rows = batch["row"].numpy()
+            mm[rows[0] : rows[-1] + 1] = enc.encode(
+                topk.indices[..., : enc.k].cpu().numpy(), topk.logprobs[..., : enc.k].float().cpu().numpy(),
+                batch["input_ids"].numpy(), batch["attention_mask"].numpy().sum(-1),
+            )
+            done += len(rows)
+            if progress is not None:
+                progress(done, shard.rows)
+        if done != shard.rows:
+            raise LogitCacheError(f"{shard.path}: read {done} rows but its manifest says {shard.rows}; re-run `distill preprocess`")
+        mm.flush()
+        del mm
+        write_stats(np.load(records, mmap_mode="r"), enc, build / layout.STATS)
+        digest = sha256_file(records)
+        header = want | {
+            "records": layout.RECORDS,
+            "records_sha256": digest,
+            "bytes": records.stat().st_size,
+            "bytes_per_entry": round(enc.bytes_per_entry, 4),
+            "stats": layout.STATS,
+            "stats_sha256": sha256_file(build / layout.STATS),
+            "data_version": sha256_json({"records_sha256": digest, "encoding": enc.to_json()}),
+        }
+        write_json_atomic(build / layout.SHARD_HEADER, header)
+        _publish(cache_dir, key, build, header["data_version"])
+    return CacheShard(key, layout.shard_dir(cache_dir, key), header, seconds=time.perf_counter() - t0)
+
+
+def write_logit_cache(
+    provider: Any,
+    data: str | Path | layout.DataManifest,
+    cache_dir: str | Path,
+    k: int,
+    batch_rows: int = 8,
+    *,
+    dtype: LogprobDtype = "q8",
+    shards: Iterable[str] | None = None,
+    force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[CacheShard]:
+    """:func:`write_cache_shard` for each data shard (``shards``: keys; default all), one after another."""
+    dm = layout.read_data_manifest(data)
+    keys = list(shards) if shards is not None else [s.key for s in dm.shards]
+    out = []
+    for key in keys:
+        cb = (lambda d, t, key=key: progress(key, d, t)) if progress is not None else None
+        out.append(write_cache_shard(provider, dm, key, cache_dir, k=k, dtype=dtype, batch_rows=batch_rows,
+                                     force=force, progress=cb))
+    return out
