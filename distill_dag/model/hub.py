@@ -17,7 +17,8 @@ token ids, the trained length on the tokenizer and a model card (``README.md``).
 
 A folder prepared this way loads in any Python with torch and transformers, without distill_dag::
 
-    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True); AutoTokenizer.from_pretrained(folder)
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # it reads config.json, whose AutoConfig is shipped
 
 and uploads as it is: ``huggingface_hub.HfApi().upload_folder(folder_path=folder, repo_id=...)``.
 """
@@ -315,7 +316,8 @@ def render_model_card(facts: dict[str, Any]) -> str:
     how = ("retention alignment to the teacher (stage 1 of from_teacher init), not yet distilled" if aligned else
            "cross-entropy on the data only (the CE-only baseline)" if ce_only else
            f"knowledge distillation: sparse top-{run.get('teacher_topk')} KL to the teacher at temperature "
-           f"{run.get('temperature')} (weight {run.get('distill_alpha')}) plus cross-entropy")
+           f"{run.get('temperature')} (weight {_fmt(run.get('distill_alpha'))}) plus cross-entropy on the data "
+           f"(weight {_fmt(None if run.get('distill_alpha') is None else 1 - run['distill_alpha'])})")
     lines = [
         "---",
         "library_name: transformers",
@@ -348,13 +350,14 @@ def render_model_card(facts: dict[str, Any]) -> str:
         "## How to use",
         "",
         "The modeling code ships in this folder (`modeling_retnet.py`, `retention*.py`; they need only torch and "
-        "transformers), hence `trust_remote_code=True`:",
+        "transformers), hence `trust_remote_code=True`. Pass it to `AutoTokenizer` too: it reads `config.json`, "
+        "whose `AutoConfig` is that code (without it, transformers asks before running it).",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         'path = "PATH_OR_REPO_ID"',
-        "tok = AutoTokenizer.from_pretrained(path)",
+        "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
         "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
         'out = model.generate(**tok("def main(", return_tensors="pt"), max_new_tokens=64)  # stops at EOS',
         "print(tok.decode(out[0]))",
