@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,8 +50,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     An existing ``path`` is moved aside first and deleted only after the new one is in place.
     """
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -120,3 +121,69 @@ def sha256_dir(path: str | os.PathLike) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def remove_temp_files(directory: str | os.PathLike, stems: set[str] | None = None) -> None:
+    """Delete the ``.<name>.<random>.tmp`` files that a killed run's :func:`atomic_path` left behind
+    (only those of files named ``<stem>.*`` when ``stems`` is given: other workers' live writes stay)."""
+    for p in Path(directory).glob(".*.tmp"):
+        if stems is not None and not any(p.name.startswith(f".{stem}.") for stem in stems):
+            continue
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
+# ---- one writer per directory ------------------------------------------------------------------
+LOCK = ".lock"
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another process is writing the directory (it holds ``<dir>/.lock``)."""
+
+
+@contextlib.contextmanager
+def dir_lock(directory: str | os.PathLike, shared: bool = False, what: str = "run") -> Iterator[Path]:
+    """Hold ``<directory>/.lock`` (``fcntl.flock``) for the duration: exclusive, or ``shared`` with
+    other shared holders (e.g. workers that each fill their own cache files) but not with an
+    exclusive one. Never waits: a held lock raises :class:`DirectoryLockedError` naming the directory
+    and, for an exclusive holder, its pid. The kernel drops the lock when the holder dies, so a
+    killed run never leaves a stale lock (the pid it wrote is then simply overwritten)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            who = f"pid {holder}" if holder.isdigit() else "a worker filling its cache"
+            raise DirectoryLockedError(
+                f"another {what} is writing {d} ({who}); wait for it to finish, or give this run another "
+                f"output directory (the lock is {path}; it is released when that process ends)"
+            ) from None
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            if not shared:
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+# ---- disk full ---------------------------------------------------------------------------------
+class DiskFullError(OSError):
+    """No space left while writing ``filename``; what was published before is untouched."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT, raised by Python (``errno``) or by pyarrow (only in the message)."""
+    if not isinstance(err, OSError):
+        return False
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "Disk quota exceeded" in text

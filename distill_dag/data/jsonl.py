@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from distill_dag.io import write_bytes_atomic
+
 try:
     import orjson
 except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib path gives the same rows
@@ -132,11 +134,14 @@ def iter_jsonl(
     stats: ReadStats | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     validate: bool = True,
+    digest: Any = None,
 ) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
     """Yield ``(line_number, row)`` for good rows and ``(line_number, Reject)`` for bad ones.
 
     Line numbers start at 1. Blank lines are neither rows nor rejects. A line longer than
     ``max_line_bytes`` is skipped in bounded chunks, so a 50 MB line never sits in memory whole.
+    ``digest`` (a ``hashlib`` object) is updated with every byte read, in the same pass: once the
+    iterator is exhausted it is the hash of exactly the content the rows came from.
     """
     stats = stats if stats is not None else ReadStats()
     name = str(path)
@@ -146,6 +151,8 @@ def iter_jsonl(
             raw = f.readline(max_line_bytes + 1)
             if not raw:
                 break
+            if digest is not None:
+                digest.update(raw)
             line_no += 1
             stats.bytes += len(raw)
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
@@ -153,6 +160,8 @@ def iter_jsonl(
                 size = len(raw)
                 while True:  # drain the rest of the long line without keeping it
                     chunk = f.readline(1 << 20)
+                    if digest is not None:
+                        digest.update(chunk)
                     size += len(chunk)
                     stats.bytes += len(chunk)
                     if not chunk or chunk.endswith(b"\n"):
@@ -223,7 +232,5 @@ def check_reject_rate(stats: ReadStats, max_rate: float | None, what: str, rejec
 
 def write_rejects(path: str | os.PathLike, rejects: list[Reject]) -> None:
     """Write rejects as JSONL atomically (an empty list writes an empty file)."""
-    from distill_dag.io import write_bytes_atomic
-
     data = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rejects)
     write_bytes_atomic(Path(path), data.encode())

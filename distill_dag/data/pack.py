@@ -19,9 +19,19 @@ Each input's tokens are cached under ``<output>/.cache/`` keyed by the input's s
 tokenizer hash: ``skip_existing`` re-tokenizes only inputs whose content changed, then repacks
 from the caches (cheap); an unchanged input set leaves the shards untouched. Inputs are keyed by
 their path relative to the input root, so same-named files in different folders never collide.
-Shards are renamed into place only when complete and the manifest is written last, so a killed
-run leaves the previous manifest; rerunning produces exactly the shards and manifest of a clean
-run (everything is deterministic).
+An input is hashed at discovery (for the cache and the build key) and again, in the same pass,
+as it is read: content that changed in between is refused (:class:`InputChangedError`), so the
+manifest's sha256 is always that of the bytes the shards were built from.
+
+Publishing is all-or-nothing. A build writes its shards into a new generation folder,
+``<output>/gen-<build key>/``, that no manifest names yet; only the atomic replace of
+``<output>/manifest.json`` (shard paths relative to it, e.g. ``gen-1a2b3c4d5e6f/train-00000.parquet``)
+makes them visible, and the previous generation is deleted after that. A rebuild that fails (bad
+rows over ``max_reject_rate``, disk full, an input changing) or is killed at any point leaves the
+previous dataset readable and byte-identical; its partial generation is removed then or by the
+next run. Rerunning produces exactly the shards and manifest of a clean run (everything is
+deterministic, the generation name too). One run writes an output at a time (``<output>/.lock``);
+workers filling the token cache share it, and never read the output tree as input.
 
 Three stages overlap (on 2 cores 1.08-1.2x the bare tokenizer's ``encode_batch`` and ~0.8 of its
 ``encode_batch_fast``, wall-clock, bench/tokenize.py):
@@ -36,11 +46,13 @@ Everything is consumed in input order, so the bytes written do not depend on the
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import itertools
 import json
 import os
-import re
 import shutil
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,11 +62,17 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
+from distill_dag.config import PipelineConfig
 from distill_dag.data.jsonl import DEFAULT_MAX_LINE_BYTES, ReadStats, Reject, check_reject_rate, iter_jsonl
 from distill_dag.data.manifest import MANIFEST, SCHEMA_VERSION, Manifest
-from distill_dag.data.shards import BackgroundWriter, ShardWriter, np_to_arrow, str_to_arrow
-from distill_dag.io import atomic_path, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
+from distill_dag.data.paths import InputFile, discover_inputs
+from distill_dag.data.shards import GENERATION_PREFIX, BackgroundWriter, ShardWriter, np_to_arrow, str_to_arrow
+from distill_dag.data.tokenizer import load_tokenizer, tokenizer_name
+from distill_dag.data.tokenizer import tokenizer_hash as hash_tokenizer_dir
+from distill_dag.io import (DiskFullError, atomic_path, dir_lock, is_disk_full, remove_temp_files, sha256_json,
+                            write_bytes_atomic, write_json_atomic)
 
 CACHE_VERSION = 1
 CACHE_DIR = ".cache"
@@ -67,49 +85,8 @@ _CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("l
 
 
 # ---- inputs ------------------------------------------------------------------------------------
-@dataclass
-class InputFile:
-    key: str  # path relative to the input root (posix): unique per file
-    path: Path
-    sha256: str
-    bytes: int
-
-    @property
-    def cache_stem(self) -> str:
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", self.key)[-80:]
-        return f"{safe}-{hashlib.sha256(self.key.encode()).hexdigest()[:10]}"
-
-
-def discover_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursive: bool = True) -> list[InputFile]:
-    """JSONL files of a directory / file / list of them, keyed by path relative to their common root."""
-    from distill_dag.data.sources import resolve_jsonl_paths
-
-    specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    files: list[Path] = []
-    roots: list[Path] = []
-    for spec in specs:
-        p = Path(spec).resolve()
-        if p.is_dir():
-            roots.append(p)
-        elif p.is_file():
-            roots.append(p.parent)
-        else:
-            raise FileNotFoundError(f"input {spec} does not exist (give a JSONL file or a directory of them)")
-        files.extend(resolve_jsonl_paths(p, recursive=recursive))
-    files = sorted(set(files))
-    root = Path(os.path.commonpath([str(r) for r in roots])) if roots else Path(".")
-    out = [InputFile(f.relative_to(root).as_posix(), f, sha256_file(f), f.stat().st_size) for f in files]
-    return sorted(out, key=lambda x: x.key)
-
-
-def remove_temp_files(directory: Path, stems: set[str] | None = None) -> None:
-    """Delete ``.<name>.<random>.tmp`` files that a killed run's atomic writes left behind (only those
-    of cache files named ``<stem>.*`` when ``stems`` is given: other workers' live writes stay)."""
-    for p in Path(directory).glob(".*.tmp"):
-        if stems is not None and not any(p.name.startswith(f".{stem}.") for stem in stems):
-            continue
-        if p.is_file():
-            p.unlink(missing_ok=True)
+class InputChangedError(RuntimeError):
+    """An input's content changed between its discovery and its read: nothing was published."""
 
 
 def worker_inputs(files: list[InputFile], worker: int, num_workers: int) -> list[InputFile]:
@@ -154,8 +131,6 @@ class DocBatch:
 
 
 def _flatten(lists: list[list[int]], total: int) -> np.ndarray:
-    import itertools
-
     return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=total)
 
 
@@ -188,12 +163,12 @@ def encode_rows(backend: Any, rows: list[dict[str, Any]], doc_ids: list[str], so
 
 
 def _row_batches(inp: InputFile, stats: ReadStats, rejects: list[Reject], batch_docs: int,
-                 max_line_bytes: int, default_source: str) -> Iterator[tuple[list[dict], list[str], list[str]]]:
+                 max_line_bytes: int, default_source: str, digest: Any) -> Iterator[tuple[list[dict], list[str], list[str]]]:
     rows: list[dict] = []
     ids: list[str] = []
     srcs: list[str] = []
     size = 0
-    for line_no, row in iter_jsonl(inp.path, stats, max_line_bytes=max_line_bytes):
+    for line_no, row in iter_jsonl(inp.path, stats, max_line_bytes=max_line_bytes, digest=digest):
         if isinstance(row, Reject):
             row.file = str(inp.path)
             rejects.append(row)
@@ -408,9 +383,24 @@ class _Fresh:
     cache: _CacheWriter
     stats: ReadStats = field(default_factory=ReadStats)
     rejects: list[Reject] = field(default_factory=list)
+    digest: Any = field(default_factory=hashlib.sha256)  # of the bytes read, as they are read
     val_docs: int = 0
     tokens: int = 0
     opened: bool = False
+
+    def batches(self, batch_docs: int, max_line_bytes: int) -> Iterator[tuple[list[dict], list[str], list[str]]]:
+        return _row_batches(self.inp, self.stats, self.rejects, batch_docs, max_line_bytes,
+                            _default_source(self.inp.key), self.digest)
+
+    def check_unchanged(self) -> None:
+        """After the whole input was read: refuse it when what was read is not what was discovered."""
+        read = self.digest.hexdigest()
+        if read != self.inp.sha256:
+            raise InputChangedError(
+                f"{self.inp.path} changed while this run read it (sha256 {self.inp.sha256[:12]}… when the run "
+                f"started, {read[:12]}… of the bytes read): shards built from it would not match the manifest. "
+                "Nothing was published; re-run once the file is no longer being written"
+            )
 
 
 # ---- the pipeline ------------------------------------------------------------------------------
@@ -445,6 +435,58 @@ class _Run:
         return int(val.sum()), int(b.lens.sum()) + b.n
 
 
+def tokenize_stage(cfg: PipelineConfig, *, inputs: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                   output_dir: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None,
+                   recursive: bool = True, worker: tuple[int, int] | None = None, progress: bool = False,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The tokenize stage as ``distill preprocess`` and the ``tokenized_parquet`` asset run it: one set of
+    defaults, all from ``cfg`` (``tokenize.*``: max_seq_length, val_fraction, rows_per_shard,
+    skip_existing, force, mask_prompt, batch_docs; ``data.max_reject_rate``, ``data.max_line_bytes``).
+
+    ``inputs`` / ``output_dir`` / ``tokenizer_dir`` default to the config's ``raw_dir``,
+    ``tokenized_dir`` and ``tokenizer_dir``; inputs are read recursively (``raw/<source>/part-*.jsonl``).
+    ``log`` receives the warnings and a short report. Returns :func:`tokenize_to_parquet`'s summary.
+    """
+    t = cfg.tokenize
+    out = Path(output_dir) if output_dir is not None else cfg.tokenized_dir
+    summary = tokenize_to_parquet(
+        inputs if inputs is not None else cfg.raw_dir, out,
+        tokenizer_dir if tokenizer_dir is not None else cfg.tokenizer_dir, t.max_seq_length,
+        recursive=recursive, val_fraction=t.val_fraction, rows_per_shard=t.rows_per_shard,
+        skip_existing=t.skip_existing, force=t.force, mask_prompt=t.mask_prompt, batch_docs=t.batch_docs,
+        max_line_bytes=cfg.data.max_line_bytes, max_reject_rate=cfg.data.max_reject_rate, progress=progress,
+        worker=worker, log=log,
+    )
+    for line in report(summary, out):
+        log(line)
+    return summary
+
+
+def report(summary: dict[str, Any], output_dir: str | os.PathLike) -> list[str]:
+    """What a run did, in a few lines (the CLI prints them, the asset logs them)."""
+    if "worker" in summary:
+        i, n = summary["worker"]
+        return [f"worker {i}/{n}: tokenized {len(summary['tokenized'])} input(s) into the token cache, "
+                f"{len(summary['reused'])} already cached; pack with: distill preprocess (same arguments, no --worker)"]
+    if summary["up_to_date"]:
+        lines = [f"{output_dir} is up to date ({len(summary['reused'])} inputs unchanged); nothing re-tokenized"]
+    else:
+        lines = [f"tokenized {len(summary['tokenized'])} input(s), reused {len(summary['reused'])} from the cache"]
+    for split in ("train", "val"):
+        s = summary["totals"][split]
+        lines.append(f"  {split}: {s['shards']} shards, {s['rows']:,} rows, {s['tokens']:,} tokens, "
+                     f"{s['docs']:,} documents")
+    if summary["rejects"]:
+        lines.append(f"  {summary['rejects']} bad rows skipped; each with file, line and reason in "
+                     f"{summary['rejects_file']}")
+    lines.append(f"  manifest: {Path(output_dir) / MANIFEST}")
+    return lines
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
 def tokenize_to_parquet(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
@@ -463,6 +505,7 @@ def tokenize_to_parquet(
     tokenizer_hash: str | None = None,
     progress: bool = False,
     worker: tuple[int, int] | None = None,
+    log: Callable[[str], None] = _warn,
 ) -> dict[str, Any]:
     """Tokenize + pack JSONL ``inputs`` (a directory, a file, or a list) into ``output_dir``.
 
@@ -470,37 +513,90 @@ def tokenize_to_parquet(
     the token cache, and pack nothing. n workers (processes, machines on a shared filesystem, Dagster
     runs) fill the cache without coordinating; a final call without ``worker`` then only packs.
 
-    Writes ``train-NNNNN.parquet`` / ``val-NNNNN.parquet`` shards, ``manifest.json`` and
-    ``rejects.jsonl`` (every skipped line: file, line, reason). ``skip_existing`` reuses the token
-    cache of unchanged inputs (and returns at once when nothing changed); ``force`` (or
-    ``skip_existing=False``) re-tokenizes everything. Bad rows are reported, not fatal, unless
-    their share exceeds ``max_reject_rate`` (:class:`~distill_dag.data.jsonl.RejectRateError`).
+    Writes ``gen-<id>/train-NNNNN.parquet`` / ``gen-<id>/val-NNNNN.parquet`` shards, then publishes
+    them with ``manifest.json`` (module docstring), and ``rejects.jsonl`` (every skipped line of this
+    run: file, line, reason). ``skip_existing`` reuses the token cache of unchanged inputs (and
+    returns at once when nothing changed); ``force`` (or ``skip_existing=False``) re-tokenizes
+    everything. Bad rows are reported, not fatal, unless their share exceeds ``max_reject_rate``
+    (:class:`~distill_dag.data.jsonl.RejectRateError`, nothing published). Raises
+    :class:`InputChangedError`, :class:`~distill_dag.io.DiskFullError` (naming the path; nothing
+    published, no partial shards left) and :class:`~distill_dag.io.DirectoryLockedError` (another run
+    writes ``output_dir``). ``log`` receives warnings (default: :func:`warnings.warn`).
 
     Returns a summary: the manifest as a dict plus ``tokenized`` / ``reused`` input keys,
-    ``up_to_date``, ``rejects`` and ``rejects_file``.
+    ``up_to_date``, ``rejects``, ``rejects_file``, ``generation`` and ``warnings``.
     """
-    from distill_dag.data.tokenizer import load_tokenizer, tokenizer_hash as hash_dir, tokenizer_name
-
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CACHE_DIR).mkdir(exist_ok=True)
-    reuse = skip_existing and not force
     tok = load_tokenizer(tokenizer_dir)
-    tok_hash = tokenizer_hash or hash_dir(tokenizer_dir, tok)
+    tok_hash = tokenizer_hash or hash_tokenizer_dir(tokenizer_dir, tok)
     if tok.eos_token_id is None or tok.pad_token_id is None:
         raise ValueError(f"tokenizer {tokenizer_dir} needs eos and pad tokens (resolve it with resolve_tokenizer)")
-    files = discover_inputs(inputs, recursive)
+    found = discover_inputs(inputs, recursive, exclude=out)
+    notes = [w for w in [found.warning(out)] if w]
+    for note in notes:
+        log(note)
+    files = found.files
     if not files:
         raise FileNotFoundError(f"no .jsonl files in {inputs} (recursive={recursive})")
-    if worker is not None:
-        return _fill_cache(out, worker_inputs(files, *worker), tok, tok_hash, worker, reuse=reuse,
-                           batch_docs=batch_docs, max_line_bytes=max_line_bytes)
+    reuse = skip_existing and not force
+    with dir_lock(out, shared=worker is not None, what="preprocess run"):
+        (out / CACHE_DIR).mkdir(exist_ok=True)
+        try:
+            if worker is not None:
+                summary = _fill_cache(out, worker_inputs(files, *worker), tok, tok_hash, worker, reuse=reuse,
+                                      batch_docs=batch_docs, max_line_bytes=max_line_bytes)
+            else:
+                summary = _build(out, inputs, files, tok, tokenizer_dir, tok_hash, max_seq_length, reuse=reuse,
+                                 val_fraction=val_fraction, rows_per_shard=rows_per_shard, mask_prompt=mask_prompt,
+                                 batch_docs=batch_docs, max_line_bytes=max_line_bytes,
+                                 max_reject_rate=max_reject_rate, progress=progress)
+        except OSError as err:
+            if not is_disk_full(err) or isinstance(err, DiskFullError):
+                raise
+            where = err.filename or getattr(err, "writing", None) or out
+            raise DiskFullError(errno.ENOSPC, (
+                f"no space left on the device of {out} while preprocessing, writing {where} ({err}). Nothing was "
+                f"published: {out / MANIFEST} still names the previous dataset, if any, and the partial shards were "
+                "removed. Free space there (or choose another --output) and re-run"), str(where)) from err
+    return {**summary, "warnings": notes}
+
+
+def _live_generations(out: Path) -> set[str] | None:
+    """The generation folders the current manifest names (read as plain JSON, so even a manifest this
+    code cannot load keeps its shards); None when there is no readable manifest."""
+    try:
+        d = json.loads((out / MANIFEST).read_text())
+        paths = [s["path"] for s in d["shards"]]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return {p.split("/")[0] for p in paths if isinstance(p, str) and "/" in p}
+
+
+def _remove_generations(out: Path, keep: set[str]) -> None:
+    for g in out.glob(f"{GENERATION_PREFIX}*"):
+        if g.is_dir() and g.name not in keep:
+            shutil.rmtree(g, ignore_errors=True)
+
+
+def _new_generation(out: Path, build_key: str, live: set[str]) -> Path:
+    """``gen-<build key>``: the same name in every clean run of the same inputs and settings; a forced
+    rebuild over a live generation of that name takes ``gen-<build key>-1`` (then back)."""
+    base = f"{GENERATION_PREFIX}{build_key[:12]}"
+    name = next(n for n in (base if i == 0 else f"{base}-{i}" for i in itertools.count()) if n not in live)
+    return out / name
+
+
+def _build(out: Path, inputs: Any, files: list[InputFile], tok: Any, tokenizer_dir: str | os.PathLike, tok_hash: str,
+           max_seq_length: int, *, reuse: bool, val_fraction: float, rows_per_shard: int, mask_prompt: bool,
+           batch_docs: int, max_line_bytes: int, max_reject_rate: float | None, progress: bool) -> dict[str, Any]:
+    """Pack ``files`` into a new generation of ``out`` and publish it (the caller holds the lock)."""
     remove_temp_files(out)
     remove_temp_files(out / CACHE_DIR)
     settings = {"schema_version": SCHEMA_VERSION, "cache_version": CACHE_VERSION, "tokenizer_hash": tok_hash,
                 "max_seq_length": max_seq_length, "val_fraction": val_fraction, "mask_prompt": mask_prompt,
                 "rows_per_shard": rows_per_shard, "inputs": {f.key: f.sha256 for f in files}}
     build_key = sha256_json(settings)
+    live = _live_generations(out) or set()
 
     if reuse and (out / MANIFEST).exists():
         try:
@@ -510,18 +606,38 @@ def tokenize_to_parquet(
         if old is not None and old.build_key == build_key and all(
             (out / s.path).exists() and (out / s.path).stat().st_size == s.bytes for s in old.shards
         ):
+            _remove_unlisted(out, old, files)  # what a run killed after its publish left
             return {**old.to_dict(), "tokenized": [], "reused": [f.key for f in files], "up_to_date": True,
-                    "rejects": old.totals.get("rejects", 0), "rejects_file": str(out / REJECTS)}
+                    "rejects": old.totals.get("rejects", 0), "rejects_file": str(out / REJECTS),
+                    "generation": next(iter(sorted(live)), "")}
 
+    _remove_generations(out, keep=live)  # partial generations of killed runs
+    gen = _new_generation(out, build_key, live)
+    gen.mkdir()
+    try:
+        manifest, state = _pack(out, gen, inputs, files, tok, tokenizer_dir, tok_hash, max_seq_length, build_key,
+                                reuse=reuse, val_fraction=val_fraction, rows_per_shard=rows_per_shard,
+                                mask_prompt=mask_prompt, batch_docs=batch_docs, max_line_bytes=max_line_bytes,
+                                max_reject_rate=max_reject_rate, progress=progress)
+    except BaseException:
+        if gen.name not in (_live_generations(out) or set()):  # not published: drop every partial shard
+            shutil.rmtree(gen, ignore_errors=True)
+        raise
+    _remove_unlisted(out, manifest, files)
+    return {**manifest.to_dict(), **state, "up_to_date": False, "rejects_file": str(out / REJECTS),
+            "generation": gen.name}
+
+
+def _pack(out: Path, gen: Path, inputs: Any, files: list[InputFile], tok: Any, tokenizer_dir: str | os.PathLike,
+          tok_hash: str, max_seq_length: int, build_key: str, *, reuse: bool, val_fraction: float,
+          rows_per_shard: int, mask_prompt: bool, batch_docs: int, max_line_bytes: int,
+          max_reject_rate: float | None, progress: bool) -> tuple[Manifest, dict[str, Any]]:
+    """Write the shards into ``gen``, check the reject rate, and publish the manifest (the last step)."""
     backend = tok.backend_tokenizer
     backend.encode_special_tokens = True  # text that spells "<|endoftext|>" must not become a real EOS
     run = _Run(out, max_seq_length, val_fraction)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(f.bytes for f in files), unit="B", unit_scale=True, desc="preprocess")
+    bar = tqdm(total=sum(f.bytes for f in files), unit="B", unit_scale=True, desc="preprocess") if progress else None
     total_stats = ReadStats()
     all_rejects: list[dict[str, Any]] = []
     inputs_meta: dict[str, dict[str, Any]] = {}
@@ -543,8 +659,7 @@ def tokenize_to_parquet(
                 yield "cached", inp, meta
                 continue
             fresh = _Fresh(inp, _CacheWriter(_cache_paths(out, inp)[0]))
-            for batch in _row_batches(inp, fresh.stats, fresh.rejects, batch_docs, max_line_bytes,
-                                      _default_source(inp.key)):
+            for batch in fresh.batches(batch_docs, max_line_bytes):
                 yield "batch", fresh, batch
             yield "end", fresh, None
 
@@ -583,7 +698,7 @@ def tokenize_to_parquet(
     io = BackgroundWriter()
     try:
         for split in ("train", "val"):
-            w = ShardWriter(out, split, max_seq_length, rows_per_shard, background=io)
+            w = ShardWriter(gen, split, max_seq_length, rows_per_shard, background=io, manifest_dir=out)
             run.writers[split] = w
             run.packers[split] = Packer(max_seq_length, tok.eos_token_id, tok.pad_token_id, mask_prompt, w.add)
         with ThreadPoolExecutor(max_workers=_ENCODE_INFLIGHT, thread_name_prefix="encode") as pool:
@@ -607,7 +722,10 @@ def tokenize_to_parquet(
         run.writers["val"].close()
         io.drain()
         shards = run.writers["train"].shards + run.writers["val"].shards
-    except BaseException:
+    except BaseException as err:
+        writing = next((w.writing for w in run.writers.values() if w.writing is not None), None)
+        if isinstance(err, OSError) and writing is not None:
+            err.writing = writing  # the shard being written, for the disk-full message
         io.cancel()
         for w in run.writers.values():
             w.abort()
@@ -634,10 +752,9 @@ def tokenize_to_parquet(
         max_seq_length=max_seq_length, val_fraction=val_fraction, mask_prompt=mask_prompt,
         rows_per_shard=rows_per_shard, shards=shards, inputs=inputs_meta, totals=totals, build_key=build_key,
     )
-    manifest.save(out)
-    _remove_stale(out, manifest, files)
-    return {**manifest.to_dict(), "tokenized": tokenized, "reused": reused, "up_to_date": False,
-            "rejects": total_stats.rejects, "rejects_file": str(out / REJECTS)}
+    manifest.save(out)  # the publish: one atomic rename makes the new generation the dataset
+    manifest.dir = out
+    return manifest, {"tokenized": tokenized, "reused": reused, "rejects": total_stats.rejects}
 
 
 def _fill_cache(out: Path, files: list[InputFile], tok: Any, tok_hash: str, worker: tuple[int, int], *,
@@ -649,6 +766,7 @@ def _fill_cache(out: Path, files: list[InputFile], tok: Any, tok_hash: str, work
     backend.encode_special_tokens = True
     tokenized, reused = [], []
     io = BackgroundWriter()
+    fresh: _Fresh | None = None
     try:
         for inp in files:
             if reuse and _cache_valid(out, inp, tok_hash) is not None:
@@ -656,14 +774,15 @@ def _fill_cache(out: Path, files: list[InputFile], tok: Any, tok_hash: str, work
                 continue
             fresh = _Fresh(inp, _CacheWriter(_cache_paths(out, inp)[0]))
             io.submit(fresh.cache.open)
-            for rows in _row_batches(inp, fresh.stats, fresh.rejects, batch_docs, max_line_bytes,
-                                     _default_source(inp.key)):
+            for rows in fresh.batches(batch_docs, max_line_bytes):
                 io.submit(fresh.cache.write, encode_rows(backend, *rows))
             _finish_cache(io, out, fresh, tok_hash)
             tokenized.append(inp.key)
         io.drain()
     except BaseException:
         io.cancel()
+        if fresh is not None:
+            fresh.cache.abort()
         raise
     finally:
         io.close()
@@ -672,7 +791,9 @@ def _fill_cache(out: Path, files: list[InputFile], tok: Any, tok_hash: str, work
 
 def _finish_cache(io: BackgroundWriter, out: Path, fresh: _Fresh, tok_hash: str) -> list[dict[str, Any]]:
     """Queue the end of an input's cache: its files renamed into place, then its rejects, then the meta
-    that marks it valid (same writer thread, in order). Returns the rejects as dicts."""
+    that marks it valid (same writer thread, in order). Returns the rejects as dicts. Refuses an input
+    whose bytes read differ from the ones discovered (:class:`InputChangedError`): no cache of it."""
+    fresh.check_unchanged()
     inp, stats = fresh.inp, fresh.stats
     _, meta_path, rej_path = _cache_paths(out, inp)
     rej_dicts = [r.to_dict() for r in fresh.rejects]
@@ -685,9 +806,11 @@ def _finish_cache(io: BackgroundWriter, out: Path, fresh: _Fresh, tok_hash: str)
     return rej_dicts
 
 
-def _remove_stale(out: Path, manifest: Manifest, files: list[InputFile]) -> None:
-    """Delete shards not in the manifest and caches of inputs that are gone."""
+def _remove_unlisted(out: Path, manifest: Manifest, files: list[InputFile]) -> None:
+    """After a publish: delete the generations and top-level shards the manifest does not list (the
+    previous dataset, partial ones of killed runs) and the caches of inputs that are gone."""
     keep = {s.path for s in manifest.shards}
+    _remove_generations(out, keep={p.split("/")[0] for p in keep if "/" in p})
     for p in list(out.glob("train-*.parquet")) + list(out.glob("val-*.parquet")):
         if p.name not in keep:
             p.unlink(missing_ok=True)

@@ -35,6 +35,8 @@ SCHEMA = pa.schema([
 ])
 COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids")
 ROW_GROUP_TOKENS = 1 << 20
+# shards of one build live in <dir>/gen-<id>/; manifest.json (beside them) names the live generation
+GENERATION_PREFIX = "gen-"
 
 
 class CorruptShardError(RuntimeError):
@@ -43,6 +45,16 @@ class CorruptShardError(RuntimeError):
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.parquet"
+
+
+def shard_files(directory: str | os.PathLike) -> list[Path]:
+    """Every shard file in ``directory`` and its generation folders, listed or not (sorted)."""
+    d = Path(directory)
+    found = []
+    for folder in [d, *sorted(d.glob(f"{GENERATION_PREFIX}*"))]:
+        if folder.is_dir():
+            found += list(folder.glob("train-*.parquet")) + list(folder.glob("val-*.parquet"))
+    return sorted(found)
 
 
 def np_to_arrow(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
@@ -157,15 +169,17 @@ class ShardWriter:
 
     Each shard is written to a temp file and renamed into place when full (:func:`atomic_path`),
     so a file with a shard's name is always complete. ``shards`` lists the finished ones (complete
-    once ``close`` returned; with a ``background`` writer, once it was drained).
+    once ``close`` returned; with a ``background`` writer, once it was drained), their paths
+    relative to ``manifest_dir`` (default ``out_dir``).
 
     With ``background``, the file work runs in its thread, in order: ``add`` only buffers rows and
     queues the row groups; the bytes written are the same either way.
     """
 
     def __init__(self, out_dir: Path, split: str, width: int, rows_per_shard: int,
-                 background: BackgroundWriter | None = None):
+                 background: BackgroundWriter | None = None, manifest_dir: Path | None = None):
         self.out_dir, self.split, self.width, self.rows_per_shard = Path(out_dir), split, width, rows_per_shard
+        self.manifest_dir = Path(manifest_dir) if manifest_dir is not None else self.out_dir
         self.row_group_rows = max(1, min(rows_per_shard, ROW_GROUP_TOKENS // width))
         self.shards: list[ShardInfo] = []
         self._run = background.submit if background is not None else _inline
@@ -178,6 +192,7 @@ class ShardWriter:
         # the writing thread's: the open shard's parquet writer and its atomic_path context
         self._stack: contextlib.ExitStack | None = None
         self._writer: pq.ParquetWriter | None = None
+        self.writing: Path | None = None  # the shard being written (for error messages)
 
     def add(self, ids: np.ndarray, att: np.ndarray, lab: np.ndarray, pos: np.ndarray, sources: list[str]) -> None:
         """Queue rows ``[n, width]`` (+ ``n`` sources); the arrays must not be modified afterwards."""
@@ -213,6 +228,7 @@ class ShardWriter:
 
     # ---- the writing thread ----
     def _open_shard(self, path: Path) -> None:
+        self.writing = path
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(path))
         # dictionary encoding of token columns triples the write time for ~35% smaller files
@@ -227,9 +243,9 @@ class ShardWriter:
         assert self._writer is not None and self._stack is not None
         self._writer.close()
         self._stack.close()  # fsync + rename into place
-        self.shards.append(ShardInfo(path=path.name, split=self.split, rows=rows, tokens=tokens,
-                                     sha256=sha256_file(path), bytes=path.stat().st_size))
-        self._writer, self._stack = None, None
+        self.shards.append(ShardInfo(path=path.relative_to(self.manifest_dir).as_posix(), split=self.split,
+                                     rows=rows, tokens=tokens, sha256=sha256_file(path), bytes=path.stat().st_size))
+        self._writer, self._stack, self.writing = None, None, None
 
     def close(self) -> list[ShardInfo]:
         """Write the buffered rows and finish the open shard (queued when writing in the background)."""

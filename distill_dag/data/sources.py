@@ -6,7 +6,7 @@ Every source becomes a deterministic stream of rows (``text``, or ``prompt``/``r
 ``_progress.json``, so a killed run resumes after the last recorded part without duplicating a row.
 A source whose config changed starts over. Bad rows go to ``_rejects-<part>.jsonl`` beside the
 parts (file/dataset, line or row index, reason). Files and folders whose names start with ``_``
-or ``.`` are bookkeeping: :func:`distill_dag.data.pack.discover_inputs` skips them.
+or ``.`` are bookkeeping: :mod:`distill_dag.data.paths` skips them.
 
 Source kinds (``SourceConfig.kind``):
 - ``stdlib``: the running Python's standard library ``.py`` files, one document per file, in
@@ -21,20 +21,21 @@ Source kinds (``SourceConfig.kind``):
 
 from __future__ import annotations
 
-import glob as globlib
 import io
 import json
 import os
 import sys
 import sysconfig
 import tokenize as pytokenize
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from distill_dag.config import PipelineConfig, SourceConfig
 from distill_dag.data import catalog as catalog_mod
 from distill_dag.data.jsonl import ReadStats, Reject, check_reject_rate, iter_jsonl, row_problem, write_rejects
-from distill_dag.io import sha256_json, write_bytes_atomic, write_json_atomic
+from distill_dag.data.paths import resolve_jsonl_paths
+from distill_dag.io import remove_temp_files, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 
 RAW_FORMAT_VERSION = 1
 PROGRESS = "_progress.json"
@@ -50,8 +51,6 @@ def write_parts(out_dir: Path, fingerprint: str, items_from: Callable[[int], Ite
     ``items_from(start)`` must yield the same items on every call, starting at item ``start``.
     Returns the source's totals: rows, bytes, files (parts), rejects, skipped, reasons.
     """
-    from distill_dag.data.pack import remove_temp_files
-
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out_dir)
     prog_path = out_dir / PROGRESS
@@ -115,8 +114,6 @@ def _summary(prog: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 
 def _stats_of(summary: dict[str, Any]) -> ReadStats:
-    from collections import Counter
-
     return ReadStats(rows=summary["rows"], rejects=summary["rejects"], bytes=summary["bytes"],
                      reasons=Counter(summary["reasons"]))
 
@@ -174,27 +171,6 @@ def _stdlib_items(src: SourceConfig) -> Callable[[int], Iterator[Item]]:
 
 
 # ---- jsonl -------------------------------------------------------------------------------------
-def resolve_jsonl_paths(spec: str | os.PathLike, recursive: bool = True, base: Path | None = None) -> list[Path]:
-    """A file, a directory (``*.jsonl`` inside, recursively if asked) or a glob -> sorted files.
-
-    Names starting with ``_`` or ``.`` (bookkeeping: rejects, progress, caches) are skipped.
-    """
-    p = Path(spec)
-    if not p.is_absolute() and base is not None:
-        p = base / p
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        it = p.rglob("*.jsonl") if recursive else p.glob("*.jsonl")
-        return sorted(q for q in it if q.is_file() and not _hidden(q.relative_to(p)))
-    hits = [Path(h) for h in globlib.glob(str(p), recursive=recursive)]
-    return sorted(h for h in hits if h.is_file() and not h.name.startswith(("_", ".")))
-
-
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(("_", ".")) for part in rel.parts)
-
-
 def _jsonl_items(src: SourceConfig, files: list[Path], max_line_bytes: int) -> Callable[[int], Iterator[Item]]:
     root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
 
@@ -221,7 +197,7 @@ def _jsonl_items(src: SourceConfig, files: list[Path], max_line_bytes: int) -> C
 # ---- hf ----------------------------------------------------------------------------------------
 def load_hf(dataset: str, subset: str | None = None, split: str = "train", revision: str | None = None, streaming: bool = False):
     """``datasets`` split from a hub id, a ``save_to_disk`` directory, a data-files directory or a file."""
-    import datasets
+    import datasets  # heavy (~1 s, pulls pandas): only the hf and catalog sources need it
 
     p = Path(dataset)
     if p.exists():
@@ -349,11 +325,14 @@ def gather_source(cfg: PipelineConfig, src: SourceConfig) -> dict[str, Any]:
         files = resolve_jsonl_paths(src.path, src.recursive, cfg.path("."))
         if not files:
             raise FileNotFoundError(f"data.sources '{src.name}': no .jsonl files at '{src.path}'")
-        from distill_dag.io import sha256_file
-
         fp = sha256_json({**base, "files": [[str(f), sha256_file(f)] for f in files],
                           "max_line_bytes": cfg.data.max_line_bytes})
         res = write_parts(out, fp, _jsonl_items(src, files, cfg.data.max_line_bytes), rows_per_part)
+    elif src.kind == "hf" and src.dataset == "synthetic:retrieval":  # generated, not loaded: data/retrieval_docs.py
+        from distill_dag.data import retrieval_docs
+
+        res = write_parts(out, sha256_json({**base, "generator": retrieval_docs.VERSION}),
+                          retrieval_docs.source_items(src), rows_per_part)
     elif src.kind == "hf":
         if not src.dataset:
             raise ValueError(f"data.sources '{src.name}': kind hf needs 'dataset' (a hub id or a local path)")

@@ -15,6 +15,7 @@ manifest matches the files on disk.
 
 from __future__ import annotations
 
+import bisect
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import duckdb
 
 from distill_dag.data.manifest import Manifest
+from distill_dag.data.shards import CorruptShardError, shard_files, verify_shards
 
 
 def _connect(m: Manifest, split: str | None = None,
@@ -57,8 +59,6 @@ def _tokens_view(con: duckdb.DuckDBPyConnection) -> None:
 
 def histogram(values: list[int], bins: list[int]) -> list[dict[str, Any]]:
     """Counts of ``values`` in ``[bins[i], bins[i+1])`` (the last bin is open-ended)."""
-    import bisect
-
     counts = [0] * len(bins)
     for v in values:
         counts[max(0, bisect.bisect_right(bins, v) - 1)] += 1
@@ -115,16 +115,6 @@ def data_stats(data_dir: str | os.PathLike, split: str | None = None,
     }
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A list of dicts as a markdown table (for Dagster metadata)."""
-    if not rows:
-        return "(empty)"
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 # ---- checks ------------------------------------------------------------------------------------
 def check_row_lengths(data_dir: str | os.PathLike, con: duckdb.DuckDBPyConnection | None = None) -> tuple[bool, str]:
     """No row longer than ``max_seq_length``, and all four token columns of a row equally long."""
@@ -157,9 +147,8 @@ def check_labels_aligned(data_dir: str | os.PathLike, con: duckdb.DuckDBPyConnec
 
 
 def check_manifest_files(data_dir: str | os.PathLike, check_hash: bool = True) -> tuple[bool, str]:
-    """The manifest lists exactly the shard files on disk, with matching size, sha256 and rows."""
-    from distill_dag.data.shards import CorruptShardError, verify_shards
-
+    """The manifest lists exactly the shard files on disk (in the directory and its generation
+    folders), with matching size, sha256 and rows."""
     d = Path(data_dir)
     try:
         m = Manifest.load(d)
@@ -167,7 +156,7 @@ def check_manifest_files(data_dir: str | os.PathLike, check_hash: bool = True) -
     except (CorruptShardError, FileNotFoundError, ValueError) as err:
         return False, str(err)
     listed = {s.path for s in m.shards}
-    on_disk = {p.name for p in list(d.glob("train-*.parquet")) + list(d.glob("val-*.parquet"))}
+    on_disk = {p.relative_to(d).as_posix() for p in shard_files(d)}
     extra = sorted(on_disk - listed)
     if extra:
         return False, f"shard files not in the manifest: {extra} (left by an interrupted run; re-run preprocessing)"
@@ -184,13 +173,14 @@ def run_checks(data_dir: str | os.PathLike, con: duckdb.DuckDBPyConnection | Non
 
 
 def as_metadata(stats: dict[str, Any]) -> dict[str, Any]:
-    """:func:`data_stats` as flat metadata values: numbers, and markdown tables as strings."""
+    """The headline values of :func:`data_stats` as plain data: rounded numbers, and each table as a
+    list of row dicts (columns in order). Formatting them (markdown, Dagster metadata) is the caller's."""
     return {
         "documents": stats["documents"],
         "masked_label_fraction": round(stats["masked_label_fraction"], 6),
         "duplicate_document_rate": round(stats["duplicate_document_rate"], 6),
         "mean_document_length": round(stats["mean_document_length"], 2),
-        "tokens_per_source": markdown_table(stats["tokens_per_source"]),
-        "sequence_length_histogram": markdown_table(stats["sequence_length_histogram"]),
-        "document_length_histogram": markdown_table(stats["document_length_histogram"]),
+        "tokens_per_source": [dict(r) for r in stats["tokens_per_source"]],
+        "sequence_length_histogram": [dict(r) for r in stats["sequence_length_histogram"]],
+        "document_length_histogram": [dict(r) for r in stats["document_length_histogram"]],
     }

@@ -14,6 +14,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from distill_dag.data.jsonl import Reject, iter_jsonl
+from distill_dag.data.paths import resolve_jsonl_paths
 from distill_dag.io import atomic_dir, sha256_file, sha256_json, write_json_atomic
 
 EOS_TOKEN = "<|endoftext|>"
@@ -31,9 +36,6 @@ def iter_raw_texts(raw_dir: str | os.PathLike, max_bytes: int | None = None) -> 
 
     A prompt/response row gives ``prompt + response``.
     """
-    from distill_dag.data.jsonl import Reject, iter_jsonl
-    from distill_dag.data.sources import resolve_jsonl_paths
-
     total = 0
     for f in resolve_jsonl_paths(raw_dir, recursive=True):
         for _, row in iter_jsonl(f):
@@ -48,8 +50,6 @@ def iter_raw_texts(raw_dir: str | os.PathLike, max_bytes: int | None = None) -> 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int = 2):
     """A byte-level BPE (GPT-2 style) trained on ``texts``; ids 0 and 1 are EOS and pad."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -96,8 +96,6 @@ def tokenizer_hash(tokenizer_dir: str | os.PathLike, tok: Any = None) -> str:
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
     """The ``PreTrainedTokenizerFast`` saved in ``tokenizer_dir``."""
-    from transformers import AutoTokenizer
-
     d = Path(tokenizer_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"tokenizer directory {d} does not exist (materialize the tokenizer asset first)")
@@ -114,8 +112,6 @@ def resolve_tokenizer(cfg: Any, raw_dir: str | os.PathLike | None, out_dir: str 
       ``train_bytes`` of the raw JSONL under ``raw_dir``.
     An ``out_dir`` built from the same config (and, for training, the same raw bytes) is reused.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     tc = _tok_cfg(cfg)
     out = Path(out_dir)
     if tc.name_or_path:
@@ -124,8 +120,6 @@ def resolve_tokenizer(cfg: Any, raw_dir: str | os.PathLike | None, out_dir: str 
         if raw_dir is None or not Path(raw_dir).exists():
             raise FileNotFoundError(f"tokenizer: training a BPE needs raw JSONL, but {raw_dir} does not exist "
                                     "(materialize raw_jsonl first, or set tokenizer.name_or_path)")
-        from distill_dag.data.sources import resolve_jsonl_paths
-
         files = resolve_jsonl_paths(raw_dir, recursive=True)
         if not files:
             raise FileNotFoundError(f"tokenizer: no .jsonl files under {raw_dir} to train a BPE on")

@@ -17,7 +17,7 @@ import pytest
 
 from distill_dag.data.manifest import Manifest, ManifestMismatchError, check_manifest
 from distill_dag.data.pack import tokenize_to_parquet
-from distill_dag.data.shards import CorruptShardError, verify_shards
+from distill_dag.data.shards import CorruptShardError, shard_files, verify_shards
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -132,7 +132,14 @@ def test_same_named_inputs_in_different_folders_do_not_collide(tmp_path, word_to
 
 
 def _shard_hashes(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.parquet"))}
+    """The dataset's shards by name (whatever generation folder holds them) -> sha256."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shard_files(out)}
+
+
+def _stamps(out: Path) -> dict[str, int]:
+    """Every file's mtime, the lock file aside (bookkeeping of who writes, not the dataset)."""
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()
+            and p.name != ".lock"}
 
 
 def test_skip_existing_retokenizes_only_changed_inputs_and_matches_a_clean_run(tmp_path, word_tokenizer):
@@ -141,11 +148,11 @@ def test_skip_existing_retokenizes_only_changed_inputs_and_matches_a_clean_run(t
     out = tmp_path / "out"
     r1 = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.3, rows_per_shard=2)
     assert r1["tokenized"] == ["1.jsonl", "2.jsonl", "3.jsonl"]
-    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    stamps = _stamps(out)
 
     r2 = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.3, rows_per_shard=2)
     assert r2["up_to_date"] and r2["tokenized"] == []
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == stamps  # nothing rewritten
+    assert _stamps(out) == stamps  # nothing rewritten
 
     write_jsonl(tmp_path / "in/2.jsonl", [{"text": "d d d", "id": "2"}] * 3)
     r3 = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.3, rows_per_shard=2)
@@ -166,12 +173,12 @@ def test_removed_inputs_leave_no_stale_shards_or_caches(tmp_path, word_tokenizer
         write_jsonl(tmp_path / f"in/{i}.jsonl", [{"text": "a b c d e"}] * 4)
     out = tmp_path / "out"
     tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.0, rows_per_shard=2)
-    n_before = len(list(out.glob("train-*.parquet")))
+    n_before = len(shard_files(out))
     for i in range(1, 4):
         (tmp_path / f"in/{i}.jsonl").unlink()
     tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.0, rows_per_shard=2)
     m = Manifest.load(out)
-    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(s.path for s in m.shards)
+    assert [p.relative_to(out).as_posix() for p in shard_files(out)] == sorted(s.path for s in m.shards)
     assert len(m.shards) < n_before
     assert sorted(p.name.split("-")[0] for p in (out / ".cache").glob("*.json")) == ["0.jsonl"]
 
@@ -200,7 +207,7 @@ def test_killed_run_then_rerun_gives_the_manifest_and_shards_of_a_clean_run(tmp_
             if child.poll() is not None:
                 pytest.fail(f"child ended before it could be killed: {child.communicate()}")
             metas = list((out / ".cache").glob("*.json")) if (out / ".cache").exists() else []
-            if metas and list(out.glob("train-*.parquet")):  # one input cached and shards written
+            if metas and shard_files(out):  # one input cached and shards written
                 break
             time.sleep(0.05)
         os.kill(child.pid, signal.SIGKILL)
@@ -250,7 +257,9 @@ def test_verify_shards_names_a_truncated_or_corrupted_shard(tmp_path, word_token
     write_jsonl(tmp_path / "in/x.jsonl", [{"text": "a b c d e"}] * 20)
     tokenize_to_parquet(tmp_path / "in", tmp_path / "out", word_tokenizer, 4, val_fraction=0.0, rows_per_shard=5)
     assert verify_shards(tmp_path / "out")["ok"]
-    victim = tmp_path / "out/train-00001.parquet"
+    m = Manifest.load(tmp_path / "out")
+    victim = m.shard_path(m.shards[1])
+    assert victim.name == "train-00001.parquet"
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptShardError, match=r"train-00001.parquet: \d+ bytes, manifest says"):

@@ -70,8 +70,19 @@ def test_stats_match_a_python_reference(built):
     for lo, c in hist.items():
         assert c == sum(1 for n in ref["doc_lens"] if lo <= n < 2 * lo or (lo == max(hist) and n >= lo))
     assert sum(h["count"] for h in s["sequence_length_histogram"]) == s["rows"] == Manifest.load(built).totals["train"]["rows"]
+
+
+def test_as_metadata_is_plain_data_tables_as_row_dicts_not_markdown(built):
+    """Formatting (markdown, Dagster metadata) belongs to the Dagster layer; the data layer gives rows."""
+    s = stats.data_stats(built)
     md = stats.as_metadata(s)
-    assert md["tokens_per_source"].startswith("| source | rows | tokens |")
+    assert md["tokens_per_source"] == s["tokens_per_source"] and list(md["tokens_per_source"][0]) == [
+        "source", "rows", "tokens"]
+    assert md["sequence_length_histogram"] == s["sequence_length_histogram"]
+    assert not [k for k, v in md.items() if isinstance(v, str)]  # no pre-formatted text
+    import json
+
+    json.dumps(md)  # plain JSON-able values
 
 
 def test_checks_pass_on_good_shards(built):
@@ -120,6 +131,13 @@ def test_manifest_check_fails_on_missing_or_extra_files(built, tmp_path):
     shutil.copy(tmp_path / "x" / m.shards[0].path, tmp_path / "x/train-09999.parquet")
     ok, msg = stats.check_manifest_files(tmp_path / "x")
     assert not ok and "train-09999.parquet" in msg
+    (tmp_path / "x/train-09999.parquet").unlink()
+    # a shard in a generation folder the manifest does not name (a killed run's) is extra too
+    (tmp_path / "x/gen-leftover").mkdir()
+    shutil.copy(tmp_path / "x" / m.shards[0].path, tmp_path / "x/gen-leftover/train-00000.parquet")
+    ok, msg = stats.check_manifest_files(tmp_path / "x")
+    assert not ok and "gen-leftover/train-00000.parquet" in msg
+    shutil.rmtree(tmp_path / "x/gen-leftover")
     (tmp_path / "x" / m.shards[-1].path).unlink()
     ok, msg = stats.check_manifest_files(tmp_path / "x")
     assert not ok and f"{m.shards[-1].path}: missing" in msg
