@@ -7,6 +7,7 @@ Bearer-token refusals (401) and the B x T x k cap are in tests/distill/test_serv
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from test_teachers_helpers import tiny_llama  # noqa: E402
 
 from distill_dag.config import config_from_dict  # noqa: E402
 from distill_dag.distill.teachers import direct  # noqa: E402
+from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
 from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
 from distill_dag.distill.teachers.server import create_app, serve_teacher  # noqa: E402
 
@@ -60,9 +62,35 @@ def _serve_teacher_host(monkeypatch, cfg, **kw) -> str:
 def test_server_binds_loopback_unless_told_otherwise(monkeypatch):
     cfg = config_from_dict({"teacher": {"model_name_or_path": None}, "train": {"teacher_topk": K}})
     assert _serve_teacher_host(monkeypatch, cfg) == "127.0.0.1"
+    monkeypatch.setenv(cfg.teacher.token_env, "a-secret")  # beyond loopback only with a token
     assert _serve_teacher_host(monkeypatch, cfg, host="0.0.0.0") == "0.0.0.0"
     cfg.teacher.serve_host = "0.0.0.0"
     assert _serve_teacher_host(monkeypatch, cfg) == "0.0.0.0"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "teacher.example.org"])
+def test_non_loopback_bind_without_a_token_is_refused_before_the_model_loads(monkeypatch, host):
+    cfg = config_from_dict({"teacher": {"model_name_or_path": None}, "train": {"teacher_topk": K}})
+    monkeypatch.delenv(cfg.teacher.token_env, raising=False)
+    loaded = []
+    monkeypatch.setattr(direct.DirectTeacher, "from_config", classmethod(lambda cls, *a, **k: loaded.append(1)))
+    with pytest.raises(TeacherError, match=rf"refusing to serve the teacher on {re.escape(host)} without a bearer "
+                                           rf"token.*\${cfg.teacher.token_env}.*allow_no_token"):
+        serve_teacher(cfg, host=host, device="cpu")
+    assert not loaded
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.5.6.7", "::1", "[::1]", "localhost"])
+def test_loopback_binds_need_no_token(monkeypatch, host):
+    cfg = config_from_dict({"teacher": {"model_name_or_path": None}, "train": {"teacher_topk": K}})
+    monkeypatch.delenv(cfg.teacher.token_env, raising=False)
+    assert _serve_teacher_host(monkeypatch, cfg, host=host) == host
+
+
+def test_non_loopback_bind_without_a_token_when_explicitly_forced(monkeypatch):
+    cfg = config_from_dict({"teacher": {"model_name_or_path": None}, "train": {"teacher_topk": K}})
+    monkeypatch.delenv(cfg.teacher.token_env, raising=False)
+    assert _serve_teacher_host(monkeypatch, cfg, host="0.0.0.0", allow_no_token=True) == "0.0.0.0"
 
 
 def test_a_loopback_server_is_not_reachable_from_the_network():
@@ -113,10 +141,24 @@ def test_oversize_body_is_413_from_its_declared_length_or_as_it_streams(client):
     r = client.post("/v1/topk", content=chunks(), headers=auth)
     assert r.status_code == 413 and f"body exceeds {max_body} bytes" in r.text
     assert client.get("/health", headers=auth).status_code == 200  # still serving
+    assert client.app.state.budget.used == 0  # what the refused bodies reserved was returned
 
 
 def test_unauthenticated_oversize_body_is_refused_with_401_before_reading(client):
     r = client.post("/v1/topk", content=b"\0" * (1 << 20))
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("header", ["Bearer t0k", "bearer t0k", "BEARER t0k", "BeArEr t0k", "Bearer  t0k ",
+                                    " bearer t0k"])
+def test_bearer_scheme_is_case_insensitive(client, header):  # RFC 7235 section 2.1
+    assert client.get("/health", headers={"Authorization": header}).status_code == 200
+
+
+@pytest.mark.parametrize("header", ["t0k", "Basic t0k", "Bearer", "Bearer t0K", "Bearer t0k extra", "Bearert0k",
+                                    "Token t0k"])
+def test_wrong_scheme_or_token_is_401(client, header):
+    r = client.get("/health", headers={"Authorization": header})
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
 
 
