@@ -316,8 +316,8 @@ def render_model_card(facts: dict[str, Any]) -> str:
     how = ("retention alignment to the teacher (stage 1 of from_teacher init), not yet distilled" if aligned else
            "cross-entropy on the data only (the CE-only baseline)" if ce_only else
            f"knowledge distillation: sparse top-{run.get('teacher_topk')} KL to the teacher at temperature "
-           f"{run.get('temperature')} (weight {_fmt(run.get('distill_alpha'))}) plus cross-entropy on the data "
-           f"(weight {_fmt(None if run.get('distill_alpha') is None else 1 - run['distill_alpha'])})")
+           f"{run.get('temperature')} (weight {run.get('distill_alpha')}) plus cross-entropy on the data "
+           f"(weight {None if run.get('distill_alpha') is None else round(1 - run['distill_alpha'], 6)})")
     lines = [
         "---",
         "library_name: transformers",

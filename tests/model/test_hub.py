@@ -31,9 +31,20 @@ PROMPT = "def main(args):"
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    """The project's byte-level BPE (EOS id 0, pad id 1) on a little stdlib text."""
-    return stdlib_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=300, max_bytes=60_000)[1]
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """The project's byte-level BPE (EOS id 0, pad id 1) on a little stdlib text, and that text packed."""
+    from distill_dag.data.pack import tokenize_to_parquet
+
+    root = tmp_path_factory.mktemp("corpus")
+    raw, tok, tok_hash = stdlib_tokenizer(root, vocab_size=300, max_bytes=60_000)
+    tokenize_to_parquet(raw, root / "tokenized", tok, TRAINED_LEN, val_fraction=0.2, rows_per_shard=512,
+                        tokenizer_hash=tok_hash)
+    return {"root": root, "tokenizer": tok, "tokenized": root / "tokenized"}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(corpus) -> Path:
+    return corpus["tokenizer"]
 
 
 def _tokenizer(tok_dir: Path):
@@ -263,6 +274,25 @@ def test_card_sections_filled_in_later(final, tmp_path):
     # a folder without a card (a step checkpoint) is left alone
     assert hub.add_eval_to_model_card(final["ckpt"], {"perplexity_rows": rows}) is None
     assert not (final["ckpt"] / "README.md").exists()
+
+
+def test_evaluate_run_fills_in_the_card(final, corpus, tmp_path):
+    from distill_dag.config import config_from_dict
+    from distill_dag.eval.report import evaluate_run
+
+    shutil.copytree(final["dir"], tmp_path / "run" / "final")
+    cfg = config_from_dict({
+        "data": {"root": str(corpus["root"])}, "tokenize": {"max_seq_length": TRAINED_LEN},
+        "teacher": {"model_name_or_path": None}, "teacher_ft": {"output_dir": str(tmp_path / "teacher_ft")},
+        "train": {"device": "cpu", "output_dir": str(tmp_path / "run")},
+        "eval": {"max_batches": 1, "batch_size": 4, "niah": False, "sample_prompts": 1, "sample_prompt_tokens": 8,
+                 "max_new_tokens": 4},
+    })
+    result = evaluate_run(cfg, log=lambda *_: None)
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "Not evaluated yet" not in card
+    assert f"| student | {result['student_nats_per_token']:.4f} |" in card
+    assert json.loads((tmp_path / "run" / "final" / "model_card.json").read_text())["evaluation"]["split"] == "val"
 
 
 # ---- the shipped code --------------------------------------------------------------------------------
