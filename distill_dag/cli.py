@@ -1,7 +1,14 @@
 """``distill``: the plain CLI, with the same stages as the Dagster assets.
 
 Each subcommand has one ``_add_<name>`` function that declares its flags and sets ``func``; the
-work itself is done by the core modules (imported lazily so ``distill --help`` stays fast).
+work itself is done by the core modules (imported lazily so ``distill --help`` stays fast: no torch,
+no transformers; ``bench/cli_startup.py`` measures it).
+
+Paths: relative paths on the command line are relative to the current directory; inside a config
+file, relative to that file's folder; bundled configs are found by name (``--config demo.yaml``).
+Flags that set a config value go through the same pydantic model as the file (bounds, key names).
+A failure prints one error (what, which file or key, how to fix it) and exits non-zero; ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,16 +21,49 @@ from typing import Any, Callable
 from distill_dag.config import ConfigError, PipelineConfig, load_config
 
 
+CONFIG_HELP = ("a config file (relative to the current directory), or a bundled config by name: demo.yaml, "
+               "train_direct.yaml, train_cached.yaml, train_network.yaml, teacher_ft.yaml (default: demo.yaml); "
+               "paths inside a config are relative to its folder")
+
+
 def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML under configs/ or a path (default: configs/demo.yaml)")
+    p.add_argument("--config", default=None, help=CONFIG_HELP)
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: CUDA when present")
 
 
 def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    overrides = dict(overrides or {})
+    """The config file of ``--config`` with ``overrides`` (from flags; relative paths against the current
+    directory) on top, validated by the config model: a bad flag value is an error naming its key."""
+    from distill_dag.config import deep_merge
+
+    overrides = deep_merge(getattr(args, "extra_overrides", None) or {}, dict(overrides or {}))
     if getattr(args, "device", None):
         overrides.setdefault("train", {})["device"] = args.device
     return load_config(args.config, overrides)
+
+
+def _flag_overrides(a: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    for attr, key in flags.items():
+        _set(o, key, getattr(a, attr, None))
+    return o
+
+
+def _checked(run: Callable[[argparse.Namespace], int], flags: dict[str, str]) -> Callable[[argparse.Namespace], int]:
+    """``run`` after the flags ``flags`` (argparse dest -> config key) were validated by the config model, so
+    ``--max-seq-length 0`` is refused naming ``tokenize.max_seq_length`` before any work starts."""
+
+    def checked(a: argparse.Namespace) -> int:
+        try:
+            _load(a, _flag_overrides(a, flags))
+        except ConfigError as err:
+            given = [f"--{k.replace('_', '-')} {getattr(a, k)!r} sets {v}" for k, v in flags.items()
+                     if getattr(a, k, None) is not None]
+            raise ConfigError(str(err) + ("\n  (from the command line: " + "; ".join(given) + ")" if given else "")
+                              ) from None
+        return run(a)
+
+    return checked
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -143,14 +183,63 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
         print(f"  manifest: {Path(a.output) / 'manifest.json'}")
         return 0
 
+    p.set_defaults(func=_checked(run, PREPROCESS_FLAGS))
+
+
+PREPROCESS_FLAGS = {"max_seq_length": "tokenize.max_seq_length", "val_fraction": "tokenize.val_fraction",
+                    "rows_per_shard": "tokenize.rows_per_shard", "max_reject_rate": "data.max_reject_rate"}
+
+
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="build the tokenizer: train a byte-level BPE on raw JSONL, or fetch and "
+                                         "save a hub/local one (the same function as the Dagster tokenizer asset)")
+    _config_arg(p)
+    p.add_argument("--input", default=None, metavar="RAW_DIR",
+                   help="raw JSONL folder (or file) to train a BPE on (default: <data.root>/raw)")
+    p.add_argument("--output", default=None, metavar="TOKENIZER_DIR",
+                   help="where the tokenizer is saved (default: <data.root>/tokenizer, where preprocess and train "
+                        "look for it)")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: tokenizer.vocab_size)")
+    p.add_argument("--min-frequency", type=int, default=None, help="default: tokenizer.min_frequency")
+    p.add_argument("--train-bytes", type=int, default=None, help="default: tokenizer.train_bytes")
+    p.add_argument("--name", default=None, metavar="HUB_ID_OR_DIR",
+                   help="fetch a hub tokenizer (e.g. meta-llama/Llama-3.2-1B) or copy a local one instead of training")
+
+    def run(a: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        over = _flag_overrides(a, TOKENIZER_FLAGS)
+        if a.name is not None and a.input is not None:
+            raise ConfigError("--name fetches a tokenizer and --input trains one: give one of them")
+        if a.name is not None and a.vocab_size is not None:
+            raise ConfigError("--vocab-size applies to a BPE trained here, not to --name (a hub tokenizer has its own)")
+        if a.name is None and (a.input is not None or a.vocab_size is not None):
+            over.setdefault("tokenizer", {})["name_or_path"] = None  # train a BPE, whatever the config names
+        cfg = _load(a, over)
+        raw = Path(a.input).resolve() if a.input else cfg.raw_dir
+        out = Path(a.output).resolve() if a.output else cfg.tokenizer_dir
+        from distill_dag.data.tokenizer import load_tokenizer, resolve_tokenizer
+
+        path, digest = resolve_tokenizer(cfg.tokenizer, None if cfg.tokenizer.name_or_path else raw, out)
+        tok = load_tokenizer(path)
+        what = cfg.tokenizer.name_or_path or f"a byte-level BPE trained on {raw}"
+        print(f"tokenizer {path}: {what}, vocabulary {len(tok):,}, eos={tok.eos_token!r}, pad={tok.pad_token!r}, "
+              f"hash {digest[:12]}")
+        print(f"  next: distill preprocess --input RAW --output DATA --tokenizer {path}")
+        return 0
+
     p.set_defaults(func=run)
+
+
+TOKENIZER_FLAGS = {"vocab_size": "tokenizer.vocab_size", "min_frequency": "tokenizer.min_frequency",
+                   "train_bytes": "tokenizer.train_bytes", "name": "tokenizer.name_or_path"}
 
 
 # ---- model ---------------------------------------------------------------------------------
 def _add_model_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model-info", help="parameter counts of a RetNet variant")
     p.add_argument("--variant", default=None, help="tiny | 350M | 500M (default: the config's student.variant)")
-    p.add_argument("--vocab-size", type=int, default=128256, help="default: Llama-3.2's 128256")
+    p.add_argument("--vocab-size", type=_positive_int, default=128256, help="default: Llama-3.2's 128256")
     p.add_argument("--config", default=None, help="YAML whose student.overrides apply (default: none)")
 
     def run(a: argparse.Namespace) -> int:
@@ -225,7 +314,8 @@ def _add_finetune_teacher(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache-logits", help="write the teacher's top-k logit cache")
+    p = sub.add_parser("cache-logits", aliases=["cache_teacher_logits", "cache-teacher-logits"],
+                       help="write the teacher's top-k logit cache (the seed's cache_teacher_logits: an alias)")
     _config_arg(p)
     p.add_argument("--model", default=None, help="teacher model dir or hub name (default: teacher.model_name_or_path)")
     p.add_argument("--adapter", default=None, help="peft adapter dir (default: teacher.adapter_path)")
@@ -234,14 +324,17 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=None, help="entries per position (default: logit_cache.k)")
     p.add_argument("--dtype", default=None, choices=["q8", "fp16", "fp32"], help="log-prob encoding")
     p.add_argument("--output", default=None, help="cache dir (default: logit_cache.dir)")
-    p.add_argument("--shards", default=None, help="only these data shard indices, e.g. 0,2,5 (split work over workers)")
-    p.add_argument("--force", action="store_true", help="rebuild a cache written for another teacher/k/encoding")
+    p.add_argument("--shards", default=None,
+                   help="only these data shards, by name (train-00000,val-00000) or index (0,2): the same per-shard "
+                        "unit as a logit_cache partition")
+    p.add_argument("--force", action="store_true", help="recompute shards even when a cache shard of the same teacher exists")
     p.add_argument("--stats", action="store_true", help="print the DuckDB stats (entropy, top-k mass) at the end")
 
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from distill_dag.distill.logit_cache import build_logit_cache
+        from distill_dag.distill.cache.layout import read_data_manifest
+        from distill_dag.distill.cache.stage import build_logit_cache
         from distill_dag.distill.teachers.base import TeacherError
 
         over: dict[str, Any] = {}
@@ -250,20 +343,41 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
         _set(over, "logit_cache.dir", a.output)
         cfg = _load(a, over)
         try:
-            summary = build_logit_cache(
-                cfg, model_path=a.model, adapter_path=a.adapter, via=a.via, force=a.force, progress=True,
-                shards=[int(x) for x in a.shards.split(",")] if a.shards else None,
-            )
+            keys = None
+            if a.shards:
+                dm = read_data_manifest(cfg.tokenized_dir)
+                keys = [dm.shards[int(x)].key if x.strip().isdigit() and int(x) < len(dm.shards) else x.strip()
+                        for x in a.shards.split(",")]
+            summary = build_logit_cache(cfg, shards=keys, model_path=a.model, adapter_path=a.adapter, via=a.via,
+                                        force=a.force, stats=a.stats)
         except TeacherError as err:
             print(f"distill cache-logits: {err}", file=sys.stderr)
             return 2
-        print(f"logit cache {cfg.cache_dir}: {summary['shards_done']} shard(s) done, complete={summary['complete']}, "
-              f"{summary['bytes_per_entry']} bytes/entry")
+        print(f"logit cache {cfg.cache_dir}: wrote {len(summary['written'])}, reused {len(summary['reused'])}; "
+              f"{summary['shards_present']}/{summary['shards_total']} data shards cached")
         if a.stats and "stats" in summary:
             print(json.dumps(summary["stats"], indent=2))
         return 0
 
-    p.set_defaults(func=run)
+    p.add_argument("--data-path", default=None, metavar="DATA_DIR",
+                   help="the seed's flag: the packed data folder (manifest.json + shards) = data.tokenized_dir")
+    p.add_argument("--output-dir", default=None, metavar="CACHE_DIR", help="the seed's flag: the same as --output")
+    p.set_defaults(func=_checked(_seed_cache_flags(run), {"k": "logit_cache.k"}))
+
+
+def _seed_cache_flags(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The seed's ``cache_teacher_logits --data-path D --output-dir C`` as ``cache-logits`` flags."""
+
+    def seeded(a: argparse.Namespace) -> int:
+        if a.output_dir is not None:
+            if a.output is not None and a.output != a.output_dir:
+                raise ConfigError("--output and --output-dir (the seed's name) disagree: give one")
+            a.output = a.output_dir
+        if a.data_path is not None:
+            a.extra_overrides = {"data": {"tokenized_dir": a.data_path}}
+        return run(a)
+
+    return seeded
 
 
 def _add_serve_teacher(sub: argparse._SubParsersAction) -> None:
@@ -281,14 +395,19 @@ def _add_serve_teacher(sub: argparse._SubParsersAction) -> None:
         serve_teacher(_load(a), model_path=a.model, host=a.host, port=a.port, k=a.k, device=a.device)
         return 0
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=_checked(run, {"port": "teacher.serve_port", "host": "teacher.serve_host",
+                                       "k": "train.teacher_topk"}))
 
 
 # ---- student -------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the RetNet student (KD or CE-only)")
     _config_arg(p)
-    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--learning-rate", type=float,
+                   help="peak AdamW learning rate (train.learning_rate); with optimizer muon, Muon's "
+                        "train.muon_learning_rate is scaled by the same factor (logged), unless "
+                        "--muon-learning-rate is given")
+    p.add_argument("--muon-learning-rate", type=float, help="peak Muon learning rate (train.muon_learning_rate)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--enable-saddle-interventions", action="store_true", default=None)
@@ -306,7 +425,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                      "pretrain_ce_only", "resume_from", "output_dir", "log_interval", "eval_interval",
                      "teacher_mode", "parallel"):
             _set(o, f"train.{flag}", getattr(a, flag))
-        cfg = _load(a, o)
+        _set(o, "train.muon_learning_rate", a.muon_learning_rate)
+        cfg = _load(a, o)  # every flag checked by the config model, naming its key
+        if a.learning_rate is not None and a.muon_learning_rate is None and cfg.train.optimizer == "muon":
+            file_lr = _load(a).train
+            scale = a.learning_rate / file_lr.learning_rate
+            _set(o, "train.muon_learning_rate", file_lr.muon_learning_rate * scale)
+            cfg = _load(a, o)
+            print(f"--learning-rate {a.learning_rate:g}: AdamW lr {file_lr.learning_rate:g} -> {a.learning_rate:g}; "
+                  f"Muon lr scaled by the same factor {scale:g}: {file_lr.muon_learning_rate:g} -> "
+                  f"{cfg.train.muon_learning_rate:g} (--muon-learning-rate sets it apart)", flush=True)
+        _check_data(cfg)
         from distill_dag.distill.student_run import run_student
 
         out = run_student(cfg)
@@ -323,6 +452,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _check_data(cfg: PipelineConfig) -> None:
+    """Before any compute: the packed data exists and the top-k fits its vocabulary (naming the key)."""
+    from distill_dag.config import check_vocab
+    from distill_dag.data.manifest import Manifest
+
+    try:
+        m = Manifest.load(cfg.tokenized_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{err}; or point data.tokenized_dir (or data.root) at the packed data") from None
+    check_vocab(cfg, m.vocab_size, f"the vocabulary of {cfg.tokenized_dir}")
 
 
 def _floats(xs: list[float]) -> str:
@@ -360,6 +501,53 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+# ---- seed users ----------------------------------------------------------------------------
+def _add_migrate_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("migrate-config", help="turn a seed-style flat config into this project's: "
+                                              "distill migrate-config OLD.yaml > NEW.yaml (the mapping on stderr)")
+    p.add_argument("old", metavar="OLD.yaml", help="the seed config (model_variant, max_seq_length, ...)")
+
+    def run(a: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        import yaml
+
+        from distill_dag.config import config_from_dict
+        from distill_dag.migrate import load_seed_yaml, looks_like_ours, migrate
+
+        old = Path(a.old).resolve()
+        seed = load_seed_yaml(old)
+        if looks_like_ours(seed):
+            print(f"{a.old} is already a distill-dag config (sections {', '.join(seed)}): printed unchanged",
+                  file=sys.stderr)
+            sys.stdout.write(old.read_text())
+            return 0
+        new, report = migrate(seed)
+        print(f"distill migrate-config {a.old}:", file=sys.stderr)
+        for line in report:
+            print(line, file=sys.stderr)
+        sys.stdout.write(f"# migrated from {old.name} by `distill migrate-config` (the mapping: README, Seed users)\n")
+        sys.stdout.write(yaml.safe_dump(new, sort_keys=False))
+        try:  # the result must load as written next to OLD.yaml
+            config_from_dict(new, f"migrated from {a.old}", base_dir=old.parent)
+        except ConfigError as err:
+            print(f"the migrated config does not load yet; fix these keys:\n{err}", file=sys.stderr)
+            return 1
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _todo(name: str) -> int:
     print(f"distill {name}: not available yet", file=sys.stderr)
     return 2
@@ -367,6 +555,7 @@ def _todo(name: str) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_download,
+    _add_tokenizer,
     _add_preprocess,
     _add_model_info,
     _add_finetune_teacher,
@@ -374,24 +563,90 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve_teacher,
     _add_train,
     _add_eval,
+    _add_migrate_config,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="distill", description=__doc__.splitlines()[0],
+        epilog="Relative paths on the command line are relative to the current directory; inside a config file, "
+               "relative to its folder. A failure prints one error and exits non-zero; --debug (anywhere) shows "
+               "the traceback.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure (also DISTILL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
     return parser
 
 
+# ---- errors ----------------------------------------------------------------------------------
+_NETWORK_NAMES = ("ConnectError", "ConnectionError", "ConnectTimeout", "OfflineModeIsEnabled",
+                  "LocalEntryNotFoundError", "HfHubHTTPError", "NameResolutionError", "MaxRetryError")
+_PROJECT_ERRORS = ("TeacherError", "LogitCacheError", "TrainingDivergedError", "RejectRateError", "CorruptShardError",
+                   "ManifestMismatchError", "CheckpointError", "DirectoryLockedError", "InputChangedError",
+                   "ConversionError", "ShippedCodeError", "DiskFullError", "TrainingInterrupted")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and e not in out and len(out) < 10:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _names(e: BaseException) -> set[str]:
+    return {c.__name__ for c in type(e).__mro__}
+
+
+def describe_error(err: BaseException) -> tuple[int, str]:
+    """``(exit code, one clear message)`` for a failure: what, where (file or key), how to fix it."""
+    import errno
+
+    chain = _chain(err)
+    msg = str(err).strip() or type(err).__name__
+    if isinstance(err, ConfigError):
+        return 2, msg
+    if any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "DiskFullError" in _names(e) for e in chain):
+        return 1, f"{msg}\n  fix: the disk is full: free space or write to another folder (what was published " \
+                  "before is untouched)"
+    if any(_names(e) & set(_NETWORK_NAMES) for e in chain):
+        return 1, (f"{msg}\n  fix: the network or the server is unreachable: check the URL / connection "
+                   "(a hub download needs the Hugging Face Hub; with the files already cached set HF_HUB_OFFLINE=1; "
+                   "or use local data: a jsonl source, a local model folder; a teacher server: start "
+                   "`distill serve-teacher` or check teacher.url / DISTILL_TEACHER_URL)")
+    if _names(err) & set(_PROJECT_ERRORS):
+        return (2 if "TeacherError" in _names(err) else 1), msg
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return 1, msg
+    if isinstance(err, (ValueError, RuntimeError, OSError, KeyError, TypeError)):
+        return 1, f"{type(err).__name__}: {msg}\n  (run again with --debug for the traceback)"
+    return 1, f"{type(err).__name__}: {msg}\n  (run again with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DISTILL_DEBUG", "") not in ("", "0")
+    argv = [x for x in argv if x != "--debug"]
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(str(err), file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"distill {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one clear message
+        if debug:
+            raise
+        code, msg = describe_error(err)
+        lines = msg.splitlines()
+        if len(lines) > 40:
+            lines = lines[:40] + [f"  ... ({len(lines) - 40} more lines; --debug shows everything)"]
+        print(f"distill {args.command}: " + "\n".join(lines), file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
