@@ -26,7 +26,6 @@ message when it does not.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,20 @@ from typing import Any, Callable
 import torch
 
 from distill_dag.config import PipelineConfig
+from distill_dag.data.dataset import make_loader
+from distill_dag.data.manifest import Manifest, check_manifest
+from distill_dag.device import pick_device
 from distill_dag.distill import checkpoint as ckpt
-from distill_dag.distill.stopping import StopSignals
+from distill_dag.distill.loop import Checkpointer, CheckpointContents, OptimizerStep, StepOutput, TrainLoop
+from distill_dag.distill.loop import TrainingInterrupted  # noqa: F401  (what a stopped align_student raises)
+from distill_dag.distill.optim import make_lr_lambda
+from distill_dag.distill.stability import NanGuard
+from distill_dag.distill.telemetry import Telemetry, wandb_group
+from distill_dag.distill.teacher_model import load_teacher
+from distill_dag.distill.teachers.direct import state_dict_sha256
+from distill_dag.io import sha256_dir, sha256_json, write_json_atomic
+from distill_dag.model.convert import convert_teacher, unwrap_teacher
+from distill_dag.model.retnet import RetNetForCausalLM
 
 # align fields that change the resulting weights (the rest is bookkeeping)
 _WEIGHT_FIELDS = ("steps", "value_factor", "learning_rate", "weight_decay", "warmup_steps", "min_lr_ratio",
@@ -179,9 +190,6 @@ def evaluate_alignment(student: torch.nn.Module, teacher: torch.nn.Module, batch
 
 
 def _teacher_identity(cfg: PipelineConfig, model_path: str | Path | None, teacher: torch.nn.Module) -> dict[str, Any]:
-    from distill_dag.distill.teachers.direct import state_dict_sha256
-    from distill_dag.io import sha256_dir
-
     name = str(model_path or cfg.teacher.model_name_or_path)
     p = Path(name)
     weights = sha256_dir(p) if p.is_dir() else state_dict_sha256(teacher)
@@ -191,9 +199,6 @@ def _teacher_identity(cfg: PipelineConfig, model_path: str | Path | None, teache
 
 
 def _load_teacher(cfg: PipelineConfig, device: torch.device, model_path: str | Path | None) -> torch.nn.Module:
-    from distill_dag.distill.teacher_model import load_teacher
-    from distill_dag.model.convert import unwrap_teacher
-
     teacher = unwrap_teacher(load_teacher(cfg.teacher, device, model_path=model_path))
     teacher.eval()
     for p in teacher.parameters():
@@ -222,18 +227,9 @@ def align_student(
 
     ``data_dir`` (default ``cfg.tokenized_dir``): manifest + shards (train batches; val batches for the
     held-out MSE). ``teacher_model_path`` overrides ``teacher.model_name_or_path`` (the finetuned demo
-    teacher). ``stop_after``: stop (with a checkpoint, raising KeyboardInterrupt) after that many steps of
-    this call, as an interruption would. Returns the per-layer held-out MSE before and after.
+    teacher). ``stop_after``: stop (with a checkpoint, raising :class:`TrainingInterrupted`) after that
+    many steps of this call, as an interruption would. Returns the per-layer held-out MSE before and after.
     """
-    from distill_dag.data.dataset import make_loader
-    from distill_dag.data.manifest import Manifest, check_manifest
-    from distill_dag.device import pick_device
-    from distill_dag.distill.optim import make_lr_lambda
-    from distill_dag.distill.telemetry import Telemetry
-    from distill_dag.io import sha256_json, write_json_atomic
-    from distill_dag.model.convert import convert_teacher
-    from distill_dag.model.retnet import RetNetForCausalLM
-
     ac = cfg.align
     t0 = time.time()
     out = aligned_dir(cfg)
@@ -278,29 +274,28 @@ def align_student(
     if manifest.split_shards("val"):
         it = iter(make_loader(data_dir, "val", ac.batch_size, shuffle=False, infinite=False))
         val_batches = [b for _, b in zip(range(ac.eval_batches), it)]
-    run_config = cfg.model_dump(mode="json")
-    tel = Telemetry(out, cfg.wandb, run_config, total_steps=ac.steps, echo=echo,
-                    resume_id=(resume_state or {}).get("wandb_id") or None)
-
-    def evaluate() -> dict[str, list[float]]:
-        if not val_batches:
-            return {"mse": [], "rel_mse": []}
-        return evaluate_alignment(student, teacher, val_batches, device)
-
-    def flat(ev: dict[str, list[float]]) -> dict[str, float]:
-        return {f"{k}_l{i}": v for k, vals in ev.items() for i, v in enumerate(vals)}
-
     step, tokens = 0, 0
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
         step, tokens = int(resume_state["step"]), int(resume_state["tokens"])
+    run_config = cfg.model_dump(mode="json")
+    tel = Telemetry(out, cfg.wandb, run_config, total_steps=ac.steps, echo=echo,
+                    resume_id=(resume_state or {}).get("wandb_id") or None, name=out.name, group=wandb_group(cfg),
+                    job_type="align", tags=["align", conversion["family"]], start_step=step, progress_desc="align")
+
+    def evaluate(at: int | None = None) -> dict[str, list[float]]:
+        """Held-out per-layer MSE; logged (kind val) when ``at`` is a step."""
+        ev = evaluate_alignment(student, teacher, val_batches, device) if val_batches else {"mse": [], "rel_mse": []}
+        if at is not None and ev["mse"]:
+            tel.log(at, {f"{k}_l{i}": v for k, vals in ev.items() for i, v in enumerate(vals)}, kind="val")
+        return ev
+
+    if resume_state is not None:
         before = json.loads(resume_state["before"])
         tel.event(step, "resumed", from_checkpoint=str(out))
     else:
-        before = evaluate()
-        if before["mse"]:
-            tel.log(0, flat(before), kind="val")
+        before = evaluate(0)
         if not val_batches:
             tel.info(f"warning: {data_dir} has no 'val' shards; held-out alignment MSE is not measured")
     n_new = len(conversion["new_params"])
@@ -310,78 +305,47 @@ def align_student(
     for note in conversion["notes"]:
         tel.info(f"align: note: {note}")
 
-    def save() -> Path:
-        state = {"step": step, "tokens": tokens, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    def contents(at: int) -> CheckpointContents:
+        state = {"step": at, "tokens": loop.tokens, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "rng": ckpt.rng_state(), "before": json.dumps(before), "wandb_id": tel.wandb_id or ""}
-        info = {"kind": "align", "step": step, "tokens": tokens, "lineage": lin, "conversion": conversion,
+        info = {"kind": "align", "step": at, "tokens": loop.tokens, "lineage": lin, "conversion": conversion,
                 "config": run_config}
-        path = ckpt.save_checkpoint(out, step, student, state, info, keep=ac.keep_checkpoints)
-        tel.event(step, "checkpoint", path=str(path))
-        return path
+        return CheckpointContents(student, state, info)
 
     loader = make_loader(data_dir, "train", ac.batch_size, seed=ac.seed, start_step=step)
     if resume_state is not None:
         ckpt.set_rng_state(resume_state["rng"])
     batches = iter(loader)
-    last: Path | None = None
-    done_here = 0
-    window = {"loss": 0.0, "mse": None, "n": 0, "tokens": 0, "t": time.time()}
-    stop = StopSignals().install()  # SIGINT/SIGTERM: finish the step, checkpoint, stop
-    try:
-        while step < ac.steps:
-            b = {k: v.to(device) for k, v in next(batches).items()}
-            xs, ys = teacher_attention_io(teacher, b)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                outs = student_retention_outputs(student, xs, b)
-            mse, _ = layer_mse(outs, ys, b["attention_mask"])
-            loss = mse.sum()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"align step {step}: loss is {float(loss)}; lower align.learning_rate")
-            loss.backward()
-            gnorm = (float(torch.nn.utils.clip_grad_norm_(params, ac.grad_clip)) if ac.grad_clip > 0
-                     else float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            done_here += 1
-            n_tok = int(b["attention_mask"].sum())
-            tokens += n_tok
-            tel.advance()
-            window["loss"] += loss.item()
-            window["mse"] = mse.detach() if window["mse"] is None else window["mse"] + mse.detach()
-            window["n"] += 1
-            window["tokens"] += n_tok
-            if step % ac.log_interval == 0 or step == ac.steps:
-                dt = max(time.time() - window["t"], 1e-9)
-                m = {"loss": window["loss"] / window["n"], "grad_norm": gnorm, "lr": opt.param_groups[0]["lr"],
-                     "tokens": tokens, "tokens_per_s": window["tokens"] / dt}
-                m.update({f"mse_l{i}": v / window["n"] for i, v in enumerate(window["mse"].tolist())})
-                tel.log(step, m)
-                window = {"loss": 0.0, "mse": None, "n": 0, "tokens": 0, "t": time.time()}
-            if ac.eval_interval and step % ac.eval_interval == 0 and step < ac.steps and val_batches:
-                tel.log(step, flat(evaluate()), kind="val")
-            if ac.save_interval and step % ac.save_interval == 0:
-                last = save()
-            if (stop or (stop_after is not None and done_here >= stop_after)) and step < ac.steps:
-                if last is None or not last.name.endswith(f"{step:07d}"):
-                    last = save()
-                tel.event(step, "stopped", reason="signal" if stop else "stop_after")
-                raise KeyboardInterrupt(f"alignment stopped at step {step}; run again to resume from {out}")
-        after = evaluate()
-        if after["mse"]:
-            tel.log(step, flat(after), kind="val")
-        if last is None or not last.name.endswith(f"{step:07d}"):
-            last = save()
-    finally:
-        stop.restore()
-        tel.close()
+
+    def train_step(_step: int) -> StepOutput:
+        """loss = sum_l MSE_l of one batch (module docstring), backward."""
+        b = {k: v.to(device) for k, v in next(batches).items()}
+        xs, ys = teacher_attention_io(teacher, b)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outs = student_retention_outputs(student, xs, b)
+        mse, _ = layer_mse(outs, ys, b["attention_mask"])
+        loss = mse.sum()
+        loss.backward()
+        return StepOutput(loss=loss.item(), tokens=int(b["attention_mask"].sum()), rows=len(b["input_ids"]),
+                          metrics={f"mse_l{i}": v for i, v in enumerate(mse.detach().tolist())})
+
+    checkpointer = Checkpointer(out, contents, keep=ac.keep_checkpoints, tel=tel)
+    guard = NanGuard(1, fix="Lower align.learning_rate")  # no skipping here: stage 1 is short, redo it instead
+    loop = TrainLoop("alignment", tel, optimizer_step=OptimizerStep(opt, sched, params, ac.grad_clip, guard),
+                     max_steps=ac.steps, log_interval=ac.log_interval, eval_interval=ac.eval_interval,
+                     save_interval=ac.save_interval, checkpointer=checkpointer, step=step, tokens=tokens,
+                     stop_after=stop_after, device=device, resume_hint=f"run again to resume from {out}")
+    with loop:
+        loop.run(train_step, evaluate=evaluate)
+        after = loop.final_eval(evaluate)  # also with eval_interval 0: stage 1 reports before and after
+        last = checkpointer.ensure(loop.step)
     for p in student.parameters():
         p.requires_grad_(True)
     final_dir = ckpt.write_final(out, last)
-    result = AlignResult(out_dir=out, final_dir=final_dir, steps=step, tokens=tokens, mse_before=before["mse"],
-                         mse_after=after["mse"], rel_mse_before=before["rel_mse"], rel_mse_after=after["rel_mse"],
-                         conversion=conversion, history=list(tel.history), seconds=time.time() - t0)
+    result = AlignResult(out_dir=out, final_dir=final_dir, steps=loop.step, tokens=loop.tokens,
+                         mse_before=before["mse"], mse_after=after["mse"], rel_mse_before=before["rel_mse"],
+                         rel_mse_after=after["rel_mse"], conversion=conversion, history=list(tel.history),
+                         seconds=time.time() - t0)
     # last: its presence marks the stage as finished
     write_json_atomic(final_dir / "align.json", result.to_dict())
     return result
@@ -389,8 +353,6 @@ def align_student(
 
 def load_aligned_student(cfg: PipelineConfig) -> torch.nn.Module:
     """The stage-1 student for KD (``student.init == "from_teacher"``), from ``<aligned_dir>/final``."""
-    from distill_dag.model.retnet import RetNetForCausalLM
-
     final = aligned_dir(cfg) / "final"
     if not (final / "align.json").exists():
         raise FileNotFoundError(

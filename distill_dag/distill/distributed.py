@@ -144,9 +144,14 @@ def _fsdp_no_sync(module: Any) -> Iterator[None]:
         module.set_requires_gradient_sync(True)
 
 
-def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (over all shards under FSDP) and return it."""
-    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+def clip_grad_norm(params: torch.nn.Module | list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm of ``params`` (a module, or a list of parameters; over all shards
+    under FSDP) to ``max_norm`` and return the norm before clipping. ``max_norm <= 0``: measure only."""
+    params = list(params.parameters()) if isinstance(params, torch.nn.Module) else list(params)
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
         norm = norm.full_tensor()
     return float(norm)

@@ -187,6 +187,11 @@ class Schedulers(list):
         for s in self:
             s.step()
 
+    @property
+    def last_epoch(self) -> int:
+        """Steps taken (the schedule's position), as ``LambdaLR.last_epoch``."""
+        return self[0].last_epoch
+
     def get_last_lr(self) -> dict[str, list[float]]:
         return {name: s.get_last_lr() for name, s in zip(self.names, self)}
 

@@ -3,14 +3,15 @@
 Both return event dicts for the log / W&B and have ``state_dict()`` / ``load_state_dict()`` of plain
 Python values (safe for ``torch.load(weights_only=True)``), so a resumed run continues exactly.
 
-Use in a training step (s = optimizer steps done so far)::
+Use in a training step (what :class:`distill_dag.distill.loop.OptimizerStep` does; u = optimizer
+updates taken so far, the schedule's position, which a skipped step does not advance)::
 
     loss = mean loss over the accumulated micro-batches; gn = clip_grad_norm_(params, clip)  (pre-clip norm)
-    ev = nan_guard.check(s, loss, gn)           # raises TrainingDivergedError after max_nan_streak in a row
-    if ev: log(ev); optimizers.zero_grad(); continue    # step skipped: no optimizer/scheduler step, s unchanged
+    ev = nan_guard.check(step, loss, gn)        # raises TrainingDivergedError after max_nan_streak in a row
+    if ev: log(ev); optimizers.zero_grad(); continue    # step skipped: no optimizer/scheduler step, u unchanged
     optimizers.step(); optimizers.zero_grad()
-    for ev in saddle.update(s, loss, gn): log(ev)
-    schedulers.step()                           # LR factor for step s + 1 includes saddle.lr_multiplier(s + 1)
+    for ev in saddle.update(u, loss, gn): log(ev)
+    schedulers.step()                           # LR factor for update u + 1 includes saddle.lr_multiplier(u + 1)
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from collections import deque
 from typing import Any
 
 import torch
+
+
+_TRAIN_FIX = ("Lower train.learning_rate / train.muon_learning_rate, check the data, or raise "
+              "train.max_nan_streak")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -35,10 +40,12 @@ class NanGuard:
 
     A finite step resets the streak. ``skipped_total`` counts every skipped step of the run."""
 
-    def __init__(self, max_nan_streak: int):
+    def __init__(self, max_nan_streak: int, fix: str = _TRAIN_FIX):
+        """``fix``: what the divergence error tells the user to do."""
         if max_nan_streak < 1:
             raise ValueError(f"train.max_nan_streak must be >= 1, got {max_nan_streak}")
         self.max_nan_streak = int(max_nan_streak)
+        self.fix = fix
         self.streak = 0
         self.skipped_total = 0
 
@@ -56,8 +63,7 @@ class NanGuard:
         if self.streak >= self.max_nan_streak:
             raise TrainingDivergedError(
                 f"{self.streak} consecutive steps with non-finite loss or gradient norm (last at step {step}: "
-                f"loss={loss_f}, grad_norm={gn_f}); the run has diverged. Lower train.learning_rate / "
-                f"train.muon_learning_rate, check the data, or raise train.max_nan_streak"
+                f"loss={loss_f}, grad_norm={gn_f}); the run has diverged. {self.fix}"
             )
         return event
 

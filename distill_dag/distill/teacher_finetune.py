@@ -35,7 +35,6 @@ Written under ``output_dir``:
 
 from __future__ import annotations
 
-import time
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
@@ -43,21 +42,21 @@ from typing import Any, Callable
 import torch
 
 from distill_dag.config import ConfigError, PipelineConfig, TeacherFinetuneConfig
-from distill_dag.distill.stopping import StopSignals
+from distill_dag.data.dataset import make_loader
+from distill_dag.data.manifest import MANIFEST, Manifest, check_manifest
+from distill_dag.data.tokenizer import load_tokenizer, tokenizer_hash
+from distill_dag.device import pick_device
+from distill_dag.distill import checkpoint as ckpt
+from distill_dag.distill.loop import Checkpointer, CheckpointContents, OptimizerStep, StepOutput, TrainLoop
+from distill_dag.distill.loop import TrainingInterrupted  # noqa: F401  (what a stopped finetune_teacher raises)
+from distill_dag.distill.optim import make_lr_lambda
+from distill_dag.distill.stability import NanGuard
+from distill_dag.distill.teacher_model import build_tiny_teacher, load_teacher
+from distill_dag.distill.telemetry import Telemetry, wandb_group
+from distill_dag.eval.perplexity import lm_inputs, perplexity
 from distill_dag.io import atomic_dir, sha256_dir, sha256_file, write_json_atomic
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived: a checkpoint was saved at ``step``; resume with ``resume_from``."""
-
-    def __init__(self, checkpoint: Path, step: int, signum: int):
-        super().__init__(
-            f"teacher finetuning interrupted by signal {signum} at step {step}; checkpoint saved to {checkpoint} "
-            f"(continue with --resume-from {checkpoint.parent.parent})"
-        )
-        self.checkpoint, self.step, self.signum = checkpoint, step, signum
 
 
 def check_finetune_config(cfg: PipelineConfig) -> None:
@@ -107,8 +106,6 @@ def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
 
 def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trainable teacher (peft-wrapped for lora) on ``device``, and what identifies its base."""
-    from distill_dag.distill.teacher_model import build_tiny_teacher, load_teacher
-
     ft = cfg.teacher_ft
     torch.manual_seed(ft.seed)  # tiny init and LoRA A matrices: the same on every (re)start
     if cfg.teacher.model_name_or_path is None:
@@ -171,21 +168,15 @@ def finetune_teacher(
     resume_from: str | Path | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], Any] = print,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Finetune the teacher on ``data_dir``'s train split; returns (and writes) the metrics.
 
     ``data_dir``: a tokenized_parquet folder (manifest + shards, with a ``val`` split);
     ``tokenizer_dir``: default ``cfg.tokenizer_dir``; ``resume_from``: a checkpoint dir or a run dir
-    with ``checkpoint_latest``; ``device``: default ``cfg.train.device`` (CUDA when present).
+    with ``checkpoint_latest``; ``device``: default ``cfg.train.device`` (CUDA when present);
+    ``stop_after``: stop (with a checkpoint, raising :class:`TrainingInterrupted`) after that many steps.
     """
-    from distill_dag.data.dataset import make_loader
-    from distill_dag.data.manifest import MANIFEST, Manifest, check_manifest
-    from distill_dag.data.tokenizer import load_tokenizer, tokenizer_hash
-    from distill_dag.device import pick_device
-    from distill_dag.distill import checkpoint as ckpt
-    from distill_dag.distill.optim import make_lr_lambda
-    from distill_dag.eval.perplexity import lm_inputs, perplexity
-
     check_finetune_config(cfg)
     ft = cfg.teacher_ft
     data_dir, out = Path(data_dir), Path(output_dir)
@@ -203,7 +194,6 @@ def finetune_teacher(
     check_manifest(manifest, vocab_size=model.get_input_embeddings().num_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    log(f"teacher_ft: mode={ft.mode} trainable {n_trainable:,} / {n_total:,} params on {dev}")
     opt = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(ft))
 
@@ -223,26 +213,32 @@ def finetune_teacher(
         opt.load_state_dict(tstate["optimizer"])
         sched.load_state_dict(tstate["scheduler"])
         state.update(tstate["teacher_ft"])
-        log(f"teacher_ft: resumed from {path} at step {state['step']}")
+    run_config = cfg.model_dump(mode="json")
+    tel = Telemetry(out, cfg.wandb, run_config, total_steps=ft.max_steps, echo=log,
+                    resume_id=(tstate or {}).get("wandb_id") or None, name=out.name, group=wandb_group(cfg),
+                    job_type="teacher_ft", tags=["teacher_ft", ft.mode], start_step=state["step"],
+                    progress_desc="teacher_ft")
+    tel.info(f"teacher_ft: mode={ft.mode} trainable {n_trainable:,} / {n_total:,} params on {dev}")
+    if tstate is not None:
+        tel.event(state["step"], "resumed", from_checkpoint=str(path))
     else:
         before = evaluate()
         state["before"] = before
-        log(f"teacher_ft: val ppl before finetuning {before['ppl']:.3f} ({before['tokens']} tokens)")
+        tel.log(0, {"val_ppl": before["ppl"], "val_nats_per_token": before["nats_per_token"]}, kind="val",
+                line=f"teacher_ft: val ppl before finetuning {before['ppl']:.3f} ({before['tokens']} tokens)")
 
     run_info = {
         "kind": "teacher_ft",
-        "config": cfg.model_dump(mode="json"),
+        "config": run_config,
         "lineage": {"manifest_sha256": sha256_file(data_dir / MANIFEST), "tokenizer_hash": tok_hash, "base": base_id},
     }
     best_dir = out / "best"
 
-    def save_checkpoint() -> Path:
-        tstate = {"step": state["step"], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "rng": ckpt.rng_state(), "teacher_ft": dict(state)}
-        return ckpt.save_checkpoint(out, state["step"], model, tstate, run_info, keep=ft.keep_checkpoints)
-
-    # SIGINT/SIGTERM: finish the current step, save a checkpoint, stop
-    stop = StopSignals().install()
+    def contents(at: int) -> CheckpointContents:
+        state.update(step=at, tokens=loop.tokens)
+        tstate = {"step": at, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "rng": ckpt.rng_state(), "teacher_ft": dict(state), "wandb_id": tel.wandb_id or ""}
+        return CheckpointContents(model, tstate, run_info)
 
     train_iter = iter(make_loader(data_dir, "train", ft.batch_size, seed=ft.seed,
                                   start_step=state["step"] * ft.grad_accum, tokenizer_hash=tok_hash))
@@ -250,64 +246,72 @@ def finetune_teacher(
         # after the iterator is created: creating it draws from torch's RNG, in a fresh run before step 1 too
         ckpt.set_rng_state(tstate["rng"])
     model.train()
-    t0, tokens0 = time.time(), state["tokens"]
-    try:
-        while state["step"] < ft.max_steps and not state["early_stopped"]:
-            if stop:
-                raise TrainingInterrupted(save_checkpoint(), state["step"], stop.signum)
-            micro = [next(train_iter) for _ in range(ft.grad_accum)]
-            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            loss_sum = 0.0
-            for b in micro:
-                kw = lm_inputs(model, b, dev)
-                # HF shifts the unshifted labels once; num_items_in_batch makes the sum a mean over the step
-                out_ = model(**kw, labels=b["labels"].to(dev), num_items_in_batch=max(n_items, 1))
-                out_.loss.backward()
-                loss_sum += float(out_.loss.detach())
-            if ft.grad_clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, ft.grad_clip))
-            else:
-                gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["tokens"] += n_items
-            step = state["step"]
-            if step % ft.log_interval == 0 or step == ft.max_steps:
-                tps = (state["tokens"] - tokens0) / max(time.time() - t0, 1e-9)
-                log(f"teacher_ft step {step}/{ft.max_steps}: loss {loss_sum:.4f} lr {sched.get_last_lr()[0]:.3g} "
-                    f"grad_norm {gnorm:.3g} {tps:,.0f} tok/s")
-            if ft.eval_interval and step % ft.eval_interval == 0:
-                ev = evaluate()
-                state["history"].append({"step": step, "train_loss": loss_sum, "val_ppl": ev["ppl"],
-                                         "val_nats_per_token": ev["nats_per_token"]})
-                if state["best_ppl"] is None or ev["ppl"] < state["best_ppl"]:
-                    state.update(best_ppl=ev["ppl"], best_step=step, bad_evals=0)
-                    with atomic_dir(best_dir) as tmp:
-                        _save_weights(model, tmp)
-                else:
-                    state["bad_evals"] += 1
-                log(f"teacher_ft step {step}: val ppl {ev['ppl']:.3f} (best {state['best_ppl']:.3f} "
-                    f"at step {state['best_step']})")
-                if ft.early_stopping_patience and state["bad_evals"] >= ft.early_stopping_patience:
-                    state["early_stopped"] = True
-                    log(f"teacher_ft: early stop at step {step}: no val improvement in "
-                        f"{state['bad_evals']} evaluations")
-            if ft.save_interval and step % ft.save_interval == 0:
-                save_checkpoint()
-        if stop:
-            raise TrainingInterrupted(save_checkpoint(), state["step"], stop.signum)
-    finally:
-        stop.restore()
 
+    def train_step(_step: int) -> StepOutput:
+        """The token-mean CE of grad_accum micro-batches (module docstring), backward."""
+        micro = [next(train_iter) for _ in range(ft.grad_accum)]
+        n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        loss_sum = 0.0
+        for b in micro:
+            kw = lm_inputs(model, b, dev)
+            # HF shifts the unshifted labels once; num_items_in_batch makes the sum a mean over the step
+            out_ = model(**kw, labels=b["labels"].to(dev), num_items_in_batch=max(n_items, 1))
+            out_.loss.backward()
+            loss_sum += float(out_.loss.detach())
+        return StepOutput(loss=loss_sum, tokens=n_items, rows=sum(len(b["input_ids"]) for b in micro))
+
+    def evaluate_and_keep_best(at: int) -> dict[str, float]:
+        """Interval evaluation: history, the best weights (``best/``), early stopping."""
+        ev = evaluate()
+        state["history"].append({"step": at, "train_loss": loop.last.loss, "val_ppl": ev["ppl"],
+                                 "val_nats_per_token": ev["nats_per_token"]})
+        if state["best_ppl"] is None or ev["ppl"] < state["best_ppl"]:
+            state.update(best_ppl=ev["ppl"], best_step=at, bad_evals=0)
+            with atomic_dir(best_dir) as tmp:
+                _save_weights(model, tmp)
+        else:
+            state["bad_evals"] += 1
+        tel.log(at, {"val_ppl": ev["ppl"], "val_nats_per_token": ev["nats_per_token"], "best_ppl": state["best_ppl"]},
+                kind="val", line=f"teacher_ft step {at}: val ppl {ev['ppl']:.3f} (best {state['best_ppl']:.3f} "
+                                 f"at step {state['best_step']})")
+        if ft.early_stopping_patience and state["bad_evals"] >= ft.early_stopping_patience:
+            state["early_stopped"] = True
+            tel.event(at, "early_stopped", bad_evals=state["bad_evals"], best_step=state["best_step"])
+        return ev
+
+    checkpointer = Checkpointer(out, contents, keep=ft.keep_checkpoints, tel=tel)
+    guard = NanGuard(1, fix="Lower teacher_ft.learning_rate")
+    loop = TrainLoop(
+        "teacher finetuning", tel, optimizer_step=OptimizerStep(opt, sched, params, ft.grad_clip, guard),
+        max_steps=ft.max_steps, log_interval=ft.log_interval, eval_interval=ft.eval_interval,
+        save_interval=ft.save_interval, checkpointer=checkpointer, step=state["step"], tokens=state["tokens"],
+        stop_after=stop_after, device=dev, resume_hint=f"resume with --resume-from {out}",
+        log_line=lambda at, m: (f"teacher_ft step {at}/{ft.max_steps}: loss {m['loss']:.4f} lr {m['lr']:.3g} "
+                                f"grad_norm {m['grad_norm']:.3g} {m['tokens_per_s']:,.0f} tok/s"),
+    )
+    with loop:
+        loop.run(train_step, evaluate=evaluate_and_keep_best, finished=lambda: state["early_stopped"])
+        state.update(step=loop.step, tokens=loop.tokens)
+        metrics = _finish(cfg, model, tokenizer, out, state, evaluate, n_trainable, tel)
+        metrics.update(wandb_url=tel.wandb_url, wandb_dir=tel.wandb_dir)
+        tel.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def _finish(cfg: PipelineConfig, model: torch.nn.Module, tokenizer: Any, out: Path, state: dict[str, Any],
+            evaluate: Callable[[], dict[str, float]], n_trainable: int, tel: Telemetry) -> dict[str, Any]:
+    """After the last step: the held-out "after" (the best weights if they beat the last ones), the final
+    folders, and the metrics."""
+    ft = cfg.teacher_ft
+    best_dir = out / "best"
     after = evaluate()
     restored_best = False
     if state["best_ppl"] is not None and state["best_ppl"] < after["ppl"] and best_dir.exists():
         load_weights(model, best_dir)
         after = evaluate()
         restored_best = True
-        log(f"teacher_ft: restored the best weights (step {state['best_step']})")
+        tel.info(f"teacher_ft: restored the best weights (step {state['best_step']})")
     model.eval()
     before = state["before"]
     rel = (before["ppl"] - after["ppl"]) / before["ppl"]
@@ -348,9 +352,7 @@ def finetune_teacher(
         metrics["final_model"] = str(out / "final_model")
     final = metrics["final_adapter"] or metrics["final_model"]
     metrics["final_sha256"] = sha256_dir(final)
-    write_json_atomic(out / "metrics.json", metrics)
     verdict = "meets" if metrics["meets_expected_improvement"] else "does NOT meet"
-    log(f"teacher_ft: val ppl {before['ppl']:.3f} -> {after['ppl']:.3f} ({100 * rel:+.1f}%), {verdict} the expected "
-        f"{100 * ft.expected_improvement:.0f}% improvement; wrote {final}")
+    tel.info(f"teacher_ft: val ppl {before['ppl']:.3f} -> {after['ppl']:.3f} ({100 * rel:+.1f}%), {verdict} the "
+             f"expected {100 * ft.expected_improvement:.0f}% improvement; wrote {final}")
     return metrics
-

@@ -16,30 +16,35 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from distill_dag.config import PipelineConfig
+from distill_dag.config import ConfigError, PipelineConfig
 from distill_dag.data.dataset import make_loader
 from distill_dag.data.manifest import Manifest, check_manifest
+from distill_dag.data.tokenizer import tokenizer_hash
 from distill_dag.device import pick_device
 from distill_dag.distill import checkpoint as ckpt
+from distill_dag.distill.align import load_aligned_student
 from distill_dag.distill.distributed import (
     DistInfo,
     StudentLoss,
     all_reduce_sum,
     barrier,
     cleanup,
-    clip_grad_norm,
     full_model_state,
     init_distributed,
     local_rows,
     no_sync,
     wrap,
 )
+from distill_dag.distill.loop import Checkpointer, CheckpointContents, OptimizerStep, StepOutput, TrainLoop
+from distill_dag.distill.loop import TrainingInterrupted  # noqa: F401  (what a stopped train() raises)
 from distill_dag.distill.optim import build_optimizers, build_schedulers
 from distill_dag.distill.stability import NanGuard, SaddleDetector
-from distill_dag.distill.stopping import StopSignals
 from distill_dag.distill.teachers.base import TeacherTopK
-from distill_dag.distill.telemetry import Telemetry
+from distill_dag.distill.teachers.factory import make_teacher
+from distill_dag.distill.telemetry import Telemetry, wandb_group
 from distill_dag.io import sha256_json
+from distill_dag.model.retnet import RetNetForCausalLM
+from distill_dag.model.variants import build_student
 
 
 @dataclass
@@ -58,10 +63,6 @@ class TrainResult:
     wandb_id: str | None = None
     wandb_dir: str | None = None
     seconds: float = 0.0
-
-
-class _StopRequested(Exception):
-    pass
 
 
 def lineage(cfg: PipelineConfig, manifest: Manifest, teacher: Any | None) -> dict[str, Any]:
@@ -106,8 +107,6 @@ def evaluate_loss(
 
 
 def _tokenizer_hash(tokenizer_dir: str | Path) -> str:
-    from distill_dag.data.tokenizer import tokenizer_hash
-
     d = Path(tokenizer_dir)
     if not ((d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists()):
         raise FileNotFoundError(
@@ -130,11 +129,21 @@ def train(
     """Train the student as ``cfg`` says. ``data_dir`` holds ``manifest.json`` + shards.
 
     ``teacher_model_path`` overrides ``teacher.model_name_or_path`` (e.g. the finetuned demo teacher).
-    ``stop_after`` ends the run (with a checkpoint) after that many steps of this process: tests use it
-    to simulate an interruption.
+    ``stop_after`` ends the run (with a checkpoint, raising :class:`TrainingInterrupted`) after that many
+    steps of this process: tests use it to simulate an interruption.
+
+    ``train.max_steps`` counts every step of the run, those before a resume included. Resuming a
+    ``pretrain_ce_only`` checkpoint without it (CE -> KD) continues that run: its step count, LR
+    schedule (no second warm-up), optimizer state and data position, with the teacher switched on.
+    ``train.eval_interval`` 0 means no held-out evaluation at all, not even a final one.
     """
     tc = cfg.train
     t_start = time.time()
+    if tc.cache_logits:
+        raise ConfigError(
+            "train.cache_logits: the trainer no longer writes the logit cache; build it with the logit_cache "
+            "asset or `distill cache-logits`, train with train.teacher_mode: cached, and set train.cache_logits: false"
+        )
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(tc.device)
@@ -152,44 +161,24 @@ def train(
     transition = False
     if tc.resume_from:
         resume_dir, resume_state, resume_info = ckpt.load_trainer_state(cfg.path(tc.resume_from))
-        was_ce = bool(resume_info.get("pretrain_ce_only"))
-        transition = was_ce and not tc.pretrain_ce_only
+        transition = bool(resume_info.get("pretrain_ce_only")) and not tc.pretrain_ce_only
+        if transition and int(resume_state["step"]) >= tc.max_steps:
+            raise ConfigError(
+                f"train.max_steps is {tc.max_steps}, but {resume_dir} (CE-only pretraining) is already at step "
+                f"{resume_state['step']}: max_steps counts every step, CE ones included; set it above "
+                f"{resume_state['step']} to train with KD"
+            )
 
     torch.manual_seed(tc.seed)
-    from distill_dag.model.variants import build_student
-
-    if resume_dir is not None:
-        from distill_dag.model.retnet import RetNetForCausalLM
-
-        model = RetNetForCausalLM.from_pretrained(resume_dir)
-        if cfg.student.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.student.init == "from_teacher":  # the stage-1 (aligned) student: distill_dag/distill/align.py
-        from distill_dag.distill.align import load_aligned_student
-
-        model = load_aligned_student(cfg)
-    else:
-        model = build_student(cfg.student, manifest.vocab_size)
-    model.to(device).train()
+    model = _build_model(cfg, manifest, resume_dir, device)
     vocab = model.get_output_embeddings().weight.shape[0]
     check_manifest(manifest, vocab_size=vocab)
 
     teacher = None
     if not tc.pretrain_ce_only:
-        from distill_dag.distill.teachers.factory import make_teacher
-
-        warm_cache = tc.cache_logits and tc.teacher_mode == "direct"
-        # warming the cache needs the cache's k, which may exceed the loss's: query max, slice for the loss
-        tcfg = cfg.model_copy(update={"train": tc.model_copy(
-            update={"teacher_topk": max(tc.teacher_topk, cfg.logit_cache.k if warm_cache else 0)})})
-        teacher = make_teacher(tcfg, device, vocab, model_path=teacher_model_path)
+        teacher = make_teacher(cfg, device, vocab, model_path=teacher_model_path)
         if hasattr(teacher, "require_shards"):  # a cached teacher must hold every train shard before step 1
             teacher.require_shards([i for i, _ in manifest.split_shards("train")])
-    cache_writer = None
-    if teacher is not None and tc.cache_logits and tc.teacher_mode == "direct":
-        from distill_dag.distill.logit_cache import open_cache_writer
-
-        cache_writer = open_cache_writer(cfg, teacher)
 
     student = wrap(model, dist_info, device)  # before the optimizers: FSDP replaces the parameters
     optimizer = build_optimizers(model, tc)
@@ -197,11 +186,12 @@ def train(
     saddle = SaddleDetector.from_config(tc)
     scheduler = build_schedulers(optimizer, tc, multiplier=saddle.lr_multiplier)
     step, tokens_seen = 0, 0
-    if resume_state is not None and not transition:
+    if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"], model)
         scheduler.load_state_dict(resume_state["scheduler"])
-        guard.load_state_dict(resume_state["nan_guard"])
-        saddle.load_state_dict(resume_state["saddle"])
+        if not transition:  # after CE -> KD the loss is another one: guard and plateau detector start afresh
+            guard.load_state_dict(resume_state["nan_guard"])
+            saddle.load_state_dict(resume_state["saddle"])
         ckpt.set_rng_state(resume_state["rng"])
         step = int(resume_state["step"])
         tokens_seen = int(resume_state["tokens"])
@@ -209,14 +199,19 @@ def train(
     lin = lineage(cfg, manifest, teacher)
     run_config = cfg.model_dump(mode="json")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    job = "ce_only" if teacher is None else "kd"
     tel = Telemetry(
         run_dir, cfg.wandb, run_config, total_steps=tc.max_steps, echo=echo,
         resume_id=(resume_state or {}).get("wandb_id") if not transition else None,
-        enabled=dist_info.is_main,
+        enabled=dist_info.is_main, name=run_dir.name, group=wandb_group(cfg), job_type=job,
+        tags=[job, tc.teacher_mode if teacher is not None else "no_teacher", cfg.student.variant, cfg.student.init],
+        start_step=step,
     )
-    tel.advance(step)
     if transition:
-        tel.event(step, "transition_ce_to_kd", from_checkpoint=str(resume_dir), teacher_mode=tc.teacher_mode)
+        tel.event(step, "transition_ce_to_kd", from_checkpoint=str(resume_dir), teacher_mode=tc.teacher_mode,
+                  max_steps=tc.max_steps)
+        tel.info(f"CE -> KD: continuing {resume_dir} at step {step} (its step count, LR schedule and optimizer "
+                 f"state); train.max_steps {tc.max_steps} counts the CE steps too: {tc.max_steps - step} KD steps to go")
     elif resume_state is not None:
         tel.event(step, "resumed", from_checkpoint=str(resume_dir))
     n_params = sum(p.numel() for p in model.parameters())
@@ -229,36 +224,71 @@ def train(
         + (f"; fsdp: {n_local / 1e6:.4f}M parameters on this rank" if dist_info.sharded else "")
     )
 
-    micro_per_step = tc.grad_accum
     # one global micro-batch of batch_size * world_size rows; each rank takes its slice
     loader = make_loader(data_dir, "train", tc.batch_size * dist_info.world_size, seed=tc.seed,
-                         start_step=step * micro_per_step)
+                         start_step=step * tc.grad_accum)
     has_val = bool(manifest.split_shards("val"))
-    if not has_val:
+    if not has_val and tc.eval_interval:
         tel.info(f"warning: {data_dir} has no 'val' shards (tokenize.val_fraction); held-out evaluation is skipped")
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(at: int) -> dict[str, float]:
         if not has_val:
             return {}
         # every rank scores its slice of each global batch (FSDP needs all ranks in every forward)
-        loader = make_loader(data_dir, "val", tc.batch_size * dist_info.world_size, seed=0, shuffle=False,
-                             infinite=False, drop_last=dist_info.enabled)
-        return evaluate_loss(student, loader, tc.eval_batches, device, tc.loss_chunk_tokens, dist_info, tc.batch_size)
+        val = make_loader(data_dir, "val", tc.batch_size * dist_info.world_size, seed=0, shuffle=False,
+                          infinite=False, drop_last=dist_info.enabled)
+        metrics = evaluate_loss(student, val, tc.eval_batches, device, tc.loss_chunk_tokens, dist_info, tc.batch_size)
+        if metrics:
+            tel.log(at, metrics, kind="val")
+        return metrics
+
     batches = iter(loader)
 
-    stop = StopSignals().install()  # restored by _shutdown, whatever ends the run
+    def train_step(_step: int) -> StepOutput:
+        """Forward + backward of grad_accum micro-batches; the token-weighted mean loss over them (and ranks)."""
+        micro = []
+        for _ in range(tc.grad_accum):
+            try:
+                micro.append(local_rows(next(batches), dist_info, tc.batch_size))
+            except StopIteration:
+                raise RuntimeError("the train loader ended; it should cycle epochs") from None
+        n_scored = [int((m["labels"][:, 1:] != -100).sum()) for m in micro]
+        # the global token count: each rank's loss is weighted so that DDP's gradient mean equals
+        # the token-weighted mean of one process running the whole global batch
+        total_scored = max(all_reduce_sum(float(sum(n_scored)), dist_info, device), 1.0)
+        scale = float(dist_info.world_size)
+        sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, **({"diversity": 0.0} if tc.diversity_weight else {})}
+        for i_micro, (batch, n) in enumerate(zip(micro, n_scored)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            topk = teacher.topk(batch) if teacher is not None else None
+            if topk is not None and topk.k > tc.teacher_topk:
+                topk = TeacherTopK(topk.indices[..., : tc.teacher_topk], topk.logprobs[..., : tc.teacher_topk])
+            last = i_micro == len(micro) - 1
+            # bf16 autocast on GPU for the model AND the chunked LM head (the loss math stays fp32)
+            with no_sync(student, last), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = student(
+                    batch, topk,
+                    temperature=tc.temperature,
+                    distill_alpha=tc.distill_alpha if topk is not None else 0.0,
+                    tail=tc.tail, chunk_tokens=tc.loss_chunk_tokens, diversity_weight=tc.diversity_weight,
+                )
+            with no_sync(student, last):
+                (out.loss * (n * scale / total_scored)).backward()
+            for k in sums:
+                sums[k] += getattr(out, k).item() * n
+        n_tokens = float(sum(int(m["attention_mask"].sum()) for m in micro))
+        *totals, n_tokens = (all_reduce_sum(x, dist_info, device) for x in (*sums.values(), n_tokens))
+        means = {k: v / total_scored for k, v in zip(sums, totals)}
+        return StepOutput(loss=means.pop("loss"), tokens=int(n_tokens), metrics=means,
+                          rows=sum(len(m["input_ids"]) for m in micro) * dist_info.world_size)
 
-    def save() -> Path:
-        path = run_dir / "checkpoints" / f"step-{step:07d}"
+    def contents(at: int) -> CheckpointContents:
         # whole tensors keyed by name: loadable at any world size (under FSDP all ranks gather)
         model_state = full_model_state(model, dist_info)
         optim_state = optimizer.state_dict(model) if dist_info.is_main or dist_info.sharded else None
-        if not dist_info.is_main:  # rank 0 writes; the others wait until it is on disk
-            barrier(dist_info)
-            return path
         state = {
-            "step": step,
-            "tokens": tokens_seen,
+            "step": at,
+            "tokens": loop.tokens,
             "optimizer": optim_state,
             "scheduler": scheduler.state_dict(),
             "nan_guard": guard.state_dict(),
@@ -266,146 +296,51 @@ def train(
             "rng": ckpt.rng_state(),
             "wandb_id": tel.wandb_id or "",
         }
-        info = {"step": step, "tokens": tokens_seen, "pretrain_ce_only": tc.pretrain_ce_only,
+        info = {"step": at, "tokens": loop.tokens, "pretrain_ce_only": tc.pretrain_ce_only,
                 "lineage": lin, "config": run_config}
         extra = {"tokenizer": Path(tokenizer_dir)} if tokenizer_dir else None
-        if cache_writer is not None:
-            cache_writer.flush()
-        path = ckpt.save_checkpoint(run_dir, step, model, state, info, keep=tc.keep_checkpoints, extra_files=extra,
-                                    model_state=model_state)
-        tel.event(step, "checkpoint", path=str(path))
-        barrier(dist_info)
-        return path
+        return CheckpointContents(model, state, info, extra_files=extra, model_state=model_state)
 
-    last_ckpt: Path | None = None
-    last_metrics: dict[str, float] = {}
-    val_metrics: dict[str, float] = {}
-    window = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t": time.time()}
-    steps_this_process = 0
-    try:
-        while step < tc.max_steps:
-            # ---- one optimizer step over grad_accum micro-batches ------------------------
-            micro = []
-            for _ in range(micro_per_step):
-                try:
-                    micro.append(local_rows(next(batches), dist_info, tc.batch_size))
-                except StopIteration:
-                    raise RuntimeError("the train loader ended; it should cycle epochs") from None
-            n_scored = [int((m["labels"][:, 1:] != -100).sum()) for m in micro]
-            # the global token count: each rank's loss is weighted so that DDP's gradient mean equals
-            # the token-weighted mean of one process running the whole global batch
-            total_scored = max(all_reduce_sum(float(sum(n_scored)), dist_info, device), 1.0)
-            scale = float(dist_info.world_size)
-            loss_sum = ce_sum = kl_sum = 0.0
-            for i_micro, (batch, n) in enumerate(zip(micro, n_scored)):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                topk = teacher.topk(batch) if teacher is not None else None
-                if cache_writer is not None:
-                    cache_writer.add(batch, topk)
-                if topk is not None and topk.k > tc.teacher_topk:
-                    topk = TeacherTopK(topk.indices[..., : tc.teacher_topk], topk.logprobs[..., : tc.teacher_topk])
-                last = i_micro == len(micro) - 1
-                # bf16 autocast on GPU for the model AND the chunked LM head (the loss math stays fp32)
-                with no_sync(student, last), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = student(
-                        batch, topk,
-                        temperature=tc.temperature,
-                        distill_alpha=tc.distill_alpha if topk is not None else 0.0,
-                        tail=tc.tail, chunk_tokens=tc.loss_chunk_tokens, diversity_weight=tc.diversity_weight,
-                    )
-                # token-weighted mean over the accumulated micro-batches (and ranks)
-                with no_sync(student, last):
-                    (out.loss * (n * scale / total_scored)).backward()
-                loss_sum += out.loss.item() * n
-                ce_sum += out.ce.item() * n
-                kl_sum += out.kl.item() * n
-            loss_sum, ce_sum, kl_sum, step_tokens = (
-                all_reduce_sum(x, dist_info, device)
-                for x in (loss_sum, ce_sum, kl_sum, float(sum(int(m["attention_mask"].sum()) for m in micro)))
-            )
-            tokens_seen += int(step_tokens)
-            loss = loss_sum / total_scored
-            grad_norm = clip_grad_norm(student, tc.grad_clip)
-            skipped = guard.check(step, loss, grad_norm)  # raises TrainingDivergedError after the streak
-            if skipped is None:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for ev in [skipped] if skipped else saddle.update(step, loss, grad_norm):
-                ev = dict(ev)
-                tel.event(ev.pop("step", step), ev.pop("event"), **ev)
-            scheduler.step()
-            step += 1
-            steps_this_process += 1
-            tel.advance()
-
-            window["loss"] += loss
-            window["ce"] += ce_sum / total_scored
-            window["kl"] += kl_sum / total_scored
-            window["n"] += 1
-            window["tokens"] += int(step_tokens)
-            if tc.log_interval and (step % tc.log_interval == 0 or step == tc.max_steps):
-                dt = max(time.time() - window["t"], 1e-9)
-                last_metrics = {
-                    "loss": window["loss"] / window["n"],
-                    "ce": window["ce"] / window["n"],
-                    "kl": window["kl"] / window["n"],
-                    "grad_norm": grad_norm,
-                    **{f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in zip(optimizer.names, optimizer)},
-                    "tokens_per_s": window["tokens"] / dt,
-                    "tokens": tokens_seen,
-                }
-                if device.type == "cuda":
-                    last_metrics["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                tel.log(step, last_metrics)
-                window = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t": time.time()}
-            if tc.eval_interval and step % tc.eval_interval == 0:
-                val_metrics = evaluate()
-                if val_metrics:
-                    tel.log(step, val_metrics, kind="val")
-            if tc.save_interval and step % tc.save_interval == 0:
-                last_ckpt = save()
-            # every rank stops at the same step, even if the signal reached only one of them
-            signalled = all_reduce_sum(float(bool(stop)), dist_info, device) > 0
-            if signalled or (stop_after is not None and steps_this_process >= stop_after):
-                raise _StopRequested
-    except _StopRequested:
-        try:
-            if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
-                last_ckpt = save()
-            tel.event(step, "stopped", reason="signal" if signalled else "stop_after")
-            if cache_writer is not None:
-                cache_writer.close()
-        finally:
-            _shutdown(tel, stop, teacher)
-        raise KeyboardInterrupt(f"training stopped at step {step}; resume with --resume-from {run_dir}") from None
-    except BaseException:
-        _shutdown(tel, stop, teacher)
-        raise
-
-    val_metrics = evaluate()
-    if val_metrics:
-        tel.log(step, val_metrics, kind="val")
-    if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
-        last_ckpt = save()
-    if cache_writer is not None:
-        cache_writer.close()
-    final_dir = run_dir / "final"
-    if dist_info.is_main:
-        final_dir = ckpt.write_final(run_dir, last_ckpt)
-    barrier(dist_info)
-    result = TrainResult(
-        run_dir=run_dir, checkpoint=last_ckpt, final_dir=final_dir, steps=step, tokens=tokens_seen,
-        final=last_metrics, val=val_metrics, history=list(tel.history), events=list(tel.events),
-        lineage=lin, wandb_url=tel.wandb_url, wandb_id=tel.wandb_id, wandb_dir=tel.wandb_dir, seconds=time.time() - t_start,
+    checkpointer = Checkpointer(run_dir, contents, keep=tc.keep_checkpoints, tel=tel, dist_info=dist_info)
+    loop = TrainLoop(
+        "training", tel, optimizer_step=OptimizerStep(optimizer, scheduler, student, tc.grad_clip, guard, saddle),
+        max_steps=tc.max_steps, log_interval=tc.log_interval, eval_interval=tc.eval_interval,
+        save_interval=tc.save_interval, checkpointer=checkpointer, step=step, tokens=tokens_seen,
+        stop_after=stop_after, dist_info=dist_info, device=device, resume_hint=f"resume with --resume-from {run_dir}",
     )
-    _shutdown(tel, stop, teacher)
+    with loop:
+        try:
+            loop.run(train_step, evaluate=evaluate)
+        finally:
+            if teacher is not None:
+                teacher.close()
+        val_metrics = loop.final_eval(evaluate) if tc.eval_interval else {}
+        last_ckpt = checkpointer.ensure(loop.step)
+        final_dir = run_dir / "final"
+        if dist_info.is_main:
+            final_dir = ckpt.write_final(run_dir, last_ckpt)
+        barrier(dist_info)
+        train_rows = [h for h in tel.history if h["kind"] == "train"]
+        last_logged = {k: v for k, v in train_rows[-1].items() if k not in ("step", "kind", "time_s")} if train_rows else {}
+        result = TrainResult(
+            run_dir=run_dir, checkpoint=last_ckpt, final_dir=final_dir, steps=loop.step, tokens=loop.tokens,
+            final=last_logged, val=val_metrics, history=list(tel.history),
+            events=list(tel.events), lineage=lin, wandb_url=tel.wandb_url, wandb_id=tel.wandb_id,
+            wandb_dir=tel.wandb_dir, seconds=time.time() - t_start,
+        )
+        tel.summary({"steps": loop.step, "tokens": loop.tokens, **val_metrics})
     cleanup(dist_info)
     return result
 
 
-def _shutdown(tel: Telemetry, stop: StopSignals, teacher: Any) -> None:
-    """Close what a run holds open, whatever ended it."""
-    tel.close()
-    stop.restore()
-    if teacher is not None:
-        teacher.close()
+def _build_model(cfg: PipelineConfig, manifest: Manifest, resume_dir: Path | None, device: torch.device) -> torch.nn.Module:
+    """The student to train: a checkpoint's, the stage-1 (aligned) one, or a fresh one."""
+    if resume_dir is not None:
+        model = RetNetForCausalLM.from_pretrained(resume_dir)
+        if cfg.student.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.student.init == "from_teacher":  # the stage-1 (aligned) student: distill_dag/distill/align.py
+        model = load_aligned_student(cfg)
+    else:
+        model = build_student(cfg.student, manifest.vocab_size)
+    return model.to(device).train()

@@ -23,7 +23,7 @@ def _cfg(**ft):
                 eval_batches=4, save_interval=0, log_interval=1, seed=0)
     base.update(ft)
     return config_from_dict({"teacher": teacher, "teacher_ft": base, "tokenize": {"max_seq_length": 64},
-                             "train": {"device": "cpu"}})
+                             "train": {"device": "cpu"}, "wandb": {"mode": "disabled"}})
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_cli_finetune_teacher_maps_flags_and_writes_metrics(tmp_path, small_corp
     d = {"data": {"root": str(root)}, "tokenize": {"max_seq_length": 64},
          "teacher": {"model_name_or_path": None, "init_tiny": TINY},
          "teacher_ft": {"mode": "full", "max_steps": 50, "eval_batches": 2, "batch_size": 4,
-                        "output_dir": str(tmp_path / "ft")}}
+                        "output_dir": str(tmp_path / "ft")}, "wandb": {"mode": "disabled"}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
     assert main(["finetune-teacher", "--config", str(tmp_path / "cfg.yaml"), "--max-steps", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The trainer: exact resume, CE -> KD transition, NaN guard, logging, eval interval, mode parity."""
+"""The trainer: exact resume, CE -> KD continuation, NaN guard and the LR schedule, logging, eval interval."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 from support import cfg_dict
 
-from distill_dag.config import config_from_dict
+from distill_dag.config import ConfigError, config_from_dict
 from distill_dag.distill import distributed as distributed_mod
 from distill_dag.distill.checkpoint import CheckpointError, load_trainer_state
+from distill_dag.distill.optim import make_lr_lambda
 from distill_dag.distill.trainer import train
 
 
@@ -42,17 +43,26 @@ def test_resume_continues_the_exact_same_trajectory(tmp_path, small_corpus, tiny
     assert {s: la[s] for s in lb} == lb and min(lb) == 5
 
 
-def test_ce_only_then_kd_resume_logs_the_transition(tmp_path, small_corpus, tiny_teacher_dir):
+def test_ce_only_then_kd_resume_continues_the_step_count_and_the_lr_schedule(tmp_path, small_corpus, tiny_teacher_dir):
     data = small_corpus["tokenized"]
     ce = train(_cfg(tmp_path, tiny_teacher_dir, pretrain_ce_only=True, max_steps=3, output_dir=str(tmp_path / "ce")),
                data_dir=data)
     assert all(h["kl"] == 0.0 for h in ce.history if h["kind"] == "train")
-    kd = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=3, resume_from=str(tmp_path / "ce"),
-                    output_dir=str(tmp_path / "kd")), data_dir=data)
+    cfg = _cfg(tmp_path, tiny_teacher_dir, max_steps=6, resume_from=str(tmp_path / "ce"), output_dir=str(tmp_path / "kd"))
+    kd = train(cfg, data_dir=data)
     assert [e["event"] for e in kd.events][0] == "transition_ce_to_kd"
-    assert all(h["kl"] > 0.0 for h in kd.history if h["kind"] == "train")
+    rows = [h for h in kd.history if h["kind"] == "train"]
+    # max_steps counts the CE steps: 3 more, numbered on from the CE run, all with the teacher
+    assert [h["step"] for h in rows] == [4, 5, 6] and kd.steps == 6
+    assert all(h["kl"] > 0.0 for h in rows) and kd.tokens > ce.tokens
+    # no second warm-up: the row of step s shows the LR of update s of one 6-step schedule
+    lam = make_lr_lambda(cfg.train)
+    assert [h["lr_adamw"] for h in rows] == pytest.approx([cfg.train.learning_rate * lam(s) for s in (4, 5, 6)])
     log = (tmp_path / "kd" / "train.log").read_text()
-    assert "transition_ce_to_kd" in log
+    assert "transition_ce_to_kd" in log and "counts the CE steps too: 3 KD steps to go" in log
+    with pytest.raises(ConfigError, match="max_steps counts every step, CE ones included"):
+        train(_cfg(tmp_path, tiny_teacher_dir, max_steps=3, resume_from=str(tmp_path / "ce"),
+                   output_dir=str(tmp_path / "kd_none")), data_dir=data)
 
 
 def test_nan_loss_skips_the_step_and_keeps_weights(tmp_path, small_corpus, tiny_teacher_dir, monkeypatch):
@@ -90,11 +100,36 @@ def test_logged_loss_is_the_token_weighted_mean_over_micro_batches(tmp_path, sma
     assert res.history[0]["loss"] != pytest.approx(micro[-1][0], rel=1e-6)
 
 
-def test_eval_interval_zero_means_never_during_training(tmp_path, small_corpus, tiny_teacher_dir):
-    res = train(_cfg(tmp_path, tiny_teacher_dir, max_steps=4, eval_interval=0, pretrain_ce_only=True),
-                data_dir=small_corpus["tokenized"])
-    vals = [h for h in res.history if h["kind"] == "val"]
-    assert len(vals) == 1 and vals[0]["step"] == 4  # only the final held-out evaluation
+def test_skipped_nan_step_does_not_advance_the_lr_schedule(tmp_path, small_corpus, tiny_teacher_dir, monkeypatch):
+    real = distributed_mod.distill_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):
+        out = real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] in (3, 4):  # optimizer step 2 of 4
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(distributed_mod, "distill_loss", poisoned)
+    cfg = _cfg(tmp_path, tiny_teacher_dir, max_steps=4, eval_interval=0, save_interval=0, pretrain_ce_only=True)
+    res = train(cfg, data_dir=small_corpus["tokenized"])
+    lam, lr = make_lr_lambda(cfg.train), cfg.train.learning_rate
+    # updates taken after steps 1..4: 1, 1 (skipped), 2, 3; each row shows the LR of the next update
+    assert [h["lr_adamw"] for h in res.history if h["kind"] == "train"] == pytest.approx(
+        [lr * lam(1), lr * lam(1), lr * lam(2), lr * lam(3)])
+    _, state, _ = load_trainer_state(res.run_dir)
+    assert state["step"] == 4 and state["scheduler"]["adamw"]["last_epoch"] == 3
+
+
+def test_eval_interval_zero_means_no_held_out_evaluation_at_all(tmp_path, small_corpus, tiny_teacher_dir):
+    never = train(_cfg(tmp_path / "never", tiny_teacher_dir, max_steps=4, eval_interval=0, pretrain_ce_only=True),
+                  data_dir=small_corpus["tokenized"])
+    assert [h for h in never.history if h["kind"] == "val"] == [] and never.val == {}
+    every3 = train(_cfg(tmp_path / "every3", tiny_teacher_dir, max_steps=4, eval_interval=3, pretrain_ce_only=True),
+                   data_dir=small_corpus["tokenized"])
+    assert [h["step"] for h in every3.history if h["kind"] == "val"] == [3, 4]  # the interval, then the final one
+    assert every3.val["val_loss"] > 0
 
 
 def test_checkpoint_has_lineage_and_rejects_corruption(tmp_path, small_corpus, tiny_teacher_dir):

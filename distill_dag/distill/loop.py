@@ -1,0 +1,272 @@
+"""The training skeleton of the student trainer, the alignment stage and the teacher finetune.
+
+Small parts in the spirit of torchtitan's ``components/``; each loop keeps only its loss (a
+``train_step`` that runs forward + backward over its micro-batches) and its model set-up:
+
+- :class:`OptimizerStep`: clip -> NaN guard -> optimizer step -> saddle detector -> LR schedule. A
+  skipped (non-finite) step changes no weight and does NOT advance the schedule: the schedule counts
+  optimizer updates (``updates``), the loop counts steps (batches consumed, checkpoints, logs).
+- :class:`MetricWindow`: the mean of every per-step metric since the last log row, tokens/s, rows/s.
+- :class:`Checkpointer`: the one checkpoint format, written atomically
+  (:func:`distill_dag.distill.checkpoint.save_checkpoint`); under torchrun every rank builds the
+  contents (FSDP gathers), rank 0 writes, the others wait.
+- :class:`TrainLoop`: the step loop. One step = ``train_step`` + :class:`OptimizerStep`; then, in this
+  order: log every ``log_interval`` steps (and at the last), evaluate every ``eval_interval`` steps
+  (0 = never), save every ``save_interval`` steps (0 = only at a stop or the end), and stop when a
+  SIGINT/SIGTERM arrived (all ranks agree) or ``stop_after`` steps of this process are done: a
+  checkpoint of the step reached, a ``stopped`` event, then :class:`TrainingInterrupted`. Used as a
+  context manager: any other exception is recorded (a ``failed`` event, W&B exit code 1) and re-raised;
+  telemetry is closed and the signal handlers restored whatever ends the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from distill_dag.distill import checkpoint as ckpt
+from distill_dag.distill.distributed import DistInfo, all_reduce_sum, barrier, clip_grad_norm
+from distill_dag.distill.stability import NanGuard, SaddleDetector
+from distill_dag.distill.stopping import StopSignals
+from distill_dag.distill.telemetry import Telemetry
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A stop request (SIGINT/SIGTERM, or ``stop_after``) ended a loop early, after a checkpoint of
+    ``step`` was written to ``checkpoint``. A KeyboardInterrupt, so ``except Exception`` lets it pass
+    as it would Ctrl-C."""
+
+    def __init__(self, what: str, step: int, checkpoint: Path | None, reason: str, signum: int | None,
+                 resume_hint: str):
+        why = f"signal {signum}" if signum is not None else reason
+        super().__init__(f"{what} stopped at step {step} ({why}); checkpoint {checkpoint}; {resume_hint}")
+        self.step, self.checkpoint, self.reason, self.signum = step, checkpoint, reason, signum
+
+
+@dataclass
+class StepOutput:
+    """What one ``train_step`` reports (after its backward, before the optimizer step)."""
+
+    loss: float  # the step's loss: the NaN guard checks it, the log window averages it
+    tokens: int  # tokens consumed (the run's token count, tokens/s)
+    rows: int  # rows consumed (rows/s)
+    metrics: dict[str, float] = field(default_factory=dict)  # more per-step values to average (ce, kl, ...)
+
+
+def memory_metrics(device: torch.device | None) -> dict[str, float]:
+    """Memory in GiB: the process's resident set (``rss_gb``) and, on CUDA, the peak allocated
+    (``mem_gb``) and reserved (``mem_reserved_gb``) memory of the device."""
+    out = {"rss_gb": _rss_bytes() / 2**30}
+    if device is not None and device.type == "cuda":
+        out["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["mem_reserved_gb"] = torch.cuda.memory_reserved(device) / 2**30
+    return out
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # no procfs: the peak instead (KiB on Linux, bytes on macOS)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class OptimizerStep:
+    """One update from the accumulated gradients, skipped when the loss or gradient norm is not finite.
+
+    ``optimizer``/``scheduler``: a torch optimizer and LR scheduler, or the trainer's
+    :class:`~distill_dag.distill.optim.Optimizers`/``Schedulers``. ``clip``: what the gradient norm is
+    measured (and clipped to ``grad_clip``; 0 = measure only) over: a module or a list of parameters.
+    The saddle detector is fed the update count, the same clock as the schedule, so its LR boost
+    starts at the update after the detection whatever steps were skipped."""
+
+    def __init__(self, optimizer: Any, scheduler: Any, clip: Any, grad_clip: float, guard: NanGuard,
+                 saddle: SaddleDetector | None = None):
+        self.optimizer, self.scheduler, self.clip, self.grad_clip = optimizer, scheduler, clip, grad_clip
+        self.guard, self.saddle = guard, saddle
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates taken (the schedule's position)."""
+        return int(self.scheduler.last_epoch)
+
+    def __call__(self, step: int, loss: float) -> tuple[float, list[dict[str, Any]]]:
+        """Update (or skip) for loop step ``step``; returns the pre-clip gradient norm and the events."""
+        grad_norm = clip_grad_norm(self.clip, self.grad_clip)
+        skipped = self.guard.check(step, loss, grad_norm)  # raises TrainingDivergedError after the streak
+        if skipped is None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if skipped is not None:
+            return grad_norm, [skipped]  # no update: the schedule stays where it is
+        events = self.saddle.update(self.updates, loss, grad_norm) if self.saddle is not None else []
+        self.scheduler.step()
+        return grad_norm, events
+
+    def lrs(self) -> dict[str, float]:
+        """The learning rate of the next update: ``lr_<name>`` per named optimizer, else ``lr``."""
+        names = getattr(self.optimizer, "names", None)
+        if names:
+            return {f"lr_{n}": opt.param_groups[0]["lr"] for n, opt in zip(names, self.optimizer)}
+        return {"lr": self.optimizer.param_groups[0]["lr"]}
+
+
+class MetricWindow:
+    """Sums of the per-step metrics since the last :meth:`reset`; :meth:`means` averages them."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = self.tokens = self.rows = 0
+        self.t = time.time()
+
+    def add(self, out: StepOutput) -> None:
+        for k, v in {"loss": out.loss, **out.metrics}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+        self.tokens += out.tokens
+        self.rows += out.rows
+
+    def means(self) -> dict[str, float]:
+        dt = max(time.time() - self.t, 1e-9)
+        return {**{k: v / max(self.n, 1) for k, v in self.sums.items()},
+                "tokens_per_s": self.tokens / dt, "rows_per_s": self.rows / dt}
+
+
+@dataclass
+class CheckpointContents:
+    """What goes into one checkpoint (see :func:`distill_dag.distill.checkpoint.save_checkpoint`)."""
+
+    model: torch.nn.Module
+    trainer_state: dict[str, Any]  # plain tensors / numbers / strings (torch.load(weights_only=True))
+    run_info: dict[str, Any]
+    extra_files: dict[str, Path] | None = None
+    model_state: dict[str, torch.Tensor] | None = None  # the gathered weights of an FSDP-sharded model
+
+
+class Checkpointer:
+    """Writes ``<run_dir>/checkpoints/step-NNNNNNN`` from ``contents(step)``, keeping the ``keep`` newest."""
+
+    def __init__(self, run_dir: Path, contents: Callable[[int], CheckpointContents], *, keep: int, tel: Telemetry,
+                 dist_info: DistInfo | None = None):
+        self.run_dir, self.contents, self.keep, self.tel = Path(run_dir), contents, keep, tel
+        self.dist_info = dist_info or DistInfo()
+        self.last: Path | None = None
+
+    def save(self, step: int) -> Path:
+        c = self.contents(step)  # on every rank: under FSDP building it gathers the shards
+        path = self.run_dir / "checkpoints" / f"step-{step:07d}"
+        if self.dist_info.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, step, c.model, c.trainer_state, c.run_info, keep=self.keep,
+                                        extra_files=c.extra_files, model_state=c.model_state)
+            self.tel.event(step, "checkpoint", path=str(path))
+        barrier(self.dist_info)  # the other ranks go on once it is on disk
+        self.last = path
+        return path
+
+    def ensure(self, step: int) -> Path:
+        """The checkpoint of ``step``: the last one written if it is of ``step``, else a new one."""
+        if self.last is not None and self.last.name == f"step-{step:07d}":
+            return self.last
+        return self.save(step)
+
+
+class TrainLoop:
+    """The step loop (see the module docstring). ``step``/``tokens``: where a resumed run starts.
+
+    ``log_line(step, metrics)`` replaces the printed form of a train row. ``resume_hint`` ends the
+    :class:`TrainingInterrupted` message (how to continue)."""
+
+    def __init__(self, what: str, tel: Telemetry, *, optimizer_step: OptimizerStep, max_steps: int,
+                 log_interval: int, eval_interval: int = 0, save_interval: int = 0,
+                 checkpointer: Checkpointer | None = None, step: int = 0, tokens: int = 0,
+                 stop_after: int | None = None, dist_info: DistInfo | None = None,
+                 device: torch.device | None = None, resume_hint: str = "",
+                 log_line: Callable[[int, dict[str, Any]], str] | None = None):
+        self.what, self.tel, self.optimizer_step = what, tel, optimizer_step
+        self.max_steps, self.log_interval = max_steps, log_interval
+        self.eval_interval, self.save_interval = eval_interval, save_interval
+        self.checkpointer, self.step, self.tokens, self.stop_after = checkpointer, step, tokens, stop_after
+        self.dist_info, self.device = dist_info or DistInfo(), device
+        self.resume_hint, self.log_line = resume_hint, log_line
+        self.steps_here = 0  # steps of this process (stop_after counts these)
+        self.last: StepOutput | None = None
+        self.last_eval: tuple[int, Any] | None = None
+        self.window = MetricWindow()
+        self.signals = StopSignals()
+
+    def __enter__(self) -> "TrainLoop":
+        self.signals.install()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> bool:
+        self.signals.restore()
+        if exc is None:
+            self.tel.close()
+        elif isinstance(exc, TrainingInterrupted):
+            self.tel.close(exit_code=128 + exc.signum if exc.signum is not None else 0)
+        else:
+            self.tel.event(self.step, "failed", error=f"{type(exc).__name__}: {exc}")
+            self.tel.close(exit_code=1)
+        return False
+
+    def run(self, train_step: Callable[[int], StepOutput], *, evaluate: Callable[[int], Any] | None = None,
+            finished: Callable[[], bool] | None = None) -> None:
+        """Steps until ``max_steps`` or ``finished()`` (e.g. early stopping). ``train_step(step)`` runs
+        forward + backward of loop step ``step`` (0-based); ``evaluate(step)`` evaluates and logs."""
+        while self.step < self.max_steps and not (finished is not None and finished()):
+            out = train_step(self.step)
+            grad_norm, events = self.optimizer_step(self.step, out.loss)
+            for ev in events:
+                ev = {k: v for k, v in ev.items() if k != "step"}
+                self.tel.event(self.step, ev.pop("event"), **ev)
+            self.step += 1
+            self.steps_here += 1
+            self.tokens += out.tokens
+            self.last = out
+            self.tel.advance(rows=out.rows)
+            self.window.add(out)
+            if self.log_interval and (self.step % self.log_interval == 0 or self.step == self.max_steps):
+                self._log(grad_norm)
+            if evaluate is not None and self.eval_interval and self.step % self.eval_interval == 0:
+                self.last_eval = (self.step, evaluate(self.step))
+            if self.checkpointer is not None and self.save_interval and self.step % self.save_interval == 0:
+                self.checkpointer.save(self.step)
+            if self.step < self.max_steps and not (finished is not None and finished()):
+                self._stop_if_asked()
+
+    def final_eval(self, evaluate: Callable[[int], Any]) -> Any:
+        """The evaluation of the step reached: the one the loop just did at this step, else a new one."""
+        if self.last_eval is not None and self.last_eval[0] == self.step:
+            return self.last_eval[1]
+        self.last_eval = (self.step, evaluate(self.step))
+        return self.last_eval[1]
+
+    def _log(self, grad_norm: float) -> None:
+        m = {**self.window.means(), "grad_norm": grad_norm, **self.optimizer_step.lrs(), "tokens": self.tokens,
+             **memory_metrics(self.device)}
+        self.tel.log(self.step, m, line=self.log_line(self.step, m) if self.log_line is not None else None)
+        self.window.reset()
+
+    def _stop_if_asked(self) -> None:
+        signalled = bool(self.signals)
+        if self.dist_info.enabled:  # every rank stops at the same step, even if only one got the signal
+            signalled = all_reduce_sum(float(signalled), self.dist_info, self.device) > 0
+        if not (signalled or (self.stop_after is not None and self.steps_here >= self.stop_after)):
+            return
+        path = self.checkpointer.ensure(self.step) if self.checkpointer is not None else None
+        reason = "signal" if signalled else "stop_after"
+        self.tel.event(self.step, "stopped", reason=reason)
+        raise TrainingInterrupted(self.what, self.step, path, reason, self.signals.signum if signalled else None,
+                                  self.resume_hint)
