@@ -122,16 +122,19 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     _config_arg(p)
     p.add_argument("--input", required=True, help="a directory of .jsonl files (or one file)")
     p.add_argument("--output", required=True, help="output directory for shards + manifest.json")
-    p.add_argument("--recursive", action="store_true", help="also read .jsonl files in subdirectories")
-    p.add_argument("--skip-existing", action="store_true", help="re-tokenize only inputs whose content changed")
-    p.add_argument("--force", action="store_true", help="re-tokenize and rewrite everything")
+    # defaults: the config's, as the tokenized_parquet asset uses them (one entry point: tokenize_stage)
+    p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="also read .jsonl files in subdirectories (default: yes, as the asset does)")
+    p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-tokenize only inputs whose content changed (default: tokenize.skip_existing)")
+    p.add_argument("--force", action="store_true", default=None, help="re-tokenize and rewrite everything")
     p.add_argument("--max-seq-length", type=int, default=None, help="row length (default: tokenize.max_seq_length)")
     p.add_argument("--tokenizer", default=None, metavar="LOCAL_TOKENIZER_DIR",
-                   help="a saved tokenizer directory (default: the config's data root/tokenizer)")
+                   help="a saved tokenizer directory (default: the config's tokenizer directory)")
     p.add_argument("--val-fraction", type=float, default=None, help="default: tokenize.val_fraction")
     p.add_argument("--rows-per-shard", type=int, default=None, help="default: tokenize.rows_per_shard")
     p.add_argument("--max-reject-rate", type=float, default=None,
-                   help="fail above this share of bad rows (default: report bad rows, never fail)")
+                   help="fail above this share of bad rows (default: data.max_reject_rate)")
     p.add_argument("--worker", default=None, metavar="I/N",
                    help="tokenize only worker I's share of the inputs into the token cache (of N workers, "
                         "no coordination needed); then run once without --worker to pack")
@@ -139,12 +142,11 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from distill_dag.data.jsonl import RejectRateError
-        from distill_dag.data.pack import tokenize_to_parquet
+        from distill_dag.data.pack import tokenize_stage
 
-        cfg = _load(a)
-        t = cfg.tokenize
-        tok_dir = Path(a.tokenizer) if a.tokenizer else cfg.data_root / "tokenizer"
+        cfg = _load(a, _flag_overrides(a, {**PREPROCESS_FLAGS, "skip_existing": "tokenize.skip_existing",
+                                           "force": "tokenize.force"}))
+        tok_dir = Path(a.tokenizer) if a.tokenizer else cfg.tokenizer_dir
         if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "tokenizer_config.json").exists():
             print(f"distill preprocess: no tokenizer in {tok_dir} (pass --tokenizer LOCAL_TOKENIZER_DIR)", file=sys.stderr)
             return 2
@@ -156,31 +158,9 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
                 print(f"distill preprocess: --worker {a.worker!r}: give I/N, e.g. --worker 0/4", file=sys.stderr)
                 return 2
             worker = (i, n)
-        try:
-            r = tokenize_to_parquet(
-                a.input, a.output, tok_dir, a.max_seq_length or t.max_seq_length, recursive=a.recursive,
-                val_fraction=t.val_fraction if a.val_fraction is None else a.val_fraction,
-                rows_per_shard=a.rows_per_shard or t.rows_per_shard, skip_existing=a.skip_existing, force=a.force,
-                mask_prompt=t.mask_prompt, batch_docs=t.batch_docs, max_line_bytes=cfg.data.max_line_bytes,
-                max_reject_rate=a.max_reject_rate, progress=worker is None, worker=worker,
-            )
-        except (RejectRateError, FileNotFoundError, ValueError) as err:
-            print(f"distill preprocess: {err}", file=sys.stderr)
-            return 1
-        if worker is not None:
-            print(f"worker {worker[0]}/{worker[1]}: tokenized {len(r['tokenized'])} input(s) into the token cache, "
-                  f"{len(r['reused'])} already cached; pack with: distill preprocess (same arguments, no --worker)")
-            return 0
-        if r["up_to_date"]:
-            print(f"{a.output} is up to date ({len(r['reused'])} inputs unchanged); nothing re-tokenized")
-        else:
-            print(f"tokenized {len(r['tokenized'])} input(s), reused {len(r['reused'])} from the cache")
-        for split in ("train", "val"):
-            s = r["totals"][split]
-            print(f"  {split}: {s['shards']} shards, {s['rows']:,} rows, {s['tokens']:,} tokens, {s['docs']:,} documents")
-        if r["rejects"]:
-            print(f"  {r['rejects']} bad rows skipped; each with file, line and reason in {r['rejects_file']}")
-        print(f"  manifest: {Path(a.output) / 'manifest.json'}")
+        # errors (bad rows over the rate, disk full, a locked output, an input changing) reach main's one handler
+        tokenize_stage(cfg, inputs=a.input, output_dir=a.output, tokenizer_dir=tok_dir, recursive=a.recursive,
+                       worker=worker, progress=worker is None, log=print)
         return 0
 
     p.set_defaults(func=_checked(run, PREPROCESS_FLAGS))

@@ -336,3 +336,50 @@ def test_shard_bytes_do_not_depend_on_batching_or_threads(tmp_path, stdlib_raw, 
         runs.append((_shard_hashes(out), (out / "manifest.json").read_bytes()))
     assert len(runs[0][0]) > 4  # several shards of each split
     assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+@pytest.mark.parametrize("how", ["rewritten in place", "truncated"])
+@pytest.mark.parametrize("worker", [None, (0, 1)])
+def test_an_input_rewritten_mid_read_is_detected_and_nothing_is_published(tmp_path, word_tokenizer, monkeypatch,
+                                                                          how, worker):
+    from distill_dag.data import pack
+    from distill_dag.data.pack import InputChangedError
+
+    f = write_jsonl(tmp_path / "in/x.jsonl", [{"text": "a b c"}] * 3000)  # well past the read buffer
+    real = pack.iter_jsonl
+
+    def iter_then_rewrite(path, *a, **k):
+        for i, item in enumerate(real(path, *a, **k)):
+            if i == 2:  # the reader is part-way: another process rewrites what it has not read yet
+                with open(path, "r+b") as w:
+                    if how == "truncated":
+                        w.truncate(len(json.dumps({"text": "a b c"})) * 5)
+                    else:
+                        w.seek(-9, os.SEEK_END)  # same size: only the content tells
+                        w.write(b'"d e e"}\n')
+            yield item
+
+    monkeypatch.setattr(pack, "iter_jsonl", iter_then_rewrite)
+    out = tmp_path / "out"
+    with pytest.raises(InputChangedError, match=rf"{f} changed while this run read it .*Nothing was published"):
+        tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.0, worker=worker)
+    assert not (out / "manifest.json").exists() and not shard_files(out) and not list(out.glob("gen-*"))
+    assert not list((out / ".cache").glob("*.json"))  # no cache claims the content of a file in flux
+    monkeypatch.setattr(pack, "iter_jsonl", real)
+    r = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.0)  # the file as it is now
+    assert r["inputs"]["x.jsonl"]["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_an_output_inside_a_recursive_input_is_never_read_and_warns(tmp_path, word_tokenizer):
+    write_jsonl(tmp_path / "in/a.jsonl", [{"text": "a b"}])
+    (tmp_path / "in/a.jsonl").write_text((tmp_path / "in/a.jsonl").read_text() + "{broken\n")
+    out = tmp_path / "in/tok"  # its rejects.jsonl would be an input on the next run
+    seen: list[str] = []
+    for _ in range(3):
+        r = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.0, force=True,
+                                log=seen.append)
+        assert sorted(r["inputs"]) == ["a.jsonl"] and r["rejects"] == 1  # the same every run
+    assert "inside the input directory" in seen[0] and str(out) in seen[0] and r["warnings"] == seen[-1:]
+    assert "rejects.jsonl" in seen[-1]  # named as left out
+    with pytest.raises(ValueError, match="inside the output directory"):  # output == input: it would read itself
+        tokenize_to_parquet(tmp_path / "in", tmp_path / "in", word_tokenizer, 4)
