@@ -592,11 +592,18 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     if any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "DiskFullError" in _names(e) for e in chain):
         return 1, f"{msg}\n  fix: the disk is full: free space or write to another folder (what was published " \
                   "before is untouched)"
-    if any(_names(e) & set(_NETWORK_NAMES) for e in chain):
-        return 1, (f"{msg}\n  fix: the network or the server is unreachable: check the URL / connection "
-                   "(a hub download needs the Hugging Face Hub; with the files already cached set HF_HUB_OFFLINE=1; "
-                   "or use local data: a jsonl source, a local model folder; a teacher server: start "
-                   "`distill serve-teacher` or check teacher.url / DISTILL_TEACHER_URL)")
+    names = set().union(*(_names(e) for e in chain))
+    if names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "HfHubHTTPError"} or "the Hub" in msg:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        return 1, (f"{msg}\n  fix: " + ("HF_HUB_OFFLINE is set: unset it to download, " if offline else
+                                         "the Hugging Face Hub is unreachable: connect, or run once online so the "
+                                         "files are cached (then HF_HUB_OFFLINE=1 works), ")
+                   + "or use local data (a data.sources entry of kind jsonl) / a local model folder")
+    if "TeacherError" in names and names & set(_NETWORK_NAMES) or "TeacherError" in _names(err) and "connect" in msg.lower():
+        return 2, (f"{msg}\n  fix: the teacher server is not answering: start it (`distill serve-teacher --config "
+                   "...`), or point teacher.url / DISTILL_TEACHER_URL at it")
+    if names & set(_NETWORK_NAMES):
+        return 1, f"{msg}\n  fix: the network or the server is unreachable: check the URL and the connection"
     if _names(err) & set(_PROJECT_ERRORS):
         return (2 if "TeacherError" in _names(err) else 1), msg
     if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
