@@ -39,9 +39,11 @@ def wandb_mode(cfg: WandbConfig) -> str:
 
 def wandb_group(cfg: PipelineConfig) -> str:
     """The W&B group of every stage run from ``cfg``: ``<student variant>-<hash of the config>``, the
-    hash leaving out what differs between paired runs (``_NOT_IN_GROUP``) and the W&B section."""
+    hash leaving out what differs between paired runs (``_NOT_IN_GROUP``, ``student.init``) and the W&B
+    section."""
     d = cfg.model_dump(mode="json")
     d.pop("wandb", None)
+    d.get("student", {}).pop("init", None)  # the CE-only baseline of a from_teacher student starts from scratch
     for k in _NOT_IN_GROUP:
         d.get("train", {}).pop(k, None)
     return f"{cfg.student.variant}-{sha256_json(d)[:8]}"
