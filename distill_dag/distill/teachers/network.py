@@ -74,8 +74,8 @@ def decode_arrays(body: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[
         if not isinstance(s, dict):
             raise WireError(f"bad array spec {s!r}: an object with name, dtype and shape is expected")
         name, dt, shape = s.get("name"), s.get("dtype"), s.get("shape")
-        if (not isinstance(name, str) or dt not in _DTYPES or not isinstance(shape, list)
-                or not all(type(x) is int and x >= 0 for x in shape)):
+        if (not isinstance(name, str) or not isinstance(dt, str) or dt not in _DTYPES
+                or not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape)):
             raise WireError(f"bad array spec {s!r}")
         if name in out:
             raise WireError(f"array {name!r} given twice")
