@@ -22,8 +22,8 @@ SEED_KEYS: dict[str, tuple[str | None, str]] = {
     "train_data_path": ("data.tokenized_dir", "the packed folder (manifest.json + shards) of `distill preprocess`"),
     "val_data_path": (None, "the val split lives in the same manifest as train (tokenize.val_fraction at "
                             "preprocess time); preprocess train and val into one folder"),
-    "num_workers": (None, "the parquet loader reads row groups in the training process: there are no "
-                          "DataLoader workers to set"),
+    "num_workers": (None, "the parquet loader reads its row groups in the training process (DataLoader "
+                          "num_workers 0): there is no key for it"),
     "use_pretokenized_data": (None, "training always reads pretokenized shards (data.tokenized_dir); raw JSONL "
                                     "goes through `distill preprocess` first"),
     "teacher_adapter_path": ("teacher.adapter_path", "peft adapter folder"),
