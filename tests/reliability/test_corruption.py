@@ -21,6 +21,7 @@ from support import all_batches, write_data  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 
 from distill_dag.data.dataset import PackedDataset  # noqa: E402
+from distill_dag.data.manifest import Manifest  # noqa: E402
 from distill_dag.data.shards import CorruptShardError  # noqa: E402
 from distill_dag.distill import distributed as distributed_mod  # noqa: E402
 from distill_dag.distill import trainer as trainer_mod  # noqa: E402
@@ -164,7 +165,9 @@ def _flip(p: Path, at: float = 0.5) -> None:
 
 def test_truncated_or_flipped_data_shard_is_refused_by_the_reader_naming_it(tmp_path, small_corpus):
     d = shutil.copytree(small_corpus["tokenized"], tmp_path / "tok")
-    shard = d / "train-00001.parquet"
+    m = Manifest.load(d)
+    shard = m.shard_path(m.split_shards("train")[1][1])  # in the live generation folder
+    assert shard.name == "train-00001.parquet"
     original = shard.read_bytes()
     _truncate(shard)
     with pytest.raises(CorruptShardError, match=r"train-00001\.parquet: \d+ bytes, the manifest says .*preprocess"):
@@ -179,8 +182,9 @@ def test_truncated_or_flipped_data_shard_is_refused_by_the_reader_naming_it(tmp_
 
 def test_training_on_a_corrupt_shard_stops_before_the_first_step(tmp_path, small_corpus, tiny_teacher_dir):
     d = shutil.copytree(small_corpus["tokenized"], tmp_path / "tok")
-    for s in d.glob("train-*.parquet"):  # whichever row group the first batch reads
-        _flip(s)
+    m = Manifest.load(d)
+    for _, s in m.split_shards("train"):  # whichever row group the first batch reads
+        _flip(m.shard_path(s))
     with pytest.raises(CorruptShardError, match=r"train-0000\d\.parquet: sha256 differs"):
         train(make_cfg(tmp_path, small_corpus, tiny_teacher_dir, max_steps=2), data_dir=d)
     assert not [r for r in metrics(tmp_path / "run") if r.get("kind") == "train"]
