@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,23 +39,31 @@ def free_port() -> int:
 
 
 class Server:
-    """`distill serve-teacher` in its own process group (so a kill takes all of it)."""
+    """`distill serve-teacher` in its own process group (so a kill takes all of it); what it prints (the
+    access log included) goes to a file, so a long run never blocks on a full pipe."""
 
     def __init__(self, cfg: Path, model: Path, port: int, token: str | None) -> None:
         self.cfg, self.model, self.port, self.token = cfg, model, port, token
         self.proc: subprocess.Popen | None = None
+        fd, name = tempfile.mkstemp(prefix="serve-teacher-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(name)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def start(self, wait: bool = True) -> "Server":
         env = dict(os.environ, TEST_TEACHER_TOKEN=self.token or "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "distill_dag.cli", "serve-teacher", "--config", str(self.cfg), "--model",
-             str(self.model), "--port", str(self.port), "--k", str(K), "--device", "cpu"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "distill_dag.cli", "serve-teacher", "--config", str(self.cfg), "--model",
+                 str(self.model), "--port", str(self.port), "--k", str(K), "--device", "cpu"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         if wait:
             self.wait_up()
         return self
@@ -63,7 +73,7 @@ class Server:
         end = time.time() + timeout
         while time.time() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()[-2000:]}")
+                raise RuntimeError(f"server exited: {self.output()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", headers=headers, timeout=2).status_code == 200:
                     return
@@ -141,6 +151,54 @@ def test_bearer_token_is_enforced(setup, server):
                     headers={"Authorization": f"Bearer {TOKEN}"})
     out, _ = decode_arrays(ok.content)
     assert out["indices"].shape == (1, 16, K) and out["logprobs"].dtype == np.float32
+
+
+def test_json_body_gives_the_direct_teachers_topk(setup, server):
+    """`curl -H 'Content-Type: application/json' -d '{"input_ids": [[...]], "k": 4}'`: the same top-k as
+    the binary path, as JSON; a flat list is one row, answered without the batch axis."""
+    _, _, direct, batches = setup
+    b = batches[0]
+    ref = direct.topk(b)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"input_ids": b["input_ids"].tolist(), "position_ids": b["position_ids"].tolist(), "k": 4}
+    r = httpx.post(server.url + "/v1/topk", json=body, headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    got = r.json()
+    assert got["shape"] == [*b["input_ids"].shape, 4]
+    assert torch.equal(torch.tensor(got["indices"]), ref.indices[..., :4])
+    torch.testing.assert_close(torch.tensor(got["logprobs"]), ref.logprobs[..., :4], atol=1e-5, rtol=0)
+    r = httpx.post(server.url + "/v1/topk", json={"input_ids": b["input_ids"][0].tolist()}, headers=auth)
+    assert r.status_code == 200 and r.json()["shape"] == [b["input_ids"].shape[1], K]  # k defaults to k_max
+    r = httpx.post(server.url + "/v1/topk", json={"input_ids": [1.5]}, headers=auth)
+    assert r.status_code == 400 and "integers" in r.json()["error"]
+
+
+def test_json_without_its_content_type_gets_a_hint(server):
+    r = httpx.post(server.url + "/v1/topk", content=b'{"input_ids": [1, 2]}',
+                   headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]
+
+
+def test_lower_case_bearer_scheme_is_accepted(server):
+    assert httpx.get(server.url + "/health", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+
+
+def test_every_request_gets_an_access_log_line_with_size_and_latency(server):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = encode_arrays({"input_ids": make_rows(2)["input_ids"]}, {"k": 3})
+    assert httpx.post(server.url + "/v1/topk", content=body, headers=auth).status_code == 200
+    assert httpx.post(server.url + "/v1/topk", content=b"junk", headers=auth).status_code == 400
+    assert httpx.get(server.url + "/health").status_code == 401
+    out_bytes = 8 + len(b'{"arrays": [{"name": "indices", "dtype": "<i4", "shape": [2, 16, 3]}, '
+                         b'{"name": "logprobs", "dtype": "<f4", "shape": [2, 16, 3]}], "meta": {}}') + 8 * 2 * 16 * 3
+    pats = [rf'127\.0\.0\.1:\d+ "POST /v1/topk" 200 in={len(body)}B out={out_bytes}B bin 2x16x3 \d+\.\dms',
+            r'127\.0\.0\.1:\d+ "POST /v1/topk" 400 in=4B out=\d+B \d+\.\dms',
+            r'127\.0\.0\.1:\d+ "GET /health" 401 in=0B out=\d+B \d+\.\dms']
+    end = time.time() + 10
+    while time.time() < end and not all(re.search(p, server.output()) for p in pats):
+        time.sleep(0.1)  # the log is flushed per line, but written by another process
+    for p in pats:
+        assert re.search(p, server.output()), (p, server.output()[-2000:])
 
 
 def test_garbage_body_is_a_400_not_a_crash(server):
