@@ -282,7 +282,7 @@ class TrainConfig(Section):
                                                   "gradients")
     saddle_window: int = _f(50, "Saddle detection: steps compared", ge=1)
     saddle_rel_improvement: float = _f(0.01, "Saddle detection: relative loss improvement below which it is a "
-                                             "plateau", ge=0.0, le=1.0)
+                                             "plateau", ge=0.0)
     saddle_grad_norm: float = _f(0.05, "Saddle detection: gradient norm below which it is small", ge=0.0)
     saddle_lr_boost: float = _f(3.0, "LR multiplier during an intervention", ge=1.0, le=100.0)
     saddle_boost_steps: int = _f(50, "Steps an intervention lasts", ge=1)
