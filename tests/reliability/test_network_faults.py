@@ -148,6 +148,36 @@ def test_persistent_faults_end_in_a_clear_error_after_bounded_retries(faults, fa
     net.close()
 
 
+def test_a_full_byte_budget_is_503_and_the_client_retries_until_it_frees(faults):
+    """Another request holds the server's whole byte budget: ours gets 503 (Retry-After), is retried with
+    backoff, and gets the teacher's answer once the budget is returned."""
+    app, url, teacher, batch = faults
+    budget = app.app.state.budget
+    assert budget.take(budget.limit)
+    freer = threading.Timer(0.5, lambda: budget.give(budget.limit))
+    net = _client(url, max_retries=6, backoff_s=0.2)
+    freer.start()
+    try:
+        got = net.topk(batch)
+    finally:
+        freer.join()
+    assert net.http.retries_done >= 1 and budget.used == 0
+    ref = teacher.topk(batch)
+    assert torch.equal(got.indices, ref.indices) and torch.equal(got.logprobs, ref.logprobs)
+    net.close()
+
+
+def test_rows_over_the_servers_max_seq_len_fail_clearly_before_anything_is_sent(faults):
+    app, url, _, _ = faults
+    net = _client(url)
+    limit = net.health["max_seq_len"]
+    assert limit == 4096  # the tiny teacher's max_position_embeddings
+    with pytest.raises(TeacherError, match=rf"rows of {limit + 1} tokens .*max_seq_len={limit}.*tokenize.max_seq_length"):
+        net.topk({"input_ids": torch.zeros(1, limit + 1, dtype=torch.long)})
+    assert app.served == [] and net.http.retries_done == 0
+    net.close()
+
+
 # ---- training through the served teacher (a real `distill serve-teacher` process) ------------------
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, small_corpus, tiny_teacher_dir):

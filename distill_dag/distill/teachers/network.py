@@ -129,7 +129,8 @@ class RetryingHTTP:
             if r.status_code == 413:
                 raise TeacherError(
                     f"teacher server {self.url}{path}: request too large (413 {r.text[:200]}); lower teacher.batch_rows "
-                    "or the top-k, or raise the server's teacher.max_request_elems"
+                    "or the top-k (rows longer than the server's max_seq_len: shorter tokenize.max_seq_length), or "
+                    "raise the server's limits (teacher.max_request_elems)"
                 )
             if r.status_code == 429 or r.status_code >= 500:
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
@@ -201,6 +202,12 @@ class NetworkTeacher:
     def topk(self, batch: dict[str, torch.Tensor]) -> TeacherTopK:
         ids = batch["input_ids"].cpu().numpy()
         pos = batch["position_ids"].cpu().numpy() if "position_ids" in batch else None
+        max_t = self.health.get("max_seq_len")
+        if isinstance(max_t, int) and ids.shape[-1] > max_t:  # refused by the server (413): say it before sending
+            raise TeacherError(
+                f"rows of {ids.shape[-1]} tokens are longer than teacher server {self.url} accepts (max_seq_len="
+                f"{max_t}, the teacher's maximum positions): pack shorter rows (tokenize.max_seq_length)"
+            )
         idx_parts, lp_parts = [], []
         for a in range(0, ids.shape[0], self.batch_rows):
             i, lp = self._post(ids[a : a + self.batch_rows], None if pos is None else pos[a : a + self.batch_rows])
