@@ -7,15 +7,16 @@ module for every step, and the heavy libraries are imported inside the assets th
 import os
 
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 
 from distill_dag.assets import data, evaluation, student, teacher
-from distill_dag.jobs import new_raw_data_sensor, retokenize_job, retokenize_schedule, student_job
-from distill_dag.resources import (
-    DuckDBResource,
-    PipelineConfigResource,
-    TeacherEndpointResource,
-    WandbSettingsResource,
+from distill_dag.assets.common import location_config_file
+from distill_dag.jobs import (
+    eval_job, logit_cache_job, new_raw_data_sensor, retokenize_job, retokenize_schedule, student_job, teacher_job,
 )
+from distill_dag.resources import PipelineConfigResource, TeacherEndpointResource, WandbSettingsResource
+
+MODULES = [data, teacher, student, evaluation]
 
 
 def _secret(name: str):
@@ -24,14 +25,15 @@ def _secret(name: str):
 
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data, teacher, student, evaluation]),
-    asset_checks=dg.load_asset_checks_from_modules([data, teacher, student, evaluation]),
-    jobs=[retokenize_job, student_job],
+    assets=dg.load_assets_from_modules(MODULES),
+    asset_checks=dg.load_asset_checks_from_modules(MODULES),
+    jobs=[retokenize_job, teacher_job, logit_cache_job, student_job, eval_job],
     schedules=[retokenize_schedule()],
     sensors=[new_raw_data_sensor],
     resources={
-        "pipeline": PipelineConfigResource(config_file=dg.EnvVar("DISTILL_DAG_CONFIG").get_value("demo.yaml")),
-        "duckdb": DuckDBResource(database=dg.EnvVar("DISTILL_DAG_DUCKDB").get_value(":memory:")),
+        "pipeline": PipelineConfigResource(config_file=location_config_file()),
+        "duckdb": DuckDBResource(database=dg.EnvVar("DISTILL_DAG_DUCKDB").get_value(":memory:"),
+                                 connection_config={"threads": 2}),
         "teacher_endpoint": TeacherEndpointResource(
             url=dg.EnvVar("DISTILL_TEACHER_URL").get_value(), token=_secret("DISTILL_TEACHER_TOKEN")
         ),

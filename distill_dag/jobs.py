@@ -3,37 +3,50 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
 
-from distill_dag.config import load_config
+from distill_dag.assets.common import location_config
 from distill_dag.io import sha256_json
 
 retokenize_job = dg.define_asset_job(
     "retokenize",
     selection=dg.AssetSelection.assets("raw_jsonl", "tokenizer", "tokenized_parquet"),
-    description="Gather raw JSONL and re-tokenize (skip_existing: only changed inputs are re-tokenized).",
+    description="Gather raw JSONL and re-tokenize (skip_existing: only changed inputs are re-tokenized); "
+                "registers the data_shards partitions of the new shards.",
+)
+
+teacher_job = dg.define_asset_job(
+    "teacher", selection=dg.AssetSelection.assets("teacher_adapters"),
+    description="Finetune the teacher on the tokenized data (LoRA, or full for tiny teachers).",
+)
+
+logit_cache_job = dg.define_asset_job(
+    "logit_cache_shards", selection=dg.AssetSelection.assets("logit_cache"),
+    description="One logit_cache partition per run; backfill it over data_shards to fan the cache out "
+                "(the gpu pool keeps one run per GPU).",
 )
 
 student_job = dg.define_asset_job(
-    "distill_student",
-    selection=dg.AssetSelection.assets("student_ckpt").upstream(),
-    description="Everything up to the student checkpoint.",
+    "distill_students",
+    selection=dg.AssetSelection.assets("student_aligned", "student_ce_baseline", "student_ckpt"),
+    description="The students: stage-1 aligned (teacher-init), CE-only baseline and KD student.",
 )
 
-
-def _config_file() -> str:
-    return os.environ.get("DISTILL_DAG_CONFIG", "demo.yaml")
+eval_job = dg.define_asset_job(
+    "evaluate", selection=dg.AssetSelection.assets("eval_report"),
+    description="Perplexity, NIAH and long-context evaluation of the students against the teacher.",
+)
 
 
 def retokenize_schedule() -> dg.ScheduleDefinition:
     """Cron from ``data.retokenize_cron`` of the code location's config."""
-    cron = load_config(_config_file()).data.retokenize_cron
     return dg.ScheduleDefinition(
-        name="retokenize_schedule", job=retokenize_job, cron_schedule=cron,
+        name="retokenize_schedule", job=retokenize_job, cron_schedule=location_config().data.retokenize_cron,
         default_status=dg.DefaultScheduleStatus.STOPPED,
+        description="Re-tokenize on data.retokenize_cron (unchanged inputs are reused; unchanged shards keep their "
+                    "data version, so nothing downstream turns stale).",
     )
 
 
@@ -48,10 +61,11 @@ def raw_files_fingerprint(watch_dir: Path) -> dict[str, list[float]]:
     return out
 
 
-@dg.sensor(job=retokenize_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
+@dg.sensor(job=retokenize_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Starts re-tokenization when data.watch_dir gains or changes JSONL files.")
 def new_raw_data_sensor(context: dg.SensorEvaluationContext):
     """Starts re-tokenization when ``data.watch_dir`` gains or changes JSONL files."""
-    cfg = load_config(_config_file())
+    cfg = location_config()
     if not cfg.data.watch_dir:
         return dg.SkipReason("data.watch_dir is not set in the config")
     watch = cfg.path(cfg.data.watch_dir)

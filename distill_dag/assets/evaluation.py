@@ -1,41 +1,77 @@
-"""Evaluation of the student checkpoint: perplexity table, needle-in-a-haystack, a report."""
+"""Evaluation of the students against the teacher: perplexity, needle-in-a-haystack, long context, report."""
+
 
 from pathlib import Path
 
 import dagster as dg
 
-from distill_dag.assets.common import md_image, md_table, pipeline_config, require_upstream
+from distill_dag.assets.common import code_version, config_metadata, md_image, resolve_config, table, upstream_path
 from distill_dag.assets.run_config import DistillRunConfig
-from distill_dag.assets.student import student_ckpt
+from distill_dag.assets.student import student_ce_baseline, student_ckpt
+from distill_dag.assets.teacher import teacher_adapters
 from distill_dag.resources import PipelineConfigResource
 
 GROUP = "eval"
+NIAH_GATE = 0.9  # the teacher must retrieve for NIAH to tell a good student from a bad one
 
 
 @dg.asset(
-    deps=[student_ckpt],
+    deps=[student_ckpt, student_ce_baseline, teacher_adapters],
     group_name=GROUP,
     kinds={"pytorch", "markdown"},
     owners=["team:modeling"],
-    code_version="eval-1",
+    code_version=code_version("eval/report.py", "eval/niah.py", "eval/perplexity.py"),
     pool="gpu",
-    description="Perplexity (student, teacher, CE-only baseline), needle-in-a-haystack heat-map, samples, report.",
+    description="Perplexity (KD student, CE-only student, teacher), needle-in-a-haystack heat-maps side by side, "
+                "long-context quality and memory, samples and a markdown report.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "teacher_retrieves", asset="eval_report",
+            description=f"The teacher passes NIAH at its training length (accuracy >= {NIAH_GATE}); below that the "
+                        "NIAH comparison cannot tell a good student from a bad one (a warning)."),
+        dg.AssetCheckSpec(
+            "student_retrieval_vs_teacher", asset="eval_report",
+            description="The KD student's NIAH accuracy relative to the teacher's (student / teacher >= 0.5 passes): "
+                        "retrieval is what a recurrent student is suspected to lose (a warning)."),
+        dg.AssetCheckSpec(
+            "kd_perplexity_below_ce_only", asset="eval_report",
+            description="On the eval split, the KD student's perplexity is below the CE-only student's (a warning)."),
+    ],
 )
-def eval_report(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
+def eval_report(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource):
     from distill_dag.eval.report import evaluate_run
 
-    cfg = pipeline_config(config, pipeline)
-    require_upstream(cfg.run_dir / "final", "student_ckpt", "eval_report")
-    r = evaluate_run(cfg, log=context.log.info)
-    metadata = {
-        "report": dg.MetadataValue.path(str(r["report_path"])),
-        "perplexity": md_table(r["perplexity_rows"]),
-    }
-    if r.get("niah_png"):
-        metadata["niah_heatmap"] = md_image(Path(r["niah_png"]).read_bytes(), "needle-in-a-haystack")
-        metadata["niah_accuracy"] = r.get("niah_accuracy")
-    if r.get("loss_png"):
-        metadata["loss_curves"] = md_image(Path(r["loss_png"]).read_bytes(), "loss curves")
+    cfg = resolve_config(context, config, pipeline)
+    ckpt = upstream_path(context, "student_ckpt", cfg.run_dir / "final", "eval_report")
+    r = evaluate_run(cfg, checkpoint=ckpt, log=context.log.info)
+    metadata = {"path": dg.MetadataValue.path(str(r["out_dir"])),
+                "report": dg.MetadataValue.path(str(r["report_path"])),
+                "perplexity": table(r["perplexity_rows"])}
+    for key in ("niah_png", "niah_teacher_png", "loss_png", "long_context_png", "niah_compare_png"):
+        if r.get(key):
+            metadata[key.removesuffix("_png")] = md_image(Path(r[key]).read_bytes(), key)
+    for key in ("niah_accuracy", "niah_teacher_accuracy"):
+        if r.get(key) is not None:
+            metadata[key] = float(r[key])
+    if r.get("long_context_rows"):
+        metadata["long_context"] = table(r["long_context_rows"])
     if r.get("samples"):
-        metadata["samples"] = md_table(r["samples"])
-    return dg.MaterializeResult(metadata=metadata)
+        metadata["samples"] = table(r["samples"])
+    yield dg.MaterializeResult(metadata=metadata | config_metadata(cfg, "eval"))
+    warn = dg.AssetCheckSeverity.WARN
+    t_acc, s_acc = r.get("niah_teacher_accuracy"), r.get("niah_accuracy")
+    yield dg.AssetCheckResult(
+        check_name="teacher_retrieves", severity=warn, passed=t_acc is not None and t_acc >= NIAH_GATE,
+        description=("NIAH did not run (eval.niah off or no teacher)" if t_acc is None
+                     else f"teacher NIAH accuracy {t_acc:.2f} (gate {NIAH_GATE})"))
+    ratio = (s_acc / t_acc) if (s_acc is not None and t_acc) else None
+    yield dg.AssetCheckResult(
+        check_name="student_retrieval_vs_teacher", severity=warn, passed=ratio is not None and ratio >= 0.5,
+        description=("no teacher NIAH to compare with" if ratio is None
+                     else f"student {s_acc:.2f} / teacher {t_acc:.2f} = {ratio:.2f}"))
+    ppl = {row["model"]: row["ppl"] for row in r["perplexity_rows"]}
+    base = next((v for k, v in ppl.items() if "ce" in k.lower() and "only" in k.lower()), None)
+    yield dg.AssetCheckResult(
+        check_name="kd_perplexity_below_ce_only", severity=warn, passed=base is not None and r["student_ppl"] < base,
+        description=(f"KD {r['student_ppl']:.3f} vs CE-only {base:.3f}" if base is not None else
+                     f"no CE-only student among {list(ppl)}"))

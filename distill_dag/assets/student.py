@@ -1,119 +1,295 @@
-"""The student: a RetNet trained by sparse top-k KD from the teacher (direct, cached or network).
+"""The students, one asset per model: the stage-1 aligned student (``student_aligned``), the KD student
+(``student_ckpt``) and the CE-only baseline (``student_ce_baseline``), which needs no teacher.
 
 ``train.launcher: in_process`` trains inside the Dagster step (CPU demo, one GPU); ``torchrun`` launches
-``torchrun --standalone --local-addr 127.0.0.1 --nproc-per-node N -m distill_dag.assets.student_pipes`` through Dagster Pipes, which streams
-the logs and reports the same metadata back. Same core code path either way (``run_student``).
+``torchrun --standalone --local-addr 127.0.0.1 --nproc-per-node N -m distill_dag.assets.student_pipes``
+through Dagster Pipes, which streams the logs and reports the same metadata back. Same core entry
+points either way (``distill_dag.distill.student_run``).
+
+Which edges ``student_ckpt`` has follows the code location's config (``DISTILL_DAG_CONFIG``): the
+``logit_cache`` partitions when ``train.teacher_mode`` is ``cached``, ``student_aligned`` when
+``student.init`` is ``from_teacher``. A run whose config needs an edge the graph lacks is refused.
 """
 
+
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
-from distill_dag.assets.common import loss_curve_png, md_table, pipeline_config, require_upstream
+from distill_dag.assets.common import code_version, config_metadata, location_config, md_image, resolve_config, table, upstream_path
 from distill_dag.assets.data import tokenized_parquet, tokenizer
+from distill_dag.assets.partitions import DATA_SHARDS
 from distill_dag.assets.run_config import DistillRunConfig
-from distill_dag.assets.teacher import logit_cache, teacher_adapters
+from distill_dag.assets.teacher import logit_cache, require_teacher, teacher_adapters
 from distill_dag.resources import PipelineConfigResource, TeacherEndpointResource, WandbSettingsResource
 
 GROUP = "student"
+TRAINER_CODE = ("distill/trainer.py", "distill/loop.py", "distill/losses.py", "distill/optim.py", "model/retnet.py")
+LOCATION = location_config()
 
 
-@dg.asset(
-    deps=[tokenized_parquet, tokenizer, teacher_adapters, logit_cache],
-    group_name=GROUP,
-    kinds={"pytorch", "wandb"},
-    owners=["team:modeling"],
-    code_version="trainer-1",
-    pool="gpu",
-    description=(
-        "RetNet student checkpoint trained by sparse top-k KL (+ CE) from the teacher; "
-        "with train.ce_only_baseline a CE-only student with the same steps and tokens is trained beside it."
-    ),
-)
-def student_ckpt(
-    context: dg.AssetExecutionContext,
-    config: DistillRunConfig,
-    pipeline: PipelineConfigResource,
-    teacher_endpoint: TeacherEndpointResource,
-    wandb: WandbSettingsResource,
-):
-    cfg = pipeline_config(config, pipeline, teacher_endpoint.overrides(), wandb.overrides())
-    require_upstream(cfg.tokenized_dir / "manifest.json", "tokenized_parquet", "student_ckpt")
-    if cfg.train.teacher_mode == "cached" and not cfg.train.pretrain_ce_only:
-        require_upstream(cfg.cache_dir, "logit_cache", "student_ckpt")
-    teacher_endpoint.export_token(cfg.teacher.token_env)
-    if cfg.train.launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
-                   "--nproc-per-node", str(cfg.train.nproc_per_node),
-                   "-m", "distill_dag.assets.student_pipes"]
-        invocation = dg.PipesSubprocessClient().run(
-            context=context, command=command, extras={"config": cfg.model_dump(mode="json")}
-        )
-        return invocation.get_materialize_result()
-
-    from distill_dag.distill.student_run import run_student
-
-    out = run_student(cfg, echo=context.log.info)
-    raw = student_metadata(out)
-    url = wandb.log_checkpoint(out["student"].wandb_id, Path(out["student"].final_dir), "student_ckpt")
-    if url:
-        raw["wandb"] = ("url", url)
-    return dg.MaterializeResult(metadata={k: _metadata_value(kind, v) for k, (kind, v) in raw.items()})
+def _loads_spec(asset: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        "loads_and_generates", asset=asset, blocking=True,
+        description="The final folder loads with AutoModelForCausalLM, gives finite logits on a held-out row and "
+                    "generates tokens. Blocking: a checkpoint that does not load is of no use downstream.")
 
 
-def student_metadata(out: dict) -> dict[str, tuple[str, object]]:
-    """``{name: (pipes metadata type, raw value)}`` of a student run; the in-process and the Pipes
-    paths both report exactly this."""
-    import base64
+def _final_version(final: Path) -> dg.DataVersion:
+    from distill_dag.io import sha256_file
 
-    kd, baseline = out["student"], out.get("baseline")
-    meta: dict[str, tuple[str, object]] = {
-        "checkpoint": ("path", str(kd.final_dir)),
-        "run_dir": ("path", str(kd.run_dir)),
-        "steps": ("int", kd.steps),
-        "tokens": ("int", kd.tokens),
-        "seconds": ("float", round(kd.seconds, 1)),
-        "tokens_per_s": ("float", round(kd.tokens / max(kd.seconds, 1e-9), 1)),
-        "final_train": ("json", kd.final),
-        "val_loss": ("float", kd.val.get("val_loss")),
-        "lineage": ("json", kd.lineage),
-        "checkpoint_bytes": ("int", sum(f.stat().st_size for f in Path(kd.final_dir).iterdir() if f.is_file())),
-        "events": ("int", len(kd.events)),
+    return dg.DataVersion(sha256_file(final / "model.safetensors"))
+
+
+def _prompt(cfg, n: int = 32) -> list[int]:
+    """The first ``n`` attended tokens of the first val row (the generation check's prompt)."""
+    import pyarrow.parquet as pq
+
+    from distill_dag.data.manifest import Manifest
+
+    m = Manifest.load(cfg.tokenized_dir)
+    shards = m.split_shards("val") or m.split_shards("train")
+    row = pq.ParquetFile(m.shard_path(shards[0][1])).read_row_group(0, columns=["input_ids", "attention_mask"]).to_pylist()[0]
+    return [t for t, a in zip(row["input_ids"], row["attention_mask"]) if a][:n]
+
+
+def _check_loads(cfg, final: Path) -> dg.AssetCheckResult:
+    from distill_dag.eval.smoke import loads_and_generates
+
+    ok, detail = loads_and_generates(final, _prompt(cfg))
+    return dg.AssetCheckResult(check_name="loads_and_generates", passed=ok, description=detail)
+
+
+def _train_metadata(run) -> dict[str, Any]:
+    """``{name: (pipes metadata type, raw value)}`` of one training run; the in-process and the Pipes paths
+    both report exactly this."""
+    final = Path(run.final_dir)
+    meta: dict[str, tuple[str, Any]] = {
+        "path": ("path", str(final)),
+        "run_dir": ("path", str(run.run_dir)),
+        "steps": ("int", run.steps),
+        "tokens": ("int", run.tokens),
+        "seconds": ("float", round(run.seconds, 1)),
+        "tokens_per_s": ("float", round(run.tokens / max(run.seconds, 1e-9), 1)),
+        "final_train": ("json", run.final),
+        "val_loss": ("float", run.val.get("val_loss")),
+        "val_ppl": ("float", run.val.get("val_ppl")),
+        "lineage": ("json", run.lineage),
+        "checkpoint_bytes": ("int", sum(f.stat().st_size for f in final.iterdir() if f.is_file())),
+        "events": ("int", len(run.events)),
+        "wandb_id": ("text", run.wandb_id),
     }
-    series = {"KD train": _series(kd.history, "train", "loss"), "KD val": _series(kd.history, "val", "val_loss")}
-    if baseline is not None:
-        meta["ce_only_val_loss"] = ("float", baseline.val.get("val_loss"))
-        meta["kd_beats_ce_only"] = ("bool", bool(kd.val["val_loss"] < baseline.val["val_loss"]))
-        meta["comparison"] = ("md", md_table([
-            {"student": "KD", "steps": kd.steps, "tokens": kd.tokens, "val_loss": kd.val["val_loss"]},
-            {"student": "CE only", "steps": baseline.steps, "tokens": baseline.tokens, "val_loss": baseline.val["val_loss"]},
-        ]).value)
-        series["CE-only train"] = _series(baseline.history, "train", "ce")
-        series["CE-only val"] = _series(baseline.history, "val", "val_loss")
-    if (al := out.get("alignment")) is not None:  # stage 1 of student.init: from_teacher
-        meta["alignment"] = ("json", {
-            "steps": al.steps, "tokens": al.tokens, "reused": al.reused, "student": str(al.final_dir),
-            "val_mse_before": al.mse_before, "val_mse_after": al.mse_after,
-            "val_rel_mse_before": al.rel_mse_before, "val_rel_mse_after": al.rel_mse_after,
-            "tensors_copied": len(al.conversion["mapping"]), "tensors_new": len(al.conversion["new_params"]),
-        })
-    png = loss_curve_png(series, "student loss")
-    meta["loss_curve"] = ("md", f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})")
-    if kd.wandb_url:
-        meta["wandb"] = ("url", kd.wandb_url)
-    elif kd.wandb_dir:
-        meta["wandb_offline_dir"] = ("path", kd.wandb_dir)
+    if run.wandb_url:
+        meta["wandb"] = ("url", run.wandb_url)
+    elif run.wandb_dir:
+        meta["wandb_offline_dir"] = ("path", run.wandb_dir)
     return {k: v for k, v in meta.items() if v[1] is not None}
 
 
-def _metadata_value(kind: str, value: object) -> dg.MetadataValue:
-    return {
-        "path": dg.MetadataValue.path, "url": dg.MetadataValue.url, "json": dg.MetadataValue.json,
-        "md": dg.MetadataValue.md, "int": dg.MetadataValue.int, "float": dg.MetadataValue.float,
-        "bool": dg.MetadataValue.bool,
-    }[kind](value)
+_KINDS = {"path": dg.MetadataValue.path, "url": dg.MetadataValue.url, "json": dg.MetadataValue.json,
+          "md": dg.MetadataValue.md, "int": dg.MetadataValue.int, "float": dg.MetadataValue.float,
+          "bool": dg.MetadataValue.bool, "text": dg.MetadataValue.text}
 
 
-def _series(history, kind, key):
-    return [(h["step"], h[key]) for h in history if h.get("kind") == kind and key in h]
+def _train(context: dg.AssetExecutionContext, cfg, stage: str) -> tuple[dict[str, dg.MetadataValue], Path]:
+    """Run one training stage (``kd`` or ``ce_only``) here or under torchrun through Pipes."""
+    if cfg.train.launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+                   "--nproc-per-node", str(cfg.train.nproc_per_node), "-m", "distill_dag.assets.student_pipes"]
+        invocation = dg.PipesSubprocessClient().run(
+            context=context, command=command, extras={"config": cfg.model_dump(mode="json"), "stage": stage})
+        mat = invocation.get_materialize_result()
+        return dict(mat.metadata or {}), Path(str(mat.metadata["path"].value))
+    from distill_dag.distill.student_run import run_ce_baseline, run_kd_student
+
+    run = (run_kd_student if stage == "kd" else run_ce_baseline)(cfg, echo=context.log.info)
+    return {k: _KINDS[kind](v) for k, (kind, v) in _train_metadata(run).items()}, Path(run.final_dir)
+
+
+@dg.asset(
+    deps=[tokenized_parquet, teacher_adapters],
+    group_name=GROUP,
+    kinds={"pytorch"},
+    owners=["team:modeling"],
+    code_version=code_version("distill/align.py", "model/convert.py", "model/retnet.py"),
+    pool="gpu",
+    description="Stage 1 of student.init: from_teacher: a RetNet built from the teacher's weights, its retention "
+                "aligned to the teacher's attention outputs (held-out MSE before/after).",
+    check_specs=[dg.AssetCheckSpec(
+        "alignment_reduced_mse", asset="student_aligned",
+        description="The aligned layers match the teacher's attention outputs better than the unaligned copy "
+                    "(held-out relative MSE after < before, averaged over layers).")],
+)
+def student_aligned(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource):
+    from distill_dag.distill.student_run import run_alignment
+
+    cfg = resolve_config(context, config, pipeline)
+    upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_aligned")
+    require_teacher(context, cfg, "student_aligned")
+    al = run_alignment(cfg, echo=context.log.info)
+    before, after = sum(al.rel_mse_before) / len(al.rel_mse_before), sum(al.rel_mse_after) / len(al.rel_mse_after)
+    yield dg.MaterializeResult(
+        data_version=_final_version(Path(al.final_dir)),
+        metadata={
+            "path": dg.MetadataValue.path(str(al.final_dir)),
+            "steps": al.steps, "tokens": al.tokens, "reused": al.reused, "seconds": round(al.seconds, 1),
+            "tensors_copied": len(al.conversion["mapping"]), "tensors_new": len(al.conversion["new_params"]),
+            "per_layer": table([{"layer": i, "mse_before": b, "mse_after": a, "rel_mse_before": rb, "rel_mse_after": ra}
+                                for i, (b, a, rb, ra) in enumerate(zip(al.mse_before, al.mse_after,
+                                                                       al.rel_mse_before, al.rel_mse_after))]),
+            **config_metadata(cfg, "student", "align"),
+        },
+    )
+    yield dg.AssetCheckResult(check_name="alignment_reduced_mse", passed=bool(after < before),
+                              description=f"mean held-out relative MSE {before:.4f} -> {after:.4f}")
+
+
+@dg.asset(
+    deps=[tokenized_parquet, tokenizer],
+    group_name=GROUP,
+    kinds={"pytorch", "wandb"},
+    owners=["team:modeling"],
+    code_version=code_version(*TRAINER_CODE),
+    pool="gpu",
+    description="The CE-only student: the KD student's architecture, steps, tokens and data, without a teacher "
+                "(the baseline that shows what distillation adds).",
+    check_specs=[_loads_spec("student_ce_baseline")],
+)
+def student_ce_baseline(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
+                        wandb: WandbSettingsResource):
+    cfg = resolve_config(context, config, pipeline, wandb.overrides())
+    upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_ce_baseline")
+    metadata, final = _train(context, cfg, "ce_only")
+    yield dg.MaterializeResult(data_version=_final_version(final), metadata=metadata | config_metadata(cfg, "student", "train"))
+    yield _check_loads(cfg, final)
+
+
+_KD_DEPS: list[Any] = [tokenized_parquet, tokenizer, teacher_adapters]
+if LOCATION.train.teacher_mode == "cached":
+    _KD_DEPS.append(logit_cache)
+if LOCATION.student.init == "from_teacher":
+    _KD_DEPS.append(student_aligned)
+
+
+def _require_edges(cfg) -> None:
+    """Refuse a run that would read an asset the graph does not show as its upstream."""
+    missing = []
+    if cfg.train.teacher_mode == "cached" and not cfg.train.pretrain_ce_only and logit_cache not in _KD_DEPS:
+        missing.append(("logit_cache", "train.teacher_mode: cached"))
+    if cfg.student.init == "from_teacher" and student_aligned not in _KD_DEPS:
+        missing.append(("student_aligned", "student.init: from_teacher"))
+    if missing:
+        raise dg.Failure(description=(
+            "student_ckpt: this run's config reads " + ", ".join(f"{a} ({why})" for a, why in missing) + ", but the "
+            "code location's config (DISTILL_DAG_CONFIG) builds the graph without that edge, so the lineage would "
+            "not show it. Set the same value in the code location's config file and reload the code location"
+        ))
+
+
+def _require_cache_partitions(context: dg.AssetExecutionContext, cfg) -> None:
+    """Every data shard's logit_cache partition materialized, each where this run reads it."""
+    from distill_dag.distill.cache.layout import read_data_manifest, shard_dir
+
+    keys = [s.key for s in read_data_manifest(cfg.tokenized_dir).shards]
+    done = context.instance.get_materialized_partitions(dg.AssetKey("logit_cache"))
+    registered = set(context.instance.get_dynamic_partitions(DATA_SHARDS))
+    if not done and not registered:  # a cache written outside Dagster: the reader checks it shard by shard
+        context.log.warning(f"logit_cache has no materialized partition in this instance; reading {cfg.cache_dir} as is")
+        return
+    missing = [k for k in keys if k not in done]
+    if missing:
+        raise dg.Failure(description=(
+            f"student_ckpt (train.teacher_mode: cached) needs every logit_cache partition; {len(missing)} of {len(keys)} "
+            f"are not materialized: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Backfill them "
+            f"(UI: logit_cache > Materialize > missing partitions) or `dagster asset materialize --select logit_cache "
+            f"--partition {missing[0]} -m distill_dag.definitions`"
+        ))
+    for k in keys[:1] + keys[-1:]:  # where the partitions were written is where this run reads them
+        upstream_path(context, "logit_cache", shard_dir(cfg.cache_dir, k), "student_ckpt", partition=k)
+
+
+@dg.asset(
+    deps=_KD_DEPS,
+    group_name=GROUP,
+    kinds={"pytorch", "wandb"},
+    owners=["team:modeling"],
+    code_version=code_version(*TRAINER_CODE, "distill/teachers/cached.py", "distill/cache/reader.py"),
+    pool="gpu",
+    description="The RetNet student trained by sparse top-k KL (+ CE) from the teacher: direct (teacher in the "
+                "trainer), cached (the logit_cache partitions) or network (a served teacher).",
+    check_specs=[_loads_spec("student_ckpt")],
+)
+def student_ckpt(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
+                 teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource):
+    cfg = resolve_config(context, config, pipeline, teacher_endpoint.overrides(), wandb.overrides())
+    _require_edges(cfg)
+    upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_ckpt")
+    if cfg.train.teacher_mode == "direct":
+        require_teacher(context, cfg, "student_ckpt")
+    if cfg.train.teacher_mode == "cached":
+        _require_cache_partitions(context, cfg)
+    teacher_endpoint.export_token(cfg.teacher.token_env)
+    metadata, final = _train(context, cfg, "kd")
+    url = wandb.log_checkpoint(_wandb_id(metadata), final, "student_ckpt")
+    if url:
+        metadata["wandb"] = dg.MetadataValue.url(url)
+    yield dg.MaterializeResult(data_version=_final_version(final),
+                               metadata=metadata | config_metadata(cfg, "student", "train", "teacher"))
+    yield _check_loads(cfg, final)
+
+
+def _wandb_id(metadata: dict[str, dg.MetadataValue]) -> str | None:
+    v = metadata.get("wandb_id")
+    return None if v is None else str(v.value)
+
+
+# ---- KD vs CE-only, like beside like ------------------------------------------------------------
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _latest_meta(context: dg.AssetCheckExecutionContext, asset: str) -> dict[str, Any] | None:
+    ev = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if ev is None or ev.asset_materialization is None:
+        return None
+    return {k: v.value for k, v in ev.asset_materialization.metadata.items()}
+
+
+@dg.asset_check(
+    asset=student_ckpt,
+    additional_deps=[student_ce_baseline],
+    description="At equal steps and tokens, the KD student's held-out cross-entropy is below the CE-only student's "
+                "(a warning: KD that does not help is worth a look, not a stop). The plot sets train CE beside "
+                "train CE, val CE beside val CE, and the KD term on its own axis.",
+)
+def kd_beats_ce_only(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    from distill_dag.eval.plots import panels_png, series
+
+    kd, ce = _latest_meta(context, "student_ckpt"), _latest_meta(context, "student_ce_baseline")
+    if kd is None or ce is None:
+        missing = "student_ckpt" if kd is None else "student_ce_baseline"
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                   description=f"{missing} has not been materialized: nothing to compare")
+    same = kd.get("tokens") == ce.get("tokens") and kd.get("steps") == ce.get("steps")
+    hk, hc = _history(Path(str(kd["run_dir"]))), _history(Path(str(ce["run_dir"])))
+    png = panels_png([
+        ("train cross-entropy", "nats/token", {"KD": series(hk, "train", "ce"), "CE only": series(hc, "train", "ce")}),
+        ("held-out cross-entropy", "nats/token", {"KD": series(hk, "val", "val_loss"), "CE only": series(hc, "val", "val_loss")}),
+        ("KD term (KL to the teacher)", "nats/token", {"KD": series(hk, "train", "kl")}),
+    ])
+    kd_val, ce_val = kd.get("val_loss"), ce.get("val_loss")
+    passed = same and kd_val is not None and ce_val is not None and kd_val < ce_val
+    detail = (f"held-out CE: KD {kd_val} vs CE-only {ce_val}" if same else
+              f"not comparable: KD ran {kd.get('steps')} steps / {kd.get('tokens')} tokens, CE-only "
+              f"{ce.get('steps')} / {ce.get('tokens')}")
+    return dg.AssetCheckResult(
+        passed=bool(passed), severity=dg.AssetCheckSeverity.WARN, description=detail,
+        metadata={k: v for k, v in {"kd_val_loss": kd_val, "ce_only_val_loss": ce_val, "tokens": kd.get("tokens"),
+                                    "comparison": md_image(png, "KD vs CE-only")}.items() if v is not None},
+    )

@@ -1,14 +1,31 @@
-"""Teacher assets: finetuned teacher (LoRA adapters, or a full finetune for tiny demo teachers) and
-the teacher's top-k logit cache."""
+"""Teacher assets: the finetuned teacher (LoRA adapters, or a full finetune for tiny demo teachers) and
+its top-k logit cache, one partition per data shard."""
+
+
+from pathlib import Path
 
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 
-from distill_dag.assets.common import pipeline_config, require_upstream
+from distill_dag.assets.common import code_version, config_metadata, resolve_config, upstream_path
 from distill_dag.assets.data import tokenized_parquet, tokenizer
+from distill_dag.assets.partitions import data_shards
 from distill_dag.assets.run_config import DistillRunConfig
 from distill_dag.resources import PipelineConfigResource, TeacherEndpointResource
 
 GROUP = "teacher"
+
+
+def teacher_path(cfg) -> Path:
+    """Where ``teacher_adapters`` writes the finetuned teacher (adapter for lora, model for full)."""
+    return cfg.teacher_ft_dir / ("final_adapter" if cfg.teacher_ft.mode == "lora" else "final_model")
+
+
+def require_teacher(context: dg.AssetExecutionContext, cfg, this: str) -> None:
+    """The finetuned teacher's lineage, when the run uses it: always for a tiny demo teacher (no base
+    model), else when a finetune exists; a configured base model without a finetune is used as is."""
+    if cfg.teacher.model_name_or_path is None or teacher_path(cfg).exists():
+        upstream_path(context, "teacher_adapters", teacher_path(cfg), this)
 
 
 @dg.asset(
@@ -16,47 +33,111 @@ GROUP = "teacher"
     group_name=GROUP,
     kinds={"pytorch", "huggingface"},
     owners=["team:modeling"],
-    code_version="teacher-ft-1",
+    code_version=code_version("distill/teacher_finetune.py", "distill/teacher_model.py"),
     pool="gpu",
     description="LoRA adapters of the teacher (or a full finetune for tiny teachers), with val perplexity before/after.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "teacher_beats_base", asset="teacher_adapters", blocking=True,
+            description="The finetuned teacher's held-out perplexity is below the base model's on the same val rows. "
+                        "Blocking: a teacher worse than its base would only teach the student its damage."),
+        dg.AssetCheckSpec(
+            "meets_expected_improvement", asset="teacher_adapters",
+            description="The relative held-out perplexity improvement reaches teacher_ft.expected_improvement "
+                        "(a warning: the teacher is better, by less than planned)."),
+    ],
 )
-def teacher_adapters(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
+def teacher_adapters(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource):
     from distill_dag.distill.teacher_finetune import finetune_teacher
 
-    cfg = pipeline_config(config, pipeline)
-    require_upstream(cfg.tokenized_dir / "manifest.json", "tokenized_parquet", "teacher_adapters")
-    m = finetune_teacher(cfg, cfg.tokenized_dir, cfg.teacher_ft_dir, tokenizer_dir=cfg.tokenizer_dir, log=context.log.info)
+    cfg = resolve_config(context, config, pipeline)
+    data = upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "teacher_adapters")
+    tok = upstream_path(context, "tokenizer", cfg.tokenizer_dir, "teacher_adapters")
+    m = finetune_teacher(cfg, data, cfg.teacher_ft_dir, tokenizer_dir=tok, log=context.log.info)
+    final = Path(m["final_adapter"] or m["final_model"])
     metadata = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) and v is not None}
+    metadata["path"] = dg.MetadataValue.path(str(final))
     for k in ("final_adapter", "final_model", "merged_model"):
         if m.get(k):
             metadata[k] = dg.MetadataValue.path(str(m[k]))
-    return dg.MaterializeResult(metadata=metadata)
+    yield dg.MaterializeResult(data_version=dg.DataVersion(m["final_sha256"]),
+                               metadata=metadata | config_metadata(cfg, "teacher", "teacher_ft"))
+    ppl = {"val_ppl_before": m["val_ppl_before"], "val_ppl_after": m["val_ppl_after"]}
+    yield dg.AssetCheckResult(
+        check_name="teacher_beats_base", passed=bool(m["val_ppl_after"] < m["val_ppl_before"]), metadata=ppl,
+        description=f"held-out perplexity {m['val_ppl_before']:.3f} (base) -> {m['val_ppl_after']:.3f} (finetuned)")
+    yield dg.AssetCheckResult(
+        check_name="meets_expected_improvement", passed=bool(m["meets_expected_improvement"]),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"relative_improvement": m["relative_improvement"], "expected": m["expected_improvement"]},
+        description=f"relative improvement {m['relative_improvement']:.3f} vs expected {m['expected_improvement']:.3f}")
 
 
 @dg.asset(
     deps=[tokenized_parquet, teacher_adapters],
+    partitions_def=data_shards,
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     group_name=GROUP,
-    kinds={"pytorch", "duckdb"},
+    kinds={"pytorch", "numpy", "duckdb"},
     owners=["team:modeling"],
-    code_version="logit-cache-1",
+    code_version=code_version("distill/cache/codec.py", "distill/cache/writer.py", "distill/cache/stats.py"),
     pool="gpu",
-    description="The teacher's top-k log-probs per token, in shards mirroring tokenized_parquet row for row.",
+    description=(
+        "The teacher's top-k log-probs for every row of one data shard (one partition per shard of "
+        "tokenized_parquet), in fixed-size records for O(1) random access, with per-position DuckDB stats."
+    ),
+    check_specs=[dg.AssetCheckSpec(
+        "cache_matches_data_shard", asset="logit_cache", blocking=True,
+        description="The cache shard mirrors its data shard row for row: the same row count and data sha256, and "
+                    "each record's tokens hash equals its data row's input ids. Blocking: a student would learn "
+                    "the teacher's answers to other questions.")],
 )
-def logit_cache(
-    context: dg.AssetExecutionContext,
-    config: DistillRunConfig,
-    pipeline: PipelineConfigResource,
-    teacher_endpoint: TeacherEndpointResource,
-) -> dg.MaterializeResult:
-    from distill_dag.distill.logit_cache import build_logit_cache
+def logit_cache(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
+                teacher_endpoint: TeacherEndpointResource, duckdb: DuckDBResource):
+    from distill_dag.distill.cache import layout
+    from distill_dag.distill.cache.reader import check_shard
+    from distill_dag.distill.cache.stage import cache_shard, open_cache_teacher
+    from distill_dag.distill.cache.stats import cache_stats
 
-    cfg = pipeline_config(config, pipeline, teacher_endpoint.overrides())
-    require_upstream(cfg.tokenized_dir / "manifest.json", "tokenized_parquet", "logit_cache")
+    key = context.partition_key
+    cfg = resolve_config(context, config, pipeline, teacher_endpoint.overrides())
+    data = upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "logit_cache")
+    require_teacher(context, cfg, "logit_cache")
     teacher_endpoint.export_token(cfg.teacher.token_env)
-    summary = build_logit_cache(cfg, log=context.log.info)
-    metadata = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
-    metadata["path"] = dg.MetadataValue.path(str(cfg.cache_dir))
-    for k, v in summary.items():
-        if isinstance(v, (dict, list)):
-            metadata[k] = dg.MetadataValue.json(v)
-    return dg.MaterializeResult(metadata=metadata)
+    teacher = open_cache_teacher(cfg, via="network" if cfg.train.teacher_mode == "network" else "direct")
+    try:
+        shard = cache_shard(cfg, key, teacher=teacher, log=context.log.info)
+    finally:
+        teacher.close()
+    h = shard.header
+    with duckdb.get_connection() as con:
+        st = cache_stats([shard.dir / layout.STATS], con)
+    rows_per_s = h["rows"] / shard.seconds if shard.seconds else None
+    context.log.info(f"logit_cache {key}: {'reused' if shard.reused else 'written'} ({h['rows']} rows"
+                     + (f", {rows_per_s:.1f} rows/s" if rows_per_s else "") + ")")
+    yield dg.MaterializeResult(
+        data_version=dg.DataVersion(shard.data_version),
+        metadata={
+            "path": dg.MetadataValue.path(str(shard.dir)),
+            "generation": dg.MetadataValue.path(str(shard.dir.resolve())),
+            "data_shard": h["data_shard"],
+            "dagster/row_count": h["rows"],
+            "reused": shard.reused,
+            "k": h["k"],
+            "dtype": h["dtype"],
+            "bytes": h["bytes"],
+            "bytes_per_entry": h["bytes_per_entry"],
+            "teacher_hash": h["teacher_hash"],
+            "records_sha256": h["records_sha256"],
+            "seconds": round(shard.seconds, 2),
+            **({"rows_per_s": round(rows_per_s, 2)} if rows_per_s else {}),
+            "mean_topk_mass": st["mean_topk_mass"],
+            "mean_entropy_lb": st["mean_entropy_lb"],
+            "mean_top1_prob": st["mean_top1_prob"],
+            "coverage_histogram": dg.MetadataValue.json(st["coverage_histogram"]),
+            **config_metadata(cfg, "logit_cache"),
+        },
+    )
+    ok, detail = check_shard(cfg.cache_dir, data, key)
+    yield dg.AssetCheckResult(check_name="cache_matches_data_shard", passed=ok, description=detail,
+                              metadata={"data_shard": h["data_shard"], "rows": h["rows"]})

@@ -1,4 +1,5 @@
-"""One ``student_ckpt`` run as the CLI and the asset both do it: KD student (+ CE-only baseline)."""
+"""The student stages as the CLI and the assets both run them: stage-1 alignment (``student_aligned``),
+the KD student (``student_ckpt``) and the CE-only baseline (``student_ce_baseline``)."""
 
 from __future__ import annotations
 
@@ -25,47 +26,73 @@ def teacher_overrides(cfg: PipelineConfig) -> tuple[PipelineConfig, Path | None]
     return cfg, model_dir
 
 
-def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train the configured student; with ``train.ce_only_baseline`` also a CE-only one on the same data.
+def run_alignment(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> Any:
+    """Stage 1 of ``student.init: from_teacher`` (the ``student_aligned`` asset): the RetNet built from the
+    teacher's weights, its retention aligned to the teacher's attention. Reused when already done for
+    this teacher and config."""
+    from distill_dag.distill.align import align_student
 
-    With ``student.init: from_teacher`` stage 1 (retention alignment) runs first.
-
-    Returns ``{"student": TrainResult, "baseline": TrainResult | None, "alignment": AlignResult | None}``.
-    """
     cfg, teacher_model = teacher_overrides(cfg)
-    result: dict[str, Any] = {"baseline": None, "alignment": None}
-    if cfg.student.init == "from_teacher" and not cfg.train.resume_from:
-        # stage 1 (retention alignment) before KD; reused when already done for this teacher and config
-        from distill_dag.distill.align import align_student
+    return align_student(cfg, data_dir=cfg.tokenized_dir, teacher_model_path=teacher_model, echo=echo)
 
-        result["alignment"] = align_student(cfg, data_dir=cfg.tokenized_dir, teacher_model_path=teacher_model,
-                                            echo=echo)
-    result["student"] = train(cfg, data_dir=cfg.tokenized_dir, tokenizer_dir=cfg.tokenizer_dir,
-                              teacher_model_path=teacher_model, echo=echo)
-    if cfg.train.ce_only_baseline and not cfg.train.pretrain_ce_only:
-        base = cfg.model_copy(deep=True)
-        base.train.pretrain_ce_only = True
-        base.train.resume_from = None
-        base.train.cache_logits = False
-        base.train.output_dir = str(cfg.run_dir) + "_ce_only"
-        result["baseline"] = train(base, data_dir=cfg.tokenized_dir, tokenizer_dir=cfg.tokenizer_dir, echo=echo)
-    _card_facts(result)
+
+def run_kd_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> TrainResult:
+    """The KD student (the ``student_ckpt`` asset): sparse top-k KL + CE from the configured teacher mode;
+    with ``student.init: from_teacher`` it starts from stage 1's aligned student."""
+    cfg, teacher_model = teacher_overrides(cfg)
+    result = train(cfg, data_dir=cfg.tokenized_dir, tokenizer_dir=cfg.tokenizer_dir, teacher_model_path=teacher_model,
+                   echo=echo)
+    _card_facts(result, None)
     return result
 
 
-def _card_facts(result: dict[str, Any]) -> None:
-    """The losses of each run (and the KD student's CE-only comparison) into its final folder's model card."""
+def ce_baseline_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The CE-only baseline's config: the KD student's, without a teacher, in ``<run_dir>_ce_only``."""
+    base = cfg.model_copy(deep=True)
+    base.train.pretrain_ce_only = True
+    base.train.resume_from = None
+    base.train.cache_logits = False
+    base.train.output_dir = str(cfg.run_dir) + "_ce_only"
+    if base.student.init == "from_teacher":  # the baseline is the same architecture trained from scratch
+        base.student.init = "scratch"
+    return base
+
+
+def run_ce_baseline(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> TrainResult:
+    """The CE-only student (the ``student_ce_baseline`` asset): same steps, tokens and data, no teacher."""
+    base = ce_baseline_config(cfg)
+    result = train(base, data_dir=base.tokenized_dir, tokenizer_dir=base.tokenizer_dir, echo=echo)
+    _card_facts(result, None)
+    return result
+
+
+def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``distill train``: the three student stages in order, as the assets run them one by one: stage 1
+    with ``student.init: from_teacher``, the KD student, and with ``train.ce_only_baseline`` the CE-only one.
+
+    Returns ``{"student": TrainResult, "baseline": TrainResult | None, "alignment": AlignResult | None}``.
+    """
+    result: dict[str, Any] = {"baseline": None, "alignment": None}
+    if cfg.student.init == "from_teacher" and not cfg.train.resume_from:
+        result["alignment"] = run_alignment(cfg, echo=echo)
+    result["student"] = run_kd_student(cfg, echo=echo)
+    if cfg.train.ce_only_baseline and not cfg.train.pretrain_ce_only:
+        result["baseline"] = run_ce_baseline(cfg, echo=echo)
+        _card_facts(result["student"], result["baseline"])
+    return result
+
+
+def _card_facts(run: TrainResult, baseline: TrainResult | None) -> None:
+    """The run's losses (and, when known, the CE-only baseline's) into its final folder's model card."""
     from distill_dag.model.hub import update_model_card
 
-    baseline = result["baseline"]
-    for run in (result["student"], baseline):
-        if run is None or not (run.final_dir / "model_card.json").exists():
-            continue
-        names = {"loss": "train loss, last logged step (nats/token)", "ce": "train cross-entropy, last logged step",
-                 "kl": "train KD term (KL), last logged step", "val_loss": "held-out loss (nats/token)",
-                 "val_ppl": "held-out perplexity"}
-        losses = {names[k]: v for src in (run.final, run.val) for k, v in src.items() if k in names}
-        if run is result["student"] and baseline is not None and "val_loss" in baseline.val:
-            losses["held-out loss of the CE-only baseline, same steps and tokens"] = baseline.val["val_loss"]
-        update_model_card(run.final_dir, training={"tokens": run.tokens, "steps": run.steps, "losses": losses,
-                                                   "wandb_url": run.wandb_url})
+    if not (run.final_dir / "model_card.json").exists():
+        return
+    names = {"loss": "train loss, last logged step (nats/token)", "ce": "train cross-entropy, last logged step",
+             "kl": "train KD term (KL), last logged step", "val_loss": "held-out loss (nats/token)",
+             "val_ppl": "held-out perplexity"}
+    losses = {names[k]: v for src in (run.final, run.val) for k, v in src.items() if k in names}
+    if baseline is not None and "val_loss" in baseline.val:
+        losses["held-out loss of the CE-only baseline, same steps and tokens"] = baseline.val["val_loss"]
+    update_model_card(run.final_dir, training={"tokens": run.tokens, "steps": run.steps, "losses": losses,
+                                               "wandb_url": run.wandb_url})

@@ -26,24 +26,6 @@ class PipelineConfigResource(dg.ConfigurableResource):
         return load_config(self.config_file, overrides)
 
 
-class DuckDBResource(dg.ConfigurableResource):
-    """DuckDB for data and cache statistics (in memory by default; a file to keep the views)."""
-
-    database: str = ":memory:"
-    threads: int = 2
-
-    @contextmanager
-    def connect(self) -> Iterator[Any]:
-        import duckdb
-
-        con = duckdb.connect(self.database)
-        try:
-            con.execute(f"SET threads TO {int(self.threads)}")
-            yield con
-        finally:
-            con.close()
-
-
 class TeacherEndpointResource(dg.ConfigurableResource):
     """The network teacher: URL and bearer token (the token only ever comes from the environment)."""
 

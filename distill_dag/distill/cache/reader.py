@@ -139,3 +139,29 @@ class LogitCacheReader:
 
     def close(self) -> None:
         self._mm.clear()
+
+
+def check_shard(cache_dir: str | Path, data: str | Path | layout.DataManifest, key: str) -> tuple[bool, str]:
+    """Does cache shard ``key`` mirror its data shard row for row? (row count, and each record's
+    tokens hash against the data shard's input ids, read back from the parquet file.)"""
+    import pyarrow.parquet as pq
+
+    dm = layout.read_data_manifest(data)
+    shard = dm.shard(key)
+    h = layout.read_shard_header(cache_dir, key)
+    if h is None:
+        return False, f"{layout.shard_dir(cache_dir, key)} does not exist"
+    recs = np.load(layout.shard_dir(cache_dir, key) / h["records"], mmap_mode="r")
+    if recs.shape[0] != shard.rows or h.get("data_shard_sha256") != shard.sha256:
+        return False, (f"cache shard has {recs.shape[0]} rows for data sha256 {str(h.get('data_shard_sha256'))[:12]}; "
+                       f"the data shard has {shard.rows} rows, sha256 {shard.sha256[:12]}")
+    seq_len = CacheEncoding.from_json(h["encoding"]).seq_len
+    bad, start = 0, 0
+    for batch in pq.ParquetFile(shard.path).iter_batches(columns=["input_ids"], batch_size=1024):
+        n = batch.num_rows
+        ids = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(n, -1)[:, :seq_len]
+        bad += int(np.count_nonzero(tokens_hash(ids) != recs["tokens_hash"][start : start + n]))
+        start += n
+    if bad:
+        return False, f"{bad} of {shard.rows} rows were computed for other tokens than the data shard holds"
+    return True, f"{shard.rows} rows, each record's tokens hash equals its data row's"
