@@ -199,44 +199,72 @@ def test_concurrent_oversized_bodies_keep_rss_under_the_budget_bound():
 
 
 # ---- fairness ----------------------------------------------------------------------------------------
-def test_short_request_completes_in_under_a_second_while_a_maximal_one_runs():
-    """A maximal request (B x T x k = max_request_elems at T = max_seq_len = the model's 4096 positions,
-    several seconds of model time on one thread) and, while it runs, short requests one after another:
-    each short one is answered in under 1 s, and the long one is still running when they are done."""
-    T, B = 4096, 24
-    srv = AppProcess(max_request_elems=B * T * 1)
-    try:
-        long_body = encode_arrays({"input_ids": _ids(B, T)}, {"k": 1})
-        done: dict = {}
+FAIR_T, FAIR_B = 4096, 24  # a maximal request: B x T x 1 = max_request_elems, T = the model's 4096 positions
 
-        def long_request():
+
+@pytest.fixture(scope="module")
+def fair_server():
+    srv = AppProcess(max_request_elems=FAIR_B * FAIR_T * 1)
+    yield srv
+    srv.kill()
+
+
+def _wait_idle(srv: AppProcess, timeout: float) -> float:
+    t0 = time.perf_counter()
+    while srv.health()["requests_in_flight"]:
+        assert time.perf_counter() - t0 < timeout, "the server is still computing"
+        time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
+def test_short_request_completes_in_under_a_second_while_a_maximal_one_runs(fair_server):
+    """A maximal request (several seconds of model time on one thread) and, while it runs, short requests
+    one after another: each short one is answered in under 1 s, and the long one is still running when
+    they are done."""
+    srv, T, B = fair_server, FAIR_T, FAIR_B
+    long_body = encode_arrays({"input_ids": _ids(B, T)}, {"k": 1})
+    done: dict = {}
+
+    def long_request():
+        t0 = time.perf_counter()
+        r = httpx.post(srv.url + "/v1/topk", content=long_body, headers=BIN, timeout=300)
+        done.update(status=r.status_code, s=time.perf_counter() - t0, end=time.perf_counter(), body=r.content)
+
+    th = threading.Thread(target=long_request)
+    th.start()
+    time.sleep(0.5)  # its body is in and its first units are running
+    short_body = encode_arrays({"input_ids": _ids(1, 16, seed=1)}, {"k": K})
+    latencies = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(5):
             t0 = time.perf_counter()
-            r = httpx.post(srv.url + "/v1/topk", content=long_body, headers=BIN, timeout=300)
-            done.update(status=r.status_code, s=time.perf_counter() - t0, end=time.perf_counter(), body=r.content)
+            r = client.post(srv.url + "/v1/topk", content=short_body, headers=BIN)
+            latencies.append(time.perf_counter() - t0)
+            assert r.status_code == 200
+        r = client.post(srv.url + "/v1/topk", json={"input_ids": list(range(16)), "k": 2})
+        assert r.status_code == 200 and r.json()["shape"] == [16, 2]
+    shorts_end = time.perf_counter()
+    th.join(300)
+    print(f"\nshort-request latency while a maximal {B}x{T}x1 request ran ({done.get('s', 0):.1f} s): "
+          f"max {max(latencies) * 1000:.0f} ms, median {sorted(latencies)[2] * 1000:.0f} ms")
+    assert done["status"] == 200
+    assert done["end"] > shorts_end, "the long request ended before the short ones: nothing was measured"
+    assert max(latencies) < 1.0, latencies
+    out = decode_arrays(done["body"])[0]
+    assert out["indices"].shape == (B, T, 1)
+    ref = DirectTeacher(tiny_llama(), K).topk({"input_ids": torch.from_numpy(_ids(B, T)[-1:].astype(np.int64))})
+    assert np.array_equal(out["indices"][-1:], ref.indices[..., :1].numpy())  # interleaving kept rows apart
 
-        th = threading.Thread(target=long_request)
-        th.start()
-        time.sleep(0.5)  # its body is in and its first units are running
-        short_body = encode_arrays({"input_ids": _ids(1, 16, seed=1)}, {"k": K})
-        latencies = []
-        with httpx.Client(timeout=30) as client:
-            for _ in range(5):
-                t0 = time.perf_counter()
-                r = client.post(srv.url + "/v1/topk", content=short_body, headers=BIN)
-                latencies.append(time.perf_counter() - t0)
-                assert r.status_code == 200
-            r = client.post(srv.url + "/v1/topk", json={"input_ids": list(range(16)), "k": 2})
-            assert r.status_code == 200 and r.json()["shape"] == [16, 2]
-        shorts_end = time.perf_counter()
-        th.join(300)
-        print(f"\nshort-request latency while a maximal {B}x{T}x1 request ran ({done.get('s', 0):.1f} s): "
-              f"max {max(latencies) * 1000:.0f} ms, median {sorted(latencies)[2] * 1000:.0f} ms")
-        assert done["status"] == 200
-        assert done["end"] > shorts_end, "the long request ended before the short ones: nothing was measured"
-        assert max(latencies) < 1.0, latencies
-        out = decode_arrays(done["body"])[0]
-        assert out["indices"].shape == (B, T, 1)
-        ref = DirectTeacher(tiny_llama(), K).topk({"input_ids": torch.from_numpy(_ids(B, T)[-1:].astype(np.int64))})
-        assert np.array_equal(out["indices"][-1:], ref.indices[..., :1].numpy())  # interleaving kept rows apart
-    finally:
-        srv.kill()
+
+def test_a_request_whose_client_gave_up_stops_computing(fair_server):
+    """A client that times out on a maximal request (as NetworkTeacher does before it retries) leaves no
+    work behind: the server drops the rest of its rows within a unit or two, not seconds later."""
+    srv = fair_server
+    _wait_idle(srv, 120)
+    body = encode_arrays({"input_ids": _ids(FAIR_B, FAIR_T, seed=2)}, {"k": 1})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/topk", content=body, headers=BIN, timeout=httpx.Timeout(30, read=0.8))
+    left = srv.health()["requests_in_flight"]
+    took = _wait_idle(srv, 3)
+    print(f"\nabandoned maximal request: {left} in flight when the client gave up, idle {took * 1000:.0f} ms later")
+    assert srv.health()["buffered_bytes"] == 0

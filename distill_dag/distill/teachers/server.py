@@ -13,7 +13,7 @@
   Log-probs are the full-vocabulary log-softmax at T=1, sorted descending; position ``t`` scores
   token ``t + 1``. ``k`` defaults to ``k_max``.
 * ``GET /health``: ``{"status", "vocab_size", "k_max", "max_request_elems", "max_seq_len",
-  "max_buffered_bytes", "buffered_bytes", "identity"}``.
+  "max_buffered_bytes", "buffered_bytes", "requests_in_flight", "identity"}``.
 
 Every malformed body is a 400 naming the field (types are checked: ids and ``k`` must be integers,
 not floats, bools or NaN; shapes must be [B >= 1, T >= 1]); nothing a client sends gives a 500.
@@ -31,7 +31,7 @@ Scheduling: one worker thread runs the model (it is not re-entrant on one device
 cut into units of whole rows of at most ``unit_tokens`` tokens (one row when a row is longer), and
 the worker takes one unit of each waiting request in turn (round robin), so a short request waits
 for at most one unit of each request ahead of it, never for a long request to finish. A request
-whose client went away is dropped between units.
+whose client went away (a client timeout, say) is dropped at its next unit.
 
 Security: binds 127.0.0.1 unless told otherwise, and refuses a non-loopback address without a token
 unless ``allow_no_token``; when a token is set (the environment variable named by
@@ -81,6 +81,7 @@ _HEADER_BYTES = 4096
 _JSON_PARSE_FACTOR = 12
 _JSON_BYTES_PER_ENTRY = 100
 _MAX_ID = (1 << 31) - 1  # ids and positions travel as int32
+_DISCONNECT_POLL_S = 0.25
 
 
 class BadRequest(Exception):
@@ -162,6 +163,7 @@ class FairScheduler:
         self._jobs: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._running: _Job | None = None
         self.units_run = 0
 
     def submit(self, ids: np.ndarray, pos: np.ndarray | None, k: int, out_idx: np.ndarray,
@@ -181,31 +183,38 @@ class FairScheduler:
                 while not self._jobs:
                     self._cv.wait()
                 job = self._jobs.popleft()
-            if job.future.cancelled():  # the client went away: drop the rest of its rows
-                continue
-            a = job.next_row
-            b = min(int(job.ids.shape[0]), a + job.rows_per_unit)
+                self._running = job
             try:
-                batch = {"input_ids": torch.from_numpy(job.ids[a:b].astype(np.int64))}
-                if job.pos is not None:
-                    batch["position_ids"] = torch.from_numpy(job.pos[a:b].astype(np.int64))
-                out = self.teacher.topk(batch)
-                job.out_idx[a:b] = out.indices[..., : job.k].numpy()
-                job.out_lp[a:b] = out.logprobs[..., : job.k].numpy()
-            except BaseException as err:  # noqa: BLE001 - handed to the request, which logs it
+                self._unit(job)
+            except BaseException as err:  # noqa: BLE001 - handed to the request, which logs it; the worker lives on
                 _settle(job.future, err)
-                continue
-            self.units_run += 1
-            job.next_row = b
-            if b >= job.ids.shape[0]:
-                _settle(job.future, None)
-            else:
+            finally:
                 with self._cv:
-                    self._jobs.append(job)
+                    self._running = None
 
-    def pending(self) -> int:
+    def _unit(self, job: _Job) -> None:
+        if job.future.cancelled():  # the client went away: drop the rest of its rows
+            return
+        a = job.next_row
+        b = min(int(job.ids.shape[0]), a + job.rows_per_unit)
+        batch = {"input_ids": torch.from_numpy(job.ids[a:b].astype(np.int64))}
+        if job.pos is not None:
+            batch["position_ids"] = torch.from_numpy(job.pos[a:b].astype(np.int64))
+        out = self.teacher.topk(batch)
+        job.out_idx[a:b] = out.indices[..., : job.k].numpy()
+        job.out_lp[a:b] = out.logprobs[..., : job.k].numpy()
+        self.units_run += 1
+        job.next_row = b
+        if b >= job.ids.shape[0]:
+            _settle(job.future, None)
+        else:
+            with self._cv:
+                self._jobs.append(job)
+
+    def in_flight(self) -> int:
+        """Requests queued or running (a cancelled one counts until the worker drops it)."""
         with self._cv:
-            return len(self._jobs)
+            return len(self._jobs) + (self._running is not None)
 
 
 def _settle(fut: concurrent.futures.Future, err: BaseException | None) -> None:
@@ -461,6 +470,7 @@ def create_app(teacher: Any, *, k_max: int, token: str | None = None, max_reques
             "max_seq_len": lim.max_seq_len,
             "max_buffered_bytes": budget.limit,
             "buffered_bytes": budget.used,
+            "requests_in_flight": scheduler.in_flight(),
             "identity": teacher.identity(),
         })
 
@@ -518,9 +528,14 @@ def create_app(teacher: Any, *, k_max: int, token: str | None = None, max_reques
             return err.response()
         except ClientDisconnect:
             return Response(status_code=400)  # nobody reads it; logged as 400
-        fut = scheduler.submit(work.ids, work.pos, work.k, idx, lp)
+        fut = asyncio.wrap_future(scheduler.submit(work.ids, work.pos, work.k, idx, lp))
         try:
-            await asyncio.wrap_future(fut)
+            while not (await asyncio.wait({fut}, timeout=_DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():  # e.g. a client timeout: stop computing for nobody
+                    fut.cancel()
+                    state["note"] += " abandoned"
+                    return Response(status_code=499)
+            fut.result()
         except Exception as err:  # noqa: BLE001 - a teacher failure on a validated request: a server bug
             log.exception("teacher failed on a %dx%dx%d request", B, T, work.k)
             return JSONResponse({"error": f"teacher failed: {type(err).__name__}: {err}"[:500]}, status_code=500)
