@@ -268,5 +268,7 @@ class TrainLoop:
         path = self.checkpointer.ensure(self.step) if self.checkpointer is not None else None
         reason = "signal" if signalled else "stop_after"
         self.tel.event(self.step, "stopped", reason=reason)
-        raise TrainingInterrupted(self.what, self.step, path, reason, self.signals.signum if signalled else None,
-                                  self.resume_hint)
+        stop = TrainingInterrupted(self.what, self.step, path, reason, self.signals.signum if signalled else None,
+                                   self.resume_hint)
+        self.tel.info(str(stop))  # how to resume, in the run's own log whoever catches the exception
+        raise stop
