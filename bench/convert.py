@@ -42,6 +42,7 @@ import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # bench/tokenize.py shadows stdlib
+sys.path.insert(0, os.path.dirname(_HERE))  # the project root: bench.kd_sweep (--quick sizes)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -206,7 +207,14 @@ def main() -> int:
                     help="take arms (a) and (b) from <out>/convert_results.json when its settings match "
                          "(only the ablation arms run)")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from <out>/convert_results.json")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny sizes (300 kB corpus, BPE 512, 64-token rows, a few steps), seconds; prints the ratio line")
     a = ap.parse_args()
+    if a.quick:
+        a.kd_steps, a.align_steps, a.align_batch, a.eval_interval, a.eval_batches = 8, 2, 4, 2, 2
+        a.ablation_align_steps, a.ablation_kd_steps = [0], 4
+        if a.out == "runs/bench_convert":
+            a.out = "runs/bench_convert_quick"
     torch.set_num_threads(a.threads)
     out = Path(a.out).resolve()
     if a.replot:
@@ -215,14 +223,25 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
 
-    base = load_config(a.config, {
+    over = {
         "data": {"root": str(out / "data")},
         "logit_cache": {"dir": str(out / "data" / "logit_cache")},
         "teacher_ft": {"output_dir": str(out / "teacher_ft")},
         "wandb": {"mode": "disabled"},
-        "train": {"device": "cpu", "ce_only_baseline": False, "eval_interval": a.eval_interval,
+        "train": {"device": "cpu", "teacher_mode": "direct", "ce_only_baseline": False, "eval_interval": a.eval_interval,
                   "log_interval": a.eval_interval, "eval_batches": a.eval_batches, "save_interval": 0},
-    })
+    }
+    if a.quick:
+        from bench.kd_sweep import quick_overrides
+
+        for k, v in quick_overrides(out).items():
+            if k != "student":  # both arms get the converted teacher's shape
+                over[k] = {**over.get(k, {}), **v}
+        over["train"]["batch_size"] = 4
+        over["teacher"] = {"init_tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                         "num_attention_heads": 2, "num_key_value_heads": 1}}
+        log = (lambda s: None)  # noqa: E731
+    base = load_config(a.config, over)
     build_demo(base, log)
     import shutil
 
@@ -315,6 +334,14 @@ def main() -> int:
             f"{r['tokens_to_target'] if r['tokens_to_target'] is not None else '> ' + str(r['tokens'])} "
             f"(alignment {r['align_tokens']})")
     log(f"plot: {out / 'convert_curves.png'}; numbers: {out / 'convert_results.json'}")
+    if "ratio_b_over_a" in results:
+        print(f"ratio_b_over_a {results['ratio_b_over_a']:.3f} (goal <= 0.25; met: {results['goal_met']})")
+    elif "ratio_b_over_a_upper_bound" in results:
+        print(f"ratio_b_over_a <= {results['ratio_b_over_a_upper_bound']:.3f} ((a) never reached the target; "
+              f"goal <= 0.25; met: {results['goal_met']})")
+    else:
+        print(f"ratio_b_over_a n/a ((b) never reached the target {threshold:.4f}; final (a) "
+              f"{results['final_val_loss_a']:.4f}, (b) {results['final_val_loss_b']:.4f})")
     return 0
 
 

@@ -37,11 +37,18 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def is_retrieval_doc(text: str) -> bool:
+    """A synthetic retrieval document of the demo corpus (distill_dag/data/retrieval_docs.py): its own
+    pass keys would be rival needles in a haystack, so haystacks leave them out."""
+    return "The pass key is" in text or "What is the pass key?" in text
+
+
 def haystack_from_split(tokenizer: Any, data_dir: str | Path, split: str = "val", max_tokens: int = 200_000) -> str:
     """The split's documents decoded back to text (special tokens dropped, documents split by a blank line).
 
     Decoded and re-encoded rather than spliced as ids, so the prompt has no EOS inside it: a model
-    that keeps documents apart would otherwise forget the needle at the first EOS.
+    that keeps documents apart would otherwise forget the needle at the first EOS. Synthetic
+    retrieval documents (:func:`is_retrieval_doc`) are left out: their pass keys would be rival needles.
     """
     from distill_dag.eval.perplexity import split_loader
 
@@ -64,7 +71,7 @@ def haystack_from_split(tokenizer: Any, data_dir: str | Path, split: str = "val"
             break
     if cur:
         docs.append(tokenizer.decode(cur, skip_special_tokens=True))
-    return "\n\n".join(d.strip("\n") for d in docs if d.strip())
+    return "\n\n".join(d.strip("\n") for d in docs if d.strip() and not is_retrieval_doc(d))
 
 
 def stdlib_haystack(max_chars: int = 400_000) -> str:
@@ -238,6 +245,94 @@ def plot_heatmap(
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
+
+
+def ratio_grid(grid: list[list[float]], ref: list[list[float]]) -> list[list[float]]:
+    """``grid / ref`` per cell (NaN where the reference is 0 or missing): the student/teacher ratio."""
+    return [[a / r if r == r and a == a and r > 0 else float("nan") for a, r in zip(row, rrow)]
+            for row, rrow in zip(grid, ref)]
+
+
+def plot_heatmaps(
+    grids: dict[str, list[list[float]]],
+    depths: Sequence[float],
+    lengths: Sequence[int],
+    path: str | Path,
+    *,
+    reference: str | None = None,
+    train_len: int | None = None,
+    title: str = "NIAH pass-key accuracy",
+) -> Path:
+    """Every model's accuracy heat-map side by side (rows: depth, columns: context length) and, under
+    each non-reference model, its per-cell ratio to ``reference`` (the teacher); one PNG, atomically.
+
+    Column labels past ``train_len`` get a ``*`` (beyond the training length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distill_dag.io import atomic_path
+
+    names = list(grids)
+    others = [n for n in names if n != reference] if reference in grids else []
+    nrows = 2 if others else 1
+    w = 1.2 + 0.75 * len(lengths)
+    fig, axes = plt.subplots(nrows, len(names), figsize=(w * len(names), (1.2 + 0.5 * len(depths)) * nrows),
+                             squeeze=False)
+    xt = [f"{L}*" if train_len and L > train_len else str(L) for L in lengths]
+
+    def panel(ax: Any, grid: list[list[float]], label: str, vmax: float, cmap: str) -> Any:
+        im = ax.imshow(grid, vmin=0.0, vmax=vmax, cmap=cmap, aspect="auto")
+        ax.set_xticks(range(len(lengths)), xt, fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
+        for i, row in enumerate(grid):
+            for j, a in enumerate(row):
+                ax.text(j, i, "-" if a != a else f"{a:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        return im
+
+    for j, n in enumerate(names):
+        panel(axes[0][j], grids[n], n, 1.0, "RdYlGn")
+        axes[0][j].set_xlabel("context length" + (" (* > training length)" if train_len else ""), fontsize=8)
+    axes[0][0].set_ylabel("needle depth", fontsize=8)
+    if others:
+        for j, n in enumerate(names):
+            ax = axes[1][j]
+            if n == reference:
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"ratios: model / {reference}\n(1.0 = as good as the teacher;\n- where the "
+                                  "teacher scores 0)", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                continue
+            panel(ax, ratio_grid(grids[n], grids[reference]), f"{n} / {reference}", 1.0, "RdYlBu")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def comparison_markdown(grids: dict[str, list[list[float]]], depths: Sequence[float], lengths: Sequence[int],
+                        reference: str | None = None) -> str:
+    """One table: a row per (model, depth), a column per context length; ``a (r)`` with ``r`` the
+    ratio to the reference model's cell."""
+    head = "| model | depth | " + " | ".join(str(L) for L in lengths) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(lengths)]
+    ref = grids.get(reference) if reference else None
+    for name, grid in grids.items():
+        ratios = ratio_grid(grid, ref) if ref is not None and name != reference else None
+        for i, (d, row) in enumerate(zip(depths, grid)):
+            cells = []
+            for j, a in enumerate(row):
+                c = "-" if a != a else f"{a:.2f}"
+                if ratios is not None:
+                    r = ratios[i][j]
+                    c += " (-)" if r != r else f" ({r:.2f})"
+                cells.append(c)
+            lines.append(f"| {name} | {d:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def evaluate_niah(

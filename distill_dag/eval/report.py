@@ -7,9 +7,27 @@ baseline beside it when given) and writes into ``out_dir``:
 - ``perplexity.json``, ``niah.json`` (every case with its generation), ``samples.json``;
 - ``niah_heatmap.png`` (and ``niah_heatmap_teacher.png``), ``loss_curves.png`` when the run's
   ``metrics.jsonl`` is found;
-- ``eval.json``: the returned summary (paths and numbers, ready for asset metadata).
+- ``eval.json``: the returned summary (paths and numbers, ready for asset metadata);
+- ``long_context.json`` / ``long_context.png``: perplexity by position and context length, generation
+  memory and ms/token (:mod:`distill_dag.eval.long_context`).
 
 :func:`evaluate_run` does the same for a configured run (the ``eval_report`` asset, ``distill eval``).
+
+The compared models: ``student`` (the KD student), ``CE-only baseline``, ``converted student`` (when
+given) and ``teacher (adapted)`` (or ``teacher``). Keys of the returned dict:
+
+- ``checkpoint``, ``split``, ``out_dir``, ``report_path``, ``loss_png``, ``samples``;
+- ``perplexity_rows`` (one row per model), ``student_ppl``, ``student_nats_per_token``, ``<model>_ppl``;
+- NIAH (None/absent without NIAH): ``niah_png`` (every model's heat-map side by side, and under each
+  student its per-cell ratio to the teacher), ``niah_accuracy`` (the student's), ``niah_grid``,
+  ``niah_table``, ``niah_teacher_accuracy``, ``niah_models`` ({model: {accuracy, grid,
+  accuracy_at_train_len, accuracy_within_train_len, accuracy_beyond_train_len}}), ``niah_ratio_grids``
+  ({student: grid of student/teacher}), ``niah_comparison_table`` (markdown), ``niah_context_lengths``,
+  ``niah_depths``, ``niah_train_len``;
+- long context (absent with ``long_context=False``): ``long_context_png``, ``long_context_table``
+  (markdown), ``long_context_ppl`` ({lengths, train_len, by_length: {model: [nats]}, bucket_edges,
+  by_position: {model: [nats]}, contexts, tokens}), ``generation_cost`` ({model: [{context_length,
+  cache_bytes, cache_bytes_end, ms_per_token, prefill_ms}]}).
 """
 
 from __future__ import annotations
@@ -174,17 +192,24 @@ def evaluate_checkpoint(
     *,
     teacher: Any = None,
     baseline: Any = None,
+    converted: Any = None,
     tokenizer_dir: str | Path | None = None,
     split: str | None = None,
     niah: bool | None = None,
+    long_context: bool = True,
+    long_context_multiples: tuple[int, ...] = (1, 2, 4, 8),
+    long_context_contexts: int = 4,
     device: str | torch.device | None = None,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Evaluate a student checkpoint (a dir, a run dir with ``checkpoint_latest``, or a loaded model).
 
     ``teacher``: a teacher_ft output dir / model dir / adapter dir / module (rows "teacher (base)" and
-    "teacher (adapted)"); ``baseline``: a CE-only student (checkpoint dir or module). Settings from
-    ``cfg.eval`` (``split`` and ``niah`` override it). Returns paths and numbers (see module doc).
+    "teacher (adapted)"); ``baseline``: a CE-only student (checkpoint dir or module); ``converted``: a
+    student converted from the teacher (e.g. the aligned stage-1 student). Settings from ``cfg.eval``
+    (``split`` and ``niah`` override it). ``long_context``: perplexity by position and context length
+    at ``long_context_multiples`` x the training length (``tokenize.max_seq_length``), and generation
+    memory / ms per token at each length. Returns paths and numbers (see module doc).
     """
     from itertools import islice
 
@@ -212,8 +237,18 @@ def evaluate_checkpoint(
     if baseline is not None:
         models["CE-only baseline"] = (baseline.to(dev).eval() if isinstance(baseline, torch.nn.Module)
                                       else _load_causal_lm(Path(baseline), dev))
+    if converted is not None:
+        models["converted student"] = (converted.to(dev).eval() if isinstance(converted, torch.nn.Module)
+                                       else _load_causal_lm(Path(converted), dev))
     teachers = teacher_models(cfg, teacher, dev) if teacher is not None else {}
     models.update(teachers)
+    adapted = teachers.get("teacher (adapted)") or teachers.get("teacher")
+    teacher_name = "teacher (adapted)" if "teacher (adapted)" in teachers else ("teacher" if adapted is not None else None)
+    # the models compared by NIAH and long context: every student, then the trained teacher
+    compared = {n: m for n, m in models.items() if n in ("student", "CE-only baseline", "converted student")}
+    if adapted is not None:
+        compared[teacher_name] = adapted
+    train_len = cfg.tokenize.max_seq_length
 
     limit = ec.max_batches if ec.max_batches > 0 else None
     batches = list(islice(split_loader(data_dir, split, ec.batch_size), limit))
@@ -236,32 +271,76 @@ def evaluate_checkpoint(
         result[f"{r['model']}_ppl".replace(" ", "_").replace("(", "").replace(")", "").replace("-", "_")] = r["ppl"]
 
     niah_sections: list[str] = []
+    niah_json: dict[str, Any] = {}
     if do_niah:
+        from distill_dag.eval.niah import comparison_markdown, plot_heatmaps, ratio_grid
+
         max_len = max(ec.niah_context_lengths)
         hay_text = haystack_from_split(tokenizer, data_dir, split, max_tokens=max(4 * max_len, 20_000))
-        source = f"the '{split}' split, decoded"
+        source = f"the '{split}' split, decoded (synthetic retrieval documents left out)"
         if len(tokenizer(hay_text, add_special_tokens=False)["input_ids"]) < 2 * max_len:
             hay_text, source = stdlib_haystack(), "standard-library docstrings (the split is too short)"
-        kw = dict(context_lengths=ec.niah_context_lengths, depths=ec.niah_depths, trials=ec.niah_trials,
+        lengths, depths = list(ec.niah_context_lengths), list(ec.niah_depths)
+        kw = dict(context_lengths=lengths, depths=depths, trials=ec.niah_trials,
                   max_new_tokens=ec.niah_max_new_tokens, batch_size=ec.batch_size, seed=ec.seed)
-        log(f"eval: needle-in-a-haystack, {len(ec.niah_context_lengths)} lengths x {len(ec.niah_depths)} depths x "
+        log(f"eval: needle-in-a-haystack for {list(compared)}, {len(lengths)} lengths x {len(depths)} depths x "
             f"{ec.niah_trials} trials, haystack from {source}")
-        r = evaluate_niah(student, tokenizer, hay_text, heatmap_path=out / "niah_heatmap.png",
-                          title="student: pass-key accuracy", **kw)
-        niah_json = {"haystack": source, "student": r}
-        result.update(niah_png=r["heatmap_path"], niah_accuracy=r["accuracy"], niah_grid=r["grid"],
-                      niah_table=r["table_markdown"])
-        niah_sections.append(f"### student (accuracy {r['accuracy']:.2f})\n\n{r['table_markdown']}\n\n"
-                             f"![student NIAH](niah_heatmap.png)\n")
-        adapted = teachers.get("teacher (adapted)") or teachers.get("teacher")
-        if adapted is not None:
-            rt = evaluate_niah(adapted, tokenizer, hay_text, heatmap_path=out / "niah_heatmap_teacher.png",
-                               title="teacher: pass-key accuracy", **kw)
-            niah_json["teacher"] = rt
-            result.update(niah_teacher_png=rt["heatmap_path"], niah_teacher_accuracy=rt["accuracy"])
-            niah_sections.append(f"### teacher (adapted) (accuracy {rt['accuracy']:.2f})\n\n{rt['table_markdown']}\n\n"
-                                 f"![teacher NIAH](niah_heatmap_teacher.png)\n")
+        niah_json = {"haystack": source, "train_len": train_len}
+        per_model: dict[str, dict[str, Any]] = {}
+        for name, m in compared.items():
+            r = evaluate_niah(m, tokenizer, hay_text, **kw)
+            niah_json[name] = r
+            at = [r["results"][i]["correct"] for i in range(len(r["results"])) if r["results"][i]["context_length"] == train_len]
+            beyond = [x["correct"] for x in r["results"] if x["context_length"] > train_len]
+            within = [x["correct"] for x in r["results"] if x["context_length"] <= train_len]
+            per_model[name] = {"accuracy": r["accuracy"], "grid": r["grid"],
+                               "accuracy_at_train_len": sum(at) / len(at) if at else None,
+                               "accuracy_within_train_len": sum(within) / len(within) if within else None,
+                               "accuracy_beyond_train_len": sum(beyond) / len(beyond) if beyond else None}
+        grids = {n: v["grid"] for n, v in per_model.items()}
+        png = plot_heatmaps(grids, depths, lengths, out / "niah_heatmap.png", reference=teacher_name,
+                            train_len=train_len, title="NIAH pass-key accuracy; bottom: ratio to the teacher per cell")
+        ratios = {n: ratio_grid(g, grids[teacher_name]) for n, g in grids.items()
+                  if teacher_name is not None and n != teacher_name}
+        r = niah_json["student"]
+        result.update(niah_png=str(png), niah_accuracy=r["accuracy"], niah_grid=r["grid"],
+                      niah_table=r["table_markdown"], niah_models=per_model, niah_ratio_grids=ratios,
+                      niah_context_lengths=lengths, niah_depths=depths, niah_train_len=train_len,
+                      niah_comparison_table=comparison_markdown(grids, depths, lengths, teacher_name))
+        if teacher_name is not None:
+            result.update(niah_teacher_accuracy=per_model[teacher_name]["accuracy"])
+        summary = ["| model | overall | at the training length (" + str(train_len) + ") | within | beyond |",
+                   "|---|---:|---:|---:|---:|"]
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        for n, v in per_model.items():
+            summary.append(f"| {n} | {v['accuracy']:.2f} | {fmt(v['accuracy_at_train_len'])} | "
+                           f"{fmt(v['accuracy_within_train_len'])} | {fmt(v['accuracy_beyond_train_len'])} |")
+        niah_sections += ["\n".join(summary), "", "![NIAH heat-maps](niah_heatmap.png)", "",
+                          "Per cell: accuracy (ratio to the teacher's cell):", "", result["niah_comparison_table"], ""]
         write_json_atomic(out / "niah.json", niah_json)
+
+    lc_sections: list[str] = []
+    if long_context and compared:
+        from distill_dag.eval.long_context import (generation_cost, long_context_perplexity, markdown,
+                                                   plot_long_context, token_stream)
+        from distill_dag.eval.niah import is_retrieval_doc
+
+        lens = [m * train_len for m in long_context_multiples]
+        stream = token_stream(data_dir, split, max(lens) * long_context_contexts,
+                              exclude=lambda ids: is_retrieval_doc(tokenizer.decode(ids)))
+        if len(stream) < 2 * train_len:  # a tiny val split: the train split has the text
+            stream = token_stream(data_dir, "train", max(lens) * long_context_contexts)
+        log(f"eval: long context for {list(compared)} at {lens} tokens ({long_context_contexts} contexts each, "
+            f"{len(stream)} held-out tokens)")
+        lc = long_context_perplexity(compared, stream, train_len, multiples=long_context_multiples,
+                                     contexts=long_context_contexts, device=dev)
+        cost = {n: generation_cost(m, stream, lens, device=dev) for n, m in compared.items()}
+        png = plot_long_context(lc, cost, out / "long_context.png")
+        table = markdown(lc, cost)
+        write_json_atomic(out / "long_context.json", {"perplexity": lc, "generation": cost})
+        result.update(long_context_png=str(png), long_context_table=table, long_context_ppl=lc,
+                      generation_cost=cost)
+        lc_sections = [table, "", "![long context](long_context.png)", ""]
 
     # prompts start documents; the whole split is scanned lazily until enough documents are found
     samples = sample_generations(student, tokenizer, split_loader(data_dir, split, ec.batch_size), n=ec.sample_prompts,
@@ -289,8 +368,15 @@ def evaluate_checkpoint(
     if niah_sections:
         lines += ["## Needle in a haystack", "",
                   f"Needle \"The pass key is NNNNN.\" in {niah_json['haystack']}; greedy generation, exact match of "
-                  "the digits. Rows: depth of the needle; columns: context length in tokens.", ""]
+                  f"the digits. Rows: depth of the needle; columns: context length in tokens (training length "
+                  f"{train_len}; `*` marks lengths beyond it).", ""]
         lines += niah_sections
+    if lc_sections:
+        lines += ["## Long context", "",
+                  f"Contexts of 1x-{long_context_multiples[-1]}x the training length ({train_len}) cut from "
+                  "held-out text (documents concatenated, positions 0..L-1). The student's recurrent state has "
+                  "a fixed size; the teacher's KV cache grows with the context.", ""]
+        lines += lc_sections
     if result["loss_png"]:
         lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
     lines += ["## Sample generations (greedy, held-out prompts)", ""]
@@ -316,11 +402,14 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     teacher: Any = "auto",
     baseline: Any = "auto",
+    converted: Any = "auto",
+    long_context: bool = True,
     device: str | None = None,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Evaluate the configured run: ``<run_dir>/final`` (or ``checkpoint``), the finetuned teacher of
-    ``teacher_ft.output_dir`` and the CE-only baseline ``<run_dir>_ce_only/final`` when they exist."""
+    ``teacher_ft.output_dir``, the CE-only baseline ``<run_dir>_ce_only/final`` and the converted
+    (aligned) student of ``student.init: from_teacher`` when they exist. Result keys: see the module doc."""
     ckpt = Path(checkpoint) if checkpoint is not None else cfg.run_dir / "final"
     if teacher == "auto":
         t = cfg.teacher_ft_dir
@@ -330,10 +419,16 @@ def evaluate_run(
     if baseline == "auto":
         b = Path(str(cfg.run_dir) + "_ce_only") / "final"
         baseline = b if b.is_dir() else None
+    if converted == "auto":  # stage 1 of student.init from_teacher: the converted + aligned student
+        from distill_dag.distill.align import aligned_dir
+
+        c = aligned_dir(cfg) / "final"
+        converted = c if (c / "config.json").exists() else None
     out = Path(out_dir) if out_dir is not None else (cfg.path(cfg.eval.output_dir) if cfg.eval.output_dir
                                                      else cfg.run_dir / "eval")
     result = evaluate_checkpoint(ckpt, cfg, cfg.tokenized_dir, out, teacher=teacher, baseline=baseline,
-                                 split=split, niah=niah, device=device, log=log)
+                                 converted=converted, split=split, niah=niah, long_context=long_context,
+                                 device=device, log=log)
     from distill_dag.model.hub import add_eval_to_model_card  # the student's model card gets the tables
 
     add_eval_to_model_card(result["checkpoint"], result)

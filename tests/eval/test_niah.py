@@ -94,3 +94,35 @@ def test_haystack_from_split_is_real_text_without_eos(small_corpus):
     assert len(t(text, add_special_tokens=False)["input_ids"]) > 1000
     assert t.eos_token not in text
     assert "def " in text or "import " in text  # it is the stdlib corpus, decoded
+
+
+def test_heatmaps_put_every_model_side_by_side_with_ratios_to_the_teacher(tmp_path):
+    from distill_dag.eval.niah import comparison_markdown, plot_heatmaps, ratio_grid
+
+    grids = {"teacher": [[1.0, 0.5], [0.0, 1.0]], "KD student": [[0.5, 0.5], [0.5, 0.0]]}
+    r = ratio_grid(grids["KD student"], grids["teacher"])
+    assert r[0] == [0.5, 1.0] and r[1][0] != r[1][0] and r[1][1] == 0.0  # NaN where the teacher scores 0
+    png = plot_heatmaps(grids, [0.1, 0.9], [64, 128], tmp_path / "h.png", reference="teacher", train_len=64)
+    assert png.stat().st_size > 5000
+    md = comparison_markdown(grids, [0.1, 0.9], [64, 128], reference="teacher")
+    assert "| KD student | 0.1 | 0.50 (0.50) | 0.50 (1.00) |" in md and "| teacher | 0.9 | 0.00 | 1.00 |" in md
+
+
+def test_haystack_from_split_leaves_out_synthetic_retrieval_documents(tmp_path):
+    """The demo corpus' retrieval documents carry pass keys of their own: rival needles."""
+    from distill_dag.data.pack import tokenize_to_parquet
+    from distill_dag.data.retrieval_docs import documents
+    from support import stdlib_tokenizer
+
+    raw, tok_dir, tok_hash = stdlib_tokenizer(tmp_path, vocab_size=300, max_bytes=40_000)
+    import json
+
+    with open(raw / "synthetic.jsonl", "w") as f:
+        for i, text in enumerate(documents(3, doc_chars=800)):
+            f.write(json.dumps({"id": f"r{i}", "text": text}) + "\n")
+    tokenize_to_parquet(raw, tmp_path / "tok", tok_dir, 64, val_fraction=0.99, rows_per_shard=512,
+                        tokenizer_hash=tok_hash)
+    from distill_dag.data.tokenizer import load_tokenizer
+
+    hay = haystack_from_split(load_tokenizer(tok_dir), tmp_path / "tok", "val")
+    assert len(hay) > 10_000 and "pass key" not in hay

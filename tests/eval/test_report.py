@@ -69,12 +69,25 @@ def test_report_has_every_model_niah_samples_and_plots(tmp_path, run):
     niah = json.loads((tmp_path / "eval" / "niah.json").read_text())
     assert len(niah["student"]["results"]) == 2 * 1 * 2 and r["niah_accuracy"] == 0.0
     assert all(x["generated"] for x in niah["student"]["results"])
-    assert "teacher" in niah
-    for key in ("niah_png", "niah_teacher_png", "loss_png", "report_path"):
+    assert {"student", "CE-only baseline", "teacher (adapted)"} <= set(niah)
+    # one side-by-side heat-map: every compared model, and each student's per-cell ratio to the teacher
+    assert set(r["niah_models"]) == {"student", "CE-only baseline", "teacher (adapted)"}
+    assert set(r["niah_ratio_grids"]) == {"student", "CE-only baseline"}
+    assert r["niah_models"]["student"]["accuracy_at_train_len"] == 0.0  # 64 = tokenize.max_seq_length
+    assert r["niah_models"]["student"]["accuracy_beyond_train_len"] == 0.0  # 96 > 64
+    # long context: 1x..8x the training length for the students and the teacher, cache and ms/token
+    lc = r["long_context_ppl"]
+    assert lc["lengths"] == [64, 128, 256, 512] and set(lc["by_length"]) == set(r["niah_models"])
+    cost = r["generation_cost"]
+    assert len({row["cache_bytes"] for row in cost["student"]}) == 1  # the recurrent state is flat
+    kv = [row["cache_bytes"] for row in cost["teacher (adapted)"]]
+    assert kv == sorted(kv) and kv[-1] >= 7 * kv[0]  # the KV cache grows with the context
+    for key in ("niah_png", "long_context_png", "loss_png", "report_path"):
         assert (tmp_path / "eval" / r[key].split("/")[-1]).stat().st_size > 1000, key
     assert len(r["samples"]) == 2 and all(s["prompt"] and s["reference"] for s in r["samples"])
     report = (tmp_path / "eval" / "report.md").read_text()
-    for text in ("| student |", "| teacher (adapted) |", "niah_heatmap.png", "loss_curves.png", "sample 2"):
+    for text in ("| student |", "| teacher (adapted) |", "niah_heatmap.png", "loss_curves.png", "sample 2",
+                 "## Long context", "long_context.png", "ms per decoded token"):
         assert text in report
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["student_ppl"] == r["student_ppl"]
 

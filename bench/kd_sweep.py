@@ -1,0 +1,138 @@
+"""Benchmark: how much of the CE-only -> teacher gap KD closes, and a small sweep of the KD settings (issue 19).
+
+    python bench/kd_sweep.py                     # the demo's data, teacher and student; every arm below
+    python bench/kd_sweep.py --arms base,T2      # some arms only
+    python bench/kd_sweep.py --quick             # tiny sizes, seconds: prints the same lines
+
+The gap share of an arm is ``(CE-only - KD) / (CE-only - teacher)`` on the same held-out batches (the
+val split's first ``--eval-batches``): 0 = KD no better than training on the labels alone, 1 = KD
+student as good as the teacher. Every arm trains the demo's student (configs/demo.yaml: tiny RetNet,
+the demo's steps, batch, learning rates, direct teacher) from the same seed on the same rows; only
+the KD knobs change: temperature ``T``, ``alpha`` (weight of the KL term; 1 - alpha weights CE), the
+teacher's top-``k`` and the tail treatment. The demo's own setting is the ``base`` arm; the sweep is
+a measurement, not a tuning of the demo to its test (configs/demo.yaml is not changed by it).
+
+Data and teacher are built as in bench/convert.py, in ``--out`` (default runs/bench_convert: the two
+benches share one demo teacher); arms run under ``<out>/kd_sweep/``.
+
+Measured (see the module's bottom or bench/README.md for the numbers and the command).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # bench/tokenize.py shadows stdlib
+sys.path.insert(0, os.path.dirname(_HERE))  # the project root: bench.convert
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+# name -> train overrides; "ce" is the CE-only baseline
+ARMS: dict[str, dict] = {
+    "ce": {"pretrain_ce_only": True},
+    "base": {},  # the demo: T 1, alpha 0.5, k 64, renormalize
+    "T2": {"temperature": 2.0},
+    "alpha0.8": {"distill_alpha": 0.8},
+    "alpha1": {"distill_alpha": 1.0},
+    "k16": {"teacher_topk": 16},
+    "k256": {"teacher_topk": 256},
+    "bucket": {"tail": "bucket"},
+}
+
+
+def quick_overrides(out: Path) -> dict:
+    """Tiny sizes: 300 kB of stdlib + 10 retrieval documents, BPE 512, 64-token rows, a few steps."""
+    return {
+        "data": {"root": str(out / "data"), "sources": [
+            {"name": "stdlib", "kind": "stdlib", "max_bytes": 300_000},
+            {"name": "retrieval", "kind": "hf", "dataset": "synthetic:retrieval", "max_rows": 10}]},
+        "tokenizer": {"vocab_size": 512},
+        "tokenize": {"max_seq_length": 64, "val_fraction": 0.1},
+        "teacher_ft": {"max_steps": 12, "batch_size": 8, "warmup_steps": 2, "eval_interval": 0, "save_interval": 0},
+        "student": {"overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "intermediate_size": 64}},
+        "train": {"max_steps": 6, "batch_size": 4, "warmup_steps": 1, "eval_batches": 2},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="demo.yaml")
+    ap.add_argument("--out", default=None, help="default runs/bench_convert (runs/bench_kd_quick with --quick)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {list(ARMS)} (ce and base always run)")
+    ap.add_argument("--steps", type=int, default=None, help="student steps (default: the config's train.max_steps)")
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.out or ("runs/bench_kd_quick" if a.quick else "runs/bench_convert")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda s: None) if a.quick else (lambda s: print(s, flush=True))
+
+    from bench.convert import build_demo, teacher_val_loss, val_batches
+    from distill_dag.config import load_config
+    from distill_dag.distill.student_run import run_ce_baseline, run_kd_student
+
+    over = {
+        "data": {"root": str(out / "data")},
+        "logit_cache": {"dir": str(out / "data" / "logit_cache")},
+        "teacher_ft": {"output_dir": str(out / "teacher_ft")},
+        "wandb": {"mode": "disabled"},
+        "train": {"device": "cpu", "teacher_mode": "direct", "ce_only_baseline": False, "save_interval": 0,
+                  "eval_batches": a.eval_batches},
+    }
+    if a.quick:
+        q = quick_overrides(out)
+        for k, v in q.items():
+            over[k] = {**over.get(k, {}), **v}
+    base = load_config(a.config, over)
+    if a.steps:
+        base.train.max_steps = a.steps
+    base.train.eval_interval = base.train.max_steps  # one held-out evaluation, at the end
+    build_demo(base, log)
+    t_loss = teacher_val_loss(base, val_batches(base))
+
+    names = ["ce", "base"] + [n for n in a.arms.split(",") if n and n not in ("ce", "base")]
+    unknown = [n for n in names if n not in ARMS]
+    if unknown:
+        ap.error(f"unknown arms {unknown}; known: {list(ARMS)}")
+    rows: dict[str, dict] = {}
+    for name in names:
+        cfg = base.model_copy(deep=True)
+        for k, v in ARMS[name].items():
+            setattr(cfg.train, k, v)
+        cfg.train.output_dir = str(out / "kd_sweep" / name)
+        t0 = time.time()
+        r = (run_ce_baseline if name == "ce" else run_kd_student)(cfg, echo=log)
+        rows[name] = {"val_loss": r.val["val_loss"], "seconds": time.time() - t0, "tokens": r.tokens,
+                      **{k: getattr(cfg.train, k) for k in ("temperature", "distill_alpha", "teacher_topk", "tail")}}
+        log(f"{name}: val {rows[name]['val_loss']:.4f} ({rows[name]['seconds']:.0f}s)")
+    ce = rows["ce"]["val_loss"]
+    for name, r in rows.items():
+        r["gap_share"] = (ce - r["val_loss"]) / (ce - t_loss) if ce != t_loss else float("nan")
+    (out / "kd_sweep.json").write_text(json.dumps({"teacher_val_loss": t_loss, "arms": rows}, indent=2))
+
+    print(f"teacher held-out {t_loss:.4f}; CE-only {ce:.4f}; {base.train.max_steps} steps x "
+          f"{base.train.batch_size} rows x {base.tokenize.max_seq_length} tokens per arm")
+    print("| arm | T | alpha | k | tail | held-out loss | gap share closed by KD | s |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for name, r in rows.items():
+        kd = name != "ce"
+        print(f"| {name} | {r['temperature'] if kd else '-'} | {r['distill_alpha'] if kd else 0} | "
+              f"{r['teacher_topk'] if kd else '-'} | {r['tail'] if kd else '-'} | {r['val_loss']:.4f} | "
+              f"{r['gap_share']:.3f} | {r['seconds']:.0f} |")
+    best = max((n for n in rows if n != "ce"), key=lambda n: rows[n]["gap_share"])
+    print(f"gap_share_base {rows['base']['gap_share']:.3f} gap_share_best {rows[best]['gap_share']:.3f} ({best})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
