@@ -16,9 +16,11 @@ norm) are trainable. Relative MSE (``MSE_l / mean(y_l^2)``) is logged beside it:
 would score. Stage 2 is the usual KD training (:func:`distill_dag.distill.trainer.train`), which loads the
 aligned student from ``<aligned_dir>/final`` when ``student.init == "from_teacher"``.
 
-Resumable exactly: checkpoints (``distill_dag.distill.checkpoint``) hold the student, optimizer,
-scheduler, RNG and step; the data loader restarts at the saved step. Logged with :class:`Telemetry`
-(``train.log``, ``metrics.jsonl``, W&B) under the aligned dir. A finished stage is reused when its
+Runs on the shared training skeleton (:mod:`distill_dag.distill.loop`). Resumable exactly: checkpoints
+(``distill_dag.distill.checkpoint``) hold the student, optimizer, scheduler, RNG and step; the data
+loader restarts at the saved step. Logged with :class:`Telemetry` (``train.log``, ``metrics.jsonl``,
+W&B job_type ``align``) under the aligned dir. ``align.eval_interval`` 0 still measures before and after
+(they are the stage's result); a non-finite loss stops the stage at once. A finished stage is reused when its
 lineage (teacher weights, data manifest, align config, student overrides) matches, and refused with a
 message when it does not.
 """

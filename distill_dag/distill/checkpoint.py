@@ -10,7 +10,9 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step-NNNNNNN/`` holding
 - ``checksums.json``: sha256 of every other file, checked before anything is used.
 
 ``<run_dir>/checkpoint_latest`` names the newest complete checkpoint (written after the directory is
-in place, so it never points at a half checkpoint).
+in place, so it never points at a half checkpoint). The student trainer, the alignment stage and the
+teacher finetune all write through :class:`distill_dag.distill.loop.Checkpointer`, i.e. through
+:func:`save_checkpoint`; only ``trainer_state.pt``'s keys are their own.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Between ``stop = StopSignals().install()`` and ``stop.restore()``, SIGINT and SIGTERM no longer kill
 the process: they set ``stop.signum`` (``bool(stop)`` turns true), the loop finishes the step it is in,
-writes a checkpoint and ends. Handlers can only be installed from the main thread; elsewhere (some
+writes a checkpoint and ends (:class:`distill_dag.distill.loop.TrainLoop` installs it for the run and
+raises ``TrainingInterrupted``). Handlers can only be installed from the main thread; elsewhere (some
 executors) the signals keep their default meaning.
 """
 

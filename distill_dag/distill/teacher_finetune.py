@@ -30,7 +30,12 @@ Written under ``output_dir``:
 - ``final_adapter/`` (lora) or ``final_model/`` (full; ``save_pretrained`` + the tokenizer), and
   ``merged_model/`` with ``merge: true`` (lora ``merge_and_unload``);
 - ``metrics.json``: validation perplexity before/after, relative improvement, the check of the
-  expected improvement, steps, tokens, paths.
+  expected improvement, steps, tokens, paths;
+- ``train.log``, ``metrics.jsonl`` and the W&B run (job_type ``teacher_ft``) of
+  :class:`~distill_dag.distill.telemetry.Telemetry`.
+
+The step loop, logging, checkpoints and stops are the shared skeleton of :mod:`distill_dag.distill.loop`;
+a non-finite loss stops the run at once (lower ``teacher_ft.learning_rate``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """The student trainer: sparse top-k KD (+ CE), or CE-only pretraining, resumable exactly.
 
-``train(cfg, data_dir=..., tokenizer_dir=...)`` is the whole loop, free of any launcher: the CLI, the
-Dagster asset and torchrun all call it. One optimizer step = ``grad_accum`` micro-batches; the logged
-loss is the token-weighted mean over them, with CE and KL shown apart.
+``train(cfg, data_dir=..., tokenizer_dir=...)`` is the whole run, free of any launcher: the CLI, the
+Dagster asset and torchrun all call it. What is the student's own lives here (its model, teacher and
+optimizer set-up, the loss of one step); the step loop, logging, checkpoints, stops, NaN handling and
+eval scheduling are the shared skeleton of :mod:`distill_dag.distill.loop`. One optimizer step =
+``grad_accum`` micro-batches; the logged loss is the token-weighted mean over them, with CE, KL (and
+the diversity term when ``train.diversity_weight`` > 0) shown apart.
 """
 
 from __future__ import annotations
