@@ -178,7 +178,8 @@ def _row_batches(inp: InputFile, stats: ReadStats, rejects: list[Reject], batch_
         ids.append(str(rid) if rid is not None else f"{inp.key}:{line_no}")
         src = row.get("source")
         srcs.append(src if isinstance(src, str) and src else default_source)
-        size += len(row.get("text") or "") + len(row.get("prompt") or "") + len(row.get("response") or "")
+        # the fields encode_rows reads: a text row may carry other fields of any type (a "prompt": true)
+        size += len(row["text"]) if "text" in row else len(row["prompt"]) + len(row["response"])
         if len(rows) >= batch_docs or size >= _BATCH_BYTES:
             yield rows, ids, srcs
             rows, ids, srcs, size = [], [], [], 0
