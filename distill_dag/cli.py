@@ -16,9 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from distill_dag.config import ConfigError, PipelineConfig, load_config
+if TYPE_CHECKING:  # distill_dag.config (pydantic) is imported when a command runs, not for --help
+    from distill_dag.config import PipelineConfig
+
+
+def _config_error(msg: str) -> Exception:
+    from distill_dag.config import ConfigError
+
+    return ConfigError(msg)
 
 
 CONFIG_HELP = ("a config file (relative to the current directory), or a bundled config by name: demo.yaml, "
@@ -34,7 +41,7 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """The config file of ``--config`` with ``overrides`` (from flags; relative paths against the current
     directory) on top, validated by the config model: a bad flag value is an error naming its key."""
-    from distill_dag.config import deep_merge
+    from distill_dag.config import deep_merge, load_config
 
     overrides = deep_merge(getattr(args, "extra_overrides", None) or {}, dict(overrides or {}))
     if getattr(args, "device", None):
@@ -54,12 +61,14 @@ def _checked(run: Callable[[argparse.Namespace], int], flags: dict[str, str]) ->
     ``--max-seq-length 0`` is refused naming ``tokenize.max_seq_length`` before any work starts."""
 
     def checked(a: argparse.Namespace) -> int:
+        from distill_dag.config import ConfigError
+
         try:
             _load(a, _flag_overrides(a, flags))
         except ConfigError as err:
             given = [f"--{k.replace('_', '-')} {getattr(a, k)!r} sets {v}" for k, v in flags.items()
                      if getattr(a, k, None) is not None]
-            raise ConfigError(str(err) + ("\n  (from the command line: " + "; ".join(given) + ")" if given else "")
+            raise _config_error(str(err) + ("\n  (from the command line: " + "; ".join(given) + ")" if given else "")
                               ) from None
         return run(a)
 
@@ -190,9 +199,9 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
 
         over = _flag_overrides(a, TOKENIZER_FLAGS)
         if a.name is not None and a.input is not None:
-            raise ConfigError("--name fetches a tokenizer and --input trains one: give one of them")
+            raise _config_error("--name fetches a tokenizer and --input trains one: give one of them")
         if a.name is not None and a.vocab_size is not None:
-            raise ConfigError("--vocab-size applies to a BPE trained here, not to --name (a hub tokenizer has its own)")
+            raise _config_error("--vocab-size applies to a BPE trained here, not to --name (a hub tokenizer has its own)")
         if a.name is None and (a.input is not None or a.vocab_size is not None):
             over.setdefault("tokenizer", {})["name_or_path"] = None  # train a BPE, whatever the config names
         cfg = _load(a, over)
@@ -228,6 +237,8 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:
         overrides: dict[str, Any] = {}
         variant = a.variant
         if a.config is not None:
+            from distill_dag.config import load_config
+
             student = load_config(a.config).student
             variant, overrides = variant or student.variant, dict(student.overrides)
         variant = variant or "500M"
@@ -351,7 +362,7 @@ def _seed_cache_flags(run: Callable[[argparse.Namespace], int]) -> Callable[[arg
     def seeded(a: argparse.Namespace) -> int:
         if a.output_dir is not None:
             if a.output is not None and a.output != a.output_dir:
-                raise ConfigError("--output and --output-dir (the seed's name) disagree: give one")
+                raise _config_error("--output and --output-dir (the seed's name) disagree: give one")
             a.output = a.output_dir
         if a.data_path is not None:
             a.extra_overrides = {"data": {"tokenized_dir": a.data_path}}
@@ -442,7 +453,7 @@ def _check_data(cfg: PipelineConfig) -> None:
     try:
         m = Manifest.load(cfg.tokenized_dir)
     except FileNotFoundError as err:
-        raise ConfigError(f"{err}; or point data.tokenized_dir (or data.root) at the packed data") from None
+        raise _config_error(f"{err}; or point data.tokenized_dir (or data.root) at the packed data") from None
     check_vocab(cfg, m.vocab_size, f"the vocabulary of {cfg.tokenized_dir}")
 
 
@@ -502,7 +513,7 @@ def _add_migrate_config(sub: argparse._SubParsersAction) -> None:
 
         import yaml
 
-        from distill_dag.config import config_from_dict
+        from distill_dag.config import ConfigError, config_from_dict
         from distill_dag.migrate import load_seed_yaml, looks_like_ours, migrate
 
         old = Path(a.old).resolve()
@@ -584,6 +595,8 @@ def _names(e: BaseException) -> set[str]:
 def describe_error(err: BaseException) -> tuple[int, str]:
     """``(exit code, one clear message)`` for a failure: what, where (file or key), how to fix it."""
     import errno
+
+    from distill_dag.config import ConfigError
 
     chain = _chain(err)
     msg = str(err).strip() or type(err).__name__
