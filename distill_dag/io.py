@@ -157,13 +157,13 @@ def dir_lock(directory: str | os.PathLike, shared: bool = False, what: str = "ru
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            who = f"pid {holder}" if holder.isdigit() else "a worker filling its cache"
+            who = f"pid {holder}" if holder.isdigit() else "held shared, by workers"
             raise DirectoryLockedError(
                 f"another {what} is writing {d} ({who}); wait for it to finish, or give this run another "
                 f"output directory (the lock is {path}; it is released when that process ends)"
             ) from None
+        os.ftruncate(fd, 0)  # a killed holder's pid is stale now
         if not shared:
-            os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
             yield path

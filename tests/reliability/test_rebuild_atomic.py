@@ -194,7 +194,7 @@ def test_a_second_writer_of_the_same_output_is_refused_naming_the_first(built, w
     assert _dataset(out) == old and _readable(out) == rows
     with dir_lock(out, shared=True):  # a worker: other workers may run beside it, a packer may not
         tokenize_to_parquet(inp, out, word_tokenizer, 4, worker=(1, 2), **KW)
-        with pytest.raises(DirectoryLockedError, match="a worker filling its cache"):
+        with pytest.raises(DirectoryLockedError, match="held shared, by workers"):
             tokenize_to_parquet(inp, out, word_tokenizer, 4, **KW)
     tokenize_to_parquet(inp, out, word_tokenizer, 4, **KW)  # released: the next run goes through
     _only_the_live_shards(out)
