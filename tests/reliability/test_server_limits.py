@@ -199,7 +199,7 @@ def test_concurrent_oversized_bodies_keep_rss_under_the_budget_bound():
 
 
 # ---- fairness ----------------------------------------------------------------------------------------
-FAIR_T, FAIR_B = 4096, 16  # a maximal request: B x T x 1 = max_request_elems, T = the model's 4096 positions
+FAIR_T, FAIR_B = 4096, 24  # a maximal request: B x T x 1 = max_request_elems, T = the model's 4096 positions
 
 
 @pytest.fixture(scope="module")
