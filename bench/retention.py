@@ -1,7 +1,7 @@
 """Benchmark: RetNet retention forms (ratios measured in one run).
 
     python bench/retention.py                         # CPU: training scaling + generation (several minutes)
-    python bench/retention.py --quick                 # CPU: 512..4096 and contexts 1k/8k only
+    python bench/retention.py --quick                 # seconds: 256..1024, contexts 256/1024, 8 decode tokens
     python bench/retention.py --gpu --json out.json   # GPU: Triton vs PyTorch chunkwise (vs fla) + correctness
 
 CPU, training: forward + backward of a ``tiny``-width RetNet (d 128, 2 layers, 4 heads, vocab 512 so the
@@ -330,7 +330,7 @@ def bench_gpu(iters: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="GPU benchmark (Triton vs PyTorch chunkwise, fla)")
-    ap.add_argument("--quick", action="store_true", help="CPU: lengths 512..4096, contexts 1k and 8k")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds): lengths 256..1024, contexts 256 and 1024")
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--parallel-max", type=int, default=4096)
     ap.add_argument("--contexts", default="1024,32768")
@@ -361,8 +361,10 @@ def main() -> int:
             return 2
         results["gpu"] = bench_gpu(max(args.iters, 5))
     else:
-        lengths = [512, 1024, 2048, 4096] if args.quick else [int(x) for x in args.lengths.split(",")]
-        contexts = [1024, 8192] if args.quick else [int(x) for x in args.contexts.split(",")]
+        lengths = [256, 512, 1024] if args.quick else [int(x) for x in args.lengths.split(",")]
+        contexts = [256, 1024] if args.quick else [int(x) for x in args.contexts.split(",")]
+        if args.quick:
+            args.parallel_max, args.decode_tokens, args.iters = min(args.parallel_max, 1024), 8, 1
         if not args.skip_training:
             results["training"] = bench_training(lengths, args.parallel_max, args.iters, args.chunk_size)
         if not args.skip_generation:

@@ -45,7 +45,7 @@ the row's positions through variable-length codes under the row's bit budget:
   (little-endian bits), so one scan finds every code boundary (vectorised decode).
 
 The budget is ``CacheEncoding.slot_bits`` stream bits per position (default :func:`default_slot_bits`:
-Elias-Fano's worst case + 1.5 bits per entry). :func:`encode_topk_bytes` / :func:`decode_topk_bytes`
+Elias-Fano's worst case + 1.5 bits per entry at vocab 128256). :func:`encode_topk_bytes` / :func:`decode_topk_bytes`
 are the same codec over a byte string (for the network teacher's wire format).
 """
 
@@ -126,8 +126,10 @@ def ef_bits(k: int, vocab_size: int) -> int:
 
 
 def default_slot_bits(k: int, vocab_size: int) -> int:
-    """Stream bits per position of a compact row: Elias-Fano's worst case + 1.5 bits per entry."""
-    return 8 * math.ceil((ef_bits(k, vocab_size) + math.ceil(1.5 * k)) / 8)
+    """Stream bits per position of a compact row: Elias-Fano's worst case + ``a`` bits per entry, with
+    ``a = max(1.5, 8 - 0.4 log2 V)`` (1.5 at vocab 128256; more where ids are cheap, e.g. 5.4 at 96)."""
+    a = max(1.5, 8 - 0.4 * math.log2(max(vocab_size, 2)))
+    return 8 * math.ceil((ef_bits(k, vocab_size) + math.ceil(a * k)) / 8)
 
 
 def _put_fields(bits: np.ndarray, off: np.ndarray, val: np.ndarray, width: np.ndarray) -> None:

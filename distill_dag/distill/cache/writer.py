@@ -192,18 +192,33 @@ def write_cache_shard(
         records = build / layout.RECORDS
         mm = np.lib.format.open_memmap(records, mode="w+", dtype=enc.record_dtype, shape=(shard.rows,))
         done = 0
-        for batch in iter_shard_batches(shard, batch_rows):
-            topk = provider.topk(batch)
-            if topk.k < enc.k:
-                raise LogitCacheError(f"teacher gave k={topk.k} but the cache stores k={enc.k}")
+
+        def put(batch: dict[str, torch.Tensor], idx: np.ndarray, lp: np.ndarray) -> int:
             rows = batch["row"].numpy()
-            mm[rows[0] : rows[-1] + 1] = enc.encode(
-                topk.indices[..., : enc.k].cpu().numpy(), topk.logprobs[..., : enc.k].float().cpu().numpy(),
-                batch["input_ids"].numpy(), batch["attention_mask"].numpy().sum(-1),
-            )
-            done += len(rows)
-            if progress is not None:
-                progress(done, shard.rows)
+            mm[rows[0] : rows[-1] + 1] = enc.encode(idx, lp, batch["input_ids"].numpy(), batch["attention_mask"].numpy().sum(-1))
+            return len(rows)
+
+        # the teacher's next forward overlaps the encoding of the batch before (one encoder thread:
+        # torch and numpy release the GIL); at most one batch waits, so memory stays at two batches
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix=f"cache-encode-{key}") as pool:
+            pending = None
+            for batch in iter_shard_batches(shard, batch_rows):
+                topk = provider.topk(batch)
+                if topk.k < enc.k:
+                    raise LogitCacheError(f"teacher gave k={topk.k} but the cache stores k={enc.k}")
+                idx = topk.indices[..., : enc.k].cpu().numpy()
+                lp = topk.logprobs[..., : enc.k].float().cpu().numpy()
+                if pending is not None:
+                    done += pending.result()
+                    if progress is not None:
+                        progress(done, shard.rows)
+                pending = pool.submit(put, batch, idx, lp)
+            if pending is not None:
+                done += pending.result()
+                if progress is not None:
+                    progress(done, shard.rows)
         if done != shard.rows:
             raise LogitCacheError(f"{shard.path}: read {done} rows but its manifest says {shard.rows}; re-run `distill preprocess`")
         mm.flush()

@@ -1,7 +1,7 @@
 """End-to-end JSONL -> parquet throughput vs the raw tokenizer on the same text, in the same run.
 
-    python bench/tokenize.py                 # 16 MB of stdlib text, BPE vocab 4096, max_seq_length 1024
-    python bench/tokenize.py --mb 32 --repeats 3 --max-seq-length 2048
+    python bench/tokenization.py                 # 16 MB of stdlib text, BPE vocab 4096, max_seq_length 1024
+    python bench/tokenization.py --mb 32 --repeats 3 --max-seq-length 2048
 
 Builds a JSONL corpus from the running Python's standard library (4 files), trains a byte-level
 BPE on it, then alternates (``--repeats`` times):
@@ -25,8 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
-# This file's name shadows the stdlib module `tokenize` (imported by transformers/linecache) when
-# run as `python bench/tokenize.py`: drop the script's folder from the import path first.
+# (this file was bench/tokenize.py, which shadowed the stdlib's `tokenize` when bench/ led sys.path):
+# keep the script's folder off the import path all the same.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.modules.pop("tokenize", None)
@@ -97,8 +97,11 @@ def main() -> None:
     ap.add_argument("--max-seq-length", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds): 0.3 MB, vocab 512, one repeat")
     ap.add_argument("--batch-mb", type=float, default=None, help="text per encode_batch call (default: the pipeline's)")
     args = ap.parse_args()
+    if args.quick:
+        args.mb, args.vocab, args.repeats, args.max_seq_length = 0.3, 512, 1, 256
 
     from transformers import PreTrainedTokenizerFast
 
