@@ -76,7 +76,8 @@ def test_muon_gets_exactly_the_block_matrices_of_a_llama(tied):
 
 def test_muon_never_moves_embedding_or_lm_head():
     model = _llama(tied=False)
-    opts = build_optimizers(model, _cfg(learning_rate=0.0))  # AdamW frozen: only Muon can move anything
+    # AdamW frozen: only Muon can move anything (model_copy: the config itself refuses a zero LR)
+    opts = build_optimizers(model, _cfg().model_copy(update={"learning_rate": 0.0}))
     before = copy.deepcopy(model.state_dict())
     ids = torch.randint(0, 97, (2, 12))
     for _ in range(2):
