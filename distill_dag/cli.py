@@ -379,11 +379,20 @@ def _add_serve_teacher(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None, help="default: teacher.serve_port (8765)")
     p.add_argument("--k", type=int, default=None,
                    help="largest top-k served (default: max of train.teacher_topk and logit_cache.k)")
+    p.add_argument("--allow-no-token", action="store_true", default=None,
+                   help="bind a non-loopback address without a token (teacher.serve_allow_no_token)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="longest row accepted (teacher.serve_max_seq_len)")
+    p.add_argument("--max-buffered-bytes", type=int, default=None,
+                   help="bytes held across all requests (teacher.serve_max_buffered_bytes)")
 
     def run(a: argparse.Namespace) -> int:
         from distill_dag.distill.teachers.server import serve_teacher
 
-        serve_teacher(_load(a), model_path=a.model, host=a.host, port=a.port, k=a.k, device=a.device)
+        over: dict[str, Any] = {}
+        _set(over, "teacher.serve_allow_no_token", a.allow_no_token)
+        _set(over, "teacher.serve_max_seq_len", a.max_seq_len)
+        _set(over, "teacher.serve_max_buffered_bytes", a.max_buffered_bytes)
+        serve_teacher(_load(a, over), model_path=a.model, host=a.host, port=a.port, k=a.k, device=a.device)
         return 0
 
     p.set_defaults(func=_checked(run, {"port": "teacher.serve_port", "host": "teacher.serve_host",
@@ -633,10 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             raise
-        print(f"distill {args.command}: interrupted", file=sys.stderr)
+        print(f"distill {args.command}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - every failure becomes one clear message
         if debug:

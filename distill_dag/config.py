@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from distill_dag.seed_keys import SEED_KEYS
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(os.environ.get("DISTILL_DAG_CONFIG_DIR", PROJECT_ROOT / "configs"))
 DEFAULT_CONFIG = "demo.yaml"
@@ -159,6 +161,14 @@ class TeacherConfig(Section):
     serve_host: str = _f("127.0.0.1", "serve-teacher: bind address", min_length=1)
     serve_port: int = _f(8765, "serve-teacher: port", ge=0, le=65535)
     max_request_elems: int = _f(1 << 25, "serve-teacher: largest request (batch x length x k); 413 above", ge=1)
+    serve_max_seq_len: int | None = _f(None, "serve-teacher: longest row accepted (413 above); null: the model's "
+                                             "max_position_embeddings", ge=1)
+    serve_max_buffered_bytes: int = _f(1 << 30, "serve-teacher: request and answer bytes held at once across all "
+                                                "requests (503 when full)", ge=1)
+    serve_unit_tokens: int = _f(4096, "serve-teacher: tokens per scheduling unit (requests are served round "
+                                      "robin, a unit at a time, so a long one cannot starve short ones)", ge=1)
+    serve_allow_no_token: bool = _f(False, "serve-teacher: allow a non-loopback bind without a bearer token "
+                                           "(anyone who reaches the port can use the teacher)")
     vllm_model: str | None = _f(None, "api vllm: the served model name (null: the first of GET /v1/models)")
 
 
@@ -297,7 +307,6 @@ class TrainConfig(Section):
     resume_from: str | None = _f(None, "A checkpoint folder or a run folder (follows checkpoint_latest)",
                                  json_schema_extra=PATH)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when present")
-    cache_logits: bool = _f(False, "direct mode: also write the logit cache (logit_cache.dir)")
     ce_only_baseline: bool = _f(False, "Also train a CE-only student with the same steps and data, to show what "
                                        "KD adds")
     launcher: Literal["in_process", "torchrun"] = _f("in_process", "student_ckpt: train in the Dagster step, or "
@@ -440,7 +449,6 @@ def _field_index() -> dict[str, list[str]]:
 
 def _hint(key: str) -> str:
     leaf = key.rsplit(".", 1)[-1]
-    from distill_dag.migrate import SEED_KEYS
 
     if leaf in SEED_KEYS:
         target = SEED_KEYS[leaf][0]

@@ -51,7 +51,6 @@ def ce_baseline_config(cfg: PipelineConfig) -> PipelineConfig:
     base = cfg.model_copy(deep=True)
     base.train.pretrain_ce_only = True
     base.train.resume_from = None
-    base.train.cache_logits = False
     base.train.output_dir = str(cfg.run_dir) + "_ce_only"
     if base.student.init == "from_teacher":  # the baseline is the same architecture trained from scratch
         base.student.init = "scratch"

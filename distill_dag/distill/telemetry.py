@@ -26,7 +26,7 @@ from distill_dag.io import sha256_json
 
 # train keys that differ between the runs of one experiment (the KD student, its CE-only baseline, a
 # CE -> KD continuation, a resumed or relaunched run) and so stay out of its W&B group
-_NOT_IN_GROUP = ("pretrain_ce_only", "resume_from", "output_dir", "cache_logits", "ce_only_baseline", "teacher_mode",
+_NOT_IN_GROUP = ("pretrain_ce_only", "resume_from", "output_dir", "ce_only_baseline", "teacher_mode",
                  "device", "launcher", "nproc_per_node", "parallel", "dist_timeout_s", "log_interval", "eval_interval",
                  "save_interval", "keep_checkpoints")
 

@@ -142,11 +142,6 @@ def train(
     """
     tc = cfg.train
     t_start = time.time()
-    if tc.cache_logits:
-        raise ConfigError(
-            "train.cache_logits: the trainer no longer writes the logit cache; build it with the logit_cache "
-            "asset or `distill cache-logits`, train with train.teacher_mode: cached, and set train.cache_logits: false"
-        )
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(tc.device)

@@ -1,4 +1,5 @@
-"""student_ckpt through Dagster: in process, and launched by torchrun through Dagster Pipes."""
+"""The students through Dagster: KD and CE-only as two assets (in process), and the KD student launched
+by torchrun through Dagster Pipes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from distill_dag.resources import PipelineConfigResource, TeacherEndpointResourc
 
 def _config_file(tmp_path, corpus, teacher, **train_kw):
     train = dict(teacher_mode="direct", teacher_topk=16, max_steps=3, batch_size=4, grad_accum=1, warmup_steps=1,
-                 log_interval=1, eval_interval=0, eval_batches=2, save_interval=0, device="cpu",
+                 log_interval=1, eval_interval=3, eval_batches=2, save_interval=0, device="cpu",
                  loss_chunk_tokens=64, ce_only_baseline=True, output_dir=str(tmp_path / "run"))
     train.update(train_kw)
     cfg = {
@@ -36,19 +37,26 @@ def _resources(path):
             "wandb": WandbSettingsResource()}
 
 
-def _metadata(result):
-    return result.asset_materializations_for_node("student_ckpt")[-1].metadata
+def _metadata(result, key="student_ckpt"):
+    return result.asset_materializations_for_node(key)[-1].metadata
 
 
-def test_student_ckpt_in_process_reports_kd_and_ce_only_baseline(tmp_path, small_corpus, tiny_teacher_dir):
-    res = dg.materialize([student.student_ckpt], resources=_resources(_config_file(tmp_path, small_corpus, tiny_teacher_dir)))
+def test_kd_and_ce_only_students_are_two_assets_compared_by_a_check(tmp_path, small_corpus, tiny_teacher_dir):
+    res = dg.materialize([student.student_ce_baseline, student.student_ckpt, student.kd_beats_ce_only],
+                         resources=_resources(_config_file(tmp_path, small_corpus, tiny_teacher_dir)))
     assert res.success
-    meta = _metadata(res)
-    assert meta["steps"].value == 3
-    assert meta["val_loss"].value > 0 and meta["ce_only_val_loss"].value > 0
-    assert "data:image/png;base64," in meta["loss_curve"].value
-    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
-    assert (tmp_path / "run_ce_only" / "final" / "model.safetensors").exists()
+    kd, ce = _metadata(res), _metadata(res, "student_ce_baseline")
+    assert kd["steps"].value == ce["steps"].value == 3 and kd["tokens"].value == ce["tokens"].value
+    assert kd["val_loss"].value > 0 and ce["val_loss"].value > 0
+    assert kd["lineage"].value["teacher_mode"] == "direct" and ce["lineage"].value["teacher_mode"] is None
+    assert kd["path"].value == str(tmp_path / "run" / "final") and ce["path"].value == str(tmp_path / "run_ce_only" / "final")
+    checks = {(c.asset_key.to_user_string(), c.check_name): c for c in res.get_asset_check_evaluations()}
+    assert checks[("student_ckpt", "loads_and_generates")].passed
+    assert checks[("student_ce_baseline", "loads_and_generates")].passed
+    cmp = checks[("student_ckpt", "kd_beats_ce_only")]
+    assert cmp.severity == dg.AssetCheckSeverity.WARN
+    assert "held-out CE: KD" in cmp.description
+    assert "data:image/png;base64," in cmp.metadata["comparison"].value
 
 
 def test_student_ckpt_torchrun_through_pipes(tmp_path, small_corpus, tiny_teacher_dir):

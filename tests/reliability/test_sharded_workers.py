@@ -65,7 +65,10 @@ def _jsonl_inputs(root: Path, n: int) -> Path:
 
 
 def _outputs(d: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(d.glob("*.parquet")) + [d / "manifest.json", d / "rejects.jsonl"]}
+    from distill_dag.data.shards import shard_files
+
+    files = {p.relative_to(d).as_posix(): sha256_file(p) for p in shard_files(d)}
+    return files | {name: sha256_file(d / name) for name in ("manifest.json", "rejects.jsonl")}
 
 
 def test_two_tokenize_workers_fill_the_cache_and_packing_equals_one_process(tmp_path, small_corpus):
