@@ -336,15 +336,17 @@ def teacher_server(config: Path, port: int, log: Path, timeout: float):
         f.close()
 
 
-def step_times(run_dir: Path) -> list[float]:
-    """Seconds of each train step (one metrics row per step: tokens of the step / its tokens/s)."""
-    out, prev = [], 0
+def step_times(run_dir: Path) -> tuple[list[float], list[int]]:
+    """Seconds and tokens of each train step (one metrics row per step: its tokens / its tokens/s). A
+    packed dataset's last row is partial: a step that drew it has fewer tokens."""
+    secs, toks, prev = [], [], 0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row.get("kind") == "train":
-            out.append((row["tokens"] - prev) / max(row["tokens_per_s"], 1e-9))
+            toks.append(row["tokens"] - prev)
+            secs.append(toks[-1] / max(row["tokens_per_s"], 1e-9))
             prev = row["tokens"]
-    return out
+    return secs, toks
 
 
 def step_rss(run_dir: Path) -> float:
@@ -375,7 +377,6 @@ def measure_parts(cfg_path: Path) -> dict[str, Any]:
     with Peak() as p:
         teacher = DirectTeacher.from_config(cfg.teacher, tc.teacher_topk, "cpu")
     parts["teacher_weights"] = {"bytes": tensor_bytes(teacher.model.parameters()), "rss": p.end - p.start}
-    teacher.topk(batch)  # warm-up (oneDNN primitives)
     with Peak() as p:
         t0 = time.time()
         topk = teacher.topk(batch)
@@ -393,7 +394,7 @@ def measure_parts(cfg_path: Path) -> dict[str, Any]:
     exclude = {x.untyped_storage().data_ptr() for x in params}
     opt = build_optimizers(model, tc)
     W = model.get_output_embeddings().weight
-    for it in range(2):  # the second step is measured: optimizer states exist, as in a running trainer
+    for it in range(1):  # one step: the optimizer allocates its states in it (measured by po)
         with Peak() as pa, saved_bytes(exclude) as sa:
             t0 = time.time()
             hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -685,14 +686,22 @@ def main() -> int:
         data = work / "data"
         print(f"== set-up in {work}", flush=True)
         t0 = time.time()
-        tok, n_bpe = build_tokenizer(data / "tokenizer", vocab, 512 if a.quick else 16384,
-                                     50_000 if a.quick else 2_000_000)
+        if (data / "tokenizer" / "tokenizer.json").exists() and (work / "setup.json").exists():
+            from transformers import AutoTokenizer  # a kept --workdir: the same tokenizer and teacher again
+
+            tok, setup = AutoTokenizer.from_pretrained(str(data / "tokenizer")), json.loads((work / "setup.json").read_text())
+            n_bpe = setup["bpe"]
+        else:
+            tok, n_bpe = build_tokenizer(data / "tokenizer", vocab, 512 if a.quick else 16384,
+                                         50_000 if a.quick else 2_000_000)
+            setup = None
         rows = max(2, a.steps * a.batch + 1)
         n_tok = write_corpus(data / "raw", tok, int((rows + 0.5) * a.seq))
         print(f"  tokenizer: BPE {n_bpe} tokens + {vocab - n_bpe} reserved = {vocab}; corpus {n_tok:,} tokens "
               f"({time.time() - t0:.1f} s)", flush=True)
         t0 = time.time()
-        result["teacher"] = build_teacher(work / "teacher", arch)
+        result["teacher"] = setup["teacher"] if setup else build_teacher(work / "teacher", arch)
+        (work / "setup.json").write_text(json.dumps({"bpe": n_bpe, "teacher": result["teacher"]}))
         print(f"  teacher: LlamaForCausalLM {result['teacher']['parameters'] / 1e6:.1f}M params, rope "
               f"{result['teacher']['rope']['rope_type']}, tied={result['teacher']['tied']}, saved bf16 "
               f"({time.time() - t0:.1f} s)", flush=True)
@@ -717,6 +726,7 @@ def main() -> int:
                     if result["cache_logits"]["rc"]:
                         return 1
                 train_cmd = cli("train", "--config", str(cfg_path))
+                shutil.rmtree(work / "runs" / f"{student}_{mode}", ignore_errors=True)  # metrics.jsonl appends
                 if mode == "network":
                     with teacher_server(cfg_path, port, work / "logs" / f"serve_{student}.log", a.timeout) as srv:
                         run = run_cli(train_cmd, work / "logs" / f"train_{student}_{mode}.log", a.timeout)
@@ -727,13 +737,14 @@ def main() -> int:
                 if run["rc"]:
                     return 1
                 run_dir = work / "runs" / f"{student}_{mode}"
-                run["step_s"] = step_times(run_dir)
+                run["step_s"], run["step_tokens"] = step_times(run_dir)
                 run["logged_rss_gb"] = step_rss(run_dir)
                 result["runs"][f"{student}/{mode}"] = run
                 st = run["step_s"]
                 print(f"    peak RSS {run['peak_rss'] / GiB:.2f} GiB"
                       + (f" (+ server {run['server_peak_rss'] / GiB:.2f} GiB)" if mode == "network" else "")
-                      + f"; s/step {', '.join(f'{x:.1f}' for x in st)}; wall {run['wall_s']:.0f} s", flush=True)
+                      + f"; s/step (tokens) {', '.join(f'{x:.1f} ({n})' for x, n in zip(st, run['step_tokens']))}; "
+                      f"wall {run['wall_s']:.0f} s", flush=True)
             if not a.no_parts:
                 print(f"== {student} parts (in process)", flush=True)
                 result["parts"][student] = measure_parts(work / f"{student}_{modes[0]}.yaml")
@@ -757,17 +768,19 @@ def report(result: dict[str, Any], students: list[str], modes: list[str], a: arg
     if "cache_logits" in result:
         c = result["cache_logits"]
         print(f"cache-logits (k={result['k']}): peak RSS {g(c['peak_rss'])} {unit}, wall {c['wall_s']:.0f} s")
-    print(f"\n| student | mode | peak RSS trainer ({unit}) | peak RSS teacher server ({unit}) | s/step (first) | s/step (rest, mean) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| student | mode | peak RSS trainer ({unit}) | peak RSS teacher server ({unit}) | s/step 1 (warm-up) | "
+          f"s/step after (mean) | s per {result['seq'] * result['batch']} tokens after |")
+    print("|---|---|---|---|---|---|---|")
     for s in students:
         for m in modes:
             r = result["runs"].get(f"{s}/{m}")
             if not r:
                 continue
-            st = r["step_s"]
+            st, nt = r["step_s"], r.get("step_tokens") or [result["seq"] * result["batch"]] * len(r["step_s"])
             rest = sum(st[1:]) / len(st[1:]) if len(st) > 1 else float("nan")
+            per = sum(st[1:]) / max(sum(nt[1:]), 1) * result["seq"] * result["batch"] if len(st) > 1 else float("nan")
             srv = g(r["server_peak_rss"]) if m == "network" else "-"
-            print(f"| {s} | {m} | {g(r['peak_rss'])} | {srv} | {st[0]:.1f} | {rest:.1f} |")
+            print(f"| {s} | {m} | {g(r['peak_rss'])} | {srv} | {st[0]:.1f} | {rest:.1f} | {per:.1f} |")
     for s, p in result["parts"].items():
         print(f"\nparts, {s}, one direct-mode step of {p['tokens']} tokens (in process; exact tensor bytes, and the "
               f"RSS the phase added at its peak):")
