@@ -11,9 +11,10 @@ the copying circuit the test needs. Each document is a run of short *episodes* o
 - **key-value recall**: a table of ``name = NNNN`` lines (random names), filler, then
   ``assert name == NNNN`` for some of them (a name asked about appears once in the table);
 - **repeated-name lookup**: ``The name of the <role> is First Last.``, filler, then ``Who is the
-  <role>? The <role> is First Last.``
+  <role>? The <role> is First Last.``;
+- **repeat**: ``name = [n1, n2, ...]`` (random numbers), filler, the same line again.
 
-Episodes are 30 to ~250 tokens long (the demo trains on 256-token rows): the packer cuts the
+Episodes are 20 to ~250 tokens long (the demo trains on 256-token rows): the packer cuts the
 documents into rows anywhere, so most episodes sit inside one row, at every distance up to the
 training length. Everything is deterministic (seeded by the source name and the document index);
 the source is declared as ``kind: hf`` with ``dataset: synthetic:retrieval`` (``max_rows`` documents,
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 SCHEME = "synthetic:retrieval"
-VERSION = 1  # bump when the generator's output changes (it is part of the raw source's fingerprint)
+VERSION = 2  # bump when the generator's output changes (it is part of the raw source's fingerprint)
 DEFAULT_DOCS = 200
 DOC_CHARS = 4000  # about 1,100 tokens of the demo BPE per document
 CATEGORY = "retrieval"
@@ -114,8 +115,17 @@ def _lookup(rng: random.Random, lines: list[str]) -> str:
     return "\n".join(body + [f"Who is the {role}? The {role} is {who}."])
 
 
+def _repeat(rng: random.Random, lines: list[str]) -> str:
+    """A line of random numbers, filler, the same line again: every token of the copy is predictable only
+    by looking back (the densest copying signal per token, what makes an induction circuit form early)."""
+    name = _name(rng)
+    line = f"{name} = [" + ", ".join(str(rng.randint(0, 99_999)) for _ in range(rng.randint(4, 9))) + "]"
+    body = _insert(_filler(rng, lines, rng.randint(20, 700)), line, rng.random() * 0.5)
+    return "\n".join(body + [line])
+
+
 _EPISODES: list[tuple[float, Callable[[random.Random, list[str]], str]]] = [
-    (0.5, _pass_key), (0.25, _key_value), (0.25, _lookup)]
+    (0.4, _pass_key), (0.3, _repeat), (0.15, _key_value), (0.15, _lookup)]
 
 
 def make_document(index: int, lines: list[str], doc_chars: int = DOC_CHARS, seed: str = "retrieval") -> str:
