@@ -21,9 +21,10 @@ $(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp deploy/dagster.yaml $@
 
-# Materialize the whole graph up to the student checkpoint on the built-in demo config (CPU, minutes).
+# Materialize the whole graph on the built-in demo config (CPU, minutes): the unpartitioned data and
+# teacher assets, one run per logit_cache partition (data shard), then the students and eval_report.
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster asset materialize --select '*student_ckpt' -m distill_dag.definitions
+	$(BIN)/python -m distill_dag.demo
 
 # The test suite CI runs (.ci/run). Installs Debian's chromium for the browser test when apt is usable.
 test: install

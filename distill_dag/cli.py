@@ -313,7 +313,8 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--via", default="direct", choices=["direct", "network"],
                    help="run the teacher here (direct) or ask the server at teacher.url (network)")
     p.add_argument("--k", type=int, default=None, help="entries per position (default: logit_cache.k)")
-    p.add_argument("--dtype", default=None, choices=["q8", "fp16", "fp32"], help="log-prob encoding")
+    p.add_argument("--dtype", default=None, choices=["compact", "q8", "fp16", "fp32"],
+                   help="record codec (logit_cache.dtype; default compact)")
     p.add_argument("--output", default=None, help="cache dir (default: logit_cache.dir)")
     p.add_argument("--shards", default=None,
                    help="only these data shards, by name (train-00000,val-00000) or index (0,2): the same per-shard "
