@@ -376,6 +376,9 @@ def measure_parts(cfg_path: Path) -> dict[str, Any]:
 
     with Peak() as p:
         teacher = DirectTeacher.from_config(cfg.teacher, tc.teacher_topk, "cpu")
+        with torch.no_grad():  # safetensors maps the file: fault every weight page in here, not in the forward
+            for w in teacher.model.parameters():
+                w.view(-1)[:: max(1, 4096 // w.element_size())].sum()
     parts["teacher_weights"] = {"bytes": tensor_bytes(teacher.model.parameters()), "rss": p.end - p.start}
     with Peak() as p:
         t0 = time.time()
@@ -445,7 +448,10 @@ def projection(parts: dict[str, Any], tokens: int, chunk: int) -> float:
     fixed = parts["base_rss"] + b("teacher_weights") + b("student_params") + b("optimizer_states")
     loss = parts["loss"]["rss"] * min(tokens, chunk) / min(n0, chunk)
     student = b("activations") * s + loss + b("gradients")
-    return fixed + max(parts["teacher_forward"]["rss"] * s, student)
+    # weight pages first touched by the forward (a mapped file) are weights, not forward memory
+    unmapped = max(0, parts["teacher_weights"]["bytes"] - parts["teacher_weights"]["rss"])
+    teacher_fwd = max(0, parts["teacher_forward"]["rss"] - unmapped) * s
+    return fixed + max(teacher_fwd, student)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,12 +542,15 @@ def gpu_throughput(a: argparse.Namespace) -> dict[str, Any]:
     opt = build_optimizers(student, tcfg)
     print(f"  built teacher + student in {time.time() - t0:.0f} s", flush=True)
 
-    def ours(batch: dict[str, Any]) -> None:  # the trainer's train_step + OptimizerStep, one micro-batch
+    def micro(batch: dict[str, Any]) -> None:  # one micro-batch of the trainer's train_step
         topk = direct.topk(batch)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
             o = loss_mod(batch, topk, temperature=tcfg.temperature, distill_alpha=tcfg.distill_alpha,
                          tail=tcfg.tail, chunk_tokens=tcfg.loss_chunk_tokens)
         o.loss.backward()
+
+    def ours(batch: dict[str, Any]) -> None:  # train_step (grad_accum 1) + OptimizerStep
+        micro(batch)
         clip_grad_norm(student, tcfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -583,15 +592,24 @@ def gpu_throughput(a: argparse.Namespace) -> dict[str, Any]:
         batch = packed_batch(B, T, V, dev)
         n = B * T
         row: dict[str, Any] = {"seq": T, "batch": B, "tokens": n}
+        row["micro"] = measure(lambda: micro(batch))  # gradients accumulate, as under grad_accum
+        opt.zero_grad(set_to_none=True)
         row["ours"] = measure(lambda: ours(batch))
+        if "s" in row["micro"] and "s" in row["ours"]:
+            t_opt = max(row["ours"]["s"] - row["micro"]["s"], 0.0)  # clip + Muon/AdamW step
+            row["optimizer_s"] = t_opt
+            row["tokens_per_s_accum8"] = 8 * n / (8 * row["micro"]["s"] + t_opt)  # configs/train_direct.yaml
         row["teacher_topk"] = measure(lambda: direct.topk(batch))
         topk = direct.topk(batch)
         row["student_step"] = measure(lambda: student_only(batch, topk))
         out["rows"].append(row)
         fmt = lambda r: (f"{n / r['s']:,.0f} tok/s ({r['s'] * 1e3:.0f} ms" + (  # noqa: E731
             f", peak {r['peak_gib']:.1f} GiB)" if r.get("peak_gib") is not None else ")")) if "s" in r else r["error"]
-        print(f"  seq {T} x {B}: ours {fmt(row['ours'])}; teacher top-k alone {fmt(row['teacher_topk'])}; "
-              f"student fwd+bwd alone {fmt(row['student_step'])}", flush=True)
+        acc = (f"; optimizer step {row['optimizer_s'] * 1e3:.0f} ms, so with grad_accum 8 (train_direct.yaml) "
+               f"{row['tokens_per_s_accum8']:,.0f} tok/s") if "optimizer_s" in row else ""
+        print(f"  seq {T} x {B}: ours (grad_accum 1) {fmt(row['ours'])}; micro-batch alone {fmt(row['micro'])}{acc}; "
+              f"teacher top-k alone {fmt(row['teacher_topk'])}; student fwd+bwd alone {fmt(row['student_step'])}",
+              flush=True)
     del direct
     teacher32 = copy.deepcopy(teacher).float()
     del teacher
@@ -601,7 +619,7 @@ def gpu_throughput(a: argparse.Namespace) -> dict[str, Any]:
         batch = packed_batch(row["batch"], row["seq"], V, dev)
         row["seed"] = measure(lambda: seed_way(batch, teacher32))
         r, o = row["seed"], row["ours"]
-        ratio = f"; ours / seed {r['s'] / o['s']:.2f}x" if "s" in r and "s" in o else ""
+        ratio = f"; ours (grad_accum 1) is {r['s'] / o['s']:.2f}x its speed" if "s" in r and "s" in o else ""
         print(f"  seq {row['seq']} x {row['batch']}: seed's way (fp32 teacher, full-vocab KL) "
               + (f"{row['tokens'] / r['s']:,.0f} tok/s ({r['s'] * 1e3:.0f} ms"
                  + (f", peak {r['peak_gib']:.1f} GiB)" if r.get("peak_gib") is not None else ")")
@@ -635,7 +653,7 @@ def gpu_throughput(a: argparse.Namespace) -> dict[str, Any]:
             except Exception as err:  # noqa: BLE001 - a backend that cannot run is reported
                 row[be] = f"{type(err).__name__}: {str(err)[:120]}"
         out["retention"].append(row)
-        cells = [f"{be} {row[be] / 1e6:.2f} Mtok/s" if isinstance(row[be], float) else f"{be} {row[be]}" for be in backends]
+        cells = [f"{be} {row[be]:,.0f} tok/s" if isinstance(row[be], float) else f"{be} {row[be]}" for be in backends]
         if "fla" in row and isinstance(row.get("fla"), float) and isinstance(row.get("triton"), float):
             cells.append(f"triton / fla {row['triton'] / row['fla']:.2f}x")
         print(f"  retention fwd+bwd, H {H} K {K} V {Vh}, {dt}, seq {T} x {B}: " + ", ".join(cells), flush=True)
@@ -647,10 +665,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, same code path (seconds per stage)")
     ap.add_argument("--students", default=None, help="comma list (default 350M,500M; --quick: tiny)")
-    ap.add_argument("--modes", default="direct,cached,network")
+    ap.add_argument("--modes", default="direct,cached,network", help="comma list, or none (only the parts)")
     ap.add_argument("--seq", type=int, default=None, help="row length (default 512; --quick 64)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3, help="train steps per run (the first one warms up)")
+    ap.add_argument("--steps", type=int, default=None, help="train steps per run (the first one warms up; "
+                                                             "default 3, --quick 2)")
     ap.add_argument("--k", type=int, default=512, help="teacher top-k (train.teacher_topk = logit_cache.k)")
     ap.add_argument("--teacher-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--gradient-checkpointing", action="store_true", help="student.gradient_checkpointing")
@@ -669,8 +688,9 @@ def main() -> int:
             Path(a.json).write_text(json.dumps(res, indent=2, default=str))
         return 0
     a.seq = a.seq or (64 if a.quick else 512)
+    a.steps = a.steps or (2 if a.quick else 3)
     students = (a.students or ("tiny" if a.quick else "350M,500M")).split(",")
-    modes = a.modes.split(",")
+    modes = [] if a.modes == "none" else a.modes.split(",")  # none: only the parts
     arch = LLAMA_TINY if a.quick else LLAMA_3_2_1B
     vocab = arch["vocab_size"]
 
@@ -747,7 +767,8 @@ def main() -> int:
                       f"wall {run['wall_s']:.0f} s", flush=True)
             if not a.no_parts:
                 print(f"== {student} parts (in process)", flush=True)
-                result["parts"][student] = measure_parts(work / f"{student}_{modes[0]}.yaml")
+                result["parts"][student] = measure_parts(
+                    write_config(work / f"{student}_parts.yaml", run_config(a, work, student, "direct", port)))
     finally:
         if a.json:
             Path(a.json).write_text(json.dumps(result, indent=2, default=str))
