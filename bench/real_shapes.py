@@ -447,7 +447,8 @@ def projection(parts: dict[str, Any], tokens: int, chunk: int) -> float:
     b = lambda k: max(parts[k]["bytes"], parts[k]["rss"])  # noqa: E731
     fixed = parts["base_rss"] + b("teacher_weights") + b("student_params") + b("optimizer_states")
     loss = parts["loss"]["rss"] * min(tokens, chunk) / min(n0, chunk)
-    student = b("activations") * s + loss + b("gradients")
+    g = parts["gradients"]  # the backward's own transient (recomputed blocks under checkpointing) grows with tokens
+    student = b("activations") * s + loss + g["bytes"] + max(0, g["rss"] - g["bytes"]) * s
     # weight pages first touched by the forward (a mapped file) are weights, not forward memory
     unmapped = max(0, parts["teacher_weights"]["bytes"] - parts["teacher_weights"]["rss"])
     teacher_fwd = max(0, parts["teacher_forward"]["rss"] - unmapped) * s
