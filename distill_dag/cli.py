@@ -314,7 +314,7 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
                    help="run the teacher here (direct) or ask the server at teacher.url (network)")
     p.add_argument("--k", type=int, default=None, help="entries per position (default: logit_cache.k)")
     p.add_argument("--dtype", default=None, choices=["compact", "q8", "fp16", "fp32"],
-                   help="record codec (logit_cache.dtype; default compact)")
+                   help="record codec (logit_cache.dtype; default q8; compact for the smallest cache)")
     p.add_argument("--output", default=None, help="cache dir (default: logit_cache.dir)")
     p.add_argument("--shards", default=None,
                    help="only these data shards, by name (train-00000,val-00000) or index (0,2): the same per-shard "
@@ -547,11 +547,6 @@ def _add_migrate_config(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
-
-
-def _todo(name: str) -> int:
-    print(f"distill {name}: not available yet", file=sys.stderr)
-    return 2
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

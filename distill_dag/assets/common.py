@@ -92,7 +92,8 @@ def upstream_path(context: dg.AssetExecutionContext, asset: str, expected: Path,
         raise dg.Failure(description=(
             f"{this} needs {what}, which has not been materialized ({expected} is missing). Materialize it with its "
             f"ancestors first: dagster asset materialize --select '*{asset}' -m {MODULE}"
-            + (f" --partition {partition}" if partition else "") + " (or `make demo` for the whole graph)"
+            + (f" --partition {partition}" if partition else f", or this asset with them: --select '*{this}'")
+            + " (`make demo` runs the whole graph)"
         ))
     wrote = Path(str(event.asset_materialization.metadata["path"].value))
     if wrote.resolve() != expected.resolve():

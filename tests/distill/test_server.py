@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
 from support import all_batches, make_rows, write_data  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 from support import VOCAB, all_batches, make_rows, write_data  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "distill"))
 from _rel import make_cfg, metrics  # noqa: E402
 from support import all_batches, write_data  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402

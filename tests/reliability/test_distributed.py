@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 from _rel import (TRAIN_CHILD, cfg_dict, final_weights, kill_group, last_train_step, metrics,  # noqa: E402
                   run_child, start_child, wait_for, write_cfg)
 from distill_dag.distill.checkpoint import load_trainer_state  # noqa: E402

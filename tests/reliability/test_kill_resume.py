@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from _rel import (TRAIN_CHILD, assert_bitwise_equal, cfg_dict, final_weights, kill_group,  # noqa: E402
                   last_train_step, metrics, run_child, start_child, wait_for, write_cfg)
 from distill_dag.distill.checkpoint import LATEST, load_trainer_state  # noqa: E402

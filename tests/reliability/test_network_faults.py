@@ -20,8 +20,6 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "distill"))
 from _rel import final_weights, last_train_step, make_cfg  # noqa: E402
 from test_server import Server, free_port  # noqa: E402  (`distill serve-teacher` in a subprocess, K=8)
 from support import all_batches, write_data  # noqa: E402

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from _rel import make_cfg  # noqa: E402
 
 from distill_dag.data.manifest import Manifest, ManifestMismatchError  # noqa: E402

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "distill"))
 from test_server import free_port  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 
@@ -191,7 +190,8 @@ def test_concurrent_oversized_bodies_keep_rss_under_the_budget_bound():
         assert len(statuses) == 2 * n and 500 not in statuses
         assert set(statuses) <= {400, 503, "closed"}
         assert any(s in (503, "closed") for s in statuses)  # the budget did refuse some
-        assert grew < budget + 32 * MiB, f"RSS grew by {grew / MiB:.0f} MiB"
+        # allocator slack on a loaded 2-core machine measured up to +64 MiB; unbounded, 8 bodies grew it +309-389 MiB
+        assert grew < budget + 96 * MiB, f"RSS grew by {grew / MiB:.0f} MiB"
         h = srv.health()
         assert h["buffered_bytes"] == 0 and h["max_buffered_bytes"] == budget  # every reservation returned
     finally:

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "distill"))
 from _rel import cfg_dict, run_child, start_child, write_cfg  # noqa: E402
 
 from distill_dag.io import sha256_file  # noqa: E402

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
 from _rel import cfg_dict, kill_group, metrics, run_child, start_child, wait_for, write_cfg  # noqa: E402
 from support import stdlib_jsonl  # noqa: E402
 
