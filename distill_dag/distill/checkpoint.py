@@ -102,7 +102,10 @@ def save_checkpoint(
             sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True))
         write_bytes_atomic(run_dir / LATEST, f"checkpoints/{target.name}\n".encode())
-    except OSError as err:  # disk full, quota, I/O error: atomic writes left the previous checkpoint as it was
+    except (OSError, RuntimeError) as err:  # disk full, quota, I/O error (torch.save reports ENOSPC as a
+        # RuntimeError, "basic_ios::clear" / "file write failed"): atomic writes left the previous checkpoint as it was
+        if isinstance(err, RuntimeError) and not any(s in str(err) for s in ("basic_ios", "write", "No space")):
+            raise
         prev = (run_dir / LATEST).read_text().strip() if (run_dir / LATEST).exists() else None
         kept = (f"the previous checkpoint {run_dir / prev} is intact and {LATEST} still points at it"
                 if prev else "no earlier checkpoint exists")

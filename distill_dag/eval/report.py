@@ -46,12 +46,23 @@ def _load_causal_lm(path: Path, device: torch.device) -> torch.nn.Module:
     import distill_dag  # noqa: F401  - registers the RetNet student with the Auto classes
     from transformers import AutoModelForCausalLM
 
-    from distill_dag.distill.checkpoint import resolve_checkpoint
+    from distill_dag.distill.checkpoint import resolve_checkpoint, verify_checkpoint
 
     path = resolve_checkpoint(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a saved model (give a checkpoint or a run dir)")
-    return AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+    if (path / "checksums.json").exists():  # our checkpoints: a truncated or corrupt file is named before loading
+        verify_checkpoint(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as err:  # safetensors' SafetensorError is an Exception subclass
+        raise RuntimeError(f"{path}: cannot load the model ({type(err).__name__}: {err}); re-save it or pick "
+                           "another checkpoint") from err
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise RuntimeError(f"{path / 'model.safetensors'}: not a readable safetensors file ({err}); re-save it or "
+                           "pick another checkpoint") from err
 
 
 def teacher_models(cfg: PipelineConfig, teacher: Any, device: torch.device) -> dict[str, Any]:
