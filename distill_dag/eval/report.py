@@ -94,8 +94,10 @@ def teacher_models(cfg: PipelineConfig, teacher: Any, device: torch.device) -> d
 def _ppl_rows(models: dict[str, Any], batches: list[dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, Any]]:
     from distill_dag.eval.perplexity import perplexity
 
+    from distill_dag.distill.telemetry import progress
+
     rows = []
-    for name, m in models.items():
+    for name, m in progress(list(models.items()), total=len(models), desc="eval perplexity (models)"):
         if isinstance(m, tuple):  # (the peft switch, the adapted model): score the base weights
             with m[1].disable_adapter():
                 r = perplexity(m[1], batches, device=device)
@@ -443,4 +445,9 @@ def evaluate_run(
     from distill_dag.model.hub import add_eval_to_model_card  # the student's model card gets the tables
 
     add_eval_to_model_card(result["checkpoint"], result)
+    from distill_dag.distill.telemetry import log_eval_run  # W&B (job_type eval, the training runs' group)
+
+    scalars = {k: v for k, v in result.items() if k.endswith(("_ppl", "_accuracy", "nats_per_token")) and
+               isinstance(v, (int, float)) and not isinstance(v, bool)}
+    result.update(log_eval_run(cfg, out, scalars, tables={"perplexity": result["perplexity_rows"]}, echo=log))
     return result
