@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from distill_dag.eval.plots import pyplot, save_png
+
 MULTIPLES = (1, 2, 4, 8)
 
 
@@ -243,13 +245,7 @@ def markdown(ppl: dict[str, Any], cost: dict[str, list[dict[str, Any]]] | None =
 
 def plot_long_context(ppl: dict[str, Any], cost: dict[str, list[dict[str, Any]]] | None, path: str | Path) -> Path:
     """One PNG: NLL by position bucket, NLL by context length, and (with ``cost``) cache MB and ms/token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from distill_dag.io import atomic_path
-
+    plt = pyplot()
     n = 3 if cost else 2
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
     T = ppl["train_len"]
@@ -282,8 +278,4 @@ def plot_long_context(ppl: dict[str, Any], cost: dict[str, list[dict[str, Any]]]
         ax.set_title("generation memory and latency")
         ax.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

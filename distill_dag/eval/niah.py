@@ -19,6 +19,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from distill_dag.eval.plots import pyplot, save_png
+
 NEEDLE = "The pass key is {key}."
 QUESTION = "What is the pass key? The pass key is"
 
@@ -221,13 +223,7 @@ def plot_heatmap(
     grid: list[list[float]], depths: Sequence[float], lengths: Sequence[int], path: str | Path, title: str = "NIAH accuracy"
 ) -> Path:
     """Accuracy heat-map (rows: depth, columns: context length) written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from distill_dag.io import atomic_path
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.6 * len(depths)))
     im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
@@ -240,11 +236,7 @@ def plot_heatmap(
     fig.colorbar(im, ax=ax, fraction=0.05)
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def ratio_grid(grid: list[list[float]], ref: list[list[float]]) -> list[list[float]]:
@@ -267,13 +259,7 @@ def plot_heatmaps(
     each non-reference model, its per-cell ratio to ``reference`` (the teacher); one PNG, atomically.
 
     Column labels past ``train_len`` get a ``*`` (beyond the training length)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from distill_dag.io import atomic_path
-
+    plt = pyplot()
     names = list(grids)
     others = [n for n in names if n != reference] if reference in grids else []
     nrows = 2 if others else 1
@@ -307,11 +293,7 @@ def plot_heatmaps(
             panel(ax, ratio_grid(grids[n], grids[reference]), f"{n} / {reference}", 1.0, "RdYlBu")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def comparison_markdown(grids: dict[str, list[list[float]]], depths: Sequence[float], lengths: Sequence[int],

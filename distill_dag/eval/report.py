@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from distill_dag.config import PipelineConfig
-from distill_dag.io import atomic_path, write_bytes_atomic, write_json_atomic
+from distill_dag.eval.plots import pyplot, save_png
+from distill_dag.io import write_bytes_atomic, write_json_atomic
 
 
 def _load_causal_lm(path: Path, device: torch.device) -> torch.nn.Module:
@@ -157,11 +158,7 @@ def _one_line(s: str, limit: int = 160) -> str:
 
 def loss_curves_png(metrics_jsonl: Path, path: Path) -> Path | None:
     """Loss curves (every numeric ``*loss*`` series of train and eval rows) from a run's metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     series: dict[str, list[tuple[int, float]]] = {}
     for line in metrics_jsonl.read_text().splitlines():
         try:
@@ -184,10 +181,7 @@ def loss_curves_png(metrics_jsonl: Path, path: Path) -> Path | None:
     ax.set_title(f"loss curves ({metrics_jsonl.parent.name})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _find_metrics(checkpoint: Path) -> Path | None:

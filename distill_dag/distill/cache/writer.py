@@ -152,7 +152,7 @@ def _publish(cache_dir: Path, key: str, build: Path, version: str) -> None:
     finally:
         os.close(fd)
     for old in gen_root.glob(f"{key}-*"):  # earlier generations of this shard (readers keep open maps)
-        if old != gen and old.name[len(key) + 1 :].isalnum() and len(old.name) == len(gen.name):
+        if old != gen:
             shutil.rmtree(old, ignore_errors=True)
 
 
