@@ -334,6 +334,11 @@ class EvalConfig(Section):
     max_new_tokens: int = _f(32, "Tokens per sample generation", ge=1)
     batch_size: int = _f(8, "Rows per eval batch", ge=1)
     niah_max_new_tokens: int = _f(8, "Tokens generated per NIAH answer (a 5-digit key needs a few)", ge=1)
+    long_context: bool = _f(True, "Perplexity by position and context length beyond the training length, and "
+                                  "generation memory / ms per token at each length")
+    long_context_multiples: list[Annotated[int, Field(ge=1, le=64)]] = _factory(
+        lambda: [1, 2, 4, 8], "Long-context lengths as multiples of tokenize.max_seq_length", min_length=1)
+    long_context_contexts: int = _f(4, "Held-out windows scored per long-context length", ge=1, le=1000)
     sample_prompt_tokens: int = _f(32, "Prompt tokens per sample generation", ge=1)
     seed: int = _f(0, "Random seed", ge=0)
     output_dir: str | None = _f(None, "Report folder (null: <run_dir>/eval)", json_schema_extra=PATH)

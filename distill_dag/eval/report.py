@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -203,9 +203,9 @@ def evaluate_checkpoint(
     tokenizer_dir: str | Path | None = None,
     split: str | None = None,
     niah: bool | None = None,
-    long_context: bool = True,
-    long_context_multiples: tuple[int, ...] = (1, 2, 4, 8),
-    long_context_contexts: int = 4,
+    long_context: bool | None = None,
+    long_context_multiples: Sequence[int] | None = None,
+    long_context_contexts: int | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
@@ -228,6 +228,9 @@ def evaluate_checkpoint(
     ec = cfg.eval
     split = split or ec.split
     do_niah = ec.niah if niah is None else niah
+    long_context = ec.long_context if long_context is None else long_context
+    long_context_multiples = tuple(long_context_multiples or ec.long_context_multiples)
+    long_context_contexts = long_context_contexts or ec.long_context_contexts
     dev = torch.device(device) if isinstance(device, torch.device) else pick_device(device or cfg.train.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -410,7 +413,7 @@ def evaluate_run(
     teacher: Any = "auto",
     baseline: Any = "auto",
     converted: Any = "auto",
-    long_context: bool = True,
+    long_context: bool | None = None,
     device: str | None = None,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:

@@ -97,6 +97,8 @@ def test_cli_eval_finds_the_run_teacher_and_baseline_from_the_config(tmp_path, r
 
     d = _cfg_dict(run)
     d["eval"]["niah"] = True
+    d["eval"]["long_context_multiples"] = [1, 2]  # the config's lengths reach the report
+    d["eval"]["long_context_contexts"] = 1
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(d))
     assert main(["eval", "--config", str(cfg_file), "--no-niah", "--out", str(tmp_path / "out")]) == 0
@@ -104,3 +106,5 @@ def test_cli_eval_finds_the_run_teacher_and_baseline_from_the_config(tmp_path, r
     assert "| student |" in out and "| teacher (adapted) |" in out and "report:" in out
     assert not (tmp_path / "out" / "niah.json").exists()  # --no-niah wins over eval.niah: true
     assert (tmp_path / "out" / "report.md").exists()
+    lc = json.loads((tmp_path / "out" / "long_context.json").read_text())
+    assert lc["perplexity"]["lengths"] == [64, 128]
