@@ -28,10 +28,14 @@
    Zipf-like from the frequent ranks, and in 30% of positions uniformly from the whole vocabulary),
    all at a per-position sharpness in [0.6, 1.6]: mean entropy ~2.6 nats, top-50 mass ~0.92.
 
-2. Writing speed. A random-init Llama with vocab 128256 (``--hidden``, 2 layers) caches one data
-   shard with ``write_cache_shard`` (teacher forward, top-k, encoding, stats, sha256, publish) and
-   the same rows go through the bare ``DirectTeacher.topk`` (forward + log_softmax + top-k) in the
-   same run: the ratio of tokens/s (goal >= 0.9). Encoding overlaps the next forward in a thread.
+2. Writing speed. A random-init 2-layer Llama caches one data shard with ``write_cache_shard``
+   (teacher forward, top-k, encoding, stats, sha256, publish) with each codec (``q8``, ``compact``),
+   and the same rows go through the bare ``DirectTeacher.topk`` (forward + log_softmax + top-k) in the
+   same run, paired and rotating, best of ``--repeats``: the ratio of tokens/s (goal >= 0.9). Two
+   shapes: vocab 128256 (hidden ``--hidden``, k=128, ``--rows`` rows) and the demo's
+   (configs/demo.yaml: vocab 2048, hidden 128, k=64, ``--demo-rows`` rows); 256-token rows, 8 per forward.
+
+    python bench/logit_cache.py --only-writing     # the writing-speed part alone (~4 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -202,39 +208,67 @@ def write_data(root: Path, rows: int, seq: int, vocab: int) -> Path:
     return d
 
 
-def writing_speed(rows: int, seq: int, k: int, hidden: int, batch_rows: int, repeats: int) -> str:
+# the writing-speed shapes: the 128k-vocab one of the issue and the demo's (configs/demo.yaml)
+SHAPES = {
+    "vocab128k": dict(vocab=V, hidden=256, intermediate=1024, heads=4, kv_heads=2, k=128),
+    "demo": dict(vocab=2048, hidden=128, intermediate=384, heads=4, kv_heads=2, k=64),
+}
+
+
+def writing_speed(rows: int, seq: int, batch_rows: int, repeats: int, shape: str = "vocab128k",
+                  codecs=("q8", "compact"), hidden: int | None = None, k: int | None = None) -> list[str]:
+    """Cache-writing tokens/s of each codec over the bare ``DirectTeacher.topk`` on the same rows, paired:
+    each repeat runs the bare loop and then one write per codec (the order rotating), best of ``repeats``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distill_dag.distill.cache.writer import iter_shard_batches, write_cache_shard
     from distill_dag.distill.cache import layout
+    from distill_dag.distill.cache.writer import iter_shard_batches, write_cache_shard
     from distill_dag.distill.teachers.direct import DirectTeacher
 
+    sh = dict(SHAPES[shape])
+    if hidden is not None:
+        sh.update(hidden=hidden, intermediate=4 * hidden, heads=max(1, hidden // 64), kv_heads=max(1, hidden // 128))
+    if k is not None:
+        sh["k"] = k
+    vocab, k = sh["vocab"], sh["k"]
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=sh["hidden"], intermediate_size=sh["intermediate"],
+                      num_hidden_layers=2, num_attention_heads=sh["heads"], num_key_value_heads=sh["kv_heads"],
                       max_position_embeddings=max(seq, 64), tie_word_embeddings=True)
     teacher = DirectTeacher(LlamaForCausalLM(cfg).eval(), k)
     work = Path(tempfile.mkdtemp(prefix="bench_cache_write_"))
-    data = write_data(work, rows, seq, V)
+    data = write_data(work, rows, seq, vocab)
     shard = layout.read_data_manifest(data).shard("train-00000")
     for b in iter_shard_batches(shard, batch_rows):  # warm-up (first-call allocations)
         teacher.topk(b)
         break
-    bare, write = [], []
-    for r in range(repeats):  # paired, alternating, best of: the machine is shared
-        t = time.perf_counter()
-        for b in iter_shard_batches(shard, batch_rows):
-            teacher.topk(b)
-        bare.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        write_cache_shard(teacher, data, "train-00000", work / f"cache{r}", k=k, dtype="compact", batch_rows=batch_rows)
-        write.append(time.perf_counter() - t)
+    for c in codecs:  # and the codec's first call (tables)
+        write_cache_shard(teacher, data, "train-00000", work / f"warm-{c}", k=k, dtype=c, batch_rows=batch_rows)
+    bare: list[float] = []
+    write: dict[str, list[float]] = {c: [] for c in codecs}
+    jobs = ["bare", *codecs]
+    for r in range(repeats):  # paired, rotating, best of: the machine is shared
+        for job in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
+            t = time.perf_counter()
+            if job == "bare":
+                for b in iter_shard_batches(shard, batch_rows):
+                    teacher.topk(b)
+                bare.append(time.perf_counter() - t)
+            else:
+                write_cache_shard(teacher, data, "train-00000", work / f"cache-{job}-{r}", k=k, dtype=job,
+                                  batch_rows=batch_rows)
+                write[job].append(time.perf_counter() - t)
     tok = rows * seq
-    line = (f"writing (V={V}, hidden {hidden}, k={k}, compact, {rows} rows x {seq}): bare forward + top-k "
-            f"{tok / min(bare):.0f} tok/s, write_cache_shard {tok / min(write):.0f} tok/s: ratio {min(bare) / min(write):.2f} "
-            f"(goal >= 0.9; best of {repeats})")
-    print(line)
-    return line
+    lines = []
+    for c in codecs:
+        line = (f"writing [{shape}] (V={vocab}, hidden {sh['hidden']}, k={k}, {c}, {rows} rows x {seq}, batch {batch_rows}): "
+                f"bare forward + top-k {tok / min(bare):.0f} tok/s, write_cache_shard {tok / min(write[c]):.0f} tok/s: "
+                f"ratio {min(bare) / min(write[c]):.2f} (goal >= 0.9; best of {repeats}, "
+                f"median {sorted(b / w for b, w in zip(bare, write[c]))[repeats // 2]:.2f})")
+        print(line)
+        lines.append(line)
+    shutil.rmtree(work, ignore_errors=True)
+    return lines
 
 
 def main() -> None:
@@ -242,21 +276,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
     ap.add_argument("--positions", type=int, default=512)
     ap.add_argument("--seq", type=int, default=128, help="positions per cache row (the codec's bit pool)")
-    ap.add_argument("--rows", type=int, default=32, help="rows cached in the writing-speed run")
+    ap.add_argument("--rows", type=int, default=32, help="rows cached in the vocab-128k writing-speed run")
+    ap.add_argument("--demo-rows", type=int, default=256, help="rows cached in the demo-shape writing-speed run")
     ap.add_argument("--write-seq", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=256, help="teacher hidden size of the vocab-128k writing run")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only-writing", action="store_true", help="skip the codec table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     a = ap.parse_args()
     if a.quick:
-        a.positions, a.seq, a.rows, a.write_seq, a.hidden, a.repeats = 64, 32, 4, 32, 64, 1
+        a.positions, a.seq, a.rows, a.demo_rows, a.write_seq, a.hidden, a.repeats = 64, 32, 4, 4, 32, 64, 1
     torch.set_num_threads(2)
-    lines = codec_table(a.positions, a.seq, None if a.quick else a.out, sweep_factors=() if a.quick else (0.97, 1.1, 1.3, 1.6))
-    speed = writing_speed(a.rows, a.write_seq, 128 if not a.quick else 50, a.hidden, 8 if not a.quick else 2, a.repeats)
+    print("command: python " + " ".join(shlex.quote(x) for x in sys.argv))
+    lines = [] if a.only_writing else codec_table(a.positions, a.seq, None if a.quick else a.out,
+                                                  sweep_factors=() if a.quick else (0.97, 1.1, 1.3, 1.6))
+    br = 2 if a.quick else 8
+    speed = writing_speed(a.rows, a.write_seq, br, a.repeats, "vocab128k", hidden=a.hidden, k=50 if a.quick else None)
+    speed += writing_speed(a.demo_rows, a.write_seq, br, a.repeats, "demo")
     print("\nsummary:")
-    for line in lines:
+    for line in lines + speed:
         print(line)
-    print(speed)
 
 
 if __name__ == "__main__":

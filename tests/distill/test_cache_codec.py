@@ -83,3 +83,88 @@ def test_bytes_api_round_trip_and_refusals():
         decode_topk_bytes(b"XXXX" + buf[4:])
     with pytest.raises(LogitCacheError):
         encode_topk_bytes(idx + 128256, lp, 128256)
+
+
+# ---- the vectorised encoder and decoder are the frozen reference, byte for byte -------------------
+def _hard_cases():
+    """(name, V, k, indices [n, T, k], logprobs [n, T, k] float32): the shapes a teacher can give."""
+    rng = np.random.default_rng(11)
+    out = []
+    for V, k, zipf, scale in [(96, 24, False, 1.0), (4096, 50, True, 2.0), (128256, 50, True, 2.0),
+                              (128256, 128, False, 2.0), (2048, 64, True, 2.0), (2048, 64, False, 0.01),
+                              (1000, 40, True, 8.0)]:
+        out.append((f"V{V}k{k}", V, k, *_topk(3, 7, V, k, seed=V + k, zipf=zipf)))
+    idx, lp = _topk(2, 6, 512, 32, seed=5)
+    lp_t = lp.copy()
+    lp_t[:, :, 4:20] = lp_t[:, :, 4:5]  # ties: many equal log-probs
+    out.append(("ties", 512, 32, idx, lp_t))
+    lp_u = np.full_like(lp, np.log(1 / 512))  # all equal (a uniform teacher)
+    out.append(("uniform", 512, 32, idx, lp_u))
+    lp_i = lp.copy()
+    lp_i[:, :, 10:] = -np.inf  # -inf tail (a masked vocabulary): clamped to _MAX_GAP below the top
+    out.append(("-inf tail", 512, 32, idx, lp_i))
+    lp_f = lp.copy()
+    lp_f[:, :, 1:] = lp_f[:, :, :1] - 150.0  # beyond the clamp
+    out.append(("far tail", 512, 32, idx, lp_f))
+    V = 40  # k == V: every id, the id gaps all zero
+    z = torch.log_softmax(torch.from_numpy(rng.normal(0, 3, (2 * 5, V))), -1)
+    v, i = z.topk(V, -1)
+    out.append(("k=V", V, V, i.view(2, 5, V).numpy(), v.view(2, 5, V).float().numpy()))
+    lp_s = lp[..., ::-1].copy()  # unsorted (the encoder sorts)
+    out.append(("unsorted", 512, 32, idx[..., ::-1].copy(), lp_s))
+    out.append(("k=1", 512, 1, idx[..., :1].copy(), lp[..., :1].copy()))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["compact", "q8", "fp16", "fp32"])
+def test_encoder_and_decoder_match_the_frozen_reference_byte_for_byte(dtype):
+    import codec_v3_reference as ref
+
+    for name, V, k, idx, lp in _hard_cases():
+        if dtype == "compact" and k == 1:
+            continue
+        n, T = idx.shape[:2]
+        tok = np.random.default_rng(0).integers(0, V, (n, T))
+        valid = np.array([T, T // 2, 1][:n])  # masked rows: padding positions are coded all the same
+        new, old = CacheEncoding(k, V, T, dtype), ref.CacheEncoding(k, V, T, dtype)
+        with np.errstate(invalid="ignore"):
+            r_old = old.encode(idx, lp, tok, valid)
+            r_new, lp_new = new.encode(idx, lp, tok, valid, with_logprobs=True)
+        assert r_new.tobytes() == r_old.tobytes(), name
+        (i_n, l_n), (i_o, l_o) = new.decode(r_new), old.decode(r_old)
+        assert np.array_equal(i_n, i_o) and np.array_equal(l_n, l_o, equal_nan=True), name
+        assert np.array_equal(lp_new, l_n, equal_nan=True), name  # what encode says decode gives, bit for bit
+        for kk in (1, k // 2 or 1):
+            assert all(np.array_equal(a, b) for a, b in zip(new.decode(r_new, kk), old.decode(r_old, kk)))
+
+
+def test_pack_ids_matches_the_reference_at_every_width():
+    import codec_v3_reference as ref
+
+    from distill_dag.distill.cache.codec import pack_ids, unpack_ids
+
+    rng = np.random.default_rng(0)
+    for bits in range(1, 26):
+        for k in (1, 2, 3, 7, 8, 13, 50, 64, 128, 129):
+            ids = rng.integers(0, 2**bits, (4, k))
+            ids[0] = 2**bits - 1
+            got = pack_ids(ids, bits)
+            assert np.array_equal(got, ref.pack_ids(ids, bits)), (bits, k)
+            assert np.array_equal(unpack_ids(got, k, bits), ids)
+
+
+def test_the_rate_control_tables_are_the_formula_element_for_element():
+    from distill_dag.distill.cache import codec
+
+    table, offs = codec._recon_table()
+    for lv, q in enumerate(codec._Q_LEVELS):
+        c = np.arange(int(np.rint(q)) + 1)
+        # the formula as the decoder evaluates it: int codes, a [P, 1] grid column
+        want = codec._reconstruct(c.reshape(-1, 1)[:, [0, 0]].T.copy(), np.full((2, 1), q))[0]
+        assert np.array_equal(table[offs[lv] + c], want), lv
+    idx, lp = _topk(2, 9, 4096, 50, seed=2)
+    import codec_v3_reference as ref
+
+    l = np.sort(lp.reshape(-1, 50).astype(np.float64), -1)
+    for got, want in zip(codec._level_table(l), ref._level_table(l)):
+        assert np.array_equal(got, want)

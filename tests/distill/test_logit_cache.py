@@ -234,6 +234,21 @@ def test_corrupt_shard_is_detected_and_named(tmp_path, data, teacher):
         CachedTeacher(tmp_path / "c", data, K, verify=False).topk(all_batches(data, 4)[-1])
 
 
+@pytest.mark.parametrize("dtype", ["compact", "q8"])
+def test_writers_stats_are_those_of_its_records_decoded(tmp_path, data, teacher, dtype):
+    """The writer computes stats.parquet from the codes in hand, batch by batch: the same bytes as
+    write_stats over the published records (which decodes them)."""
+    from distill_dag.distill.cache.codec import CacheEncoding
+    from distill_dag.distill.cache.stats import write_stats
+
+    write_logit_cache(teacher, data, tmp_path / "c", K, 3, dtype=dtype)  # 3: batches end mid-shard
+    for key in ("train-00000", "val-00001"):
+        d = layout.shard_dir(tmp_path / "c", key)
+        header = layout.read_shard_header(tmp_path / "c", key)
+        write_stats(np.load(d / layout.RECORDS), CacheEncoding.from_json(header["encoding"]), tmp_path / "s.parquet")
+        assert (d / layout.STATS).read_bytes() == (tmp_path / "s.parquet").read_bytes()
+
+
 def test_cache_stats_match_the_teachers_distribution(tmp_path, data, teacher):
     write_logit_cache(teacher, data, tmp_path / "c", K, 4, dtype="fp32")
     masses, ents = [], []

@@ -22,27 +22,34 @@ def write_stats(rec: np.ndarray, enc: CacheEncoding, path: Path, chunk_rows: int
     ``entropy_lb = -sum_{i<k} p_i log p_i - r log r`` with ``r`` the tail mass taken as one bucket:
     the entropy of the full distribution is at least this (splitting the tail only adds entropy).
     """
+    parts = []
+    for a in range(0, rec.shape[0], chunk_rows):
+        r = np.asarray(rec[a : a + chunk_rows])
+        parts.append(stats_columns(enc.decode(r)[1], r["log_mass"], r["n_valid"], a))
+    write_stats_columns(parts, path)
+
+
+def stats_columns(lp: np.ndarray, log_mass: np.ndarray, n_valid: np.ndarray, row0: int) -> dict[str, np.ndarray]:
+    """The stats of rows ``row0 ..`` from their decoded log-probs [N, T, k] (``enc.decode``'s float32)."""
+    T = lp.shape[1]
+    lp64 = lp.astype(np.float64)
+    p = np.exp(lp64)
+    mass = np.exp(log_mass.astype(np.float64))
+    tail = np.clip(1.0 - mass, 0.0, 1.0)
+    ent = -(p * lp64).sum(-1) - np.where(tail > 0, tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0)
+    valid = np.arange(T)[None, :] < n_valid[:, None]
+    rows, pos = np.nonzero(valid)
+    return {"row": (rows + row0).astype(np.int32), "pos": pos.astype(np.int32), "entropy_lb": ent[valid].astype(np.float32),
+            "topk_mass": mass[valid].astype(np.float32), "top1_prob": p[..., 0][valid].astype(np.float32)}
+
+
+def write_stats_columns(parts: list[dict[str, np.ndarray]], path: Path) -> None:
+    """:func:`stats_columns` of consecutive row ranges -> ``path`` (Parquet, zstd), atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "pos", "entropy_lb", "topk_mass", "top1_prob")}
-    T = enc.seq_len
-    for a in range(0, rec.shape[0], chunk_rows):
-        r = np.asarray(rec[a : a + chunk_rows])
-        _, lp = enc.decode(r)
-        lp64 = lp.astype(np.float64)
-        p = np.exp(lp64)
-        mass = np.exp(r["log_mass"].astype(np.float64))
-        tail = np.clip(1.0 - mass, 0.0, 1.0)
-        ent = -(p * lp64).sum(-1) - np.where(tail > 0, tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0)
-        valid = np.arange(T)[None, :] < r["n_valid"][:, None]
-        rows, pos = np.nonzero(valid)
-        cols["row"].append((rows + a).astype(np.int32))
-        cols["pos"].append(pos.astype(np.int32))
-        cols["entropy_lb"].append(ent[valid].astype(np.float32))
-        cols["topk_mass"].append(mass[valid].astype(np.float32))
-        cols["top1_prob"].append(p[..., 0][valid].astype(np.float32))
-    table = pa.table({k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()})
+    names = ("row", "pos", "entropy_lb", "topk_mass", "top1_prob")
+    table = pa.table({k: np.concatenate([c[k] for c in parts]) if parts else np.zeros(0) for k in names})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 
