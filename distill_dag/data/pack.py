@@ -197,7 +197,8 @@ class Packer:
     """Packs a stream of documents into rows of ``width`` tokens for one split.
 
     ``emit(ids, attention_mask, labels, position_ids, sources)`` receives full rows ``[n, width]``
-    (fresh arrays: the receiver may keep them).
+    (fresh arrays, except the attention mask: a read-only view of one shared array of ones; the
+    receiver may keep them all).
     """
 
     def __init__(self, width: int, eos_id: int, pad_id: int, mask_prompt: bool,
@@ -212,6 +213,7 @@ class Packer:
         self._doc_src = np.empty(0, np.int32)
         self._src_names: list[str] = []
         self._src_code: dict[str, int] = {}
+        self._ones = np.ones((0, width), np.int8)  # full rows' attention mask, shared (read-only) views
         self.docs = 0
         self.tokens = 0
 
@@ -264,7 +266,10 @@ class Packer:
             # a row's source: the document holding its first token (the last one starting at or before it)
             first = np.searchsorted(doc_start, np.arange(0, cut, w), side="right") - 1
             rows_src = [self._src_names[c] for c in doc_src[first].tolist()]
-            self.emit(tok[:cut].reshape(n, w), np.ones((n, w), np.int8), lab[:cut].reshape(n, w),
+            if len(self._ones) < n:
+                self._ones = np.ones((n, w), np.int8)
+                self._ones.flags.writeable = False
+            self.emit(tok[:cut].reshape(n, w), self._ones[:n], lab[:cut].reshape(n, w),
                       pos[:cut].reshape(n, w), rows_src)
         # the documents reaching into the tail: from the last one that starts at or before the cut
         d = int(np.searchsorted(doc_start, cut, side="right")) - 1
