@@ -11,7 +11,7 @@ waves, each a real Dagster run of the same definitions the UI uses:
 3. the remaining students and ``eval_report`` with their checks.
 
 Lanes: without CUDA the ``gpu`` pool's device is the CPU. Small models use two cores poorly (measured
-on 2 cores: a one-thread cache partition takes 7.8 s, a two-thread one ~7 s), so by default wave 2
+on 2 cores: a cache partition takes ~7.0 s on one thread, ~6.9 s on two), so by default wave 2
 runs one run per core, each with one torch thread, and the instance's ``gpu`` pool allows that many
 steps at once (``--lanes 1`` keeps one run at a time, as on one GPU). ``--skip-eval`` leaves out
 ``eval_report``. Any run that fails stops the demo with its error.
