@@ -35,7 +35,7 @@ class RunFailed(RuntimeError):
     pass
 
 
-def _run(defs: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition: str | None = None) -> str:
+def _run(defs: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition: str | None = None) -> None:
     sel = [dg.AssetKey(k) for k in keys]
     job = defs.resolve_implicit_job_def_def_for_assets(sel)
     t0 = time.perf_counter()
@@ -44,9 +44,7 @@ def _run(defs: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], pa
     if not res.success:
         failures = [e.message for e in res.all_events if e.is_failure]
         raise RunFailed(f"demo: the run of {what} failed (run {res.run_id[:8]}):\n" + "\n".join(failures[-3:]))
-    line = f"demo: {what} in {time.perf_counter() - t0:.1f} s (run {res.run_id[:8]})"
-    print(line, flush=True)
-    return line
+    print(f"demo: {what} in {time.perf_counter() - t0:.1f} s (run {res.run_id[:8]})", flush=True)
 
 
 def _lane_init() -> None:
@@ -57,10 +55,10 @@ def _lane_init() -> None:
     torch.set_num_threads(1)
 
 
-def _lane_run(keys: list[str], partition: str | None) -> str:
+def _lane_run(keys: list[str], partition: str | None) -> None:
     from distill_dag.definitions import defs
 
-    return _run(defs, dg.DagsterInstance.get(), keys, partition)
+    _run(defs, dg.DagsterInstance.get(), keys, partition)
 
 
 def _default_lanes() -> int:

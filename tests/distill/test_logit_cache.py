@@ -123,6 +123,23 @@ def test_two_shards_written_apart_equal_one_run_byte_for_byte(tmp_path, data, te
     assert a.data_version == json.loads((layout.shard_dir(tmp_path / "one", "val-00001") / "shard.json").read_text())["data_version"]
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_encoding_in_a_thread_or_inline_writes_the_same_bytes_and_reports_every_batch(tmp_path, data, teacher,
+                                                                                      monkeypatch, overlap):
+    from distill_dag.distill.cache import writer
+
+    batches = [len(b["row"]) for b in writer.iter_shard_batches(layout.read_data_manifest(data).shard("train-00000"), 3)]
+    ref = write_cache_shard(RowByRow(teacher), data, "train-00000", tmp_path / "ref", k=K, batch_rows=3)
+    monkeypatch.setattr(writer, "overlaps_encoding", lambda provider: overlap)
+    seen: list[tuple[int, int]] = []
+    got = write_cache_shard(RowByRow(teacher), data, "train-00000", tmp_path / "got", k=K, batch_rows=3,
+                            progress=lambda done, total: seen.append((done, total)))
+    assert sha256_file(_records(tmp_path / "got", "train-00000")) == sha256_file(_records(tmp_path / "ref", "train-00000"))
+    assert got.data_version == ref.data_version
+    # one report per batch, each the rows written so far, the last one the whole shard
+    assert seen == [(int(n), got.rows) for n in np.cumsum(batches)] and seen[-1][0] == got.rows
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})

@@ -221,6 +221,12 @@ def write_cache_shard(
 
         overlap = overlaps_encoding(provider)
 
+        def advance(rows: int) -> None:  # a batch is in the records: count it, report progress
+            nonlocal done
+            done += rows
+            if progress is not None:
+                progress(done, shard.rows)
+
         with ThreadPoolExecutor(1, thread_name_prefix=f"cache-encode-{key}") as pool:
             pending = None
             for batch in iter_shard_batches(shard, batch_rows):
@@ -230,17 +236,14 @@ def write_cache_shard(
                 idx = topk.indices[..., : enc.k].cpu().numpy()
                 lp = topk.logprobs[..., : enc.k].float().cpu().numpy()
                 if pending is not None:
-                    done += pending.result()
-                    if progress is not None:
-                        progress(done, shard.rows)
+                    advance(pending.result())
+                    pending = None
                 if overlap:
                     pending = pool.submit(put, batch, idx, lp)
                 else:
-                    done += put(batch, idx, lp)
+                    advance(put(batch, idx, lp))
             if pending is not None:
-                done += pending.result()
-                if progress is not None:
-                    progress(done, shard.rows)
+                advance(pending.result())
         if done != shard.rows:
             raise LogitCacheError(f"{shard.path}: read {done} rows but its manifest says {shard.rows}; re-run `distill preprocess`")
         mm.flush()
