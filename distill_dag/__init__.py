@@ -5,12 +5,19 @@ Importing the package registers the RetNet student with transformers' Auto class
 registration waits for transformers itself: it runs at once when transformers is already imported,
 else right after transformers (or the student module) is first imported, so ``import distill_dag``
 (and ``distill --help``) does not pay for torch and transformers.
+
+Importing it also tells glibc to reuse freed memory for large CPU tensors instead of unmapping it
+(:func:`distill_dag.device.keep_freed_memory`; ``DISTILL_DAG_MALLOC=system`` opts out).
 """
 
 __version__ = "0.1.0"
 
 import importlib.abc as _abc
 import sys as _sys
+
+from distill_dag.device import keep_freed_memory as _keep_freed_memory
+
+_keep_freed_memory()
 
 _WATCH = ("transformers", "distill_dag.model.retnet")
 

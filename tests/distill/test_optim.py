@@ -172,3 +172,73 @@ def test_lr_multiplier_composes_with_the_schedule_at_every_step():
         opts.step()
         scheds.step()
     assert seen == pytest.approx([cfg.learning_rate * plain(s) * boost.get(s, 1.0) for s in range(12)])
+
+
+# ---- Muon's Newton-Schulz dtype ----------------------------------------------------------------
+def _muon_reference(w0, grads, *, lr, wd, mom, nesterov, steps=5, coeffs=(3.4445, -4.7750, 2.0315)):
+    """Muon written out from its definition (Keller Jordan's post, torch's docs), in float64."""
+    a, b, c = coeffs
+    w, buf = w0.double().clone(), torch.zeros_like(w0, dtype=torch.float64)
+    for g in grads:
+        g = g.double()
+        buf = mom * buf + (1 - mom) * g
+        u = (1 - mom) * g + mom * buf if nesterov else buf
+        x = u.T if u.shape[0] > u.shape[1] else u
+        x = x / max(x.norm().item(), 1e-7)
+        for _ in range(steps):
+            A = x @ x.T
+            x = a * x + (b * A + c * A @ A) @ x
+        o = x.T if u.shape[0] > u.shape[1] else x
+        w = w * (1 - lr * wd) - lr * math.sqrt(max(1.0, w0.shape[0] / w0.shape[1])) * o
+    return w
+
+
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16)])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_fp32_muon_is_the_muon_update_of_its_definition(shape, nesterov):
+    from distill_dag.distill.optim import Muon
+
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(*shape, generator=g)
+    grads = [torch.randn(*shape, generator=g) for _ in range(4)]
+    p = nn.Parameter(w0.clone())
+    opt = Muon([p], ns_dtype=torch.float32, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov)
+    for gr in grads:
+        p.grad = gr.clone()
+        opt.step()
+    ref = _muon_reference(w0, grads, lr=0.02, wd=0.1, mom=0.9, nesterov=nesterov)
+    torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_muon_is_torchs_step_bit_for_bit_and_fp32_stays_within_bf16_rounding_of_it():
+    from distill_dag.distill.optim import Muon
+
+    g = torch.Generator().manual_seed(2)
+    w0 = torch.randn(32, 12, generator=g)
+    grads = [torch.randn(32, 12, generator=g) for _ in range(3)]
+    params = [nn.Parameter(w0.clone()) for _ in range(3)]
+    opts = [torch.optim.Muon([params[0]], lr=0.02), Muon([params[1]], lr=0.02, ns_dtype=torch.bfloat16),
+            Muon([params[2]], lr=0.02, ns_dtype=torch.float32)]
+    for gr in grads:
+        for p, o in zip(params, opts):
+            p.grad = gr.clone()
+            o.step()
+    assert torch.equal(params[0], params[1])
+    step_ref, step_fp32 = params[0].detach() - w0, params[2].detach() - w0
+    assert (step_fp32 - step_ref).norm() / step_ref.norm() < 0.03  # bf16 keeps ~3 significant digits
+    assert opts[2].state_dict()["state"][0].keys() == opts[0].state_dict()["state"][0].keys()
+    opts[0].load_state_dict(opts[2].state_dict())  # checkpoints move between the two
+
+
+def test_muon_ns_dtype_auto_is_fp32_on_the_cpu_and_config_refuses_other_values():
+    from pydantic import ValidationError
+
+    from distill_dag.distill.optim import ns_dtype_for
+
+    assert ns_dtype_for("auto", torch.device("cpu")) == torch.float32
+    assert ns_dtype_for("auto", torch.device("cuda")) == torch.bfloat16
+    assert ns_dtype_for("bfloat16", torch.device("cpu")) == torch.bfloat16
+    opts = build_optimizers(_Toy(), _cfg())
+    assert opts.by_name("muon").ns_dtype == torch.float32
+    with pytest.raises(ValidationError, match="muon_ns_dtype"):
+        _cfg(muon_ns_dtype="float16")
