@@ -18,7 +18,8 @@ decay ``weight_decay``, Nesterov momentum ``muon_momentum``, LR shape adjustment
 through :class:`Muon`, which only adds the dtype of the Newton-Schulz iteration (``muon_ns_dtype``):
 torch's casts to bfloat16, which a CPU without native bf16 emulates slowly (measured on the 2-core
 AVX2 VM: one 128 x 384 orthogonalisation 34 ms in bf16, 2.0 ms in fp32; Muon was half of a demo
-student step). ``auto`` keeps bf16 on CUDA (torch's own step, unchanged) and uses fp32 on the CPU.
+student step). ``auto`` keeps bf16 (torch's own step, unchanged) on CUDA and on CPUs with native bf16
+(AMX, AVX512-BF16), and uses fp32 on other CPUs.
 
 LR schedule (``make_lr_lambda``), a LambdaLR factor on each group's base LR, for the step s about
 to be taken (s = number of optimizer steps done so far)::
@@ -34,6 +35,7 @@ boost composes with the schedule for every step of its duration (it is never ove
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -102,10 +104,27 @@ class Muon(torch.optim.Muon):
         return loss
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 ``amx_bf16`` / ``avx512_bf16``, Arm ``bf16``),
+    from ``/proc/cpuinfo``'s flags (False when it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    return False
+
+
 def ns_dtype_for(choice: str, device: torch.device) -> torch.dtype:
-    """``train.muon_ns_dtype``: auto = bfloat16 on CUDA, float32 elsewhere."""
+    """``train.muon_ns_dtype``: auto = bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere."""
     if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[choice]
 
 

@@ -230,15 +230,23 @@ def test_bf16_muon_is_torchs_step_bit_for_bit_and_fp32_stays_within_bf16_roundin
     opts[0].load_state_dict(opts[2].state_dict())  # checkpoints move between the two
 
 
-def test_muon_ns_dtype_auto_is_fp32_on_the_cpu_and_config_refuses_other_values():
+def test_muon_ns_dtype_auto_is_bf16_only_where_the_hardware_has_it_and_config_refuses_other_values(monkeypatch):
     from pydantic import ValidationError
 
     from distill_dag.distill.optim import ns_dtype_for
 
+    from distill_dag.distill import optim
+
+    amd = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    spr = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert not optim.cpu_has_native_bf16(amd) and optim.cpu_has_native_bf16(spr)
+    assert optim.cpu_has_native_bf16("Features\t: fp asimd bf16 i8mm\n") and not optim.cpu_has_native_bf16("")
+    monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: False)
     assert ns_dtype_for("auto", torch.device("cpu")) == torch.float32
+    assert build_optimizers(_Toy(), _cfg()).by_name("muon").ns_dtype == torch.float32
+    monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: True)
+    assert ns_dtype_for("auto", torch.device("cpu")) == torch.bfloat16
     assert ns_dtype_for("auto", torch.device("cuda")) == torch.bfloat16
-    assert ns_dtype_for("bfloat16", torch.device("cpu")) == torch.bfloat16
-    opts = build_optimizers(_Toy(), _cfg())
-    assert opts.by_name("muon").ns_dtype == torch.float32
+    assert ns_dtype_for("float32", torch.device("cuda")) == torch.float32
     with pytest.raises(ValidationError, match="muon_ns_dtype"):
         _cfg(muon_ns_dtype="float16")
