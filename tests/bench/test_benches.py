@@ -30,6 +30,8 @@ EXPECT: dict[str, list[str]] = {
     "convert": [r"ratio|tokens"],
     "real_shapes": [r"peak|RSS"],
     "kd_sweep": [r"gap_share_base [\d.]+ gap_share_best [\d.]+"],
+    "cpu_paths": [r"Muon.step.*ratio bf16/fp32 [\d.]+", r"32 MiB .*ratio default/ours [\d.]+",
+                  r"LM head .*ratio default/ours [\d.]+"],
     "partitions": [r"ratio load_s keys=\d+/keys=10: [\d.]+", r"ratio status_s keys=\d+/keys=10: [\d.]+"],
 }
 PENDING: set[str] = set()  # benches another change is still bringing in (none now)

@@ -1,0 +1,112 @@
+"""Two CPU-side settings, each against its default in the same run:
+
+    python bench/cpu_paths.py            # demo shapes, 20 repeats
+    python bench/cpu_paths.py --quick    # a few repeats (what the test suite runs)
+
+1. Muon's Newton-Schulz dtype (``train.muon_ns_dtype``): one ``Muon.step`` over the demo student's
+   block matrices (the tiny RetNet, vocab 2048) with torch's bf16 iteration vs fp32
+   (:class:`distill_dag.distill.optim.Muon`). On a CPU without native bf16 the bf16 matmuls are
+   emulated; ``cpu native bf16`` says which kind this machine is (``auto`` picks fp32 where it is no).
+2. The allocator (:func:`distill_dag.device.keep_freed_memory`): in two fresh processes, one with
+   ``DISTILL_DAG_MALLOC=system`` (glibc's defaults), a fresh 32 MiB tensor allocated and filled, and
+   the demo's LM head forward + log-softmax + backward at 16 x 256 tokens, vocab 2048.
+
+Prints ms of each and the ratios default / ours (> 1: ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+
+def _best_ms(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def muon_step_ms(ns_dtype, repeats: int) -> float:
+    import torch
+
+    from distill_dag.distill.optim import Muon, split_parameters
+    from distill_dag.model.retnet import RetNetForCausalLM
+    from distill_dag.model.variants import student_config
+
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(student_config("tiny", 2048))
+    params = [p for _, p in split_parameters(model)["muon"]]
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt = Muon(params, lr=0.02, ns_dtype=ns_dtype)
+    return _best_ms(opt.step, repeats)
+
+
+def allocator_child(repeats: int) -> dict[str, float]:
+    import torch
+
+    import distill_dag  # noqa: F401  (applies keep_freed_memory unless DISTILL_DAG_MALLOC=system)
+
+    def alloc():
+        torch.empty(8 << 20).fill_(1.0)
+
+    x = torch.randn(4096, 128, requires_grad=True)
+    w = torch.randn(2048, 128, requires_grad=True)
+
+    def lm_head():
+        (x @ w.T).log_softmax(-1).sum().backward()
+
+    return {"alloc_ms": _best_ms(alloc, repeats * 5), "lm_head_ms": _best_ms(lm_head, repeats)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few repeats (seconds)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the demo's lanes run one each)")
+    ap.add_argument("--allocator-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    repeats = 3 if args.quick else args.repeats
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.allocator_child:
+        print(json.dumps(allocator_child(repeats)))
+        return
+
+    from distill_dag.distill.optim import cpu_has_native_bf16
+
+    print(f"threads {args.threads}, repeats {repeats}; cpu native bf16: {'yes' if cpu_has_native_bf16() else 'no'}")
+    bf16 = muon_step_ms(torch.bfloat16, repeats)
+    fp32 = muon_step_ms(torch.float32, repeats)
+    print(f"Muon.step, demo student's block matrices: bf16 (torch's) {bf16:.1f} ms, fp32 {fp32:.1f} ms: "
+          f"ratio bf16/fp32 {bf16 / fp32:.2f}")
+
+    def child(env_extra: dict[str, str]) -> dict[str, float]:
+        env = dict(os.environ, **env_extra)
+        argv = [sys.executable, os.path.abspath(__file__), "--allocator-child", "--repeats", str(repeats),
+                "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    base = child({"DISTILL_DAG_MALLOC": "system"})
+    ours = child({"DISTILL_DAG_MALLOC": ""})
+    for key, what in (("alloc_ms", "32 MiB empty + fill_"), ("lm_head_ms", "LM head fwd + log_softmax + bwd, 4096 x 2048")):
+        print(f"{what}: glibc default {base[key]:.2f} ms, keep_freed_memory {ours[key]:.2f} ms: "
+              f"ratio default/ours {base[key] / ours[key]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
