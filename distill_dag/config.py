@@ -286,7 +286,7 @@ class TrainConfig(Section):
                     "match_rms_adamw (Moonshot's: update RMS like AdamW's, so AdamW's lr can be reused)")
     muon_ns_dtype: Literal["auto", "bfloat16", "float32"] = _f(
         "auto", "dtype of Muon's Newton-Schulz orthogonalisation: auto = bfloat16 (torch.optim.Muon's own) on CUDA and "
-                "on CPUs with native bf16 (AMX, AVX512-BF16), else float32 (emulated bf16 matmuls are ~17x slower)")
+                "on CPUs with native bf16 (AMX, AVX512-BF16), else float32 (emulated bf16 is far slower: bench/cpu_paths.py)")
     warmup_steps: int = _f(100, "Linear warm-up steps", ge=0)
     max_steps: int = _f(1000, "Optimizer steps (0 only with student.init from_teacher: stage 1 alone)", ge=0)
     min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)

@@ -31,9 +31,8 @@ def keep_freed_memory() -> bool:
     glibc serves every block over its mmap threshold (at most 32 MiB, by default) with a fresh
     ``mmap`` and unmaps it on free, so each such tensor faults its pages in again, zeroed by the
     kernel. The demo's logits are 16 x 256 x 2048 fp32 = 32 MiB, allocated several times a step.
-    Measured on the 2-core VM (2026-12-02): a 32 MiB ``empty`` + ``fill_`` takes 12 ms with the
-    default and 3.4 ms with this; an lm_head forward + log_softmax + backward at that shape 114 ms
-    vs 63 ms. Blocks up to ``MMAP_THRESHOLD`` now come from the heap, and up to ``TRIM_THRESHOLD``
+    ``python bench/cpu_paths.py`` prints both against glibc's defaults (2-core VM, 2026-12-02: a
+    32 MiB ``empty`` + ``fill_`` 8.7x faster, the demo's LM head forward + backward 2.1x). Blocks up to ``MMAP_THRESHOLD`` now come from the heap, and up to ``TRIM_THRESHOLD``
     of free memory stays mapped at its top (RSS stays higher after a peak; the peak itself does not
     change). Set ``DISTILL_DAG_MALLOC=system`` to keep glibc's defaults. Returns whether it applied.
     """

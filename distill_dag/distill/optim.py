@@ -16,9 +16,8 @@ Parameter split (``split_parameters``), over trainable parameters:
 We use ``torch.optim.Muon`` (present in torch 2.13), lr = ``muon_learning_rate``, decoupled weight
 decay ``weight_decay``, Nesterov momentum ``muon_momentum``, LR shape adjustment ``muon_adjust_lr``,
 through :class:`Muon`, which only adds the dtype of the Newton-Schulz iteration (``muon_ns_dtype``):
-torch's casts to bfloat16, which a CPU without native bf16 emulates slowly (measured on the 2-core
-AVX2 VM: one 128 x 384 orthogonalisation 34 ms in bf16, 2.0 ms in fp32; Muon was half of a demo
-student step). ``auto`` keeps bf16 (torch's own step, unchanged) on CUDA and on CPUs with native bf16
+torch's casts to bfloat16, which a CPU without native bf16 emulates slowly (``python bench/cpu_paths.py``
+on the 2-core AVX2 VM: a Muon step over the demo student's matrices 19x slower in bf16 than fp32). ``auto`` keeps bf16 (torch's own step, unchanged) on CUDA and on CPUs with native bf16
 (AMX, AVX512-BF16), and uses fp32 on other CPUs.
 
 LR schedule (``make_lr_lambda``), a LambdaLR factor on each group's base LR, for the step s about
