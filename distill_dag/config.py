@@ -189,6 +189,13 @@ class TeacherFinetuneConfig(Section):
     grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1)
     max_steps: int = _f(1000, "Optimizer steps", ge=1)
     warmup_steps: int = _f(50, "Linear warm-up steps", ge=0)
+    copy_warmup_steps: int = _f(0, "full mode, random-init teacher: the first this many of max_steps train on synthetic "
+                                   "copy rows (random spans repeated, distill_dag/data/copy_rows.py), which make the "
+                                   "induction circuit retrieval needs form; the corpus steps follow (0 = none)",
+                                ge=0, le=1_000_000)
+    copy_rows_per_batch: int = _f(0, "full mode, random-init teacher: synthetic copy rows added to every corpus "
+                                     "micro-batch after the warm-up, so the corpus does not wash the copying out "
+                                     "(0 = none)", ge=0, le=4096)
     eval_interval: int = _f(100, "Held-out eval every this many steps (0 = only before and after)", ge=0)
     eval_batches: int = _f(20, "Batches per held-out eval (0 = the whole val split)", ge=0)
     early_stopping_patience: int = _f(3, "Stop after this many evals without improvement (0 = never)", ge=0)

@@ -162,3 +162,40 @@ def test_cli_finetune_teacher_maps_flags_and_writes_metrics(tmp_path, small_corp
     m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert m["steps"] == 2 and m["final_model"] == str(tmp_path / "ft" / "final_model")
     assert '"steps": 2' in out and '"meets_expected_improvement"' in out
+
+
+def test_copy_warmup_resumes_exactly_and_its_evals_are_never_the_best_or_a_stop(tmp_path, small_corpus):
+    # steps 1-3 train on copy rows, 4-6 on the corpus; killed inside the warm-up, the resumed run crosses the
+    # boundary to the same weights as the uninterrupted one (the corpus loader starts at step 4 in both)
+    cfg = _cfg(max_steps=6, copy_warmup_steps=3, copy_rows_per_batch=2, eval_interval=1, early_stopping_patience=1,
+               warmup_steps=0)
+    kw = dict(tokenizer_dir=small_corpus["tokenizer"])
+    full = finetune_teacher(cfg, small_corpus["tokenized"], tmp_path / "a", log=lambda s: None, **kw)
+    # patience 1: were a warm-up eval a "best", any worse eval would stop the run inside the warm-up
+    assert [h["step"] for h in full["history"]][:4] == [1, 2, 3, 4]
+    assert full["best_step"] is not None and full["best_step"] > 3  # copy-row steps are not the corpus's best
+
+    def kill_at_step_2(msg):
+        if msg.startswith("teacher_ft step 2/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted):
+        finetune_teacher(cfg, small_corpus["tokenized"], tmp_path / "b", log=kill_at_step_2, **kw)
+    finetune_teacher(cfg, small_corpus["tokenized"], tmp_path / "b", resume_from=tmp_path / "b", log=lambda s: None,
+                     **kw)
+    a, b = (load_file(tmp_path / d / "final_model/model.safetensors") for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the warm-up changed the training: without it the same seed ends elsewhere
+    plain = finetune_teacher(_cfg(max_steps=6, eval_interval=0, warmup_steps=0), small_corpus["tokenized"],
+                             tmp_path / "c", log=lambda s: None, **kw)
+    c = load_file(os.path.join(plain["final_model"], "model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_copy_warmup_is_checked_against_the_mode_and_max_steps(tmp_path, small_corpus, tiny_teacher_dir):
+    with pytest.raises(ConfigError, match=r"copy_warmup_steps \(6\) must be below teacher_ft.max_steps"):
+        finetune_teacher(_cfg(max_steps=6, copy_warmup_steps=6), small_corpus["tokenized"], tmp_path,
+                         log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"copy_warmup_steps / copy_rows_per_batch are for a random-init teacher"):
+        finetune_teacher(_cfg(mode="lora", copy_warmup_steps=2, teacher={"model_name_or_path": str(tiny_teacher_dir)}),
+                         small_corpus["tokenized"], tmp_path, log=lambda s: None)
