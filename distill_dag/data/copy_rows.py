@@ -11,6 +11,12 @@ the demo's tiny Llama goes from chance to ~95 % copy accuracy in a few hundred s
 (``teacher_ft.copy_warmup_steps``); the corpus steps after it then teach *what* to copy (the pass key
 after ``The pass key is``).
 
+How :func:`distill_dag.distill.teacher_finetune.finetune_teacher` uses them (the demo, measured with
+NIAH at 128/256/512 tokens, 20 trials per cell): 200 steps of 64-token rows (periods 6-30; the circuit
+forms at ~150-250), 100 steps of full-length rows (periods up to the row length - 16, half of them over
+small alphabets), then 4 full-length copy rows beside every 16 corpus rows: teacher NIAH 0.68 / 0.65 /
+0.05 where it was 0.00, and held-out perplexity 70.8 where it was 76.
+
 Rows are a pure function of ``(seed, step)``: a resumed run draws the same rows, on any machine.
 The batch has the layout of :mod:`distill_dag.data.dataset` (``input_ids``, ``attention_mask``,
 ``labels`` unshifted with -100 on the first span, whose tokens cannot be predicted, ``position_ids``).
