@@ -5,7 +5,10 @@ Two modes (``teacher_ft.mode``):
 - ``lora``: peft LoRA adapters (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``) on
   a hub/local causal LM (``teacher.model_name_or_path``); only adapter weights train.
 - ``full``: every weight trains; for tiny teachers, e.g. the demo's random-init tiny Llama
-  (``teacher.model_name_or_path: null`` + ``teacher.init_tiny``, vocab = the manifest's).
+  (``teacher.model_name_or_path: null`` + ``teacher.init_tiny``, vocab = the manifest's). A random-init
+  teacher can first train ``copy_warmup_steps`` steps on synthetic copy rows
+  (:mod:`distill_dag.data.copy_rows`: without them the demo teacher never learns to retrieve), and
+  ``copy_rows_per_batch`` copy rows can ride along with every corpus micro-batch after that.
 
 Label convention (the project's one): ``labels[b, t]`` is ``input_ids[b, t]`` or -100, NOT shifted;
 they go to the Hugging Face model unchanged, which shifts them exactly once. The loss of one
@@ -89,8 +92,8 @@ def check_finetune_config(cfg: PipelineConfig) -> None:
                         "(set teacher.dtype: auto or float32)")
     else:
         if ft.copy_warmup_steps or ft.copy_rows_per_batch:
-            errs.append("teacher_ft.copy_warmup_steps / copy_rows_per_batch are for a random-init teacher (mode 'full'); a pretrained "
-                        "teacher's LoRA finetune already has its copying circuits: set it to 0")
+            errs.append("teacher_ft.copy_warmup_steps / copy_rows_per_batch are for a random-init teacher (mode "
+                        "'full'); a pretrained teacher's LoRA finetune already has its copying circuits: set them to 0")
         if ft.lora_r < 1:
             errs.append(f"teacher_ft.lora_r must be >= 1 (got {ft.lora_r})")
         if not 0.0 <= ft.lora_dropout < 1.0:
