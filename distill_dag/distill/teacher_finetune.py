@@ -65,10 +65,12 @@ from distill_dag.distill.telemetry import Telemetry, wandb_group
 from distill_dag.eval.perplexity import lm_inputs, perplexity
 from distill_dag.io import atomic_dir, sha256_dir, sha256_file, write_json_atomic
 
-# copy warm-up rows (distill_dag/data/copy_rows.py): first 64-token rows, periods 6-30, then full rows. Measured on
-# the demo's tiny Llama (lr 3e-3, 4k tokens/step): copy accuracy 0.94 after 300 steps of 64 x 64-token rows; 32 x 128
-# needs ~450 steps; 16 x 256 and 32 x 128 drawn from 256 token ids stay at chance after 450-700 steps
+# copy warm-up rows (distill_dag/data/copy_rows.py): 64-token rows, periods 6-30, for the first 2/3 of the warm-up,
+# then full rows. Measured on the demo's tiny Llama (lr 3e-3, 4k tokens/step, standalone runs): copy accuracy 0.94
+# after 300 steps of 64 x 64-token rows; 32 x 128 needs ~450 steps; 16 x 128 (700 steps) and 32 x 128 drawn from
+# 256 token ids (450 steps) stay at chance
 COPY_ROW_LEN, COPY_SHORT_SHARE = 64, 2 / 3
+MIXED_ROWS_INDEX = 1 << 40  # the copy rows mixed into corpus steps: an index range apart from the warm-up's
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 
 
@@ -269,26 +271,28 @@ def finetune_teacher(
         ckpt.set_rng_state(tstate["rng"])
     model.train()
 
-    def _cat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: torch.cat([a[k], b[k]]) for k in ("input_ids", "labels", "position_ids")}
+    T, V = manifest.max_seq_length, manifest.vocab_size
 
-    def copy_rows(step: int, index: int, rows: int | None = None) -> dict[str, torch.Tensor]:
-        """Two stages, each with a corpus step's tokens: short rows (many distinct spans: the circuit forms), then
-        full-length rows with long periods (the same circuit at the distances of the training length)."""
-        T = manifest.max_seq_length
-        if step < warmup * COPY_SHORT_SHARE and T > COPY_ROW_LEN:
-            return copy_batch(index, ft.batch_size * (T // COPY_ROW_LEN), COPY_ROW_LEN, manifest.vocab_size,
-                              seed=ft.seed, first_token=first_token, min_period=6, max_period=COPY_ROW_LEN // 2 - 2)
-        return copy_batch(index, rows or ft.batch_size, T, manifest.vocab_size, seed=ft.seed, first_token=first_token,
-                          min_period=min(6, T // 8), max_period=max(T - 16, T // 2), small_alphabet_share=0.5)
+    def short_rows(index: int) -> dict[str, torch.Tensor]:
+        """A corpus step's tokens as 64-token rows: many distinct spans per step, so the circuit forms sooner."""
+        if T <= COPY_ROW_LEN:
+            return long_rows(index, ft.batch_size)
+        return copy_batch(index, ft.batch_size * (T // COPY_ROW_LEN), COPY_ROW_LEN, V, seed=ft.seed,
+                          first_token=first_token, min_period=6, max_period=COPY_ROW_LEN // 2 - 2)
+
+    def long_rows(index: int, rows: int) -> dict[str, torch.Tensor]:
+        """Full-length rows, periods up to T - 16 (the distances of the training length), half over small alphabets."""
+        return copy_batch(index, rows, T, V, seed=ft.seed, first_token=first_token, min_period=min(6, T // 8),
+                          max_period=max(T - 16, T // 2), small_alphabet_share=0.5)
 
     def batches(step: int) -> list[dict[str, torch.Tensor]]:
+        idx = [step * ft.grad_accum + i for i in range(ft.grad_accum)]  # copy rows are a function of this index
         if step < warmup:
-            return [copy_rows(step, step * ft.grad_accum + i) for i in range(ft.grad_accum)]
-        out = [next(train_iter) for _ in range(ft.grad_accum)]
-        if ft.copy_rows_per_batch:  # full-length copy rows beside the corpus rows keep the circuit at every distance
-            out = [_cat(b, copy_rows(warmup, 10_000_000 + step * ft.grad_accum + i, rows=ft.copy_rows_per_batch))
-                   for i, b in enumerate(out)]
+            return [short_rows(i) if step < warmup * COPY_SHORT_SHARE else long_rows(i, ft.batch_size) for i in idx]
+        out = [next(train_iter) for _ in idx]
+        if ft.copy_rows_per_batch:  # copy rows beside the corpus rows keep the circuit at every distance
+            extra = [long_rows(MIXED_ROWS_INDEX + i, ft.copy_rows_per_batch) for i in idx]
+            out = [{k: torch.cat([b[k], c[k]]) for k in b if k in c} for b, c in zip(out, extra)]
         return out
 
     def train_step(step: int) -> StepOutput:
