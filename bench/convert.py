@@ -33,6 +33,16 @@ where (a) ends at 4.653 with the same 491,520 tokens. The lever was the alignmen
 (the old default, 102,400 tokens) already cost 0.278 of (a) before any KD; 20 steps is the best
 measured budget (0.167), so it is the default of ``--align-steps``. Wall time: (a) 599 s, (b) 776 s.
 
+Re-measured with the copying demo teacher (2026-12-02, issue 19's copy warm-up; quiet 2-core machine, 2 threads;
+``python bench/convert.py --out /tmp/exp/bc2 --kd-steps 250 --align-steps 20 --eval-interval 10 --threads 2``, then
+``--reuse-arms --ablation-align-steps 0,50,100,200 --ablation-kd-steps 40``): teacher 4.0885, target 4.4974. (a) reaches
+it at KD step 170 (696,320 tokens). (b): converted 6.335 (was 5.181 from the non-copying teacher), aligned 5.411, target
+at KD step 120 (532,480 tokens incl. 40,960 alignment): **ratio_b_over_a 0.765, goal <= 0.25 not met**; (b) still ends
+lower (4.065 vs 4.269). More alignment does not close it: aligned val 5.140 / 4.972 / 4.896 after 50 / 100 / 200 steps
+(all > target within 40 KD steps); a lower KD learning rate for the converted student (Muon 0.005 / AdamW 1e-3, or
+0.01 / 2e-3) is slower (4.902 / 4.833 at KD step 60 vs 4.74 at the demo's). Why: the teacher now copies with
+softmax attention (induction heads), which decaying retention cannot reproduce, so the conversion starts far from it.
+
 Ablation table (tokens to the target, (b)'s alignment included; ratio = / (a)'s 491,520):
 
 | arm | alignment | KD steps to target | tokens to target | ratio |
