@@ -39,8 +39,9 @@ Re-measured with the copying demo teacher (2026-12-02, issue 19's copy warm-up; 
 it at KD step 170 (696,320 tokens). (b): converted 6.335 (was 5.181 from the non-copying teacher), aligned 5.411, target
 at KD step 120 (532,480 tokens incl. 40,960 alignment): **ratio_b_over_a 0.765, goal <= 0.25 not met**; (b) still ends
 lower (4.065 vs 4.269). More alignment does not close it: aligned val 5.140 / 4.972 / 4.896 after 50 / 100 / 200 steps
-(all > target within 40 KD steps); a lower KD learning rate for the converted student (Muon 0.005 / AdamW 1e-3, or
-0.01 / 2e-3) is slower (4.902 / 4.833 at KD step 60 vs 4.74 at the demo's). Why: the teacher now copies with
+(all > target within 40 KD steps); a lower KD learning rate for the converted student (``--config`` a copy of demo.yaml with
+train.muon_learning_rate / learning_rate 0.005 / 1e-3 or 0.01 / 2e-3, ``--reuse-arms --ablation-align-steps 20
+--ablation-kd-steps 60``) is slower (4.902 / 4.833 at KD step 60 vs 4.74 at the demo's). Why: the teacher now copies with
 softmax attention (induction heads), which decaying retention cannot reproduce, so the conversion starts far from it.
 
 Ablation table (tokens to the target, (b)'s alignment included; ratio = / (a)'s 491,520):
