@@ -196,6 +196,12 @@ class TeacherFinetuneConfig(Section):
     copy_rows_per_batch: int = _f(0, "full mode, random-init teacher: synthetic copy rows added to every corpus "
                                      "micro-batch after the warm-up, so the corpus does not wash the copying out "
                                      "(0 = none)", ge=0, le=4096)
+    pass_key_rows_per_batch: int = _f(0, "full mode, random-init teacher: this many rows of every corpus micro-batch "
+                                         "after the copy warm-up become pass-key rows (the row's text with a pass key "
+                                         "at a random depth and the question with its answer at the end, "
+                                         "distill_dag/data/copy_rows.py): retrieval at every distance up to the "
+                                         "training length, which packed retrieval documents cut (0 = none)",
+                                      ge=0, le=4096)
     eval_interval: int = _f(100, "Held-out eval every this many steps (0 = only before and after)", ge=0)
     eval_batches: int = _f(20, "Batches per held-out eval (0 = the whole val split)", ge=0)
     early_stopping_patience: int = _f(3, "Stop after this many evals without improvement (0 = never)", ge=0)

@@ -26,7 +26,14 @@ The batch has the layout of :mod:`distill_dag.data.dataset` (``input_ids``, ``at
 
 from __future__ import annotations
 
+import random
+from typing import Callable
+
 import torch
+
+from distill_dag.data.retrieval_docs import NEEDLE, QUESTION
+
+NEEDLE_PREFIX = NEEDLE.split("{key}")[0].rstrip()  # "The pass key is"
 
 
 def copy_batch(step: int, batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0,
@@ -64,3 +71,53 @@ def copy_batch(step: int, batch_size: int, seq_len: int, vocab_size: int, *, see
         labels[b, : p + 1] = -100  # the first span and its first repeat are random: nothing to learn
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
             "position_ids": torch.arange(seq_len).expand(batch_size, seq_len).clone()}
+
+
+def pass_key_rows(batch: dict[str, torch.Tensor], index: int, count: int, encode: Callable[[str], list[int]], *,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """``batch`` (corpus rows) with up to ``count`` of its rows made pass-key rows, a pure function of
+    ``(seed, index)``.
+
+    A pass-key row is the corpus row's own text with ``The pass key is NNNNN.`` on a line inserted at a
+    uniformly random depth and ``What is the pass key? The pass key is NNNNN.`` at its end, cut to the row
+    length: retrieval at every distance up to the training length. Packed retrieval *documents* cannot
+    give that: the packer cuts documents anywhere, so an episode of ``d`` tokens survives whole in a
+    ``T``-token row with probability ``(T - d) / T`` (6 % at 240 of 256), and the demo's documents put
+    8 % of their needles 180+ tokens before the question. The key's digits in the needle carry no label
+    (nothing before them predicts them); the answer's do. Rows that are padded or already hold a
+    ``pass key is`` (a retrieval document's rival needle) are left as they are.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    B, T = ids.shape
+    rng = random.Random(f"{seed}/pass_key/{index}")
+    marker = encode(" pass key is")
+    has_marker = torch.zeros(B, dtype=torch.bool)
+    if len(marker) <= T:
+        win = ids.unfold(1, len(marker), 1)  # [B, T - m + 1, m]
+        has_marker = (win == torch.tensor(marker)).all(-1).any(-1)
+    full = batch["attention_mask"].bool().all(-1)
+    eligible = [b for b in range(B) if full[b] and not has_marker[b]]
+    chosen = sorted(rng.sample(eligible, k=min(count, len(eligible))))
+    if not chosen:
+        return batch
+    out = {k: v.clone() for k, v in batch.items()}
+    prefix, question = encode(NEEDLE_PREFIX), encode("\n" + QUESTION)
+    for b in chosen:
+        key = f" {rng.randint(10_000, 99_999)}"
+        digits, stop = encode(key), encode(".\n")
+        answer = digits + encode(".")
+        needle = prefix + digits + stop
+        body_len = T - len(needle) - len(question) - len(answer)
+        if body_len < 1:
+            raise ValueError(f"pass-key rows: {T}-token rows cannot hold the needle, the question and its answer")
+        pos = rng.randint(0, body_len)
+        body_ids, body_lab = ids[b, :body_len].tolist(), labels[b, :body_len].tolist()
+        needle_lab = prefix + [-100] * len(digits) + stop
+        row = body_ids[:pos] + needle + body_ids[pos:] + question + answer
+        lab = body_lab[:pos] + needle_lab + body_lab[pos:] + question + answer
+        lab[0] = -100
+        out["input_ids"][b] = torch.tensor(row)
+        out["labels"][b] = torch.tensor(lab)
+        if "position_ids" in out:
+            out["position_ids"][b] = torch.arange(T)
+    return out

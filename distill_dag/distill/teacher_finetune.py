@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 
 from distill_dag.config import ConfigError, PipelineConfig, TeacherFinetuneConfig
-from distill_dag.data.copy_rows import copy_batch
+from distill_dag.data.copy_rows import copy_batch, pass_key_rows
 from distill_dag.data.dataset import make_loader
 from distill_dag.data.manifest import MANIFEST, Manifest, check_manifest
 from distill_dag.data.tokenizer import load_tokenizer, tokenizer_hash
@@ -89,12 +89,15 @@ def check_finetune_config(cfg: PipelineConfig) -> None:
         if ft.copy_warmup_steps >= ft.max_steps:
             errs.append(f"teacher_ft.copy_warmup_steps ({ft.copy_warmup_steps}) must be below teacher_ft.max_steps "
                         f"({ft.max_steps}): the corpus steps come after the copy warm-up")
+        if ft.pass_key_rows_per_batch > ft.batch_size:
+            errs.append(f"teacher_ft.pass_key_rows_per_batch ({ft.pass_key_rows_per_batch}) must be at most "
+                        f"teacher_ft.batch_size ({ft.batch_size}): they are rows of the corpus micro-batch")
         if cfg.teacher.dtype in ("bfloat16", "float16"):
             errs.append(f"teacher.dtype {cfg.teacher.dtype!r}: full finetuning keeps float32 weights "
                         "(set teacher.dtype: auto or float32)")
     else:
-        if ft.copy_warmup_steps or ft.copy_rows_per_batch:
-            errs.append("teacher_ft.copy_warmup_steps / copy_rows_per_batch are for a random-init teacher (mode "
+        if ft.copy_warmup_steps or ft.copy_rows_per_batch or ft.pass_key_rows_per_batch:
+            errs.append("teacher_ft.copy_warmup_steps / copy_rows_per_batch / pass_key_rows_per_batch are for a random-init teacher (mode "
                         "'full'); a pretrained teacher's LoRA finetune already has its copying circuits: set them to 0")
         if ft.lora_r < 1:
             errs.append(f"teacher_ft.lora_r must be >= 1 (got {ft.lora_r})")
@@ -273,6 +276,9 @@ def finetune_teacher(
 
     T, V = manifest.max_seq_length, manifest.vocab_size
 
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def short_rows(index: int) -> dict[str, torch.Tensor]:
         """A corpus step's tokens as 64-token rows: many distinct spans per step, so the circuit forms sooner."""
         if T <= COPY_ROW_LEN:
@@ -290,6 +296,8 @@ def finetune_teacher(
         if step < warmup:
             return [short_rows(i) if step < warmup * COPY_SHORT_SHARE else long_rows(i, ft.batch_size) for i in idx]
         out = [next(train_iter) for _ in idx]
+        if ft.pass_key_rows_per_batch:  # some corpus rows carry a pass key at a random distance
+            out = [pass_key_rows(b, i, ft.pass_key_rows_per_batch, encode, seed=ft.seed) for b, i in zip(out, idx)]
         if ft.copy_rows_per_batch:  # copy rows beside the corpus rows keep the circuit at every distance
             extra = [long_rows(MIXED_ROWS_INDEX + i, ft.copy_rows_per_batch) for i in idx]
             out = [{k: torch.cat([b[k], c[k]]) for k in b if k in c} for b, c in zip(out, extra)]
