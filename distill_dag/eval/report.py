@@ -317,8 +317,10 @@ def evaluate_checkpoint(
                       niah_table=r["table_markdown"], niah_models=per_model, niah_ratio_grids=ratios,
                       niah_context_lengths=lengths, niah_depths=depths, niah_train_len=train_len,
                       niah_comparison_table=comparison_markdown(grids, depths, lengths, teacher_name))
+        result.update(niah_accuracy_at_train_len=per_model["student"]["accuracy_at_train_len"])
         if teacher_name is not None:
-            result.update(niah_teacher_accuracy=per_model[teacher_name]["accuracy"])
+            result.update(niah_teacher_accuracy=per_model[teacher_name]["accuracy"],
+                          niah_teacher_accuracy_at_train_len=per_model[teacher_name]["accuracy_at_train_len"])
         summary = ["| model | overall | at the training length (" + str(train_len) + ") | within | beyond |",
                    "|---|---:|---:|---:|---:|"]
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731

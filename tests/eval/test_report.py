@@ -75,6 +75,9 @@ def test_report_has_every_model_niah_samples_and_plots(tmp_path, run):
     assert set(r["niah_ratio_grids"]) == {"student", "CE-only baseline"}
     assert r["niah_models"]["student"]["accuracy_at_train_len"] == 0.0  # 64 = tokenize.max_seq_length
     assert r["niah_models"]["student"]["accuracy_beyond_train_len"] == 0.0  # 96 > 64
+    # the gate's numbers (eval_report's checks) are the training length's cells
+    assert r["niah_accuracy_at_train_len"] == r["niah_models"]["student"]["accuracy_at_train_len"]
+    assert r["niah_teacher_accuracy_at_train_len"] == r["niah_models"]["teacher (adapted)"]["accuracy_at_train_len"]
     # long context: 1x..8x the training length for the students and the teacher, cache and ms/token
     lc = r["long_context_ppl"]
     assert lc["lengths"] == [64, 128, 256, 512] and set(lc["by_length"]) == set(r["niah_models"])
