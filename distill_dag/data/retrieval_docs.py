@@ -16,7 +16,10 @@ the copying circuit the test needs. Each document is a run of short *episodes* o
 
 Episodes are 20 to ~250 tokens long (the demo trains on 256-token rows): the packer cuts the
 documents into rows anywhere, so most episodes sit inside one row, at every distance up to the
-training length. Everything is deterministic (seeded by the source name and the document index);
+training length (measured: 8 % of the needles sit 180+ tokens before their question, and an episode of
+``d`` tokens survives whole in a 256-token row with probability ``(256 - d) / 256``, so the long distances
+come from the teacher finetune's pass-key rows, :func:`distill_dag.data.copy_rows.pass_key_rows`).
+Everything is deterministic (seeded by the source name and the document index);
 the source is declared as ``kind: hf`` with ``dataset: synthetic:retrieval`` (``max_rows`` documents,
 default 200), which :func:`distill_dag.data.sources.gather_source` routes here (no hub id has a colon).
 """

@@ -8,7 +8,9 @@ Two modes (``teacher_ft.mode``):
   (``teacher.model_name_or_path: null`` + ``teacher.init_tiny``, vocab = the manifest's). A random-init
   teacher can first train ``copy_warmup_steps`` steps on synthetic copy rows
   (:mod:`distill_dag.data.copy_rows`: without them the demo teacher never learns to retrieve), and
-  ``copy_rows_per_batch`` copy rows can ride along with every corpus micro-batch after that.
+  ``copy_rows_per_batch`` copy rows can ride along with every corpus micro-batch after that, and
+  ``pass_key_rows_per_batch`` rows of each corpus micro-batch can carry a pass key at a random depth
+  with its question and answer at the end (:func:`distill_dag.data.copy_rows.pass_key_rows`).
 
 Label convention (the project's one): ``labels[b, t]`` is ``input_ids[b, t]`` or -100, NOT shifted;
 they go to the Hugging Face model unchanged, which shifts them exactly once. The loss of one

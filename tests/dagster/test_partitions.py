@@ -33,7 +33,7 @@ def _cfg(root: Path, **teacher_ft) -> dict:
         "tokenize": {"max_seq_length": 64, "rows_per_shard": 320, "val_fraction": 0.1},
         "teacher": {"init_tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                   "num_attention_heads": 2, "num_key_value_heads": 1}},
-        "teacher_ft": {"max_steps": 4, "copy_warmup_steps": 0, "eval_interval": 2, "save_interval": 2, "eval_batches": 2,
+        "teacher_ft": {"max_steps": 4, "copy_warmup_steps": 0, "pass_key_rows_per_batch": 0, "eval_interval": 2, "save_interval": 2, "eval_batches": 2,
                        "batch_size": 4,
                        "warmup_steps": 1, "output_dir": str(root / "runs" / "teacher_ft"), **teacher_ft},
         "logit_cache": {"k": 8, "dir": str(root / "data" / "logit_cache"), "batch_rows": 16},
