@@ -32,7 +32,9 @@ Re-measured with the copying demo teacher (2026-12-02, quiet, 2 threads; ``pytho
 base 4.4520 (gap share -0.085), T2 5.1563 (-2.19), alpha0.8 4.6624 (-0.71), alpha1 4.9001 (-1.42), k16 4.4808
 (-0.17), k256 4.4168 (+0.020), bucket 4.4060 (+0.052). A teacher that copies from context gives soft targets the
 tiny RetNet cannot follow: more KL weight hurts; keeping the tail as a bucket helps, so the demo uses ``tail: bucket``
-(make demo: KD 4.3967 vs CE-only 4.4188, teacher 4.0418: gap share 0.059).
+(make demo: KD 4.3967 vs CE-only 4.4188, teacher 4.0418: gap share 0.059). With the pass-key demo teacher
+(2026-12-03: 1300 steps, 12 of 16 rows with a pass key; configs/demo.yaml) make demo gives KD 4.2539 vs CE-only
+4.4188, teacher 3.2419: gap share 0.140 (the sweep's arms not re-run on that teacher).
 
 At 60 steps more KL weight helps a little (alpha 0.8: 0.262 vs 0.239), T = 2 hurts (the T^2-scaled
 soft targets of a tiny teacher carry mostly its tail noise early on). (k16, k256, bucket,
