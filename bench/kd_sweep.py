@@ -60,13 +60,13 @@ import torch  # noqa: E402
 # name -> train overrides; "ce" is the CE-only baseline
 ARMS: dict[str, dict] = {
     "ce": {"pretrain_ce_only": True},
-    "base": {},  # the demo: T 1, alpha 0.5, k 64, renormalize
+    "base": {},  # the demo: T 1, alpha 0.5, k 64, tail bucket (renormalize before 2026-12-03: the runs below name it)
     "T2": {"temperature": 2.0},
     "alpha0.8": {"distill_alpha": 0.8},
     "alpha1": {"distill_alpha": 1.0},
     "k16": {"teacher_topk": 16},
     "k256": {"teacher_topk": 256},
-    "bucket": {"tail": "bucket"},
+    "renormalize": {"tail": "renormalize"},
 }
 
 
