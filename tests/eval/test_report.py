@@ -111,3 +111,14 @@ def test_cli_eval_finds_the_run_teacher_and_baseline_from_the_config(tmp_path, r
     assert (tmp_path / "out" / "report.md").exists()
     lc = json.loads((tmp_path / "out" / "long_context.json").read_text())
     assert lc["perplexity"]["lengths"] == [64, 128]
+
+
+def test_a_converted_student_is_compared_beside_the_others(tmp_path, run):
+    """student.init from_teacher: the aligned stage-1 student gets its own NIAH row, heat-map and ratio to the teacher."""
+    cfg = config_from_dict(_cfg_dict(run))
+    r = evaluate_checkpoint(run / "run" / "final", cfg, run / "tokenized", tmp_path / "eval",
+                            teacher=run / "teacher_ft", converted=run / "run" / "final", long_context=False,
+                            log=lambda s: None)
+    assert set(r["niah_models"]) == {"student", "converted student", "teacher (adapted)"}
+    assert set(r["niah_ratio_grids"]) == {"student", "converted student"}
+    assert "| converted student |" in (tmp_path / "eval" / "report.md").read_text()
