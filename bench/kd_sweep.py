@@ -34,7 +34,21 @@ base 4.4520 (gap share -0.085), T2 5.1563 (-2.19), alpha0.8 4.6624 (-0.71), alph
 tiny RetNet cannot follow: more KL weight hurts; keeping the tail as a bucket helps, so the demo uses ``tail: bucket``
 (make demo: KD 4.3967 vs CE-only 4.4188, teacher 4.0418: gap share 0.059). With the pass-key demo teacher
 (2026-12-03: 1300 steps, 12 of 16 rows with a pass key; configs/demo.yaml) make demo gives KD 4.2539 vs CE-only
-4.4188, teacher 3.2419: gap share 0.140 (the sweep's arms not re-run on that teacher).
+4.4188, teacher 3.2419: gap share 0.140. The sweep on that teacher (2026-12-03, quiet, 2 threads; ``python
+bench/kd_sweep.py --out /tmp/kds --steps 200 --arms ce,base,renormalize,T2,alpha0.8,k256 --threads 2`` with the
+demo's data and teacher copied into ``/tmp/kds``; teacher 3.2806, CE-only 4.4235 on 8 val batches):
+
+| arm | T | alpha | k | tail | held-out loss | gap share closed by KD | s |
+|---|---:|---:|---:|---|---:|---:|---:|
+| ce | - | 0 | - | - | 4.4235 | 0.000 | 49 |
+| base (the demo) | 1.0 | 0.5 | 64 | bucket | 4.2542 | 0.148 | 83 |
+| renormalize | 1.0 | 0.5 | 64 | renormalize | 4.2400 | 0.161 | 77 |
+| T2 | 2.0 | 0.5 | 64 | bucket | 4.2286 | 0.171 | 77 |
+| alpha0.8 | 1.0 | 0.8 | 64 | bucket | 4.2300 | 0.169 | 72 |
+| k256 | 1.0 | 0.5 | 256 | bucket | 4.2320 | 0.168 | 87 |
+
+With a teacher this much better than the students (1.14 nats below CE-only, was 0.33), every KD arm helps and
+they sit within 0.025 nats of each other (one seed each: not separable); more KL weight and T 2 no longer hurt.
 
 At 60 steps more KL weight helps a little (alpha 0.8: 0.262 vs 0.239), T = 2 hurts (the T^2-scaled
 soft targets of a tiny teacher carry mostly its tail noise early on). (k16, k256, bucket,
