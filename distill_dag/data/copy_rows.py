@@ -75,6 +75,13 @@ def copy_batch(step: int, batch_size: int, seq_len: int, vocab_size: int, *, see
             "position_ids": torch.arange(seq_len).expand(batch_size, seq_len).clone()}
 
 
+def pass_key_row_min_len(encode: Callable[[str], list[int]]) -> int:
+    """The shortest row that holds a pass-key row's needle, question and answer (a 5-digit key at its worst: one
+    token per character, 6 with the space) plus one filler token."""
+    fixed = len(encode(NEEDLE_PREFIX)) + len(encode(".\n")) + len(encode("\n" + QUESTION)) + len(encode("."))
+    return fixed + 2 * 6 + 1
+
+
 def pass_key_rows(batch: dict[str, torch.Tensor], index: int, count: int, encode: Callable[[str], list[int]], *,
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """``batch`` (corpus rows) with up to ``count`` of its rows made pass-key rows, a pure function of

@@ -52,7 +52,7 @@ from typing import Any, Callable
 import torch
 
 from distill_dag.config import ConfigError, PipelineConfig, TeacherFinetuneConfig
-from distill_dag.data.copy_rows import copy_batch, pass_key_rows
+from distill_dag.data.copy_rows import copy_batch, pass_key_row_min_len, pass_key_rows
 from distill_dag.data.dataset import make_loader
 from distill_dag.data.manifest import MANIFEST, Manifest, check_manifest
 from distill_dag.data.tokenizer import load_tokenizer, tokenizer_hash
@@ -216,6 +216,16 @@ def finetune_teacher(
         raise ValueError(f"{data_dir / MANIFEST}: no 'val' split; teacher finetuning measures held-out perplexity "
                          "before and after (set tokenize.val_fraction > 0 and re-run preprocessing with force)")
 
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    need = pass_key_row_min_len(encode) if ft.pass_key_rows_per_batch else 0
+    if manifest.max_seq_length < need:
+        raise ConfigError(f"teacher_ft.pass_key_rows_per_batch needs rows of at least {need} tokens (the needle, the "
+                          f"question and the answer); {data_dir / MANIFEST} has max_seq_length "
+                          f"{manifest.max_seq_length} (set pass_key_rows_per_batch: 0, or pack longer rows)")
+
     model, base_id = build_model(cfg, manifest.vocab_size, dev)
     check_manifest(manifest, vocab_size=model.get_input_embeddings().num_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -278,8 +288,6 @@ def finetune_teacher(
 
     T, V = manifest.max_seq_length, manifest.vocab_size
 
-    def encode(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def short_rows(index: int) -> dict[str, torch.Tensor]:
         """A corpus step's tokens as 64-token rows: many distinct spans per step, so the circuit forms sooner."""

@@ -127,3 +127,9 @@ def test_pass_key_rows_leave_padded_rows_and_rows_with_a_rival_needle(bpe_tokeni
     assert not torch.equal(out["input_ids"][2], batch["input_ids"][2])
     with pytest.raises(ValueError, match="cannot hold"):
         pass_key_rows(_corpus_batch(tok, 2, 24), 0, 1, enc)
+    # the finetune's up-front bound: rows of that length always hold a pass-key row
+    from distill_dag.data.copy_rows import pass_key_row_min_len
+
+    n = pass_key_row_min_len(enc)
+    for i in range(20):
+        pass_key_rows(_corpus_batch(tok, 2, n), i, 2, enc)

@@ -205,3 +205,13 @@ def test_copy_warmup_is_checked_against_the_mode_and_max_steps(tmp_path, small_c
                          small_corpus["tokenized"], tmp_path, log=lambda s: None)
     with pytest.raises(ConfigError, match=r"pass_key_rows_per_batch \(9\) must be at most teacher_ft.batch_size \(8\)"):
         finetune_teacher(_cfg(pass_key_rows_per_batch=9), small_corpus["tokenized"], tmp_path, log=lambda s: None)
+
+
+def test_pass_key_rows_longer_than_the_rows_are_refused_before_any_training(tmp_path, small_corpus, monkeypatch):
+    import distill_dag.distill.teacher_finetune as tf
+
+    monkeypatch.setattr(tf, "pass_key_row_min_len", lambda encode: 65)  # the corpus packs 64-token rows
+    with pytest.raises(ConfigError, match=r"pass_key_rows_per_batch needs rows of at least 65 tokens.*max_seq_length 64"):
+        finetune_teacher(_cfg(pass_key_rows_per_batch=2), small_corpus["tokenized"], tmp_path / "ft",
+                         tokenizer_dir=small_corpus["tokenizer"], log=lambda s: None)
+    assert not (tmp_path / "ft").exists()  # nothing trained, nothing written
