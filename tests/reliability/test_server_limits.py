@@ -190,8 +190,9 @@ def test_concurrent_oversized_bodies_keep_rss_under_the_budget_bound():
         assert len(statuses) == 2 * n and 500 not in statuses
         assert set(statuses) <= {400, 503, "closed"}
         assert any(s in (503, "closed") for s in statuses)  # the budget did refuse some
-        # allocator slack on a loaded 2-core machine measured up to +64 MiB; unbounded, 8 bodies grew it +309-389 MiB
-        assert grew < budget + 96 * MiB, f"RSS grew by {grew / MiB:.0f} MiB"
+        # allocator slack measured up to +64 MiB on a loaded 2-core machine and +132 MiB once in a fresh clone
+        # (2026-12-03: +196 in all); unbounded, 8 bodies grew it +309-389 MiB: the bound sits between the two
+        assert grew < budget + 160 * MiB, f"RSS grew by {grew / MiB:.0f} MiB"
         h = srv.health()
         assert h["buffered_bytes"] == 0 and h["max_buffered_bytes"] == budget  # every reservation returned
     finally:
