@@ -110,11 +110,10 @@ def pass_key_rows(batch: dict[str, torch.Tensor], index: int, count: int, encode
     if not chosen:
         return batch
     out = {k: v.clone() for k, v in batch.items()}
-    prefix, question = encode(NEEDLE_PREFIX), encode("\n" + QUESTION)
+    prefix, question, stop, period = encode(NEEDLE_PREFIX), encode("\n" + QUESTION), encode(".\n"), encode(".")
     for b in chosen:
-        key = f" {rng.randint(10_000, 99_999)}"
-        digits, stop = encode(key), encode(".\n")
-        answer = digits + encode(".")
+        digits = encode(f" {rng.randint(10_000, 99_999)}")
+        answer = digits + period
         needle = prefix + digits + stop
         body_len = T - len(needle) - len(question) - len(answer)
         if body_len < 1:

@@ -37,7 +37,7 @@ DEFAULT_DOCS = 200
 DOC_CHARS = 4000  # about 1,100 tokens of the demo BPE per document
 CATEGORY = "retrieval"
 
-NEEDLE = "The pass key is {key}."  # the same wording as distill_dag.eval.niah
+NEEDLE = "The pass key is {key}."  # distill_dag.eval.niah asks with this wording too
 QUESTION = "What is the pass key? The pass key is"
 
 _FIRST = ["Ada", "Alan", "Grace", "Linus", "Guido", "Barbara", "Edsger", "Donald", "Margaret", "Dennis",

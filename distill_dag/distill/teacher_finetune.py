@@ -99,8 +99,9 @@ def check_finetune_config(cfg: PipelineConfig) -> None:
                         "(set teacher.dtype: auto or float32)")
     else:
         if ft.copy_warmup_steps or ft.copy_rows_per_batch or ft.pass_key_rows_per_batch:
-            errs.append("teacher_ft.copy_warmup_steps / copy_rows_per_batch / pass_key_rows_per_batch are for a random-init teacher (mode "
-                        "'full'); a pretrained teacher's LoRA finetune already has its copying circuits: set them to 0")
+            errs.append("teacher_ft.copy_warmup_steps / copy_rows_per_batch / pass_key_rows_per_batch are for a "
+                        "random-init teacher (mode 'full'); a pretrained teacher's LoRA finetune already has its "
+                        "copying circuits: set them to 0")
         if ft.lora_r < 1:
             errs.append(f"teacher_ft.lora_r must be >= 1 (got {ft.lora_r})")
         if not 0.0 <= ft.lora_dropout < 1.0:
@@ -216,7 +217,6 @@ def finetune_teacher(
         raise ValueError(f"{data_dir / MANIFEST}: no 'val' split; teacher finetuning measures held-out perplexity "
                          "before and after (set tokenize.val_fraction > 0 and re-run preprocessing with force)")
 
-
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -287,7 +287,6 @@ def finetune_teacher(
     model.train()
 
     T, V = manifest.max_seq_length, manifest.vocab_size
-
 
     def short_rows(index: int) -> dict[str, torch.Tensor]:
         """A corpus step's tokens as 64-token rows: many distinct spans per step, so the circuit forms sooner."""

@@ -19,10 +19,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from distill_dag.data.retrieval_docs import NEEDLE, QUESTION  # the demo corpus' wording: one definition
 from distill_dag.eval.plots import pyplot, save_png
 
-NEEDLE = "The pass key is {key}."
-QUESTION = "What is the pass key? The pass key is"
 
 
 @dataclass
