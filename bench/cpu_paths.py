@@ -86,7 +86,7 @@ def main() -> None:
         print(json.dumps(allocator_child(repeats)))
         return
 
-    from distill_dag.distill.optim import cpu_has_native_bf16
+    from distill_dag.device import cpu_has_native_bf16
 
     print(f"threads {args.threads}, repeats {repeats}; cpu native bf16: {'yes' if cpu_has_native_bf16() else 'no'}")
     bf16 = muon_step_ms(torch.bfloat16, repeats)

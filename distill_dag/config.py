@@ -300,6 +300,12 @@ class TrainConfig(Section):
     muon_ns_dtype: Literal["auto", "bfloat16", "float32"] = _f(
         "auto", "dtype of Muon's Newton-Schulz orthogonalisation: auto = bfloat16 (torch.optim.Muon's own) on CUDA and "
                 "on CPUs with native bf16 (AMX, AVX512-BF16), else float32 (emulated bf16 is far slower: bench/cpu_paths.py)")
+    autocast: Literal["auto", "bfloat16", "off"] = _f(
+        "auto", "Mixed precision of the training forward passes (students, alignment, teacher finetuning): bf16 "
+                "autocast, with fp32 weights, optimizer states, retention and loss math. auto = on CUDA and on CPUs "
+                "with native bf16 (AMX, AVX512-BF16; the demo's teacher step 1.4x, student step 1.5x faster), off "
+                "elsewhere (emulated bf16 is slower than fp32); off = float32 throughout. Evaluation runs in "
+                "fp32")
     warmup_steps: int = _f(100, "Linear warm-up steps", ge=0)
     max_steps: int = _f(1000, "Optimizer steps (0 only with student.init from_teacher: stage 1 alone)", ge=0)
     min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)

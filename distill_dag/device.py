@@ -1,9 +1,11 @@
-"""Device choice: CUDA when present, else CPU; overridable by config or ``--device``. And the host
-allocator's setting for CPU tensors (:func:`keep_freed_memory`, applied when the package is imported)."""
+"""Device choice: CUDA when present, else CPU; overridable by config or ``--device``. Mixed precision
+(``train.autocast``: :func:`autocast`). And the host allocator's setting for CPU tensors
+(:func:`keep_freed_memory`, applied when the package is imported)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def pick_device(requested: str = "auto") -> "torch.device":  # noqa: F821
@@ -17,6 +19,42 @@ def pick_device(requested: str = "auto") -> "torch.device":  # noqa: F821
         # Fragmentation at vocab 128k is the usual OOM; the allocator handles it when told early.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     return torch.device(requested)
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 ``amx_bf16`` / ``avx512_bf16``, Arm ``bf16``),
+    from ``/proc/cpuinfo``'s flags (False when it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    return False
+
+
+def autocast_enabled(device: "torch.device", setting: str = "auto") -> bool:  # noqa: F821
+    """``train.autocast``: auto = bf16 autocast on CUDA and on CPUs with native bf16 (emulated bf16 is
+    slower than fp32 there), bfloat16 = on wherever torch autocasts, off = float32 throughout."""
+    if setting == "off":
+        return False
+    if setting == "bfloat16":
+        return device.type in ("cuda", "cpu")
+    if setting != "auto":
+        raise ValueError(f"train.autocast must be auto, bfloat16 or off, got {setting!r}")
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def autocast(device: "torch.device", setting: str = "auto") -> "torch.autocast":  # noqa: F821
+    """The training forward's context: bf16 autocast when :func:`autocast_enabled` (weights, optimizer
+    and the loss math stay fp32; retention runs in fp32 inside the model)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_enabled(device, setting))
 
 
 # glibc mallopt parameters (malloc.h)

@@ -39,7 +39,7 @@ import torch
 from distill_dag.config import PipelineConfig
 from distill_dag.data.dataset import make_loader
 from distill_dag.data.manifest import Manifest, check_manifest
-from distill_dag.device import pick_device
+from distill_dag.device import autocast, pick_device
 from distill_dag.distill import checkpoint as ckpt
 from distill_dag.distill.loop import Checkpointer, CheckpointContents, OptimizerStep, StepOutput, TrainLoop
 from distill_dag.distill.loop import TrainingInterrupted  # noqa: F401  (what a stopped align_student raises)
@@ -169,7 +169,7 @@ def layer_mse(outs: list[torch.Tensor], targets: list[torch.Tensor], mask: torch
 
 @torch.no_grad()
 def evaluate_alignment(student: torch.nn.Module, teacher: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
-                       device: torch.device) -> dict[str, list[float]]:
+                       device: torch.device, precision: str = "auto") -> dict[str, list[float]]:
     """Token-weighted per-layer MSE and relative MSE over ``batches``: {"mse": [L], "rel_mse": [L]}."""
     was = student.training
     student.eval()
@@ -178,7 +178,7 @@ def evaluate_alignment(student: torch.nn.Module, teacher: torch.nn.Module, batch
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         xs, ys = teacher_attention_io(teacher, b)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):  # train.autocast, as in training
             outs = student_retention_outputs(student, xs, b)
         mse, power = layer_mse(outs, ys, b["attention_mask"])
         n = float(b["attention_mask"].sum())
@@ -288,7 +288,8 @@ def align_student(
 
     def evaluate(at: int | None = None) -> dict[str, list[float]]:
         """Held-out per-layer MSE; logged (kind val) when ``at`` is a step."""
-        ev = evaluate_alignment(student, teacher, val_batches, device) if val_batches else {"mse": [], "rel_mse": []}
+        ev = (evaluate_alignment(student, teacher, val_batches, device, cfg.train.autocast) if val_batches
+              else {"mse": [], "rel_mse": []})
         if at is not None and ev["mse"]:
             tel.log(at, {f"{k}_l{i}": v for k, vals in ev.items() for i, v in enumerate(vals)}, kind="val")
         return ev
@@ -323,7 +324,7 @@ def align_student(
         """loss = sum_l MSE_l of one batch (module docstring), backward."""
         b = {k: v.to(device) for k, v in next(batches).items()}
         xs, ys = teacher_attention_io(teacher, b)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, cfg.train.autocast):
             outs = student_retention_outputs(student, xs, b)
         mse, _ = layer_mse(outs, ys, b["attention_mask"])
         loss = mse.sum()

@@ -34,12 +34,13 @@ boost composes with the schedule for every step of its duration (it is never ove
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+from distill_dag.device import cpu_has_native_bf16  # noqa: F401  (ns_dtype_for looks it up here)
 
 _NO_DECAY_WORDS = ("norm", "bias", "decay")
 
@@ -101,22 +102,6 @@ class Muon(torch.optim.Muon):
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 in hardware (x86 ``amx_bf16`` / ``avx512_bf16``, Arm ``bf16``),
-    from ``/proc/cpuinfo``'s flags (False when it cannot be read)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags = set(value.split())
-            return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
-    return False
 
 
 def ns_dtype_for(choice: str, device: torch.device) -> torch.dtype:

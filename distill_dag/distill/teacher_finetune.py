@@ -56,7 +56,7 @@ from distill_dag.data.copy_rows import copy_batch, pass_key_row_min_len, pass_ke
 from distill_dag.data.dataset import make_loader
 from distill_dag.data.manifest import MANIFEST, Manifest, check_manifest
 from distill_dag.data.tokenizer import load_tokenizer, tokenizer_hash
-from distill_dag.device import pick_device
+from distill_dag.device import autocast, pick_device
 from distill_dag.distill import checkpoint as ckpt
 from distill_dag.distill.loop import Checkpointer, CheckpointContents, OptimizerStep, StepOutput, TrainLoop
 from distill_dag.distill.loop import TrainingInterrupted  # noqa: F401  (what a stopped finetune_teacher raises)
@@ -319,8 +319,10 @@ def finetune_teacher(
         loss_sum = 0.0
         for b in micro:
             kw = lm_inputs(model, b, dev)
-            # HF shifts the unshifted labels once; num_items_in_batch makes the sum a mean over the step
-            out_ = model(**kw, labels=b["labels"].to(dev), num_items_in_batch=max(n_items, 1))
+            # HF shifts the unshifted labels once (its loss upcasts the logits to fp32); num_items_in_batch
+            # makes the sum a mean over the step. train.autocast: bf16 matmuls where the hardware has them
+            with autocast(dev, cfg.train.autocast):
+                out_ = model(**kw, labels=b["labels"].to(dev), num_items_in_batch=max(n_items, 1))
             out_.loss.backward()
             loss_sum += float(out_.loss.detach())
         return StepOutput(loss=loss_sum, tokens=n_items, rows=sum(len(b["input_ids"]) for b in micro))

@@ -23,7 +23,7 @@ from distill_dag.config import ConfigError, PipelineConfig
 from distill_dag.data.dataset import make_loader
 from distill_dag.data.manifest import Manifest, check_manifest
 from distill_dag.data.tokenizer import tokenizer_hash
-from distill_dag.device import pick_device
+from distill_dag.device import autocast, pick_device
 from distill_dag.distill import checkpoint as ckpt
 from distill_dag.distill.align import load_aligned_student
 from distill_dag.distill.distributed import (
@@ -262,8 +262,8 @@ def train(
             if topk is not None and topk.k > tc.teacher_topk:
                 topk = TeacherTopK(topk.indices[..., : tc.teacher_topk], topk.logprobs[..., : tc.teacher_topk])
             last = i_micro == len(micro) - 1
-            # bf16 autocast on GPU for the model AND the chunked LM head (the loss math stays fp32)
-            with no_sync(student, last), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            # train.autocast: bf16 for the model AND the chunked LM head (the loss math stays fp32)
+            with no_sync(student, last), autocast(device, tc.autocast):
                 out = student(
                     batch, topk,
                     temperature=tc.temperature,
