@@ -1,4 +1,4 @@
-"""Two CPU-side settings, each against its default in the same run:
+"""Three CPU-side settings, each against its default in the same run:
 
     python bench/cpu_paths.py            # demo shapes, 20 repeats
     python bench/cpu_paths.py --quick    # a few repeats (what the test suite runs)
@@ -10,6 +10,11 @@
 2. The allocator (:func:`distill_dag.device.keep_freed_memory`): in two fresh processes, one with
    ``DISTILL_DAG_MALLOC=system`` (glibc's defaults), a fresh 32 MiB tensor allocated and filled, and
    the demo's LM head forward + log-softmax + backward at 16 x 256 tokens, vocab 2048.
+
+3. Mixed precision (``train.autocast``): one training step (forward, backward, AdamW) of the demo's
+   teacher (tiny Llama, 16 x 256 packed rows, documents restarting in each row) and of the demo's
+   student (tiny RetNet, chunked CE), float32 vs bf16 autocast (:func:`distill_dag.device.autocast`).
+   ``auto`` turns it on only where ``cpu native bf16`` is yes.
 
 Prints ms of each and the ratios default / ours (> 1: ours is faster).
 """
@@ -71,6 +76,49 @@ def allocator_child(repeats: int) -> dict[str, float]:
     return {"alloc_ms": _best_ms(alloc, repeats * 5), "lm_head_ms": _best_ms(lm_head, repeats)}
 
 
+def train_step_ms(which: str, precision: str, repeats: int, rows: int) -> float:
+    """ms of one training step of the demo teacher or student at ``rows`` x 256 tokens."""
+    import torch
+
+    from distill_dag.device import autocast
+
+    torch.manual_seed(0)
+    T, V = 256, 2048
+    ids = torch.randint(4, V, (rows, T), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(100), torch.arange(T - 100)]).expand(rows, T)  # two documents per row
+    if which == "teacher":
+        from distill_dag.distill.teacher_model import build_tiny_teacher
+
+        model = build_tiny_teacher(V, dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2))
+        model.config._attn_implementation = "sdpa"
+
+        def loss():
+            return model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss
+    else:
+        from distill_dag.distill.distributed import StudentLoss
+        from distill_dag.model.retnet import RetNetForCausalLM
+        from distill_dag.model.variants import student_config
+
+        model = RetNetForCausalLM(student_config("tiny", V, chunk_size=64))
+        wrapped = StudentLoss(model)
+        batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, position_ids=pos)
+
+        def loss():
+            return wrapped(batch, None, temperature=1.0, distill_alpha=0.0, chunk_tokens=1024).loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cpu = torch.device("cpu")
+
+    def step():
+        with autocast(cpu, precision):
+            out = loss()
+        out.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _best_ms(step, repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few repeats (seconds)")
@@ -106,6 +154,14 @@ def main() -> None:
     for key, what in (("alloc_ms", "32 MiB empty + fill_"), ("lm_head_ms", "LM head fwd + log_softmax + bwd, 4096 x 2048")):
         print(f"{what}: glibc default {base[key]:.2f} ms, keep_freed_memory {ours[key]:.2f} ms: "
               f"ratio default/ours {base[key] / ours[key]:.2f}")
+
+
+    rows = 4 if args.quick else 16
+    for which in ("teacher", "student"):
+        fp32 = train_step_ms(which, "off", repeats, rows)
+        bf16 = train_step_ms(which, "bfloat16", repeats, rows)
+        print(f"{which} training step, demo shape {rows} x 256: fp32 {fp32:.1f} ms, bf16 autocast {bf16:.1f} ms: "
+              f"ratio fp32/bf16 {fp32 / bf16:.2f}")
 
 
 if __name__ == "__main__":

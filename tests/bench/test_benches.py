@@ -31,7 +31,8 @@ EXPECT: dict[str, list[str]] = {
     "real_shapes": [r"peak|RSS"],
     "kd_sweep": [r"gap_share_base [\d.]+ gap_share_best [\d.]+"],
     "cpu_paths": [r"Muon.step.*ratio bf16/fp32 [\d.]+", r"32 MiB .*ratio default/ours [\d.]+",
-                  r"LM head .*ratio default/ours [\d.]+"],
+                  r"LM head .*ratio default/ours [\d.]+", r"teacher training step.*ratio fp32/bf16 [\d.]+",
+                  r"student training step.*ratio fp32/bf16 [\d.]+"],
     "partitions": [r"ratio load_s keys=\d+/keys=10: [\d.]+", r"ratio status_s keys=\d+/keys=10: [\d.]+"],
 }
 PENDING: set[str] = set()  # benches another change is still bringing in (none now)

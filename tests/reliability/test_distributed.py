@@ -20,9 +20,10 @@ from _rel import (TRAIN_CHILD, cfg_dict, final_weights, kill_group, last_train_s
                   run_child, start_child, wait_for, write_cfg)
 from distill_dag.distill.checkpoint import load_trainer_state  # noqa: E402
 
-# no Muon by default: its bf16 Newton-Schulz would blur a bit-level comparison (it has its own test)
+# no Muon by default and no bf16 autocast (train.autocast auto turns it on where the CPU has native bf16):
+# bf16 rounding would blur a bit-level comparison of summation orders (each has its own test)
 BASE = dict(max_steps=4, batch_size=4, save_interval=2, keep_checkpoints=5, warmup_steps=1, eval_batches=1,
-            optimizer="adamw", dist_timeout_s=120)
+            optimizer="adamw", autocast="off", dist_timeout_s=120)
 
 
 def _config(tmp_path, corpus, teacher, name, layers=1, **train_kw):
