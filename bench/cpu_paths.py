@@ -155,7 +155,6 @@ def main() -> None:
         print(f"{what}: glibc default {base[key]:.2f} ms, keep_freed_memory {ours[key]:.2f} ms: "
               f"ratio default/ours {base[key] / ours[key]:.2f}")
 
-
     rows = 4 if args.quick else 16
     for which in ("teacher", "student"):
         fp32 = train_step_ms(which, "off", repeats, rows)

@@ -303,9 +303,9 @@ class TrainConfig(Section):
     autocast: Literal["auto", "bfloat16", "off"] = _f(
         "auto", "Mixed precision of the training forward passes (students, alignment, teacher finetuning): bf16 "
                 "autocast, with fp32 weights, optimizer states, retention and loss math. auto = on CUDA and on CPUs "
-                "with native bf16 (AMX, AVX512-BF16; the demo's teacher step 1.4x, student step 1.5x faster), off "
-                "elsewhere (emulated bf16 is slower than fp32); off = float32 throughout. Evaluation runs in "
-                "fp32")
+                "with native bf16 (AMX, AVX512-BF16; step times: bench/cpu_paths.py), off elsewhere (emulated bf16 "
+                "is slower than fp32); off = float32 throughout. Held-out loss and perplexity run in fp32; "
+                "alignment's held-out MSE follows this setting, as its training does")
     warmup_steps: int = _f(100, "Linear warm-up steps", ge=0)
     max_steps: int = _f(1000, "Optimizer steps (0 only with student.init from_teacher: stage 1 alone)", ge=0)
     min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)

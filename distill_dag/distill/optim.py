@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from distill_dag.device import cpu_has_native_bf16  # noqa: F401  (ns_dtype_for looks it up here)
+from distill_dag.device import cpu_has_native_bf16
 
 _NO_DECAY_WORDS = ("norm", "bias", "decay")
 
