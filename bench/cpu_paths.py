@@ -15,6 +15,10 @@
    teacher (tiny Llama, 16 x 256 packed rows, documents restarting in each row) and of the demo's
    student (tiny RetNet, chunked CE), float32 vs bf16 autocast (:func:`distill_dag.device.autocast`).
    ``auto`` turns it on only where ``cpu native bf16`` is yes.
+4. The demo teacher finetune's floor: its FLOPs (``torch.utils.flop_counter``, one step at the demo
+   shape, times ``teacher_ft.max_steps``) over this CPU's dense GEMM ceiling (2048^3 in the demo's
+   precision), against the demo's 3-minute budget: ``ratio floor/demo budget`` > 1 means no kernel
+   work can fit the finetune, alone, into the budget on this machine.
 
 Prints ms of each and the ratios default / ours (> 1: ours is faster).
 """
@@ -78,6 +82,12 @@ def allocator_child(repeats: int) -> dict[str, float]:
 
 def train_step_ms(which: str, precision: str, repeats: int, rows: int) -> float:
     """ms of one training step of the demo teacher or student at ``rows`` x 256 tokens."""
+    return _best_ms(train_step(which, precision, rows), repeats)
+
+
+def train_step(which: str, precision: str, rows: int):
+    """One training step (forward, backward, AdamW) of the demo teacher or student at ``rows`` x 256, as a
+    function."""
     import torch
 
     from distill_dag.device import autocast
@@ -116,7 +126,80 @@ def train_step_ms(which: str, precision: str, repeats: int, rows: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _best_ms(step, repeats)
+    return step
+
+
+def gemm_gflops(dtype, repeats: int, n: int = 2048) -> float:
+    """This CPU's dense GEMM throughput (n x n x n, ``dtype``, torch's threads): the ceiling for any model."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / _best_ms(lambda: torch.mm(a, b), repeats) / 1e6
+
+
+def teacher_floor(repeats: int) -> None:
+    """The demo teacher finetune's compute against the machine's GEMM ceiling: how fast it could ever be here."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distill_dag.config import load_config
+    from distill_dag.device import autocast_enabled
+
+    cfg = load_config("demo.yaml")
+    ft, T = cfg.teacher_ft, cfg.tokenize.max_seq_length
+    precision = "bfloat16" if autocast_enabled(torch.device("cpu"), cfg.train.autocast) else "off"
+    step = train_step("teacher", precision, ft.batch_size)
+    step()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    step_gflop = fc.get_total_flops() / 1e9
+    mm_ms, n_mm = matmuls_alone_ms(step, repeats)
+    ms = _best_ms(step, repeats)
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    peak = gemm_gflops(dtype, repeats)
+    total = ft.max_steps * step_gflop
+    floor, measured, budget = total / peak, ft.max_steps * ms / 1e3, 180.0
+    print(f"demo teacher finetune (configs/demo.yaml: {ft.max_steps} steps of {ft.batch_size} x {T}, "
+          f"autocast {precision}): {step_gflop:.1f} GFLOP per step (FlopCounterMode, forward + backward), "
+          f"{total / 1e3:.1f} TFLOP in all")
+    print(f"  this CPU's {str(dtype).split('.')[-1]} GEMM ceiling (2048^3, {torch.get_num_threads()} threads): "
+          f"{peak:.0f} GFLOP/s; the teacher's step: {ms:.1f} ms = {step_gflop / ms * 1e3:.0f} GFLOP/s "
+          f"({step_gflop / ms * 1e3 / peak:.0%} of the ceiling)")
+    print(f"  the step's own {n_mm} matmuls (forward + backward), replayed bare at their shapes: {mm_ms:.1f} ms "
+          f"({mm_ms / ms:.0%} of the step)")
+    print(f"  teacher finetune >= {floor:.0f} s at the 2048^3 ceiling, >= {ft.max_steps * mm_ms / 1e3:.0f} s for its "
+          f"matmuls alone, {measured:.0f} s at the measured step: ratio matmuls-alone/demo budget ({budget:.0f} s) "
+          f"{ft.max_steps * mm_ms / 1e3 / budget:.2f}, measured/budget {measured / budget:.2f}")
+
+
+def matmuls_alone_ms(step, repeats: int) -> tuple[float, int]:
+    """ms of the matrix products one call of ``step`` makes (mm, addmm, bmm: forward and backward), replayed
+    back to back on fresh tensors of the same sizes, strides and dtypes: what the step costs with everything
+    else (attention softmax, norms, elementwise, optimizer, autograd bookkeeping) free."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+    calls: list = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                calls.append((func, [(a.size(), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                                     for a in args], kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        step()
+    replay = [(f, [torch.randn(a[0]).to(a[2]).as_strided(a[0], a[1]) if isinstance(a, tuple) and len(a) == 3
+                   and isinstance(a[2], torch.dtype) else a for a in args], kw) for f, args, kw in calls]
+
+    def run():
+        for f, args, kw in replay:
+            f(*args, **kw)
+
+    return _best_ms(run, repeats), len(calls)
 
 
 def main() -> None:
@@ -161,6 +244,7 @@ def main() -> None:
         bf16 = train_step_ms(which, "bfloat16", repeats, rows)
         print(f"{which} training step, demo shape {rows} x 256: fp32 {fp32:.1f} ms, bf16 autocast {bf16:.1f} ms: "
               f"ratio fp32/bf16 {fp32 / bf16:.2f}")
+    teacher_floor(repeats)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.modules.pop("tokenize", None)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -96,21 +97,31 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--max-seq-length", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--workdir", default=None, help="default: a temp dir, removed at the end unless --keep")
+    ap.add_argument("--keep", action="store_true", help="keep the temp workdir (corpus, tokenizer, shards)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds): 0.3 MB, vocab 512, one repeat")
     ap.add_argument("--batch-mb", type=float, default=None, help="text per encode_batch call (default: the pipeline's)")
     args = ap.parse_args()
     if args.quick:
         args.mb, args.vocab, args.repeats, args.max_seq_length = 0.3, 512, 1, 256
+    from distill_dag.data import pack
 
+    if args.batch_mb:
+        pack._BATCH_BYTES = int(args.batch_mb * 2**20)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_tokenize_"))
+    try:
+        run(args, work)
+    finally:
+        if not args.workdir and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     from distill_dag.data import pack
     from distill_dag.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_bpe
 
-    if args.batch_mb:
-        pack._BATCH_BYTES = int(args.batch_mb * 2**20)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_tokenize_"))
     texts = build_corpus(work / "raw", args.mb)
     mb = sum(len(t.encode()) for t in texts) / 1e6
     bpe = train_bpe(iter(texts), args.vocab)

@@ -1,5 +1,6 @@
 """Benchmarks that cannot rot: every bench/*.py runs its --quick mode as a script and must print the
-ratio lines it exists for; as a module (``python -m bench.X --help``) it must import the same way.
+ratio lines it exists for and leave nothing behind in its $TMPDIR; as a module (``python -m bench.X
+--help``) it must import the same way.
 
 A bench without ``--quick`` fails here (every benchmark must have one); one that another change is
 still bringing in (listed in ``PENDING``) is skipped until it does.
@@ -47,10 +48,14 @@ def test_no_bench_shadows_the_standard_library():
     assert not shadowing, f"bench/{shadowing[0]}.py shadows the standard library's {shadowing[0]}: rename it"
 
 
-def _run(argv: list[str], name: str) -> str:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", OMP_NUM_THREADS="2")
+def _run(argv: list[str], name: str, tmp: Path) -> str:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", OMP_NUM_THREADS="2", TMPDIR=str(tmp))
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, f"{' '.join(argv[1:])} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    # its temp work dirs are removed at the end (a suite run used to leave one per bench in /tmp)
+    # (torch's compile cache, torchinductor_<user>, is shared across runs by design)
+    left = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_"))
+    assert not left, f"{' '.join(argv[1:])} left temp files behind in $TMPDIR: {left}"
     for pat in EXPECT.get(name, [r"ratio"]):
         assert re.search(pat, r.stdout, re.M), f"{' '.join(argv[1:])}: no line matching {pat!r} in:\n{r.stdout[-3000:]}"
     return r.stdout
@@ -58,14 +63,16 @@ def _run(argv: list[str], name: str) -> str:
 
 @pytest.mark.parametrize("how", ["script", "module"])
 @pytest.mark.parametrize("name", benches())
-def test_bench_quick_prints_its_ratios(name, how):
+def test_bench_quick_prints_its_ratios(name, how, tmp_path):
     src = (BENCH / f"{name}.py").read_text()
     if "--quick" not in src:
         if name in PENDING:
             pytest.skip(f"bench/{name}.py has no --quick yet (owned by another change)")
         pytest.fail(f"bench/{name}.py has no --quick mode")
     if how == "script":
-        _run([sys.executable, f"bench/{name}.py", "--quick"], name)
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        _run([sys.executable, f"bench/{name}.py", "--quick"], name, tmp)
     else:  # the module path imports (no stdlib shadowing, no sys.path tricks) and parses its flags
         r = subprocess.run([sys.executable, "-m", f"bench.{name}", "--help"], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
