@@ -61,7 +61,7 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # bench/tokenize.py shadows stdlib
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # a bench named like a stdlib module must not shadow it
 sys.path.insert(0, os.path.dirname(_HERE))  # the project root: bench.convert
 
 import argparse  # noqa: E402

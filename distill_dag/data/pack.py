@@ -34,7 +34,8 @@ deterministic, the generation name too). One run writes an output at a time (``<
 workers filling the token cache share it, and never read the output tree as input.
 
 Three stages overlap (on 2 cores 1.08-1.2x the bare tokenizer's ``encode_batch`` and ~0.8 of its
-``encode_batch_fast``, wall-clock, bench/tokenize.py):
+``encode_batch_fast``, wall-clock, bench/tokenization.py; the work besides encoding is ~0.11 of the
+encoder's CPU time, so ~0.9 is the ceiling on cores the encoder keeps busy):
 the main thread reads + parses JSONL batches (across input files) and packs encoded ones;
 ``_ENCODE_INFLIGHT`` batches are encoded at once in worker threads (``encode_batch_fast``
 releases the GIL and spreads each batch over every core; two batches in flight keep the cores
