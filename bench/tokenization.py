@@ -107,10 +107,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.mb, args.vocab, args.repeats, args.max_seq_length = 0.3, 512, 1, 256
-    from distill_dag.data import pack
-
-    if args.batch_mb:
-        pack._BATCH_BYTES = int(args.batch_mb * 2**20)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_tokenize_"))
     try:
         run(args, work)
@@ -125,6 +121,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     from distill_dag.data import pack
     from distill_dag.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_bpe
 
+    if args.batch_mb:
+        pack._BATCH_BYTES = int(args.batch_mb * 2**20)
     texts = build_corpus(work / "raw", args.mb)
     mb = sum(len(t.encode()) for t in texts) / 1e6
     bpe = train_bpe(iter(texts), args.vocab)
