@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill_dag.seed_keys import SEED_KEYS
 
@@ -34,6 +34,11 @@ DEFAULT_CONFIG = "demo.yaml"
 MAX_CONFIG_BYTES = 1 << 20  # a config file above 1 MiB is refused (it is not a config)
 MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (an "alias bomb" expands to billions)
 MAX_BASE_DEPTH = 16
+# Upper bounds shared by many fields; each exists so a typo (an extra zero, 2**64) is refused naming its key
+# instead of overflowing a C long or allocating before it fails.
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 32 bits; torch's 64 would overflow at 2**64
+MAX_STEPS = 10**9
+MAX_EVAL_TOKENS = 1 << 17  # NIAH / prompt lengths: 128k tokens, the longest context a Llama-3 teacher has
 
 # json_schema_extra markers of the fields that hold filesystem paths (see the module docstring)
 PATH = {"path": "path"}
@@ -84,12 +89,63 @@ class SourceConfig(Section):
     split: str = _f("train", "hf: the split to read", min_length=1)
     field_map: dict[str, str] = _factory(dict, "maps our field -> the dataset's field, e.g. "
                                                "{prompt: question, response: answer}")
-    max_rows: int | None = _f(None, "at most this many rows of the source (null: all)", ge=1)
-    max_bytes: int = _f(30_000_000, "stdlib: how many bytes of the standard library to gather", ge=1)
-    categories: list[str] = _factory(list, "catalog: categories to gather (distill_dag/data/catalog.yaml)")
+    max_rows: int | None = _f(None, "at most this many rows of the source (null: all)", ge=1, le=10**12)
+    max_bytes: int = _f(30_000_000, "stdlib: how many bytes of the standard library to gather", ge=1,
+                        le=1 << 40)
+    categories: list[str] = _factory(list, "catalog: categories to gather (distill_dag/data/catalog.yaml)",
+                                  max_length=256)
     category: str = _f("general", "category recorded on each row of a jsonl/hf source", min_length=1)
     revision: str | None = _f(None, "hf: a hub revision (e.g. refs/convert/parquet for script-based datasets)")
     streaming: bool = _f(False, "hf: stream only the rows needed instead of downloading the whole split")
+
+
+_CRON_FIELDS = (("minute", 0, 59, None), ("hour", 0, 23, None), ("day of month", 1, 31, None),
+                ("month", 1, 12, "jan feb mar apr may jun jul aug sep oct nov dec"),
+                ("day of week", 0, 7, "sun mon tue wed thu fri sat"))
+_CRON_MACROS = {"@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually"}
+
+
+def cron_error(expr: str) -> str | None:
+    """Why ``expr`` is not a cron schedule Dagster accepts, or None. A strict 5-field parser (``*``, ``N``,
+    ``N-M``, ``/step``, lists, month and weekday names) plus the @daily-style macros: the core cannot
+    import Dagster's vendored croniter (that imports all of Dagster), and a string Dagster refuses would
+    fail only when the code location loads, with a 26-frame traceback."""
+    e = expr.strip()
+    if e.lower() in _CRON_MACROS:
+        return None
+    parts = e.split()
+    if len(parts) != 5:
+        return (f"{expr!r} is not a cron schedule: it needs 5 fields (minute hour day-of-month month day-of-week), "
+                f"e.g. '0 3 * * *' for 03:00 daily, or a macro like @daily")
+    for text, (name, lo, hi, names) in zip(parts, _CRON_FIELDS):
+        lookup = {n: i + lo for i, n in enumerate(names.split())} if names else {}
+        if name == "day of week":
+            lookup = {n: i for i, n in enumerate(names.split())}
+
+        def value(tok: str) -> int:
+            t = tok.lower()
+            if t in lookup:
+                return lookup[t]
+            if not t.isdigit():
+                raise ValueError(tok)
+            v = int(t)
+            if not lo <= v <= hi:
+                raise ValueError(tok)
+            return v
+
+        for item in text.split(","):
+            rng, _, step = item.partition("/")
+            try:
+                if step and (not step.isdigit() or int(step) < 1):
+                    raise ValueError(step)
+                if rng != "*":
+                    a, dash, b = rng.partition("-")
+                    if value(a) > (value(b) if dash else hi):
+                        raise ValueError(rng)
+            except ValueError as bad:
+                return (f"{expr!r}: the {name} field {text!r} has {str(bad)!r}, which is not a value in "
+                        f"[{lo}, {hi}]{' or a name (' + names + ')' if names else ''}, a range N-M or a step /N")
+    return None
 
 
 class DataConfig(Section):
@@ -100,16 +156,25 @@ class DataConfig(Section):
     tokenized_dir: str | None = _f(None, "The packed dataset folder (manifest.json + shards) training reads and "
                                          "tokenized_parquet writes (null: <root>/tokenized)", json_schema_extra=PATH)
     sources: list[SourceConfig] = _factory(lambda: [SourceConfig(name="stdlib", kind="stdlib")],
-                                           "The raw sources gathered by raw_jsonl / distill download")
+                                           "The raw sources gathered by raw_jsonl / distill download",
+                                           max_length=256)
     max_reject_rate: float = _f(0.05, "The run fails when more than this fraction of a source's rows is rejected",
                                 ge=0.0, le=1.0)
     retokenize_cron: str = _f("0 3 * * *", "Cron schedule of the re-tokenization job", min_length=1)
     watch_dir: str | None = _f(None, "Folder the new-raw-data sensor watches for JSONL (null: sensor off)",
                                json_schema_extra=PATH)
     max_line_bytes: int = _f(16 * 2**20, "A JSONL line longer than this is rejected without being read into memory",
-                             ge=1024)
+                             ge=1024, le=1 << 30)
     rows_per_part: int = _f(10_000, "Rows per raw JSONL part file (each part written atomically; a rerun resumes)",
-                            ge=1)
+                            ge=1, le=100_000_000)
+
+    @field_validator("retokenize_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        err = cron_error(v)
+        if err:
+            raise ValueError(err)
+        return v
 
 
 class TokenizerConfig(Section):
@@ -118,8 +183,9 @@ class TokenizerConfig(Section):
     name_or_path: str | None = _f(None, "Hub name or local directory for AutoTokenizer; null trains a byte-level "
                                         "BPE on the raw JSONL", json_schema_extra=NAME_OR_PATH)
     vocab_size: int = _f(4096, "BPE vocabulary size (only when training a BPE)", ge=256, le=1 << 21)
-    min_frequency: int = _f(2, "BPE: a merge needs at least this many occurrences", ge=1)
-    train_bytes: int = _f(20_000_000, "BPE: train on the first this-many bytes of the raw text", ge=1)
+    min_frequency: int = _f(2, "BPE: a merge needs at least this many occurrences", ge=1, le=10**9)
+    train_bytes: int = _f(20_000_000, "BPE: train on the first this-many bytes of the raw text", ge=1,
+                          le=1 << 40)
 
 
 class TokenizeConfig(Section):
@@ -128,11 +194,11 @@ class TokenizeConfig(Section):
     max_seq_length: int = _f(1024, "Tokens per packed row", ge=8, le=1 << 20)
     val_fraction: float = _f(0.02, "Share of documents held out as the val split (0 = no val split)",
                              ge=0.0, lt=1.0)
-    rows_per_shard: int = _f(8192, "Rows per parquet shard", ge=1)
+    rows_per_shard: int = _f(8192, "Rows per parquet shard", ge=1, le=1 << 24)
     skip_existing: bool = _f(True, "Re-tokenize only inputs whose content changed")
     force: bool = _f(False, "Re-tokenize and rewrite everything")
     mask_prompt: bool = _f(True, "prompt/response rows: no loss on the prompt's tokens (labels -100)")
-    batch_docs: int = _f(1024, "Documents per encode_batch call", ge=1)
+    batch_docs: int = _f(1024, "Documents per encode_batch call", ge=1, le=1 << 20)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,21 +218,24 @@ class TeacherConfig(Section):
     api: Literal["topk", "vllm"] = _f("topk", "network mode: our binary /v1/topk, or a stock vLLM server")
     token_env: str = _f("DISTILL_TEACHER_TOKEN", "Environment variable holding the server's bearer token",
                         min_length=1)
-    timeout_s: float = _f(60.0, "network mode: seconds per request", gt=0.0)
+    timeout_s: float = _f(60.0, "network mode: seconds per request", gt=0.0, le=86_400.0)
     max_retries: int = _f(5, "network mode: retries of a failed request", ge=0, le=100)
-    backoff_s: float = _f(1.0, "network mode: first retry delay in seconds (doubles each retry)", ge=0.0)
-    batch_rows: int = _f(8, "network mode: rows per request", ge=1)
+    backoff_s: float = _f(1.0, "network mode: first retry delay in seconds (doubles each retry)", ge=0.0,
+                      le=3600.0)
+    batch_rows: int = _f(8, "network mode: rows per request", ge=1, le=1 << 16)
     init_tiny: dict[str, Any] | None = _f(None, "demo: LlamaConfig fields of a random-init tiny teacher "
                                                 "(with model_name_or_path null)")
     serve_host: str = _f("127.0.0.1", "serve-teacher: bind address", min_length=1)
     serve_port: int = _f(8765, "serve-teacher: port", ge=0, le=65535)
-    max_request_elems: int = _f(1 << 25, "serve-teacher: largest request (batch x length x k); 413 above", ge=1)
+    max_request_elems: int = _f(1 << 25, "serve-teacher: largest request (batch x length x k); 413 above", ge=1,
+                               le=1 << 34)
     serve_max_seq_len: int | None = _f(None, "serve-teacher: longest row accepted (413 above); null: the model's "
-                                             "max_position_embeddings", ge=1)
+                                             "max_position_embeddings", ge=1, le=1 << 22)
     serve_max_buffered_bytes: int = _f(1 << 30, "serve-teacher: request and answer bytes held at once across all "
-                                                "requests (503 when full)", ge=1)
+                                                "requests (503 when full)", ge=1, le=1 << 40)
     serve_unit_tokens: int = _f(4096, "serve-teacher: tokens per scheduling unit (requests are served round "
-                                      "robin, a unit at a time, so a long one cannot starve short ones)", ge=1)
+                                      "robin, a unit at a time, so a long one cannot starve short ones)", ge=1,
+                                  le=1 << 24)
     serve_allow_no_token: bool = _f(False, "serve-teacher: allow a non-loopback bind without a bearer token "
                                            "(anyone who reaches the port can use the teacher)")
     vllm_model: str | None = _f(None, "api vllm: the served model name (null: the first of GET /v1/models)")
@@ -179,16 +248,17 @@ class TeacherFinetuneConfig(Section):
     """Finetuning the teacher on the tokenized data (teacher_adapters / distill finetune-teacher)."""
 
     mode: Literal["lora", "full"] = _f("lora", "lora: train a peft adapter; full: train every weight")
-    lora_r: int = _f(32, "LoRA rank", ge=1)
-    lora_alpha: int = _f(64, "LoRA alpha (scale = alpha / r)", ge=1)
+    lora_r: int = _f(32, "LoRA rank", ge=1, le=4096)
+    lora_alpha: int = _f(64, "LoRA alpha (scale = alpha / r)", ge=1, le=1 << 16)
     lora_dropout: float = _f(0.1, "LoRA dropout", ge=0.0, lt=1.0)
-    target_modules: list[str] = _factory(lambda: list(_LORA_TARGETS), "LoRA: the linear layers to adapt")
+    target_modules: list[str] = _factory(lambda: list(_LORA_TARGETS), "LoRA: the linear layers to adapt",
+                                      max_length=64)
     learning_rate: float = _f(2e-4, "Peak learning rate (AdamW)", gt=0.0, le=10.0)
-    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
-    batch_size: int = _f(4, "Rows per micro-batch", ge=1)
-    grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1)
-    max_steps: int = _f(1000, "Optimizer steps", ge=1)
-    warmup_steps: int = _f(50, "Linear warm-up steps", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0, le=100.0)
+    batch_size: int = _f(4, "Rows per micro-batch", ge=1, le=1 << 16)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1, le=1 << 16)
+    max_steps: int = _f(1000, "Optimizer steps", ge=1, le=MAX_STEPS)
+    warmup_steps: int = _f(50, "Linear warm-up steps", ge=0, le=MAX_STEPS)
     copy_warmup_steps: int = _f(0, "full mode, random-init teacher: the first this many of max_steps train on synthetic "
                                    "copy rows (random spans repeated, distill_dag/data/copy_rows.py), which make the "
                                    "induction circuit retrieval needs form; the corpus steps follow (0 = none)",
@@ -202,18 +272,22 @@ class TeacherFinetuneConfig(Section):
                                          "distill_dag/data/copy_rows.py): retrieval at every distance up to the "
                                          "training length, which packed retrieval documents cut (0 = none)",
                                       ge=0, le=4096)
-    eval_interval: int = _f(100, "Held-out eval every this many steps (0 = only before and after)", ge=0)
-    eval_batches: int = _f(20, "Batches per held-out eval (0 = the whole val split)", ge=0)
-    early_stopping_patience: int = _f(3, "Stop after this many evals without improvement (0 = never)", ge=0)
-    save_interval: int = _f(200, "Checkpoint every this many steps (0 = only the final one)", ge=0)
+    eval_interval: int = _f(100, "Held-out eval every this many steps (0 = only before and after)", ge=0,
+                               le=MAX_STEPS)
+    eval_batches: int = _f(20, "Batches per held-out eval (0 = the whole val split)", ge=0,
+                              le=MAX_STEPS)
+    early_stopping_patience: int = _f(3, "Stop after this many evals without improvement (0 = never)", ge=0,
+                                         le=1_000_000)
+    save_interval: int = _f(200, "Checkpoint every this many steps (0 = only the final one)", ge=0,
+                        le=MAX_STEPS)
     merge: bool = _f(False, "lora: also write the adapter merged into the base weights")
     output_dir: str = _f("runs/teacher_ft", "Run folder (checkpoints, final adapter or model)",
                          json_schema_extra=PATH, min_length=1)
-    seed: int = _f(0, "Random seed", ge=0)
+    seed: int = _f(0, "Random seed", ge=0, le=MAX_SEED)
     min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
-    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0)
-    log_interval: int = _f(10, "Log every this many steps", ge=1)
-    keep_checkpoints: int = _f(2, "Checkpoints kept (older ones are deleted)", ge=1)
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0, le=1e6)
+    log_interval: int = _f(10, "Log every this many steps", ge=1, le=MAX_STEPS)
+    keep_checkpoints: int = _f(2, "Checkpoints kept (older ones are deleted)", ge=1, le=1000)
     expected_improvement: float = _f(0.10, "The relative held-out perplexity improvement the run is checked "
                                            "against (measured, never assumed)", ge=0.0, lt=1.0)
 
@@ -223,7 +297,7 @@ class LogitCacheConfig(Section):
 
     k: int = _f(64, "Entries per position (the teacher's top-k); at most the vocabulary", ge=1, le=1024)
     dir: str = _f("data/logit_cache", "Cache folder", json_schema_extra=PATH, min_length=1)
-    batch_rows: int = _f(8, "Rows per teacher forward while caching", ge=1)
+    batch_rows: int = _f(8, "Rows per teacher forward while caching", ge=1, le=1 << 16)
     dtype: Literal["compact", "q8", "fp16", "fp32"] = _f(
         "q8", "Record codec: q8 = 1 byte/entry + bit-packed ids (fast to encode); compact = sorted id sets "
               "(exp-Golomb gaps / Elias-Fano) + companded log-probs under a per-row bit budget (~2 B/entry at vocab "
@@ -243,7 +317,8 @@ class StudentConfig(Section):
                                                "{num_hidden_layers: 2}")
     init: Literal["scratch", "from_teacher"] = _f("scratch", "scratch: random init; from_teacher: converted from "
                                                              "the teacher, then aligned (align.*)")
-    chunk_size: int = _f(64, "Chunkwise retention chunk; a power of two >= 16 for the Triton kernel", ge=1)
+    chunk_size: int = _f(64, "Chunkwise retention chunk; a power of two >= 16 for the Triton kernel", ge=1,
+                          le=4096)
     gradient_checkpointing: bool = _f(False, "Recompute each block in the backward pass (less memory)")
     retention_backend: Literal["auto", "torch", "triton", "fla"] = _f(
         "auto", "auto: Triton on CUDA, PyTorch chunkwise elsewhere; fla needs flash-linear-attention and CUDA")
@@ -253,21 +328,24 @@ class AlignConfig(Section):
     """Stage 1 of ``student.init: from_teacher`` (distill_dag/distill/align.py): the converted student's
     retention layers trained, teacher frozen, to reproduce each teacher layer's attention output (MSE)."""
 
-    steps: int = _f(200, "Alignment steps (0: convert only; KD starts from the unaligned conversion)", ge=0)
+    steps: int = _f(200, "Alignment steps (0: convert only; KD starts from the unaligned conversion)", ge=0,
+                   le=MAX_STEPS)
     value_factor: Literal[1, 2] = _f(1, "1: V/O copied as they are (value dim = d); 2: the paper's 2d, the extra "
                                         "half zero-initialised")
     learning_rate: float = _f(3e-3, "Peak learning rate (AdamW)", gt=0.0, le=10.0)
-    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
-    warmup_steps: int = _f(10, "Linear warm-up steps", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0, le=100.0)
+    warmup_steps: int = _f(10, "Linear warm-up steps", ge=0, le=MAX_STEPS)
     min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
-    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0)
-    batch_size: int = _f(8, "Rows per step", ge=1)
-    log_interval: int = _f(10, "Log every this many steps", ge=1)
-    eval_interval: int = _f(50, "Per-layer held-out MSE every this many steps (0 = only before and after)", ge=0)
-    eval_batches: int = _f(4, "Batches per eval", ge=1)
-    save_interval: int = _f(100, "Checkpoint every this many steps (0 = only the final one)", ge=0)
-    keep_checkpoints: int = _f(2, "Checkpoints kept", ge=1)
-    seed: int = _f(0, "Random seed", ge=0)
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0, le=1e6)
+    batch_size: int = _f(8, "Rows per step", ge=1, le=1 << 16)
+    log_interval: int = _f(10, "Log every this many steps", ge=1, le=MAX_STEPS)
+    eval_interval: int = _f(50, "Per-layer held-out MSE every this many steps (0 = only before and after)", ge=0,
+                           le=MAX_STEPS)
+    eval_batches: int = _f(4, "Batches per eval", ge=1, le=MAX_STEPS)
+    save_interval: int = _f(100, "Checkpoint every this many steps (0 = only the final one)", ge=0,
+                        le=MAX_STEPS)
+    keep_checkpoints: int = _f(2, "Checkpoints kept", ge=1, le=1000)
+    seed: int = _f(0, "Random seed", ge=0, le=MAX_SEED)
     output_dir: str | None = _f(None, "Run folder (null: <train run dir>_aligned)", json_schema_extra=PATH)
 
 
@@ -284,15 +362,16 @@ class TrainConfig(Section):
     distill_alpha: float = _f(0.5, "Weight of the KL term; (1 - alpha) weights CE", ge=0.0, le=1.0)
     tail: Literal["renormalize", "bucket"] = _f("renormalize", "Probability outside the top-k: renormalize the "
                                                                "top-k, or model it as one tail bucket")
-    diversity_weight: float = _f(0.0, "Weight of the diversity term (0 = off)", ge=0.0)
-    loss_chunk_tokens: int = _f(1024, "Tokens per chunk of the chunked LM-head + loss", ge=1)
+    diversity_weight: float = _f(0.0, "Weight of the diversity term (0 = off)", ge=0.0, le=1000.0)
+    loss_chunk_tokens: int = _f(1024, "Tokens per chunk of the chunked LM-head + loss", ge=1,
+                                   le=1 << 24)
     optimizer: Literal["muon", "adamw"] = _f("muon", "muon: Muon on 2-D hidden matrices + AdamW on the rest; "
                                                      "adamw: AdamW everywhere")
     learning_rate: float = _f(1e-3, "Peak AdamW learning rate", gt=0.0, le=10.0)
     muon_learning_rate: float = _f(0.02, "Peak Muon learning rate (hidden matrices)", gt=0.0, le=10.0)
-    weight_decay: float = _f(0.01, "Decoupled weight decay", ge=0.0)
+    weight_decay: float = _f(0.01, "Decoupled weight decay", ge=0.0, le=100.0)
     betas: tuple[Beta, Beta] = _f((0.9, 0.95), "AdamW betas, each in [0, 1)")
-    adam_eps: float = _f(1e-8, "AdamW epsilon", gt=0.0)
+    adam_eps: float = _f(1e-8, "AdamW epsilon", gt=0.0, le=1.0)
     muon_momentum: float = _f(0.95, "Muon momentum", ge=0.0, lt=1.0)
     muon_adjust_lr: Literal["original", "match_rms_adamw"] = _f(
         "original", "torch.optim.Muon's LR shape adjustment: original (Keller Jordan's, pairs with lr ~0.02) or "
@@ -306,28 +385,32 @@ class TrainConfig(Section):
                 "with native bf16 (AMX, AVX512-BF16; step times: bench/cpu_paths.py), off elsewhere (emulated bf16 "
                 "is slower than fp32); off = float32 throughout. Held-out loss and perplexity run in fp32; "
                 "alignment's held-out MSE follows this setting, as its training does")
-    warmup_steps: int = _f(100, "Linear warm-up steps", ge=0)
-    max_steps: int = _f(1000, "Optimizer steps (0 only with student.init from_teacher: stage 1 alone)", ge=0)
+    warmup_steps: int = _f(100, "Linear warm-up steps", ge=0, le=MAX_STEPS)
+    max_steps: int = _f(1000, "Optimizer steps (0 only with student.init from_teacher: stage 1 alone)", ge=0,
+                        le=MAX_STEPS)
     min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
-    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0)
-    batch_size: int = _f(8, "Rows per micro-batch (per rank under torchrun)", ge=1)
-    grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1)
-    max_nan_streak: int = _f(10, "Consecutive non-finite steps (skipped) before the run is declared diverged", ge=1)
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0, le=1e6)
+    batch_size: int = _f(8, "Rows per micro-batch (per rank under torchrun)", ge=1, le=1 << 16)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1, le=1 << 16)
+    max_nan_streak: int = _f(10, "Consecutive non-finite steps (skipped) before the run is declared diverged", ge=1,
+                             le=1_000_000)
     enable_saddle_interventions: bool = _f(False, "Boost the LR for a while when the loss plateaus with small "
                                                   "gradients")
-    saddle_window: int = _f(50, "Saddle detection: steps compared", ge=1)
+    saddle_window: int = _f(50, "Saddle detection: steps compared", ge=1, le=1_000_000)
     saddle_rel_improvement: float = _f(0.01, "Saddle detection: relative loss improvement below which it is a "
-                                             "plateau", ge=0.0)
-    saddle_grad_norm: float = _f(0.05, "Saddle detection: gradient norm below which it is small", ge=0.0)
+                                             "plateau", ge=0.0, le=1.0)
+    saddle_grad_norm: float = _f(0.05, "Saddle detection: gradient norm below which it is small", ge=0.0,
+                                   le=1e6)
     saddle_lr_boost: float = _f(3.0, "LR multiplier during an intervention", ge=1.0, le=100.0)
-    saddle_boost_steps: int = _f(50, "Steps an intervention lasts", ge=1)
-    saddle_cooldown: int = _f(200, "Steps after an intervention before another one", ge=0)
-    seed: int = _f(0, "Random seed", ge=0)
-    log_interval: int = _f(10, "Log every this many steps (0 = never)", ge=0)
-    eval_interval: int = _f(200, "Held-out eval every this many steps (0 = never)", ge=0)
-    eval_batches: int = _f(20, "Batches per held-out eval", ge=1)
-    save_interval: int = _f(200, "Checkpoint every this many steps (0 = only the final one)", ge=0)
-    keep_checkpoints: int = _f(2, "Checkpoints kept", ge=1)
+    saddle_boost_steps: int = _f(50, "Steps an intervention lasts", ge=1, le=MAX_STEPS)
+    saddle_cooldown: int = _f(200, "Steps after an intervention before another one", ge=0, le=MAX_STEPS)
+    seed: int = _f(0, "Random seed", ge=0, le=MAX_SEED)
+    log_interval: int = _f(10, "Log every this many steps (0 = never)", ge=0, le=MAX_STEPS)
+    eval_interval: int = _f(200, "Held-out eval every this many steps (0 = never)", ge=0, le=MAX_STEPS)
+    eval_batches: int = _f(20, "Batches per held-out eval", ge=1, le=MAX_STEPS)
+    save_interval: int = _f(200, "Checkpoint every this many steps (0 = only the final one)", ge=0,
+                        le=MAX_STEPS)
+    keep_checkpoints: int = _f(2, "Checkpoints kept", ge=1, le=1000)
     output_dir: str | None = _f(None, "Run folder (null: runs/<teacher_mode>/)", json_schema_extra=PATH)
     resume_from: str | None = _f(None, "A checkpoint folder or a run folder (follows checkpoint_latest)",
                                  json_schema_extra=PATH)
@@ -339,30 +422,33 @@ class TrainConfig(Section):
     nproc_per_node: int = _f(1, "torchrun: processes (GPUs) per node", ge=1, le=1024)
     parallel: Literal["ddp", "fsdp"] = _f("ddp", "With several ranks: ddp = whole student per rank; fsdp = "
                                                  "parameters, gradients and optimizer state sharded (FSDP2)")
-    dist_timeout_s: float = _f(1800.0, "A collective waiting longer fails (a dead or hung rank)", gt=0.0)
+    dist_timeout_s: float = _f(1800.0, "A collective waiting longer fails (a dead or hung rank)", gt=0.0,
+                                  le=7 * 86_400.0)
 
 
 class EvalConfig(Section):
     """Evaluation (eval_report / distill eval): perplexity, needle-in-a-haystack, samples."""
 
     split: Literal["val", "train"] = _f("val", "Split evaluated")
-    max_batches: int = _f(50, "Perplexity batches (0 = the whole split)", ge=0)
+    max_batches: int = _f(50, "Perplexity batches (0 = the whole split)", ge=0, le=MAX_STEPS)
     niah: bool = _f(True, "Run the needle-in-a-haystack test")
-    niah_context_lengths: list[Annotated[int, Field(ge=16)]] = _factory(
-        lambda: [256, 512, 1024], "NIAH haystack lengths in tokens")
-    niah_depths: list[Fraction] = _factory(lambda: [0.1, 0.5, 0.9], "NIAH needle depths, each in [0, 1]")
-    niah_trials: int = _f(3, "NIAH trials per (length, depth)", ge=1)
-    sample_prompts: int = _f(3, "Sample generations in the report", ge=0)
-    max_new_tokens: int = _f(32, "Tokens per sample generation", ge=1)
-    batch_size: int = _f(8, "Rows per eval batch", ge=1)
-    niah_max_new_tokens: int = _f(8, "Tokens generated per NIAH answer (a 5-digit key needs a few)", ge=1)
+    niah_context_lengths: list[Annotated[int, Field(ge=16, le=MAX_EVAL_TOKENS)]] = _factory(
+        lambda: [256, 512, 1024], "NIAH haystack lengths in tokens", min_length=1, max_length=64)
+    niah_depths: list[Fraction] = _factory(lambda: [0.1, 0.5, 0.9], "NIAH needle depths, each in [0, 1]",
+                                           min_length=1, max_length=64)
+    niah_trials: int = _f(3, "NIAH trials per (length, depth)", ge=1, le=1000)
+    sample_prompts: int = _f(3, "Sample generations in the report", ge=0, le=1000)
+    max_new_tokens: int = _f(32, "Tokens per sample generation", ge=1, le=4096)
+    batch_size: int = _f(8, "Rows per eval batch", ge=1, le=1 << 16)
+    niah_max_new_tokens: int = _f(8, "Tokens generated per NIAH answer (a 5-digit key needs a few)", ge=1, le=256)
     long_context: bool = _f(True, "Perplexity by position and context length beyond the training length, and "
                                   "generation memory / ms per token at each length")
     long_context_multiples: list[Annotated[int, Field(ge=1, le=64)]] = _factory(
-        lambda: [1, 2, 4, 8], "Long-context lengths as multiples of tokenize.max_seq_length", min_length=1)
+        lambda: [1, 2, 4, 8], "Long-context lengths as multiples of tokenize.max_seq_length", min_length=1,
+        max_length=64)
     long_context_contexts: int = _f(4, "Held-out windows scored per long-context length", ge=1, le=1000)
-    sample_prompt_tokens: int = _f(32, "Prompt tokens per sample generation", ge=1)
-    seed: int = _f(0, "Random seed", ge=0)
+    sample_prompt_tokens: int = _f(32, "Prompt tokens per sample generation", ge=1, le=MAX_EVAL_TOKENS)
+    seed: int = _f(0, "Random seed", ge=0, le=MAX_SEED)
     output_dir: str | None = _f(None, "Report folder (null: <run_dir>/eval)", json_schema_extra=PATH)
 
 
@@ -443,6 +529,9 @@ def cross_field_errors(cfg: PipelineConfig) -> list[tuple[str, str]]:
                                         "alone); set train.max_steps >= 1"))
     if cfg.tokenizer.name_or_path is None:
         errs += vocab_errors(cfg, cfg.tokenizer.vocab_size, "tokenizer.vocab_size (a BPE trained here)")
+    from distill_dag.model.variants import override_errors  # torch is imported only when overrides are set
+
+    errs += override_errors(cfg.student.variant, cfg.student.overrides, cfg.student.chunk_size)
     return errs
 
 
@@ -669,13 +758,12 @@ def read_yaml(path: Path) -> Any:
     :data:`MAX_YAML_NODES` values through aliases."""
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, not a YAML config file")
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: {size:,} bytes is too large for a config file (limit {MAX_CONFIG_BYTES:,})")
-        data = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
+    from distill_dag.safe_read import UnsafeFileError, read_bounded
+
+    try:  # st_size lies for /dev/zero and FIFOs: the read itself is bounded and refuses non-regular files
+        data = read_bounded(path, MAX_CONFIG_BYTES, "YAML config file")
+    except UnsafeFileError as err:
+        raise ConfigError(str(err)) from None
     if b"\0" in data:
         raise ConfigError(f"{path}: a binary file, not a YAML config file")
     try:

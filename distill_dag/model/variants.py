@@ -16,9 +16,11 @@ Key head dims stay at 128: public chunk-retention kernels slow down sharply at 2
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
-from distill_dag.model.retnet import RetNetConfig
+if TYPE_CHECKING:  # the config schema checks overrides without importing torch (see override_errors)
+    from distill_dag.model.retnet import RetNetConfig
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
@@ -27,8 +29,92 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def student_config(variant: str, vocab_size: int, **overrides: Any) -> RetNetConfig:
+# What student.overrides may set, with bounds checked at config time (distill_dag/config.py), before any
+# tensor exists: a width of 1e6 or a chunk of 1e9 would otherwise try to allocate terabytes first.
+# (kind, low, high); floats must be finite and > low when low is 0.
+MAX_CHUNK_SIZE = 4096  # the chunkwise form holds [chunk, chunk] decay masks per head
+OVERRIDE_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "hidden_size": (int, 8, 16384),
+    "num_hidden_layers": (int, 1, 256),
+    "num_attention_heads": (int, 1, 512),
+    "intermediate_size": (int, 1, 65536),
+    "value_factor": (int, 1, 8),
+    "chunk_size": (int, 1, MAX_CHUNK_SIZE),
+    "rms_norm_eps": (float, 0.0, 1.0),
+    "group_norm_eps": (float, 0.0, 1.0),
+    "rope_theta": (float, 0.0, 1e12),
+    "initializer_range": (float, 0.0, 10.0),
+}
+# fields student.overrides must not set: the run decides them
+_FIXED = {"vocab_size": "the vocabulary comes from the tokenizer (tokenizer.vocab_size, or the hub tokenizer's): "
+                        "remove it from student.overrides",
+          "retention_backend": "set student.retention_backend instead"}
+# the non-embedding parameters a student may have: 16x the largest variant (500M); more is a typo
+MAX_NON_EMBEDDING_PARAMS = 16 * 500_000_000
+
+
+def non_embedding_params(fields: dict[str, Any]) -> int:
+    """Retention (2 + 3 * value_factor) d^2 + gated FFN 3 d f per layer (norms left out)."""
+    d, f, vf, n = (int(fields[k]) for k in ("hidden_size", "intermediate_size", "value_factor", "num_hidden_layers"))
+    return n * ((2 + 3 * vf) * d * d + 3 * d * f)
+
+
+def override_errors(variant: str, overrides: Any, chunk_size: int, key: str = "student.overrides"
+                    ) -> list[tuple[str, str]]:
+    """``(key, message)`` for every value of ``student.overrides`` the student cannot be built with: unknown
+    or run-decided fields, wrong types, values out of :data:`OVERRIDE_BOUNDS`, a width not divisible by the
+    heads, a model above :data:`MAX_NON_EMBEDDING_PARAMS`; then, when all of that holds, whatever
+    ``RetNetConfig`` itself refuses. Nothing is allocated."""
+    if not isinstance(overrides, dict):
+        return [(key, f"must be a mapping of RetNetConfig fields, got {type(overrides).__name__}")]
+    errs: list[tuple[str, str]] = []
+    for name, v in overrides.items():
+        k = f"{key}.{name}"
+        if not isinstance(name, str):
+            errs.append((key, f"field names are strings, got {name!r}"))
+        elif name in _FIXED:
+            errs.append((k, _FIXED[name]))
+        elif name in OVERRIDE_BOUNDS:
+            kind, lo, hi = OVERRIDE_BOUNDS[name]
+            ok_type = (type(v) is int) if kind is int else (type(v) in (int, float))
+            if not ok_type:
+                errs.append((k, f"must be {'an integer' if kind is int else 'a number'}, got "
+                                f"{type(v).__name__} {v!r:.40}"))
+            elif kind is float and not math.isfinite(v):
+                errs.append((k, "must be a finite number"))
+            elif (v <= lo if kind is float and lo == 0 else v < lo) or v > hi:
+                low = f"> {lo}" if kind is float and lo == 0 else f">= {lo}"
+                errs.append((k, f"{v!r} is out of bounds: must be {low} and <= {hi}"))
+    if errs:
+        return errs
+    fields = {**VARIANTS.get(variant, VARIANTS["tiny"]), "value_factor": 2, "chunk_size": chunk_size, **overrides}
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        return [(f"{key}.hidden_size", f"{fields['hidden_size']} is not divisible by num_attention_heads "
+                                       f"{fields['num_attention_heads']}: pick a head count that divides it")]
+    n = non_embedding_params(fields)
+    if n > MAX_NON_EMBEDDING_PARAMS:
+        return [(key, f"{n:,} non-embedding parameters (hidden_size x num_hidden_layers x intermediate_size x "
+                      f"value_factor) is above the bound {MAX_NON_EMBEDDING_PARAMS:,} (16x the 500M variant)")]
+    if not overrides:
+        return []
+    try:  # the remaining fields (and types transformers' strict dataclass checks) through RetNetConfig itself
+        from distill_dag.model.retnet import RetNetConfig
+
+        unknown = sorted(set(overrides) - set(RetNetConfig.__dataclass_fields__))
+        if unknown:
+            own = sorted(set(RetNetConfig.__annotations__) - set(_FIXED))  # not PretrainedConfig's plumbing
+            return [(f"{key}.{unknown[0]}", f"not a RetNetConfig field (the student's fields: {', '.join(own)})")]
+        student_config(variant if variant in VARIANTS else "tiny", 256, **{"chunk_size": chunk_size, **overrides})
+    except Exception as err:  # noqa: BLE001 - any refusal of the config is a config error naming the key
+        first = (str(err).splitlines() or [""])[0].replace("; ", ", ")  # "; " separates keys in config errors
+        return [(key, f"RetNetConfig refuses it: {type(err).__name__}: {first}")]
+    return []
+
+
+def student_config(variant: str, vocab_size: int, **overrides: Any) -> "RetNetConfig":
     """The RetNetConfig of a named variant (``tiny``, ``350M``, ``500M``), with ``overrides`` of any field."""
+    from distill_dag.model.retnet import RetNetConfig
+
     if variant not in VARIANTS:
         raise ValueError(f"unknown student variant {variant!r} (student.variant); choose one of {', '.join(VARIANTS)}")
     fields = dict(VARIANTS[variant], vocab_size=vocab_size, tie_word_embeddings=True)
