@@ -30,7 +30,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, LinearAttentionLayer
+from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -48,6 +48,10 @@ from distill_dag.kernels.retention import (
 )
 
 
+# transformers' names for a layer's token mixer (configuration_utils.ALLOWED_LAYER_TYPES)
+LAYER_TYPES = ("linear_attention", "full_attention", "sliding_attention")
+
+
 @strict
 class RetNetConfig(PretrainedConfig):
     r"""Configuration of :class:`RetNetForCausalLM`.
@@ -58,6 +62,13 @@ class RetNetConfig(PretrainedConfig):
     retention_backend ("auto" | "torch" | "triton" | "fla"; auto = Triton on CUDA, PyTorch elsewhere),
     retention_in_fp32 (cast q/k/v to fp32 before retention; False keeps the autocast dtype for the Triton
     dots, accumulation stays fp32).
+
+    Hybrid students: ``layer_types`` names each layer's token mixer in transformers' vocabulary:
+    ``linear_attention`` (multi-scale retention), ``full_attention`` (causal softmax attention) or
+    ``sliding_attention`` (softmax attention over the last ``attention_window`` tokens). None = every layer
+    retention (a pure RetNet). Attention layers use ``num_key_value_heads`` K/V heads (GQA, default: one per
+    query head), the key head dim and the rotation of the retention layers, and Llama's projection shapes, so
+    a teacher's attention is copied into them verbatim.
     """
 
     model_type = "retnet"
@@ -77,6 +88,9 @@ class RetNetConfig(PretrainedConfig):
     retention_mode: str = "chunkwise"
     retention_backend: str = "auto"
     retention_in_fp32: bool = True
+    layer_types: list[str] | None = None
+    attention_window: int | None = None
+    num_key_value_heads: int | None = None
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
@@ -100,10 +114,36 @@ class RetNetConfig(PretrainedConfig):
             )
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"RetNetConfig.chunk_size must be a positive int, got {self.chunk_size!r}")
+        types = self.layer_types
+        if len(types) != self.num_hidden_layers:
+            raise ValueError(f"RetNetConfig.layer_types has {len(types)} entries for num_hidden_layers "
+                             f"{self.num_hidden_layers}: give one per layer")
+        bad = sorted({t for t in types if t not in LAYER_TYPES})
+        if bad:
+            raise ValueError(f"RetNetConfig.layer_types {bad}: use {', '.join(LAYER_TYPES)}")
+        if "sliding_attention" in types and not (isinstance(self.attention_window, int) and self.attention_window >= 1):
+            raise ValueError("RetNetConfig.layer_types has sliding_attention but attention_window is "
+                             f"{self.attention_window!r}: set a window of >= 1 tokens")
+        if self.num_key_value_heads is not None and (self.num_key_value_heads < 1
+                                                     or self.num_attention_heads % self.num_key_value_heads):
+            raise ValueError(f"RetNetConfig.num_key_value_heads {self.num_key_value_heads} must divide "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+    def __post_init__(self, **kwargs):
+        if self.layer_types is None:
+            self.layer_types = ["linear_attention"] * self.num_hidden_layers
+        else:
+            self.layer_types = list(self.layer_types)
+        super().__post_init__(**kwargs)
 
     @property
-    def layer_types(self) -> list[str]:
-        return ["linear_attention"] * self.num_hidden_layers
+    def attention_layers(self) -> list[int]:
+        """Indices of the softmax attention layers (empty for a pure RetNet)."""
+        return [i for i, t in enumerate(self.layer_types) if t != "linear_attention"]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
 
     @property
     def head_dim(self) -> int:
@@ -127,16 +167,71 @@ class RetentionStateLayer(LinearAttentionLayer):
         return out
 
 
-class RetNetCache(Cache):
-    """The recurrent state of every layer plus the number of tokens seen (for positions when none are given).
+class AttentionKVLayer(DynamicLayer):
+    """One softmax attention layer's keys and values [B, H_kv, S, K], with what the mask needs per key:
+    its stream index (tokens since the cache began), its document id and whether it is a token (not padding).
 
-    Its size does not depend on the context length: that is what makes generation O(1) per token.
+    With ``window`` set it is a rolling buffer: only the last ``window`` keys are kept, since no later query
+    can see further back. Without it, it grows by one key per token (what full attention costs).
+    """
+
+    def __init__(self, window: int | None = None):
+        super().__init__()
+        self.window = window
+        self.key_index: torch.Tensor | None = None  # [S] long
+        self.key_doc: torch.Tensor | None = None  # [B, S] long
+        self.key_valid: torch.Tensor | None = None  # [B, S] bool
+
+    def update_with_meta(
+        self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, doc: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Append T new keys (k, v [B, H_kv, T, K]; index [T]; doc, valid [B, T]); return every key the new
+        queries may see (the kept ones plus the new ones), then trim to the window."""
+        keys, values = self.update(k, v)
+        if self.key_index is None:
+            self.key_index, self.key_doc, self.key_valid = index, doc, valid
+        else:
+            self.key_index = torch.cat([self.key_index, index])
+            self.key_doc = torch.cat([self.key_doc, doc], dim=1)
+            self.key_valid = torch.cat([self.key_valid, valid], dim=1)
+        out = (keys, values, self.key_index, self.key_doc, self.key_valid)
+        if self.window is not None and self.keys.shape[-2] > self.window:
+            w = self.window
+            self.keys, self.values = self.keys[..., -w:, :], self.values[..., -w:, :]
+            self.key_index, self.key_doc, self.key_valid = (
+                self.key_index[-w:], self.key_doc[:, -w:], self.key_valid[:, -w:])
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_index = self.key_doc = self.key_valid = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.key_doc is not None:
+            self.key_doc = self.key_doc.index_select(0, beam_idx.to(self.key_doc.device))
+            self.key_valid = self.key_valid.index_select(0, beam_idx.to(self.key_valid.device))
+
+
+class RetNetCache(Cache):
+    """One generation cache for the whole student: the retention state of every retention layer, the keys and
+    values of every attention layer (a rolling buffer when windowed), the number of tokens seen (for positions
+    when none are given) and each row's current document id (so attention never crosses a document start).
+
+    A pure RetNet's cache does not grow with the context: that is what makes its generation O(1) per token.
+    A hybrid's grows by its full-attention layers' K/V only.
     """
 
     def __init__(self, config: RetNetConfig | None = None, num_layers: int | None = None):
-        n = num_layers if num_layers is not None else config.num_hidden_layers
-        super().__init__(layers=[RetentionStateLayer() for _ in range(n)])
+        types = list(config.layer_types) if config is not None else ["linear_attention"] * int(num_layers)
+        if num_layers is not None and len(types) != num_layers:
+            raise ValueError(f"RetNetCache: num_layers {num_layers} but the config has {len(types)} layer_types")
+        window = config.attention_window if config is not None else None
+        layers = [RetentionStateLayer() if t == "linear_attention"
+                  else AttentionKVLayer(window if t == "sliding_attention" else None) for t in types]
+        super().__init__(layers=layers)
         self.seen_tokens = 0
+        self.doc_count: torch.Tensor | None = None  # [B] long: document starts seen so far per row
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -145,6 +240,7 @@ class RetNetCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.seen_tokens = 0
+        self.doc_count = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +348,108 @@ class MultiScaleRetention(nn.Module):
         return self.o_proj(F.silu(gate) * o.to(gate.dtype))
 
 
+def attention_mask(
+    q_index: torch.Tensor, k_index: torch.Tensor, q_doc: torch.Tensor, k_doc: torch.Tensor, k_valid: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
+    """[B, 1, Tq, Tk] bool: query i sees key j iff j <= i, both are in the same document, j is a token (not
+    padding) and, with a window, i - j < window. A query always sees itself, so a padding row stays finite.
+
+    q_index [Tq], k_index [Tk]: stream indices; q_doc [B, Tq], k_doc / k_valid [B, Tk].
+    """
+    qi, kj = q_index[:, None], k_index[None, :]
+    m = (kj <= qi)[None] & (k_doc[:, None, :] == q_doc[:, :, None]) & k_valid[:, None, :]
+    if window is not None:
+        m = m & (qi - kj < window)[None]
+    return (m | (kj == qi)[None])[:, None]
+
+
+def _flash_attn_varlen():
+    """flash-attn's varlen kernel when it is installed (CUDA machines), else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+class RetNetAttention(nn.Module):
+    """Causal softmax attention with grouped K/V heads and rotary positions, Llama's layout:
+    ``out = W_o softmax(rot(W_q x) rot(W_k x)^T / sqrt(K) + mask) W_v x`` with H query heads and H_kv K/V heads.
+
+    The mask keeps documents apart exactly as retention does (no key before the query's document start, i.e.
+    the last ``position_ids == 0``, and no padding), and with ``config.attention_window`` (a
+    ``sliding_attention`` layer) a query sees only the last ``window`` tokens. SDPA everywhere; flash-attn's
+    varlen kernel on CUDA when installed (half precision, no padding, no cache), one sequence per document.
+    """
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        d, H, Hkv = config.hidden_size, config.num_attention_heads, config.kv_heads
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d // H
+        self.window = config.attention_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        self.q_proj = nn.Linear(d, H * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, Hkv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, Hkv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(H * self.head_dim, d, bias=False)
+        self.o_proj._residual_out = True
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        doc: torch.Tensor,
+        valid: torch.Tensor | None,
+        cache: "RetNetCache | None",
+        past: int = 0,
+    ) -> torch.Tensor:
+        """x [B, T, d]; positions [B, T] (rotation); doc [B, T] document id per token; valid [B, T] bool
+        (False = padding) or None; ``past``: tokens already in ``cache`` (stream index of x's first token)."""
+        B, T, _ = x.shape
+        H, Hkv, K = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, K)
+        k = self.k_proj(x).view(B, T, Hkv, K)
+        v = self.v_proj(x).view(B, T, Hkv, K)
+        q = rotate(q.float(), positions, self.config.rope_theta).to(v.dtype)
+        k = rotate(k.float(), positions, self.config.rope_theta).to(v.dtype)
+        single_doc = bool((doc == doc[:, :1]).all())
+        if cache is None and valid is None:
+            o = self._flash(q, k, v, doc) if x.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+            if o is not None:
+                return self.o_proj(o.reshape(B, T, H * K))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, K]
+        index = torch.arange(past, past + T, device=x.device)
+        tok = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if cache is not None:
+            k, v, k_index, k_doc, k_valid = cache.layers[self.layer_idx].update_with_meta(k, v, index, doc, tok)
+        else:
+            k_index, k_doc, k_valid = index, doc, tok
+        if cache is None and valid is None and single_doc and self.window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
+        else:
+            mask = attention_mask(index, k_index, doc, k_doc, k_valid, self.window)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * K))
+
+    def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor) -> torch.Tensor | None:
+        """flash-attn varlen over the packed documents: q [B, T, H, K], k/v [B, T, H_kv, K] -> [B, T, H, K]."""
+        fn = _flash_attn_varlen()
+        if fn is None:
+            return None
+        B, T = doc.shape
+        flat = (doc + torch.arange(B, device=doc.device)[:, None] * (T + 1)).reshape(-1)  # unique id per (row, doc)
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[1:] = flat[1:] != flat[:-1]
+        bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([B * T])]).to(torch.int32)
+        max_len = int((bounds[1:] - bounds[:-1]).max())
+        window = (self.window - 1, 0) if self.window is not None else (-1, -1)
+        o = fn(q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:]),
+               bounds, bounds, max_len, max_len, causal=True, window_size=window)
+        return o.view(B, T, *o.shape[1:])
+
+
 class RetNetMLP(nn.Module):
     """Gated FFN: ``W_down( silu(W_gate x) * W_up x )``."""
 
@@ -267,12 +465,19 @@ class RetNetMLP(nn.Module):
 
 
 class RetNetBlock(GradientCheckpointingLayer):
-    """Pre-norm residual block: ``x + MSR(norm(x))`` then ``x + FFN(norm(x))``."""
+    """Pre-norm residual block: ``x + Mixer(norm(x))`` then ``x + FFN(norm(x))``; the mixer is multi-scale
+    retention (``retention_norm`` / ``retention``) or, in a hybrid's attention layers, softmax attention
+    (``attention_norm`` / ``attention``), as ``config.layer_types[layer_idx]`` says."""
 
     def __init__(self, config: RetNetConfig, layer_idx: int):
         super().__init__()
-        self.retention_norm = RetNetRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.retention = MultiScaleRetention(config, layer_idx)
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == "linear_attention":
+            self.retention_norm = RetNetRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.retention = MultiScaleRetention(config, layer_idx)
+        else:
+            self.attention_norm = RetNetRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.attention = RetNetAttention(config, layer_idx)
         self.ffn_norm = RetNetRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = RetNetMLP(config)
 
@@ -283,8 +488,15 @@ class RetNetBlock(GradientCheckpointingLayer):
         reset: torch.Tensor | None = None,
         pad_mask: torch.Tensor | None = None,
         cache: RetNetCache | None = None,
+        doc: torch.Tensor | None = None,
+        past: int = 0,
     ) -> torch.Tensor:
-        h = hidden_states + self.retention(self.retention_norm(hidden_states), positions, reset, pad_mask, cache)
+        if self.layer_type == "linear_attention":
+            mixed = self.retention(self.retention_norm(hidden_states), positions, reset, pad_mask, cache)
+        else:
+            valid = pad_mask.bool() if pad_mask is not None else None
+            mixed = self.attention(self.attention_norm(hidden_states), positions, doc, valid, cache, past)
+        h = hidden_states + mixed
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -395,16 +607,23 @@ class RetNetModel(RetNetPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + T, device=device).expand(B, T)
         position_ids = position_ids.to(device)
-        reset = position_ids == 0
+        starts = position_ids == 0
+        doc = None
+        if self.config.attention_layers:  # attention layers mask by document id: the count of starts so far
+            prev = cache.doc_count if cache is not None and cache.doc_count is not None else None
+            doc = starts.long().cumsum(-1) + (prev[:, None] if prev is not None else 0)
+        reset = starts
         if past == 0 and not bool(reset[:, 1:].any()):
             reset = None  # one document per row and no state yet: nothing to reset
 
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, position_ids, reset, pad_mask, cache=cache)
+            h = layer(h, position_ids, reset, pad_mask, cache=cache, doc=doc, past=past)
         h = self.norm(h)
         if cache is not None:
             cache.seen_tokens += T
+            if doc is not None:
+                cache.doc_count = doc[:, -1]
         return BaseModelOutputWithPast(last_hidden_state=h, cache=cache if use_cache else None)
 
 
