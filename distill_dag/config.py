@@ -199,6 +199,9 @@ class TokenizeConfig(Section):
     force: bool = _f(False, "Re-tokenize and rewrite everything")
     mask_prompt: bool = _f(True, "prompt/response rows: no loss on the prompt's tokens (labels -100)")
     batch_docs: int = _f(1024, "Documents per encode_batch call", ge=1, le=1 << 20)
+    min_rows: int = _f(1, "A build that would publish fewer packed rows (train + val) than this is refused and the "
+                          "previous dataset stays published (inputs that are all empty never replace a dataset)",
+                       ge=1, le=1 << 40)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +239,11 @@ class TeacherConfig(Section):
     serve_unit_tokens: int = _f(4096, "serve-teacher: tokens per scheduling unit (requests are served round "
                                       "robin, a unit at a time, so a long one cannot starve short ones)", ge=1,
                                   le=1 << 24)
+    serve_body_timeout_s: float = _f(30.0, "serve-teacher: seconds a request body may take to arrive, plus 1 s per "
+                                           "serve_body_min_rate bytes received (408 after; a stalled client's bytes "
+                                           "are returned to the budget)", gt=0.0, le=3600.0)
+    serve_body_min_rate: int = _f(1 << 20, "serve-teacher: bytes per second a request body must keep up, on average, "
+                                           "past serve_body_timeout_s", ge=1, le=1 << 40)
     serve_allow_no_token: bool = _f(False, "serve-teacher: allow a non-loopback bind without a bearer token "
                                            "(anyone who reaches the port can use the teacher)")
     vllm_model: str | None = _f(None, "api vllm: the served model name (null: the first of GET /v1/models)")
@@ -520,10 +528,36 @@ class PipelineConfig(Section):
         return self.path(self.train.output_dir or f"runs/{self.train.teacher_mode}")
 
 
+_SOURCE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def source_name_errors(names: list[str]) -> list[tuple[str, str]]:
+    """``data.sources[i].name`` is a folder name (``<data.root>/raw/<name>/``, written and cleaned by the
+    gather): one safe path component, unique after normalisation (case and trailing slashes), so no two
+    sources share a folder and none reaches outside ``raw/``."""
+    errs: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = f"data.sources[{i}].name"
+        if not name or name[0] not in _SOURCE_NAME_CHARS - {".", "_", "-"} or not set(name) <= _SOURCE_NAME_CHARS \
+                or len(name) > 100:
+            errs.append((key, f"{name!r} is not a safe folder name: a source name becomes data.root/raw/<name>/, so "
+                              "it must be one path component of letters, digits, '.', '_' and '-' (no '/', no '..', "
+                              "not absolute, not starting with '.', '_' or '-'), at most 100 characters"))
+        norm = name.rstrip("/\\").casefold()
+        if norm in seen:
+            errs.append((key, f"{name!r} names the same folder as data.sources[{seen[norm]}].name "
+                              f"{names[seen[norm]]!r} (names are compared without case and trailing slashes): "
+                              "each source needs its own name"))
+        else:
+            seen[norm] = i
+    return errs
+
+
 def cross_field_errors(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """Checks across sections, each naming its key; the vocabulary is checked where it is known here
     (a BPE trained by us has at most ``tokenizer.vocab_size``), else by :func:`check_vocab`."""
-    errs: list[tuple[str, str]] = []
+    errs: list[tuple[str, str]] = source_name_errors([s.name for s in cfg.data.sources])
     if cfg.train.max_steps == 0 and cfg.student.init != "from_teacher":
         errs.append(("train.max_steps", "0 trains nothing (0 is only for student.init from_teacher: stage 1 "
                                         "alone); set train.max_steps >= 1"))

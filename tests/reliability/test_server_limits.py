@@ -269,3 +269,76 @@ def test_a_request_whose_client_gave_up_stops_computing(fair_server):
     took = _wait_idle(srv, 3)
     print(f"\nabandoned maximal request: {left} in flight when the client gave up, idle {took * 1000:.0f} ms later")
     assert srv.health()["buffered_bytes"] == 0
+
+
+# ---- stalled bodies (issue 30, point 5) ------------------------------------------------------------------
+def _stall(port: int, declared: int, send: int) -> "socket.socket":
+    """A client that declares a ``declared``-byte body, sends ``send`` bytes of it and then stalls."""
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall(f"POST /v1/topk HTTP/1.1\r\nHost: x\r\nContent-Type: {CONTENT_TYPE}\r\n"
+              f"Content-Length: {declared}\r\n\r\n".encode() + b"\0" * send)
+    return s
+
+
+def _status_of(s) -> int | None:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_stalled_declared_huge_bodies_hold_no_budget_and_are_cut_at_the_body_deadline():
+    """Issue 30 point 5: 4 clients declare ~268 MB bodies (the default cap: 8 x max_request_elems), send
+    1 MiB and stall. Before, they reserved the whole 1 GiB budget from Content-Length at once and RSS
+    grew 509 -> 1533 MiB while every other request got 503. Now: 50 normal requests sent concurrently
+    while they stall all get 200 (a 503 window of 0 s), the budget holds only what the stallers sent,
+    RSS stays within idle + their bytes + slack, and each staller gets 408 once its body deadline
+    (body_timeout_s + 1 s per body_min_rate bytes received) passes, its bytes returned to the budget."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    timeout_s, rate, sent = 4.0, float(MiB), MiB
+    srv = AppProcess(body_timeout_s=timeout_s, body_min_rate=rate)  # default 1 GiB budget and 268 MB body cap
+    stallers = []
+    try:
+        declared = 8 * (1 << 25)  # under the cap: 8 x the default max_request_elems + 65536
+        idle = srv.status("VmRSS")
+        t0 = time.monotonic()
+        stallers = [_stall(srv.port, declared, sent) for _ in range(4)]
+        time.sleep(0.5)  # their headers and first MiB are in
+        held = srv.health()["buffered_bytes"]
+        body = encode_arrays({"input_ids": _ids(2, 16)}, {"k": K})
+        ref = decode_arrays(httpx.post(srv.url + "/v1/topk", content=body, headers=BIN, timeout=60).content)[0]
+
+        def one(_):
+            t = time.monotonic()
+            r = httpx.post(srv.url + "/v1/topk", content=body, headers=BIN, timeout=60)
+            return r.status_code, time.monotonic() - t, r.content
+
+        with ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(one, range(50)))
+        statuses = [s for s, _, _ in results]
+        window = sum(t for s, t, _ in results if s == 503)
+        peak = srv.status("VmHWM")
+        cut = [_status_of(s) for s in stallers]
+        waited = time.monotonic() - t0
+        after = srv.health()["buffered_bytes"]
+        print(f"\n4 stalled clients declaring {declared / 1e6:.0f} MB (1 MiB sent each) + 50 concurrent normal requests: "
+              f"RSS idle {idle / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB (+{(peak - idle) / MiB:.0f} MiB); budget held by "
+              f"the stallers {held / MiB:.1f} MiB; normal statuses {sorted(set(statuses))}, 503 window {window:.1f} s; "
+              f"stallers answered {cut} after {waited:.1f} s")
+        assert statuses == [200] * 50, statuses
+        assert all(np.array_equal(decode_arrays(c)[0]["indices"], ref["indices"]) for _, _, c in results)
+        assert held <= 4 * sent, held  # what arrived, not what was declared (4 x 268 MB)
+        assert peak - idle < 4 * sent + 160 * MiB, f"RSS grew by {(peak - idle) / MiB:.0f} MiB"
+        assert cut == [408] * 4, cut
+        assert waited < timeout_s + sent / rate + 10, waited  # cut at the deadline, not held forever
+        assert after == 0
+    finally:
+        for s in stallers:
+            s.close()
+        srv.kill()

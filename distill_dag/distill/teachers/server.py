@@ -23,9 +23,14 @@ Limits (each refused before any compute):
 * ``T > max_seq_len`` (default: the model's ``max_position_embeddings``) -> 413;
 * ``B * T * k > max_request_elems``, or a body larger than such a request can be -> 413;
 * ``max_buffered_bytes`` bounds the memory held for all requests at once: each request reserves its
-  body (from ``Content-Length``, or chunk by chunk as it streams) and then its answer; when the
-  budget is full the request gets 503 with ``Retry-After`` (the client retries 5xx with backoff),
-  and a request that could never fit gets 413. The reservation is returned once the answer is sent.
+  body chunk by chunk as the bytes arrive (never from ``Content-Length``, which a client may declare
+  and then not send: four stalled clients declaring ~268 MB each once held a 1 GiB budget and made
+  everyone else wait) and then its answer; when the budget is full the request gets 503 with
+  ``Retry-After`` (the client retries 5xx with backoff), and a request whose ``Content-Length`` could
+  never fit gets 413 at once. The reservation is returned once the answer is sent.
+* a body must arrive within ``body_timeout_s`` plus one second per ``body_min_rate`` bytes received
+  (defaults 30 s and 1 MiB/s): a client that stalls mid-body gets 408 and its bytes are returned to
+  the budget, so stalled clients hold memory for a bounded time only.
 
 Scheduling: one worker thread runs the model (it is not re-entrant on one device). Each request is
 cut into units of whole rows of at most ``unit_tokens`` tokens (one row when a row is longer), and
@@ -74,6 +79,8 @@ DEFAULT_MAX_SEQ_LEN = 4096  # when neither the caller nor the model's config giv
 DEFAULT_MAX_BUFFERED_BYTES = 1 << 30
 DEFAULT_UNIT_TOKENS = 4096
 DEFAULT_MAX_JSON_BYTES = 8 << 20
+DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_BODY_MIN_RATE = 1 << 20  # bytes/s a body must keep up, on average, after body_timeout_s
 # what a request holds besides its body: the binary answer is 8 bytes per entry (+ a header); a JSON
 # body is parsed into Python lists (~36 bytes per id for ~4 bytes of text) and its answer goes
 # through Python lists and text (~100 bytes per entry)
@@ -434,17 +441,22 @@ class _AccessLog:
 def create_app(teacher: Any, *, k_max: int, token: str | None = None, max_request_elems: int = 1 << 25,
                max_seq_len: int | None = None, max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
                unit_tokens: int = DEFAULT_UNIT_TOKENS, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, body_min_rate: float = DEFAULT_BODY_MIN_RATE,
                access_log_enabled: bool = True) -> FastAPI:
     """The FastAPI app around a provider (normally a :class:`DirectTeacher` with ``k >= k_max``).
 
     ``max_seq_len`` None: the model's maximum positions (:func:`model_max_positions`), else
-    ``DEFAULT_MAX_SEQ_LEN``. The app's ``state.budget`` / ``state.scheduler`` / ``state.limits``
+    ``DEFAULT_MAX_SEQ_LEN``. A body must arrive within ``body_timeout_s`` + (bytes received) /
+    ``body_min_rate`` seconds (408 otherwise). The app's ``state.budget`` / ``state.scheduler`` / ``state.limits``
     expose the byte budget (its ``peak``), the scheduler and the limits.
     """
     lim = Limits(k_max=int(k_max), vocab_size=int(teacher.vocab_size), max_request_elems=int(max_request_elems),
                  max_seq_len=int(max_seq_len or model_max_positions(teacher) or DEFAULT_MAX_SEQ_LEN))
     budget = ByteBudget(max_buffered_bytes)
     scheduler = FairScheduler(teacher, unit_tokens)
+    if not body_timeout_s > 0 or not body_min_rate > 0:
+        raise ValueError(f"body_timeout_s={body_timeout_s} and body_min_rate={body_min_rate} must be > 0 "
+                         "(teacher.serve_body_timeout_s / teacher.serve_body_min_rate)")
     app = FastAPI(title="distill-dag teacher", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.budget, app.state.scheduler, app.state.limits = budget, scheduler, lim
     # the largest honest body: int32 ids + int32 positions for max_request_elems tokens (k >= 1), plus a
@@ -475,31 +487,46 @@ def create_app(teacher: Any, *, k_max: int, token: str | None = None, max_reques
         })
 
     async def read_body(request: Request, cap: int, hold: _Hold, parse_factor: int) -> bytearray:
-        """The body, counted against ``cap`` and reserved in the budget (x ``parse_factor``) before it
-        is buffered: from Content-Length at once, or chunk by chunk when it streams."""
+        """The body, counted against ``cap`` and reserved in the budget (x ``parse_factor``) chunk by
+        chunk as it arrives, under the body deadline. ``Content-Length`` is only checked against ``cap``
+        (413 at once) and against the bytes that came: memory follows what was received, never what was
+        declared."""
         declared = request.headers.get("content-length")
+        n = None
         if declared is not None:
             if not declared.isdigit():
                 raise BadRequest(400, f"bad Content-Length {declared!r:.40}")
             n = int(declared)
             if n > cap:
                 raise BadRequest(413, f"body of {n} bytes exceeds {cap}")
-            hold.take(n * parse_factor, f"a body of {n} bytes")
-            body, got = bytearray(n), 0
-            async for chunk in request.stream():
-                if got + len(chunk) > n:
-                    raise BadRequest(400, f"body longer than its Content-Length {n}")
-                body[got : got + len(chunk)] = chunk
-                got += len(chunk)
-            if got != n:
-                raise BadRequest(400, f"body of {got} bytes, Content-Length said {n}")
-            return body
+            if n * parse_factor > budget.limit:
+                raise BadRequest(413, f"a body of {n} bytes needs {n * parse_factor} bytes, more than the server's "
+                                      f"whole max_buffered_bytes={budget.limit}; send fewer rows per request")
+        limit = cap if n is None else n
         body = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: a chunked body cannot dodge the cap
-            if len(body) + len(chunk) > cap:
-                raise BadRequest(413, f"body exceeds {cap} bytes")
-            hold.take(len(chunk) * parse_factor, "the streamed body")
+        start = time.monotonic()
+        chunks = request.stream().__aiter__()
+        while True:
+            # the deadline moves with the bytes received: a body that keeps up body_min_rate is never cut
+            left = start + body_timeout_s + len(body) / body_min_rate - time.monotonic()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                chunk = await asyncio.wait_for(chunks.__anext__(), left)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise BadRequest(408, f"the body did not arrive in time: {len(body)} of "
+                                      f"{'?' if n is None else n} bytes after {time.monotonic() - start:.1f} s (the "
+                                      f"server waits {body_timeout_s:g} s plus 1 s per {body_min_rate:g} bytes "
+                                      "received)", {"Connection": "close"}) from None
+            if len(body) + len(chunk) > limit:
+                raise (BadRequest(413, f"body exceeds {cap} bytes") if n is None else
+                       BadRequest(400, f"body longer than its Content-Length {n}"))
+            hold.take(len(chunk) * parse_factor, "the body" if n is None else f"a body of {n} bytes")
             body += chunk
+        if n is not None and len(body) != n:
+            raise BadRequest(400, f"body of {len(body)} bytes, Content-Length said {n}")
         return body
 
     @app.post("/v1/topk")
@@ -580,7 +607,8 @@ def serve_teacher(cfg: Any, *, model_path: str | None = None, host: str | None =
     """Load the teacher of ``cfg`` (``PipelineConfig``) and serve it until interrupted.
 
     Settings read from ``cfg.teacher`` when present (arguments win): ``serve_allow_no_token``,
-    ``serve_max_seq_len``, ``serve_max_buffered_bytes``, ``serve_unit_tokens``.
+    ``serve_max_seq_len``, ``serve_max_buffered_bytes``, ``serve_unit_tokens``, ``serve_body_timeout_s``,
+    ``serve_body_min_rate``.
     """
     import os
 
@@ -601,7 +629,9 @@ def serve_teacher(cfg: Any, *, model_path: str | None = None, host: str | None =
                      max_seq_len=max_seq_len or _setting(t, "serve_max_seq_len", None),
                      max_buffered_bytes=int(max_buffered_bytes or _setting(t, "serve_max_buffered_bytes",
                                                                            DEFAULT_MAX_BUFFERED_BYTES)),
-                     unit_tokens=int(_setting(t, "serve_unit_tokens", DEFAULT_UNIT_TOKENS)))
+                     unit_tokens=int(_setting(t, "serve_unit_tokens", DEFAULT_UNIT_TOKENS)),
+                     body_timeout_s=float(_setting(t, "serve_body_timeout_s", DEFAULT_BODY_TIMEOUT_S)),
+                     body_min_rate=float(_setting(t, "serve_body_min_rate", DEFAULT_BODY_MIN_RATE)))
     if not access_log.handlers:
         h = logging.StreamHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
