@@ -130,15 +130,26 @@ def llama_student_fields(tc: Any, value_factor: int) -> tuple[dict[str, Any], li
         pad_token_id=getattr(tc, "pad_token_id", None),
         bos_token_id=getattr(tc, "bos_token_id", None),
         eos_token_id=getattr(tc, "eos_token_id", None),
+        num_key_value_heads=Hkv,  # the attention layers a hybrid keeps use the teacher's K/V heads as they are
     )
     return fields, notes
 
 
-def llama_param_map(tc: Any) -> list[ParamMap]:
-    """Every parameter of a ``LlamaForCausalLM`` with config ``tc`` and where it goes in the RetNet."""
+def llama_param_map(tc: Any, layer_types: list[str] | None = None) -> list[ParamMap]:
+    """Every parameter of a ``LlamaForCausalLM`` with config ``tc`` and where it goes in the RetNet.
+
+    ``layer_types`` (the student's): a layer kept as softmax attention takes the teacher's attention verbatim
+    (Q/K/V/O and its input norm, K/V heads as they are); a retention layer takes Q/K/V/O reshaped for retention.
+    """
     m = [ParamMap("model.embed_tokens.weight", "model.embed_tokens.weight")]
     for i in range(int(tc.num_hidden_layers)):
         t, s = f"model.layers.{i}.", f"model.layers.{i}."
+        if layer_types is not None and layer_types[i] != "linear_attention":
+            m += [ParamMap(t + "input_layernorm.weight", s + "attention_norm.weight")]
+            m += [ParamMap(t + f"self_attn.{x}_proj.weight", s + f"attention.{x}_proj.weight") for x in "qkvo"]
+            m += [ParamMap(t + "post_attention_layernorm.weight", s + "ffn_norm.weight")]
+            m += [ParamMap(t + f"mlp.{x}_proj.weight", s + f"ffn.{x}_proj.weight") for x in ("gate", "up", "down")]
+            continue
         m += [
             ParamMap(t + "input_layernorm.weight", s + "retention_norm.weight"),
             ParamMap(t + "self_attn.q_proj.weight", s + "retention.q_proj.weight"),
@@ -159,7 +170,7 @@ class Family:
     """How one teacher family converts: its RetNet fields (+ notes) and its parameter table."""
 
     student_fields: Callable[[Any, int], tuple[dict[str, Any], list[str]]]
-    param_map: Callable[[Any], list[ParamMap]]
+    param_map: Callable[[Any, list[str] | None], list[ParamMap]]
 
 
 # model_type -> Family. Another family is one entry here: its fields function and its table (families with
@@ -239,7 +250,8 @@ def student_config_from_teacher(teacher_config: Any, *, value_factor: int = 1, *
     (chunk_size, retention_backend, ...); a shape field that differs from the teacher's is an error."""
     _, fam = _family(teacher_config)
     fields, _ = fam.student_fields(teacher_config, value_factor)
-    shape = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"}
+    shape = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "num_key_value_heads"}
     for k, v in overrides.items():
         if k in shape and v != fields[k]:
             raise ConversionError(
@@ -265,7 +277,7 @@ def convert_teacher(
     family, fam = _family(tc)
     sc = student_config_from_teacher(tc, value_factor=value_factor, **overrides)
     _, notes = fam.student_fields(tc, value_factor)
-    mapping = fam.param_map(tc)
+    mapping = fam.param_map(tc, list(sc.layer_types))
 
     tstate = teacher.state_dict()
     mapped = {m.teacher for m in mapping}
@@ -375,3 +387,52 @@ def swap_retention(student: RetNetForCausalLM, modules: list[nn.Module]) -> list
     for b, m in zip(blocks, modules):
         b.retention = m
     return old
+
+
+# --------------------------------------------------------------------------------------------
+# hybrids: put the teacher's own attention back in chosen layers
+# --------------------------------------------------------------------------------------------
+def hybrid_layer_types(num_layers: int, attention_layers: list[int], window: int | None) -> list[str]:
+    """``layer_types`` of a student whose ``attention_layers`` are softmax attention (sliding when ``window``)."""
+    bad = [i for i in attention_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConversionError(f"student.attention_layers {bad}: the student has layers 0..{num_layers - 1}")
+    kind = "sliding_attention" if window else "full_attention"
+    keep = set(attention_layers)
+    return [kind if i in keep else "linear_attention" for i in range(num_layers)]
+
+
+def hybridize(student: RetNetForCausalLM, teacher: nn.Module, attention_layers: list[int],
+              window: int | None = None) -> tuple[RetNetForCausalLM, list[ParamMap]]:
+    """A copy of a converted ``student`` whose ``attention_layers`` are the teacher's attention, verbatim.
+
+    Every other weight (retention layers, FFNs, norms, embeddings, head) is the student's, so a stage-1
+    aligned student keeps its alignment. Returns the new student and the teacher tensors copied into it.
+    """
+    teacher = unwrap_teacher(teacher)
+    tc = teacher.config
+    _, fam = _family(tc)
+    L = student.config.num_hidden_layers
+    fields = student.config.to_dict()
+    for k in ("model_type", "transformers_version", "architectures", "auto_map", "dtype", "torch_dtype"):
+        fields.pop(k, None)
+    fields.update(layer_types=hybrid_layer_types(L, list(attention_layers), window), attention_window=window,
+                  num_key_value_heads=int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads))
+    sc = RetNetConfig(**fields)
+    p0 = next(student.parameters())
+    new = RetNetForCausalLM(sc).to(device=p0.device, dtype=p0.dtype)
+    kept = [m for m in fam.param_map(tc, list(sc.layer_types))
+            if any(m.student.startswith(f"model.layers.{i}.attention") for i in attention_layers)]
+    tstate = teacher.state_dict()
+    sstate = student.state_dict()
+    with torch.no_grad():
+        params = dict(new.named_parameters(remove_duplicate=False))
+        for name, p in params.items():
+            if name in sstate and sstate[name].shape == p.shape:
+                p.copy_(sstate[name])
+        for m in kept:
+            params[m.student].copy_(transform(m.how, tstate[m.teacher], tc, sc))
+    missing = [n for n in params if n not in sstate and n not in {m.student for m in kept}]
+    if missing:
+        raise ConversionError(f"hybridize left student parameters without weights: {missing[:6]}")
+    return new, kept
