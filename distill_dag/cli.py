@@ -581,7 +581,8 @@ _NETWORK_NAMES = ("ConnectError", "ConnectionError", "ConnectTimeout", "OfflineM
                   "LocalEntryNotFoundError", "HfHubHTTPError", "NameResolutionError", "MaxRetryError")
 _PROJECT_ERRORS = ("TeacherError", "LogitCacheError", "TrainingDivergedError", "RejectRateError", "CorruptShardError",
                    "ManifestMismatchError", "CheckpointError", "DirectoryLockedError", "InputChangedError",
-                   "ConversionError", "ShippedCodeError", "DiskFullError", "TrainingInterrupted")
+                   "ConversionError", "ShippedCodeError", "DiskFullError", "TrainingInterrupted",
+                   "ForeignOutputError", "TooFewRowsError")
 
 
 def _chain(err: BaseException) -> list[BaseException]:

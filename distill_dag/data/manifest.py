@@ -55,6 +55,8 @@ class Manifest:
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
     build_key: str = ""
+    # inputs that looked like JSONL but were not read, each {"path", "reason"} (not part of data_version)
+    skipped_inputs: list[dict[str, str]] = field(default_factory=list)
     dir: Path | None = field(default=None, compare=False, repr=False)
 
     # ---- io ----

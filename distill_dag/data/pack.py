@@ -52,6 +52,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import warnings
 from collections import deque
@@ -72,8 +73,8 @@ from distill_dag.data.paths import InputFile, discover_inputs
 from distill_dag.data.shards import GENERATION_PREFIX, BackgroundWriter, ShardWriter, np_to_arrow, str_to_arrow
 from distill_dag.data.tokenizer import load_tokenizer, tokenizer_name
 from distill_dag.data.tokenizer import tokenizer_hash as hash_tokenizer_dir
-from distill_dag.io import (DiskFullError, atomic_path, dir_lock, is_disk_full, remove_temp_files, sha256_json,
-                            write_bytes_atomic, write_json_atomic)
+from distill_dag.io import (MARKER, DiskFullError, atomic_path, claim_dir, dir_lock, is_disk_full, remove_temp_files,
+                            sha256_json, write_bytes_atomic, write_json_atomic)
 
 CACHE_VERSION = 1
 CACHE_DIR = ".cache"
@@ -88,6 +89,11 @@ _CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("l
 # ---- inputs ------------------------------------------------------------------------------------
 class InputChangedError(RuntimeError):
     """An input's content changed between its discovery and its read: nothing was published."""
+
+
+class TooFewRowsError(RuntimeError):
+    """A build would publish fewer rows than ``tokenize.min_rows``: nothing was published, and the
+    previous dataset (if any) is still the one the manifest names."""
 
 
 def worker_inputs(files: list[InputFile], worker: int, num_workers: int) -> list[InputFile]:
@@ -462,7 +468,7 @@ def tokenize_stage(cfg: PipelineConfig, *, inputs: str | os.PathLike | Sequence[
         recursive=recursive, val_fraction=t.val_fraction, rows_per_shard=t.rows_per_shard,
         skip_existing=t.skip_existing, force=t.force, mask_prompt=t.mask_prompt, batch_docs=t.batch_docs,
         max_line_bytes=cfg.data.max_line_bytes, max_reject_rate=cfg.data.max_reject_rate, progress=progress,
-        worker=worker, log=log,
+        worker=worker, log=log, min_rows=t.min_rows,
     )
     for line in report(summary, out):
         log(line)
@@ -486,6 +492,12 @@ def report(summary: dict[str, Any], output_dir: str | os.PathLike) -> list[str]:
     if summary["rejects"]:
         lines.append(f"  {summary['rejects']} bad rows skipped; each with file, line and reason in "
                      f"{summary['rejects_file']}")
+    skipped = summary.get("skipped_inputs") or []
+    if skipped:
+        lines.append(f"  {len(skipped)} input(s) not read:")
+        lines += [f"    {s['path']}: {s['reason']}" for s in skipped[:20]]
+        if len(skipped) > 20:
+            lines.append(f"    ... and {len(skipped) - 20} more (all in the manifest's skipped_inputs)")
     lines.append(f"  manifest: {Path(output_dir) / MANIFEST}")
     return lines
 
@@ -513,6 +525,7 @@ def tokenize_to_parquet(
     progress: bool = False,
     worker: tuple[int, int] | None = None,
     log: Callable[[str], None] = _warn,
+    min_rows: int = 1,
 ) -> dict[str, Any]:
     """Tokenize + pack JSONL ``inputs`` (a directory, a file, or a list) into ``output_dir``.
 
@@ -530,9 +543,17 @@ def tokenize_to_parquet(
     published, no partial shards left) and :class:`~distill_dag.io.DirectoryLockedError` (another run
     writes ``output_dir``). ``log`` receives warnings (default: :func:`warnings.warn`).
 
+    ``output_dir`` must be new, empty, or a dataset folder of ours (:func:`~distill_dag.io.claim_dir`;
+    else :class:`~distill_dag.io.ForeignOutputError`, nothing touched). A build that would publish fewer
+    than ``min_rows`` rows (train + val; at least 1) raises :class:`TooFewRowsError` and publishes nothing:
+    inputs that are all empty never replace a dataset. Inputs that look like JSONL but are not read
+    (dangling links, FIFOs, compressed files) are logged and listed in ``skipped_inputs``.
+
     Returns a summary: the manifest as a dict plus ``tokenized`` / ``reused`` input keys,
-    ``up_to_date``, ``rejects``, ``rejects_file``, ``generation`` and ``warnings``.
+    ``up_to_date``, ``rejects``, ``rejects_file``, ``generation``, ``warnings`` and ``skipped_inputs``.
     """
+    if min_rows < 1:
+        raise ValueError(f"min_rows={min_rows}: a dataset of 0 rows is never published; give tokenize.min_rows >= 1")
     out = Path(output_dir)
     tok = load_tokenizer(tokenizer_dir)
     tok_hash = tokenizer_hash or hash_tokenizer_dir(tokenizer_dir, tok)
@@ -540,12 +561,19 @@ def tokenize_to_parquet(
         raise ValueError(f"tokenizer {tokenizer_dir} needs eos and pad tokens (resolve it with resolve_tokenizer)")
     found = discover_inputs(inputs, recursive, exclude=out)
     notes = [w for w in [found.warning(out)] if w]
+    if found.skipped:
+        shown = "; ".join(str(x) for x in found.skipped[:5])
+        more = f"; ... ({len(found.skipped)} in all)" if len(found.skipped) > 5 else ""
+        notes.append(f"{len(found.skipped)} input(s) not read: {shown}{more}")
     for note in notes:
         log(note)
     files = found.files
+    skipped = [x.to_dict() for x in found.skipped]
     if not files:
-        raise FileNotFoundError(f"no .jsonl files in {inputs} (recursive={recursive})")
+        why = f"; not read: {'; '.join(str(x) for x in found.skipped[:5])}" if found.skipped else ""
+        raise FileNotFoundError(f"no .jsonl files in {inputs} (recursive={recursive}){why}")
     reuse = skip_existing and not force
+    claim_dir(out, "distill preprocess", legacy=_legacy_dataset)
     with dir_lock(out, shared=worker is not None, what="preprocess run"):
         (out / CACHE_DIR).mkdir(exist_ok=True)
         try:
@@ -556,7 +584,8 @@ def tokenize_to_parquet(
                 summary = _build(out, inputs, files, tok, tokenizer_dir, tok_hash, max_seq_length, reuse=reuse,
                                  val_fraction=val_fraction, rows_per_shard=rows_per_shard, mask_prompt=mask_prompt,
                                  batch_docs=batch_docs, max_line_bytes=max_line_bytes,
-                                 max_reject_rate=max_reject_rate, progress=progress)
+                                 max_reject_rate=max_reject_rate, progress=progress, min_rows=min_rows,
+                                 skipped=skipped)
         except OSError as err:
             if not is_disk_full(err) or isinstance(err, DiskFullError):
                 raise
@@ -565,7 +594,7 @@ def tokenize_to_parquet(
                 f"no space left on the device of {out} while preprocessing, writing {where} ({err}). Nothing was "
                 f"published: {out / MANIFEST} still names the previous dataset, if any, and the partial shards were "
                 "removed. Free space there (or choose another --output) and re-run"), str(where)) from err
-    return {**summary, "warnings": notes}
+    return {**summary, "warnings": notes, "skipped_inputs": skipped}
 
 
 def _live_generations(out: Path) -> set[str] | None:
@@ -579,9 +608,24 @@ def _live_generations(out: Path) -> set[str] | None:
     return {p.split("/")[0] for p in paths if isinstance(p, str) and "/" in p}
 
 
+# the names _new_generation gives: a folder called gen-something that this code did not name is left alone
+_GENERATION = re.compile(re.escape(GENERATION_PREFIX) + r"[0-9a-f]{12}(-[0-9]+)?")
+# what a dataset folder of ours holds (earlier versions wrote no marker: _legacy_dataset)
+_DATASET_ENTRIES = re.compile(r"manifest\.json|rejects\.jsonl|\.cache|\.lock|(train|val)-\d{5}\.parquet|"
+                              + _GENERATION.pattern + r"|\..+\.tmp")
+
+
+def _legacy_dataset(out: Path) -> bool:
+    """A dataset folder written before output folders were marked: every entry is one this module writes
+    (manifest, rejects, token cache, lock, shards, generations, temp files), with a manifest or a cache."""
+    names = [p.name for p in out.iterdir()]
+    return (any(n in (MANIFEST, CACHE_DIR) for n in names)
+            and all(_DATASET_ENTRIES.fullmatch(n) or n == MARKER for n in names))
+
+
 def _remove_generations(out: Path, keep: set[str]) -> None:
     for g in out.glob(f"{GENERATION_PREFIX}*"):
-        if g.is_dir() and g.name not in keep:
+        if g.is_dir() and not g.is_symlink() and _GENERATION.fullmatch(g.name) and g.name not in keep:
             shutil.rmtree(g, ignore_errors=True)
 
 
@@ -595,7 +639,8 @@ def _new_generation(out: Path, build_key: str, live: set[str]) -> Path:
 
 def _build(out: Path, inputs: Any, files: list[InputFile], tok: Any, tokenizer_dir: str | os.PathLike, tok_hash: str,
            max_seq_length: int, *, reuse: bool, val_fraction: float, rows_per_shard: int, mask_prompt: bool,
-           batch_docs: int, max_line_bytes: int, max_reject_rate: float | None, progress: bool) -> dict[str, Any]:
+           batch_docs: int, max_line_bytes: int, max_reject_rate: float | None, progress: bool, min_rows: int = 1,
+           skipped: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """Pack ``files`` into a new generation of ``out`` and publish it (the caller holds the lock)."""
     remove_temp_files(out)
     remove_temp_files(out / CACHE_DIR)
@@ -625,7 +670,8 @@ def _build(out: Path, inputs: Any, files: list[InputFile], tok: Any, tokenizer_d
         manifest, state = _pack(out, gen, inputs, files, tok, tokenizer_dir, tok_hash, max_seq_length, build_key,
                                 reuse=reuse, val_fraction=val_fraction, rows_per_shard=rows_per_shard,
                                 mask_prompt=mask_prompt, batch_docs=batch_docs, max_line_bytes=max_line_bytes,
-                                max_reject_rate=max_reject_rate, progress=progress)
+                                max_reject_rate=max_reject_rate, progress=progress, min_rows=min_rows,
+                                skipped=skipped or [])
     except BaseException:
         if gen.name not in (_live_generations(out) or set()):  # not published: drop every partial shard
             shutil.rmtree(gen, ignore_errors=True)
@@ -638,7 +684,8 @@ def _build(out: Path, inputs: Any, files: list[InputFile], tok: Any, tokenizer_d
 def _pack(out: Path, gen: Path, inputs: Any, files: list[InputFile], tok: Any, tokenizer_dir: str | os.PathLike,
           tok_hash: str, max_seq_length: int, build_key: str, *, reuse: bool, val_fraction: float,
           rows_per_shard: int, mask_prompt: bool, batch_docs: int, max_line_bytes: int,
-          max_reject_rate: float | None, progress: bool) -> tuple[Manifest, dict[str, Any]]:
+          max_reject_rate: float | None, progress: bool, min_rows: int = 1,
+          skipped: list[dict[str, str]] | None = None) -> tuple[Manifest, dict[str, Any]]:
     """Write the shards into ``gen``, check the reject rate, and publish the manifest (the last step)."""
     backend = tok.backend_tokenizer
     backend.encode_special_tokens = True  # text that spells "<|endoftext|>" must not become a real EOS
@@ -746,6 +793,7 @@ def _pack(out: Path, gen: Path, inputs: Any, files: list[InputFile], tok: Any, t
 
     write_bytes_atomic(out / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rejects).encode())
     check_reject_rate(total_stats, max_reject_rate, f"preprocess {inputs}", out / REJECTS)
+    _check_floor(out, files, inputs_meta, sum(s.rows for s in shards), min_rows, total_stats)
 
     totals = {"rejects": total_stats.rejects, "docs": total_stats.rows}
     for split in ("train", "val"):
@@ -758,10 +806,32 @@ def _pack(out: Path, gen: Path, inputs: Any, files: list[InputFile], tok: Any, t
         bos_id=None if tok.bos_token_id is None else int(tok.bos_token_id), vocab_size=len(tok),
         max_seq_length=max_seq_length, val_fraction=val_fraction, mask_prompt=mask_prompt,
         rows_per_shard=rows_per_shard, shards=shards, inputs=inputs_meta, totals=totals, build_key=build_key,
+        skipped_inputs=list(skipped or []),
     )
     manifest.save(out)  # the publish: one atomic rename makes the new generation the dataset
     manifest.dir = out
     return manifest, {"tokenized": tokenized, "reused": reused, "rejects": total_stats.rejects}
+
+
+def _check_floor(out: Path, files: list[InputFile], inputs_meta: dict[str, dict[str, Any]], rows: int, min_rows: int,
+                 stats: ReadStats) -> None:
+    """Refuse to publish fewer than ``min_rows`` rows (:class:`TooFewRowsError`), naming the inputs and,
+    for a rebuild, the dataset that stays published."""
+    if rows >= min_rows:
+        return
+    shown = ", ".join(f"{f.path} ({f.bytes} bytes, {inputs_meta.get(f.key, {}).get('docs', 0)} usable rows)"
+                      for f in files[:5]) + (f", ... ({len(files)} inputs)" if len(files) > 5 else "")
+    try:
+        prev = json.loads((out / MANIFEST).read_text())
+        prev_rows = sum(int(s["rows"]) for s in prev["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        prev_rows = None
+    kept = (f"The previous dataset ({prev_rows:,} rows, {out / MANIFEST}) is still the one published"
+            if prev_rows else "Nothing was published")
+    raise TooFewRowsError(
+        f"preprocess into {out}: the inputs give {rows:,} rows ({stats.rows:,} usable documents, {stats.rejects:,} "
+        f"bad lines), fewer than tokenize.min_rows={min_rows}: {shown}. {kept}. Check the inputs (empty or "
+        "truncated files?), or lower tokenize.min_rows if so small a dataset is intended")
 
 
 def _fill_cache(out: Path, files: list[InputFile], tok: Any, tok_hash: str, worker: tuple[int, int], *,

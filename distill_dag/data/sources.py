@@ -8,6 +8,12 @@ A source whose config changed starts over. Bad rows go to ``_rejects-<part>.json
 parts (file/dataset, line or row index, reason). Files and folders whose names start with ``_``
 or ``.`` are bookkeeping: :mod:`distill_dag.data.paths` skips them.
 
+A source's name is its folder: one safe path component, unique without case
+(:func:`~distill_dag.config.source_name_errors`, checked when the config loads and again here). The
+folder is marked ours (:func:`~distill_dag.io.claim_dir`) before its first part; a folder of other
+files under that name is refused rather than cleaned. Inputs of a ``jsonl`` source that are not read
+(dangling links, FIFOs, compressed files) are listed in its totals as ``skipped_inputs``.
+
 Source kinds (``SourceConfig.kind``):
 - ``stdlib``: the running Python's standard library ``.py`` files, one document per file, in
   sorted path order, up to ``max_bytes``; files that are not UTF-8 are decoded by their PEP 263
@@ -31,11 +37,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from distill_dag.config import PipelineConfig, SourceConfig
+from distill_dag.config import ConfigError, PipelineConfig, SourceConfig, source_name_errors
 from distill_dag.data import catalog as catalog_mod
 from distill_dag.data.jsonl import ReadStats, Reject, check_reject_rate, iter_jsonl, row_problem, write_rejects
-from distill_dag.data.paths import resolve_jsonl_paths
-from distill_dag.io import remove_temp_files, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
+from distill_dag.data.paths import scan_jsonl_paths
+from distill_dag.io import claim_dir, remove_temp_files, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 
 RAW_FORMAT_VERSION = 1
 PROGRESS = "_progress.json"
@@ -51,7 +57,7 @@ def write_parts(out_dir: Path, fingerprint: str, items_from: Callable[[int], Ite
     ``items_from(start)`` must yield the same items on every call, starting at item ``start``.
     Returns the source's totals: rows, bytes, files (parts), rejects, skipped, reasons.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_dir(out_dir, f"gathering into {out_dir}", legacy=lambda d: (d / PROGRESS).is_file())
     remove_temp_files(out_dir)
     prog_path = out_dir / PROGRESS
     prog = _read_progress(prog_path)
@@ -302,8 +308,9 @@ def plan_source(cfg: PipelineConfig, src: SourceConfig) -> dict[str, Any]:
         return {"kind": "stdlib", "root": str(stdlib_root()), "files": len(files),
                 "expected_bytes": sum(p.stat().st_size for _, p in files)}
     if src.kind == "jsonl":
-        files = resolve_jsonl_paths(src.path or "", src.recursive, cfg.path("."))
-        return {"kind": "jsonl", "files": len(files), "expected_bytes": sum(f.stat().st_size for f in files)}
+        files, skipped = scan_jsonl_paths(src.path or "", src.recursive, cfg.path("."))
+        return {"kind": "jsonl", "files": len(files), "expected_bytes": sum(f.stat().st_size for f in files),
+                "skipped_inputs": [x.to_dict() for x in skipped]}
     if src.kind == "hf":
         return {"kind": "hf", "dataset": src.dataset, "subset": src.subset, "split": src.split,
                 "max_rows": src.max_rows, "field_map": src.field_map}
@@ -313,7 +320,11 @@ def plan_source(cfg: PipelineConfig, src: SourceConfig) -> dict[str, Any]:
 
 def gather_source(cfg: PipelineConfig, src: SourceConfig) -> dict[str, Any]:
     """Gather one source into ``<data_root>/raw/<name>/``; returns its totals (rows, bytes, files, rejects)."""
-    out = cfg.data_root / "raw" / src.name
+    raw = cfg.data_root / "raw"
+    out = raw / src.name
+    errs = source_name_errors([src.name])
+    if errs or out.parent != raw:  # a SourceConfig built in code skips the config's check
+        raise ConfigError(f"invalid config: key 'data.sources[].name': {errs[0][1] if errs else repr(src.name)}")
     rows_per_part = cfg.data.rows_per_part
     base = {"v": RAW_FORMAT_VERSION, "src": src.model_dump(mode="json"), "rows_per_part": rows_per_part}
     if src.kind == "stdlib":
@@ -322,12 +333,14 @@ def gather_source(cfg: PipelineConfig, src: SourceConfig) -> dict[str, Any]:
     elif src.kind == "jsonl":
         if not src.path:
             raise ValueError(f"data.sources '{src.name}': kind jsonl needs 'path' (a file, directory or glob)")
-        files = resolve_jsonl_paths(src.path, src.recursive, cfg.path("."))
+        files, skipped = scan_jsonl_paths(src.path, src.recursive, cfg.path("."))
         if not files:
-            raise FileNotFoundError(f"data.sources '{src.name}': no .jsonl files at '{src.path}'")
+            why = f"; not read: {'; '.join(str(x) for x in skipped[:5])}" if skipped else ""
+            raise FileNotFoundError(f"data.sources '{src.name}': no .jsonl files at '{src.path}'{why}")
         fp = sha256_json({**base, "files": [[str(f), sha256_file(f)] for f in files],
                           "max_line_bytes": cfg.data.max_line_bytes})
         res = write_parts(out, fp, _jsonl_items(src, files, cfg.data.max_line_bytes), rows_per_part)
+        res["skipped_inputs"] = [x.to_dict() for x in skipped]
     elif src.kind == "hf" and src.dataset == "synthetic:retrieval":  # generated, not loaded: data/retrieval_docs.py
         from distill_dag.data import retrieval_docs
 
@@ -359,9 +372,9 @@ def gather_sources(cfg: PipelineConfig, dry_run: bool = False) -> dict[str, dict
     With ``dry_run`` nothing is written and each value is the plan (:func:`plan_source`).
     Raises :class:`~distill_dag.data.jsonl.RejectRateError` for a source above ``data.max_reject_rate``.
     """
-    names = [s.name for s in cfg.data.sources]
-    if len(set(names)) != len(names):
-        raise ValueError(f"data.sources: names must be unique (each gets raw/<name>/), got {names}")
+    errs = source_name_errors([s.name for s in cfg.data.sources])
+    if errs:  # the config refuses these when it loads; a config built with model_construct does not
+        raise ConfigError("invalid config:\n" + "\n".join(f"  key '{k}': {m}" for k, m in errs))
     if dry_run:
         return {s.name: plan_source(cfg, s) for s in cfg.data.sources}
     return {s.name: gather_source(cfg, s) for s in cfg.data.sources}

@@ -5,6 +5,11 @@ token that is an existing id inside the vocabulary (a new id beyond the embeddin
 index out of range in every model). Its content hash (:func:`tokenizer_hash`) is computed from a
 canonical JSON form of the tokenizer (model, vocab, merges, special tokens), so it is the same in
 every process and independent of file formatting; manifests and downstream assets carry it.
+
+The output folder is published whole by :func:`~distill_dag.io.atomic_dir`, which refuses to replace a
+folder that is not ours (``--output`` pointing at a data folder or ``.``). A BPE is never trained on
+nothing: raw files that give no usable row are an error naming them, and raw files that are not read
+(dangling links, FIFOs, compressed files) are named in that error and recorded in ``distill_tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from distill_dag.data.jsonl import Reject, iter_jsonl
-from distill_dag.data.paths import resolve_jsonl_paths
+from distill_dag.data.paths import Skipped, resolve_jsonl_paths, scan_jsonl_paths
 from distill_dag.io import atomic_dir, sha256_file, sha256_json, write_json_atomic
 
 EOS_TOKEN = "<|endoftext|>"
@@ -120,13 +125,15 @@ def resolve_tokenizer(cfg: Any, raw_dir: str | os.PathLike | None, out_dir: str 
         if raw_dir is None or not Path(raw_dir).exists():
             raise FileNotFoundError(f"tokenizer: training a BPE needs raw JSONL, but {raw_dir} does not exist "
                                     "(materialize raw_jsonl first, or set tokenizer.name_or_path)")
-        files = resolve_jsonl_paths(raw_dir, recursive=True)
+        files, skipped = scan_jsonl_paths(raw_dir, recursive=True)
         if not files:
-            raise FileNotFoundError(f"tokenizer: no .jsonl files under {raw_dir} to train a BPE on")
+            raise FileNotFoundError(f"tokenizer: no .jsonl files under {raw_dir} to train a BPE on"
+                                    + _not_read(skipped))
         key = {"v": _TRAIN_VERSION, "vocab_size": tc.vocab_size, "min_frequency": tc.min_frequency,
                "train_bytes": tc.train_bytes,
                "raw": [[f.relative_to(raw_dir).as_posix(), sha256_file(f)] for f in files]}
     key_hash = sha256_json(key)
+    skipped_meta = [] if tc.name_or_path else [x.to_dict() for x in skipped]
     meta_path = out / META
     if meta_path.exists():
         try:
@@ -136,20 +143,52 @@ def resolve_tokenizer(cfg: Any, raw_dir: str | os.PathLike | None, out_dir: str 
         if meta.get("key") == key_hash and meta.get("hash"):
             return out, meta["hash"]
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "distill tokenizer") as tmp:
         if tc.name_or_path:
             tok = AutoTokenizer.from_pretrained(tc.name_or_path)
             if not getattr(tok, "is_fast", False):
                 raise ValueError(f"tokenizer {tc.name_or_path!r} has no fast (tokenizers) version; packing needs one")
             _ensure_special(tok)
         else:
-            bpe = train_bpe(iter_raw_texts(raw_dir, tc.train_bytes), tc.vocab_size, tc.min_frequency)
+            texts = _Counted(iter_raw_texts(raw_dir, tc.train_bytes))
+            bpe = train_bpe(texts, tc.vocab_size, tc.min_frequency)
+            if texts.n == 0:  # a BPE of nothing is the 256 byte symbols plus the specials: useless, not a result
+                shown = ", ".join(f"{f} ({f.stat().st_size} bytes)" for f in files[:5])
+                more = f", ... ({len(files)} files)" if len(files) > 5 else ""
+                raise ValueError(f"tokenizer: the raw JSONL under {raw_dir} holds no usable row to train a BPE on "
+                                 f"({shown}{more}; a row needs a non-empty 'text', or 'prompt' and 'response')"
+                                 f"{_not_read(skipped)}. Nothing was written to {out}")
             tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
                                           model_max_length=1 << 30)
         tok.save_pretrained(str(tmp))
         h = tokenizer_hash(tmp)
-        write_json_atomic(tmp / META, {"key": key_hash, "hash": h, "name_or_path": tc.name_or_path or "bpe"})
+        meta = {"key": key_hash, "hash": h, "name_or_path": tc.name_or_path or "bpe"}
+        if skipped_meta:
+            meta["skipped_inputs"] = skipped_meta
+        write_json_atomic(tmp / META, meta)
     return out, h
+
+
+class _Counted:
+    """An iterator that counts what it yields (the trainer consumes it; the count says if it was empty)."""
+
+    def __init__(self, it: Iterator[str]):
+        self._it, self.n = it, 0
+
+    def __iter__(self) -> "_Counted":
+        return self
+
+    def __next__(self) -> str:
+        x = next(self._it)
+        self.n += 1
+        return x
+
+
+def _not_read(skipped: list[Skipped]) -> str:
+    if not skipped:
+        return ""
+    more = f"; ... ({len(skipped)} in all)" if len(skipped) > 5 else ""
+    return "; not read: " + "; ".join(str(x) for x in skipped[:5]) + more
 
 
 def tokenizer_name(tokenizer_dir: str | os.PathLike) -> str:
