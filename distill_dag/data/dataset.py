@@ -86,6 +86,7 @@ class PackedDataset(Dataset):
                 self._verified.add(int(pos))
             table = pq.ParquetFile(self.manifest.shard_path(shard)).read_row_group(int(g), columns=list(_FIELDS))
             arr = table_to_arrays(table, self.width)
+            _check_ids(arr, self.manifest.vocab_size, self.manifest.shard_path(shard), int(g))
             self._cache[gi] = arr
             while len(self._cache) > self.cache_groups:
                 self._cache.popitem(last=False)
@@ -104,6 +105,22 @@ class PackedDataset(Dataset):
         item["shard"] = torch.tensor(self.shards[int(pos)][0], dtype=torch.long)
         item["row"] = torch.tensor(int(first) + r, dtype=torch.long)
         return item
+
+
+def _check_ids(arr: dict[str, np.ndarray], vocab_size: int, path: Path, group: int) -> None:
+    """Token ids must index the manifest's vocabulary (labels may also be -100, the ignore index): an id
+    past it would surface as an IndexError deep in the embedding, naming no shard."""
+    for name, floor in (("input_ids", 0), ("labels", -100)):
+        a = arr[name]
+        if not a.size or (int(a.min()) >= 0 and int(a.max()) < vocab_size):
+            continue  # input_ids' common case: two reductions, no mask
+        valid = (a >= 0) & (a < vocab_size)
+        if floor < 0:
+            valid |= a == floor
+        if not valid.all():
+            raise CorruptShardError(f"{path}: row group {group}: {name} holds token id {int(a[~valid].flat[0])}, "
+                                    f"outside the manifest's vocabulary [0, {vocab_size}) (written with another "
+                                    f"tokenizer?); {_fix()}")
 
 
 def _fix() -> str:

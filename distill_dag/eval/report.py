@@ -52,6 +52,9 @@ def _load_causal_lm(path: Path, device: torch.device) -> torch.nn.Module:
     path = resolve_checkpoint(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a saved model (give a checkpoint or a run dir)")
+    from distill_dag.model.variants import check_saved_model
+
+    check_saved_model(path)  # before hashing or loading: no endless file, no 10M-layer config.json
     if (path / "checksums.json").exists():  # our checkpoints: a truncated or corrupt file is named before loading
         verify_checkpoint(path)
     try:

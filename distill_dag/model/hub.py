@@ -26,6 +26,7 @@ and uploads as it is: ``huggingface_hub.HfApi().upload_folder(folder_path=folder
 from __future__ import annotations
 
 import ast
+import html
 import importlib.util
 import json
 import re
@@ -158,7 +159,14 @@ def write_modeling_code(folder: str | Path) -> list[str]:
 
 # ---- config, generation config, tokenizer ------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    from distill_dag.safe_read import read_json_bounded  # a FIFO or /dev/zero named config.json must not hang us
+
+    if not path.exists():
+        return {}
+    d = read_json_bounded(path, what="checkpoint JSON file")
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: the top level must be a JSON object, got {type(d).__name__}")
+    return d
 
 
 def special_token_ids(folder: str | Path) -> dict[str, int | None]:
@@ -277,6 +285,54 @@ def add_eval_to_model_card(checkpoint: str | Path | None, result: dict[str, Any]
     return update_model_card(checkpoint, evaluation={k: result[k] for k in keep if result.get(k) is not None})
 
 
+# The Markdown punctuation that can act in the middle of a line (the card puts values mid-line or in table
+# cells, never at a line's start): code spans, emphasis, links and images, cell breaks, strikethrough.
+# & < > go through html.escape.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~#])")
+_SAFE_URL = re.compile(r"https?://[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+")
+
+
+def _one_line(s: str) -> str:
+    """Line breaks and other control characters become spaces: a value cannot start a heading or a new row."""
+    return "".join(" " if (ord(c) < 32 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029") else c for c in s)
+
+
+def _md(x: Any) -> str:
+    """A value from a config, a path or a result as inert card text: one line, Markdown punctuation
+    backslash-escaped, HTML special characters as entities (so ``<img onerror=...>`` shows as text)."""
+    return html.escape(_MD_SPECIAL.sub(r"\\\1", _one_line(str(x))), quote=False)
+
+
+def _code(x: Any) -> str:
+    """A value shown as inline code: one line, in a backtick fence longer than any backtick run inside it
+    (CommonMark), ``|`` escaped for the table it sits in. Inside a code span HTML is not rendered."""
+    s = _one_line(str(x)).replace("|", "\\|")
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", s)), default=0) + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") or not s.strip() else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
+
+
+def _url(x: Any) -> str:
+    s = str(x)
+    return f"<{s}>" if _SAFE_URL.fullmatch(s) else _md(s)
+
+
+def _table_md(table: Any) -> str:
+    """A Markdown table we generated (the NIAH grid), re-checked: only ``|``-rows are kept, each cell's
+    text escaped as :func:`_md` does (the grid's numbers pass through unchanged)."""
+    rows = []
+    for line in str(table).splitlines():
+        line = line.strip()
+        if not (line.startswith("|") and line.endswith("|")):
+            continue
+        cells = line[1:-1].split("|")
+        if all(re.fullmatch(r"\s*:?-+:?\s*", c) for c in cells):
+            rows.append(line)  # the header separator
+        else:
+            rows.append("| " + " | ".join(_md(c.strip()) for c in cells) + " |")
+    return "\n".join(rows)
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
         return "n/a"
@@ -286,21 +342,21 @@ def _fmt(x: Any, digits: int = 4) -> str:
         return f"{x:,}"
     if isinstance(x, float):
         return f"{x:.{digits}g}" if abs(x) < 1e-3 or abs(x) >= 1e5 else f"{x:.{digits}f}"
-    return str(x)
+    return _md(x)
 
 
 def _teacher_line(t: Any) -> str:
     if not t:
         return "none (cross-entropy only)"
     if not isinstance(t, dict):
-        return f"`{t}`"
-    parts = [f"`{t.get('model') or t.get('name') or t.get('url') or 'unknown'}`"]
+        return _code(t)
+    parts = [_code(t.get('model') or t.get('name') or t.get('url') or 'unknown')]
     if t.get("adapter"):
-        parts.append(f"with adapter `{t['adapter']}`")
+        parts.append(f"with adapter {_code(t['adapter'])}")
     if t.get("weights_sha256"):
-        parts.append(f"(weights sha256 `{t['weights_sha256'][:16]}…`)")
+        parts.append(f"(weights sha256 {_code(str(t['weights_sha256'])[:16] + '…')})")
     if t.get("provider"):
-        parts.append(f"via {t['provider']}")
+        parts.append(f"via {_md(t['provider'])}")
     return " ".join(parts)
 
 
@@ -315,9 +371,9 @@ def render_model_card(facts: dict[str, Any]) -> str:
     teacher = _teacher_line(None if ce_only else run.get("teacher"))
     how = ("retention alignment to the teacher (stage 1 of from_teacher init), not yet distilled" if aligned else
            "cross-entropy on the data only (the CE-only baseline)" if ce_only else
-           f"knowledge distillation: sparse top-{run.get('teacher_topk')} KL to the teacher at temperature "
-           f"{run.get('temperature')} (weight {run.get('distill_alpha')}) plus cross-entropy on the data "
-           f"(weight {None if run.get('distill_alpha') is None else round(1 - run['distill_alpha'], 6)})")
+           f"knowledge distillation: sparse top-{_md(run.get('teacher_topk'))} KL to the teacher at temperature "
+           f"{_md(run.get('temperature'))} (weight {_md(run.get('distill_alpha'))}) plus cross-entropy on the data "
+           f"(weight {_md(None if not isinstance(run.get('distill_alpha'), (int, float)) else round(1 - run['distill_alpha'], 6))})")
     lines = [
         "---",
         "library_name: transformers",
@@ -370,38 +426,39 @@ def render_model_card(facts: dict[str, Any]) -> str:
         f"| teacher | {teacher} |",
         f"| teacher mode | {_fmt(None if ce_only else run.get('teacher_mode'))} |",
         f"| objective | {how} |",
-        f"| data manifest hash (sha256) | `{_fmt(run.get('manifest_hash'))}` |",
-        f"| tokenizer hash | `{_fmt(run.get('tokenizer_hash'))}` |",
-        f"| run config hash | `{_fmt(run.get('config_hash'))}` |",
+        f"| data manifest hash (sha256) | {_code(run.get('manifest_hash') or 'n/a')} |",
+        f"| tokenizer hash | {_code(run.get('tokenizer_hash') or 'n/a')} |",
+        f"| run config hash | {_code(run.get('config_hash') or 'n/a')} |",
         f"| training tokens | {_fmt(tr.get('tokens', run.get('tokens')))} |",
         f"| optimizer steps | {_fmt(tr.get('steps', run.get('step')))} |",
         f"| trained sequence length (tokenizer `model_max_length`) | {_fmt(facts.get('max_length'))} |",
-        f"| student | variant `{student.get('variant', 'n/a')}`, overrides `{json.dumps(student.get('overrides') or {})}` |",
+        f"| student | variant {_code(student.get('variant', 'n/a'))}, overrides "
+        f"{_code(json.dumps(student.get('overrides') or {}))} |",
         f"| special tokens | eos {_fmt((facts.get('ids') or {}).get('eos_token_id'))}, pad "
         f"{_fmt((facts.get('ids') or {}).get('pad_token_id'))}, bos {_fmt((facts.get('ids') or {}).get('bos_token_id'))} |",
     ]
     if tr.get("wandb_url"):
-        lines.append(f"| W&B run | {tr['wandb_url']} |")
+        lines.append(f"| W&B run | {_url(tr['wandb_url'])} |")
     lines += ["", "### Losses", ""]
     losses = tr.get("losses") or {}
     if losses:
         lines += ["| metric | value |", "|---|---:|"]
-        lines += [f"| {name} | {_fmt(v)} |" for name, v in losses.items()]
+        lines += [f"| {_md(name)} | {_fmt(v)} |" for name, v in losses.items()]
     else:
         lines.append("Not recorded yet (the training run fills this in when it finishes).")
     lines += ["", "## Evaluation", ""]
     if ev:
-        lines.append(f"On the held-out `{ev.get('split', 'val')}` split of the same data.")
+        lines.append(f"On the held-out {_code(ev.get('split', 'val'))} split of the same data.")
         rows = ev.get("perplexity_rows") or []
         if rows:
             lines += ["", "| model | nats/token | bits/token | perplexity | tokens |", "|---|---:|---:|---:|---:|"]
-            lines += [f"| {r.get('model')} | {_fmt(r.get('nats_per_token'))} | {_fmt(r.get('bits_per_token'))} | "
+            lines += [f"| {_md(r.get('model'))} | {_fmt(r.get('nats_per_token'))} | {_fmt(r.get('bits_per_token'))} | "
                       f"{_fmt(r.get('ppl'), 3)} | {_fmt(r.get('tokens'))} |" for r in rows]
         if ev.get("niah_table"):
             lines += ["", f"Needle in a haystack (pass-key retrieval, greedy; accuracy {_fmt(ev.get('niah_accuracy'), 2)}"
                       + (f", teacher {_fmt(ev['niah_teacher_accuracy'], 2)}" if ev.get("niah_teacher_accuracy")
                          is not None else "") + "): rows are the needle's depth, columns the context length.",
-                      "", ev["niah_table"]]
+                      "", _table_md(ev["niah_table"])]
     else:
         lines.append("Not evaluated yet: `distill eval` (or the `eval_report` asset) fills this section in.")
     lines += [

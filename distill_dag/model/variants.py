@@ -168,3 +168,43 @@ def count_parameters(config: RetNetConfig) -> dict[str, int]:
         "non_embedding": total - embedding - (0 if tied else model.lm_head.weight.numel()),
         "total": total,
     }
+
+
+# Architecture fields a saved model's config.json may hold, bounded before anything is allocated: a
+# crafted config.json (num_hidden_layers: 10000000) would otherwise build layers until memory runs out.
+_SAVED_BOUNDS = {"hidden_size": 65536, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+                 "num_key_value_heads": 1024, "intermediate_size": 1 << 18, "vocab_size": 1 << 21,
+                 "max_position_embeddings": 1 << 22, "value_factor": 8, "chunk_size": MAX_CHUNK_SIZE}
+
+
+def check_saved_model(folder: Any) -> dict[str, Any]:
+    """Refuse a saved model folder before loading it: every entry a regular file (a symlink to
+    ``/dev/zero`` or a FIFO would be read or hashed forever), ``config.json`` read with a byte bound, its
+    width/depth fields integers within :data:`_SAVED_BOUNDS`, and a RetNet student within
+    :data:`MAX_NON_EMBEDDING_PARAMS`. Returns the config dict; errors name the file and the key."""
+    from pathlib import Path
+
+    from distill_dag.safe_read import check_regular_files, read_json_bounded
+
+    folder = Path(folder)
+    check_regular_files(folder)
+    path = folder / "config.json"
+    cfg = read_json_bounded(path, what="model config.json")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: the top level must be a JSON object, got {type(cfg).__name__}")
+    for name, hi in _SAVED_BOUNDS.items():
+        v = cfg.get(name)
+        if v is None:
+            continue
+        if type(v) is not int or not 1 <= v <= hi:
+            raise ValueError(f"{path}: key '{name}' is {v!r:.40}, outside [1, {hi}]: not a model this pipeline "
+                             "builds (a crafted or corrupt config.json?); re-save the model or pick another checkpoint")
+    if cfg.get("model_type") == "retnet":
+        fields = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256, "value_factor": 2,
+                  **{k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "value_factor")
+                     if k in cfg}}
+        n = non_embedding_params(fields)
+        if n > MAX_NON_EMBEDDING_PARAMS:
+            raise ValueError(f"{path}: {n:,} non-embedding parameters (hidden_size x num_hidden_layers x "
+                             f"intermediate_size) is above the bound {MAX_NON_EMBEDDING_PARAMS:,} of a student")
+    return cfg
