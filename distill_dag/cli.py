@@ -625,6 +625,20 @@ def describe_error(err: BaseException) -> tuple[int, str]:
         return 1, f"{msg}\n  fix: the network or the server is unreachable: check the URL and the connection"
     if _names(err) & set(_PROJECT_ERRORS):
         return (2 if "TeacherError" in _names(err) else 1), msg
+    # an output folder that is a file (mkdir says only "File exists"), a read that failed in the disk:
+    # say which path and what to do, since str(err) may name no file at all (EIO from read())
+    exists = next((e for e in chain if isinstance(e, (FileExistsError, NotADirectoryError))
+                   and getattr(e, "filename", None) and os.path.isfile(e.filename)), None)
+    if exists is not None:
+        return 1, (f"{exists.filename}: is a file, where a folder is needed (an --output or a config folder key "
+                   "names it?): give a folder path, or move the file away")
+    eio = next((e for e in chain if getattr(e, "errno", None) == errno.EIO), None)
+    if eio is not None:
+        where = getattr(eio, "filename", None) or next((getattr(e, "filename", None) for e in chain
+                                                        if getattr(e, "filename", None)), None)
+        return 1, (f"{where or 'an input or output file'}: input/output error (EIO) while reading or writing it: "
+                   f"the disk or filesystem failed ({msg}); check the device (dmesg), copy the file to a healthy "
+                   "disk or leave it out")
     if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return 1, msg
     if isinstance(err, (ValueError, RuntimeError, OSError, KeyError, TypeError)):
