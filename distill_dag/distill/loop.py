@@ -17,6 +17,14 @@ Small parts in the spirit of torchtitan's ``components/``; each loop keeps only 
   checkpoint of the step reached, a ``stopped`` event, then :class:`TrainingInterrupted`. Used as a
   context manager: any other exception is recorded (a ``failed`` event, W&B exit code 1) and re-raised;
   telemetry is closed and the signal handlers restored whatever ends the run.
+
+A failed run publishes nothing (:class:`~distill_dag.distill.stability.TrainingFailedError`): the NaN
+streak alone cannot catch a run shorter than ``max_nan_streak`` whose every step was skipped, nor an
+update that left the weights NaN/Inf while its own loss was finite (e.g. a huge weight decay: every later
+step is skipped, the weights never recover). So a checkpoint is never written of non-finite weights, nor
+of a run that has not taken one update yet (it would look like a trained model), and a loop that ends
+with every step of this process skipped, 0 tokens trained or non-finite weights raises instead of
+returning: the callers write ``final`` only after ``run`` returns.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 
 from distill_dag.distill import checkpoint as ckpt
 from distill_dag.distill.distributed import DistInfo, all_reduce_sum, barrier, clip_grad_norm
-from distill_dag.distill.stability import NanGuard, SaddleDetector
+from distill_dag.distill.stability import NanGuard, SaddleDetector, TrainingFailedError, nonfinite_tensors
 from distill_dag.distill.stopping import StopSignals
 from distill_dag.distill.telemetry import Telemetry
 
@@ -93,6 +101,7 @@ class OptimizerStep:
                  saddle: SaddleDetector | None = None):
         self.optimizer, self.scheduler, self.clip, self.grad_clip = optimizer, scheduler, clip, grad_clip
         self.guard, self.saddle = guard, saddle
+        self.taken = 0  # updates taken by this process (the schedule's position also counts a resumed run's)
 
     @property
     def updates(self) -> int:
@@ -108,6 +117,7 @@ class OptimizerStep:
         self.optimizer.zero_grad(set_to_none=True)
         if skipped is not None:
             return grad_norm, [skipped]  # no update: the schedule stays where it is
+        self.taken += 1
         events = self.saddle.update(self.updates, loss, grad_norm) if self.saddle is not None else []
         self.scheduler.step()
         return grad_norm, events
@@ -159,14 +169,21 @@ class Checkpointer:
     """Writes ``<run_dir>/checkpoints/step-NNNNNNN`` from ``contents(step)``, keeping the ``keep`` newest."""
 
     def __init__(self, run_dir: Path, contents: Callable[[int], CheckpointContents], *, keep: int, tel: Telemetry,
-                 dist_info: DistInfo | None = None):
+                 dist_info: DistInfo | None = None, device: torch.device | None = None, fix: str | None = None):
+        """``device``: where ranks agree (all-reduce) on the weights check; ``fix``: what a refusal of
+        non-finite weights tells the user to change (a :class:`TrainLoop` sets its guard's)."""
         self.run_dir, self.contents, self.keep, self.tel = Path(run_dir), contents, keep, tel
-        self.dist_info = dist_info or DistInfo()
+        self.dist_info, self.device, self.fix = dist_info or DistInfo(), device, fix
         self.last: Path | None = None
 
     def save(self, step: int) -> Path:
         c = self.contents(step)  # on every rank: under FSDP building it gathers the shards
         path = self.run_dir / "checkpoints" / f"step-{step:07d}"
+        # never a checkpoint of NaN/Inf weights: resuming it can only skip every step, and checkpoint_latest
+        # would name it as the run's newest good state
+        named = c.model_state.items() if c.model_state is not None else c.model.state_dict().items()
+        check_finite(named, f"checkpoint {path} (step {step})", self.fix or "lower the learning rate or weight decay",
+                     self.dist_info, self.device, latest=self.run_dir)
         if self.dist_info.is_main:
             path = ckpt.save_checkpoint(self.run_dir, step, c.model, c.trainer_state, c.run_info, keep=self.keep,
                                         extra_files=c.extra_files, model_state=c.model_state)
@@ -180,6 +197,28 @@ class Checkpointer:
         if self.last is not None and self.last.name == f"step-{step:07d}":
             return self.last
         return self.save(step)
+
+
+def check_finite(named: Any, what: str, fix: str, dist_info: DistInfo, device: torch.device | None,
+                 latest: Path | None = None) -> None:
+    """Raise :class:`TrainingFailedError` when any tensor of ``named`` holds NaN/Inf (on any rank)."""
+    bad = nonfinite_tensors(named)
+    if dist_info.enabled:
+        n_bad = int(all_reduce_sum(float(len(bad)), dist_info, device or torch.device("cpu")))
+    else:
+        n_bad = len(bad)
+    if not n_bad:
+        return
+    kept = ""
+    if latest is not None:
+        pointer = Path(latest) / ckpt.LATEST
+        kept = (f"; not written: {pointer} still names {pointer.read_text().strip()}" if pointer.exists()
+                else "; not written (no earlier checkpoint exists)")
+    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    raise TrainingFailedError(
+        f"{what}: {n_bad} weight tensor(s) hold NaN or Inf ({shown or 'on another rank'}): an optimizer update made "
+        f"them non-finite, and every later step can only be skipped{kept}. Nothing is published. {fix}"
+    )
 
 
 class TrainLoop:
@@ -201,6 +240,11 @@ class TrainLoop:
         self.dist_info, self.device = dist_info or DistInfo(), device
         self.resume_hint, self.log_line = resume_hint, log_line
         self.steps_here = 0  # steps of this process (stop_after counts these)
+        self.tokens_here = 0  # tokens trained by this process
+        if checkpointer is not None and checkpointer.fix is None:
+            checkpointer.fix = optimizer_step.guard.fix
+        if checkpointer is not None and checkpointer.device is None:
+            checkpointer.device = device
         self.last: StepOutput | None = None
         self.last_eval: tuple[int, Any] | None = None
         self.window = MetricWindow()
@@ -234,6 +278,7 @@ class TrainLoop:
             self.step += 1
             self.steps_here += 1
             self.tokens += out.tokens
+            self.tokens_here += out.tokens
             self.last = out
             self.tel.advance(rows=out.rows)
             self.window.add(out)
@@ -242,9 +287,44 @@ class TrainLoop:
             if evaluate is not None and self.eval_interval and self.step % self.eval_interval == 0:
                 self.last_eval = (self.step, evaluate(self.step))
             if self.checkpointer is not None and self.save_interval and self.step % self.save_interval == 0:
-                self.checkpointer.save(self.step)
+                self._checkpoint(ensure=False)
             if self.step < self.max_steps and not (finished is not None and finished()):
                 self._stop_if_asked()
+        self._check_trained()
+
+    def _checkpoint(self, *, ensure: bool) -> Path | None:
+        """Save (or, ``ensure``, reuse) the checkpoint of the step reached; None, with a
+        ``checkpoint_skipped`` event, while every step of this process has been skipped: that
+        checkpoint would hold the starting weights under a step count that claims training."""
+        if self.steps_here and not self.optimizer_step.taken:
+            self.tel.event(self.step, "checkpoint_skipped",
+                           reason=f"all {self.steps_here} steps of this run so far were non-finite and skipped")
+            return None
+        return self.checkpointer.ensure(self.step) if ensure else self.checkpointer.save(self.step)
+
+    def _check_trained(self) -> None:
+        """Refuse the end of a run that trained nothing usable (module doc); silent for a process that ran
+        no step at all (resumed at ``max_steps``, or ``max_steps`` 0: nothing was asked of it)."""
+        n = self.steps_here
+        if not n:
+            return
+        span = f"steps {self.step - n + 1}..{self.step}" if n > 1 else f"step {self.step}"
+        if not self.optimizer_step.taken:
+            raise TrainingFailedError(
+                f"{self.what}: all {n} step(s) of this run ({span}) had a non-finite loss or gradient norm and "
+                f"were skipped (max_nan_streak {self.optimizer_step.guard.max_nan_streak} was not reached): no "
+                f"weight was trained, so nothing is published (no final folder, no checkpoint of this run). "
+                f"{self.optimizer_step.guard.fix}"
+            )
+        if not self.tokens_here:
+            raise TrainingFailedError(
+                f"{self.what}: {n} step(s) ({span}) trained 0 tokens (every batch was empty or all padding), so "
+                "nothing is published; check the data: the rows' attention_mask and labels of tokenized_parquet"
+            )
+        clip = self.optimizer_step.clip
+        named = (clip.named_parameters() if isinstance(clip, torch.nn.Module)
+                 else ((f"trained parameter {i} {tuple(p.shape)}", p) for i, p in enumerate(clip)))
+        check_finite(named, f"{self.what} after {span}", self.optimizer_step.guard.fix, self.dist_info, self.device)
 
     def final_eval(self, evaluate: Callable[[int], Any]) -> Any:
         """The evaluation of the step reached: the one the loop just did at this step, else a new one."""
@@ -265,7 +345,7 @@ class TrainLoop:
             signalled = all_reduce_sum(float(signalled), self.dist_info, self.device) > 0
         if not (signalled or (self.stop_after is not None and self.steps_here >= self.stop_after)):
             return
-        path = self.checkpointer.ensure(self.step) if self.checkpointer is not None else None
+        path = self._checkpoint(ensure=True) if self.checkpointer is not None else None
         reason = "signal" if signalled else "stop_after"
         self.tel.event(self.step, "stopped", reason=reason)
         stop = TrainingInterrupted(self.what, self.step, path, reason, self.signals.signum if signalled else None,

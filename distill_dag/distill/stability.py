@@ -23,12 +23,32 @@ from typing import Any
 import torch
 
 
-_TRAIN_FIX = ("Lower train.learning_rate / train.muon_learning_rate, check the data, or raise "
-              "train.max_nan_streak")
+_TRAIN_FIX = ("Lower train.learning_rate / train.muon_learning_rate / train.weight_decay, check the data, or "
+              "raise train.max_nan_streak")
 
 
 class TrainingDivergedError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class TrainingFailedError(TrainingDivergedError):
+    """A run that trained nothing usable: every step of it skipped, no token trained, or weights that an
+    update left NaN/Inf. Raised before anything is published (no ``final``, no checkpoint of that state).
+    A :class:`TrainingDivergedError`, so whoever stops on a diverged run stops on this one too."""
+
+
+def nonfinite_tensors(named: Any) -> list[str]:
+    """Names of the floating tensors of ``named`` (``(name, tensor)`` pairs) that hold a NaN or Inf.
+
+    Sharded (FSDP DTensor) parameters are checked on this rank's shard: callers all-reduce the count."""
+    bad = []
+    for name, t in named:
+        if t is None:
+            continue
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            bad.append(name)
+    return bad
 
 
 def _as_float(x: Any) -> float:

@@ -3,7 +3,10 @@
 ``train(cfg, data_dir=..., tokenizer_dir=...)`` is the whole run, free of any launcher: the CLI, the
 Dagster asset and torchrun all call it. What is the student's own lives here (its model, teacher and
 optimizer set-up, the loss of one step); the step loop, logging, checkpoints, stops, NaN handling and
-eval scheduling are the shared skeleton of :mod:`distill_dag.distill.loop`. One optimizer step =
+eval scheduling are the shared skeleton of :mod:`distill_dag.distill.loop` (which also refuses to publish
+a run whose every step was skipped, that trained 0 tokens, or whose weights an update left NaN/Inf). Before any
+compute, a resumed checkpoint must be of the student this config builds and of the configured teacher, and
+in cached mode the cache must have been written by the configured teacher. One optimizer step =
 ``grad_accum`` micro-batches; the logged loss is the token-weighted mean over them, with CE, KL (and
 the diversity term when ``train.diversity_weight`` > 0) shown apart.
 """
@@ -25,7 +28,7 @@ from distill_dag.data.manifest import Manifest, check_manifest
 from distill_dag.data.tokenizer import tokenizer_hash
 from distill_dag.device import autocast, pick_device
 from distill_dag.distill import checkpoint as ckpt
-from distill_dag.distill.align import load_aligned_student
+from distill_dag.distill.align import aligned_dir, load_aligned_student
 from distill_dag.distill.distributed import (
     DistInfo,
     StudentLoss,
@@ -43,11 +46,18 @@ from distill_dag.distill.loop import TrainingInterrupted  # noqa: F401  (what a 
 from distill_dag.distill.optim import build_optimizers, build_schedulers
 from distill_dag.distill.stability import NanGuard, SaddleDetector
 from distill_dag.distill.teachers.base import TeacherTopK
+from distill_dag.distill.teacher_model import identity_fingerprint
 from distill_dag.distill.teachers.factory import make_teacher
 from distill_dag.distill.telemetry import Telemetry, wandb_group
 from distill_dag.io import sha256_json
 from distill_dag.model.retnet import RetNetForCausalLM
-from distill_dag.model.variants import build_student
+from distill_dag.model.variants import build_student, student_config
+
+# RetNetConfig fields that decide the weights' shapes, and which token mixer each layer is: a checkpoint that
+# differs in one of them is another model than the config describes
+ARCH_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "value_factor", "layer_types", "num_key_value_heads", "tie_word_embeddings")
+_MAX_CONFIG_JSON = 16 << 20  # a model's config.json is a few KiB
 
 
 @dataclass
@@ -167,16 +177,29 @@ def train(
                 f"{resume_state['step']} to train with KD"
             )
 
+    if resume_dir is not None:  # before any weight is loaded: a checkpoint of another student is refused
+        _check_resume_architecture(cfg, manifest, resume_dir)
+
     torch.manual_seed(tc.seed)
     model = _build_model(cfg, manifest, resume_dir, device)
     vocab = model.get_output_embeddings().weight.shape[0]
     check_manifest(manifest, vocab_size=vocab)
 
     teacher = None
+    cache_note = None
     if not tc.pretrain_ce_only:
         teacher = make_teacher(cfg, device, vocab, model_path=teacher_model_path)
-        if hasattr(teacher, "require_shards"):  # a cached teacher must hold every train shard before step 1
-            teacher.require_shards([i for i, _ in manifest.split_shards("train")])
+        try:
+            if hasattr(teacher, "require_shards"):  # a cached teacher must hold every train shard before step 1
+                teacher.require_shards([i for i, _ in manifest.split_shards("train")])
+            if hasattr(teacher, "check_teacher"):  # ... and have been written by the configured teacher
+                key = ("teacher.model_name_or_path" if teacher_model_path is None else
+                       "the finetuned teacher (teacher_ft.output_dir)")
+                cache_note = teacher.check_teacher(teacher_model_path or cfg.teacher.model_name_or_path,
+                                                   cfg.teacher.adapter_path, key=key)
+        except BaseException:
+            teacher.close()
+            raise
 
     student = wrap(model, dist_info, device)  # before the optimizers: FSDP replaces the parameters
     optimizer = build_optimizers(model, tc)
@@ -195,6 +218,12 @@ def train(
         tokens_seen = int(resume_state["tokens"])
 
     lin = lineage(cfg, manifest, teacher)
+    if teacher is not None:
+        ident = lin["teacher"] or {}
+        lin["teacher_fingerprint"] = (ident.get("teacher_fingerprint") if ident.get("provider") == "cached"
+                                      else (identity_fingerprint(ident) or {}).get("hash"))
+    if resume_state is not None and not transition:  # after CE -> KD the checkpoint had no teacher
+        _check_resume_teacher(resume_dir, resume_info.get("lineage") or {}, lin)
     run_config = cfg.model_dump(mode="json")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     job = "ce_only" if teacher is None else "kd"
@@ -212,6 +241,8 @@ def train(
                  f"state); train.max_steps {tc.max_steps} counts the CE steps too: {tc.max_steps - step} KD steps to go")
     elif resume_state is not None:
         tel.event(step, "resumed", from_checkpoint=str(resume_dir))
+    if cache_note:
+        tel.info(cache_note)
     n_params = sum(p.numel() for p in model.parameters())
     # under FSDP each rank holds only its shard (DTensor.to_local) of every parameter
     n_local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
@@ -329,6 +360,102 @@ def train(
         tel.summary({"steps": loop.step, "tokens": loop.tokens, **val_metrics})
     cleanup(dist_info)
     return result
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json``, read with a bound and only from a regular file."""
+    import json
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ckpt.CheckpointError(f"{path} is missing: not a student checkpoint (train.resume_from)") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ckpt.CheckpointError(f"{path} is not a regular file (train.resume_from)")
+        raw = os.read(fd, _MAX_CONFIG_JSON + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > _MAX_CONFIG_JSON:
+        raise ckpt.CheckpointError(f"{path} is larger than {_MAX_CONFIG_JSON} bytes: not a model config (train.resume_from)")
+    try:
+        out = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ckpt.CheckpointError(f"{path} is not valid JSON ({err}) (train.resume_from)") from None
+    if not isinstance(out, dict):
+        raise ckpt.CheckpointError(f"{path} holds {type(out).__name__}, not a model config (train.resume_from)")
+    return out
+
+
+def _arch(c: dict[str, Any]) -> dict[str, Any]:
+    out = {k: c.get(k) for k in ARCH_FIELDS}
+    if out["layer_types"] is None and isinstance(out["num_hidden_layers"], int):  # None means all retention
+        out["layer_types"] = ["linear_attention"] * out["num_hidden_layers"]
+    return out
+
+
+def _check_resume_architecture(cfg: PipelineConfig, manifest: Manifest, resume_dir: Path) -> None:
+    """Refuse (ConfigError naming both values) a checkpoint whose student differs from the one this config
+    builds in a field of :data:`ARCH_FIELDS`: loading it would train and publish the checkpoint's shape
+    under this config's name."""
+    found = _arch(_read_config_json(resume_dir / "config.json"))
+    s = cfg.student
+    if s.init == "from_teacher":  # the shape comes from the teacher, through stage 1's student
+        aligned = aligned_dir(cfg) / "final" / "config.json"
+        if not aligned.is_file():
+            return  # nothing to compare with: stage 1 has not run here (its own lineage check guards it)
+        want, source = _arch(_read_config_json(aligned)), f"the stage-1 student {aligned.parent} (student.init from_teacher)"
+    else:
+        built = student_config(s.variant, manifest.vocab_size,  # as build_student builds it
+                               **{"chunk_size": s.chunk_size, "retention_backend": s.retention_backend, **s.overrides})
+        want = _arch(built.to_dict())
+        source = f"student.variant {s.variant!r}" + (f" with student.overrides {s.overrides}" if s.overrides else "")
+    diff = [k for k in ARCH_FIELDS if found[k] != want[k]]
+    if diff:
+        show = lambda v: f"{v[:3]}...({len(v)} layers)" if isinstance(v, list) and len(v) > 4 else repr(v)  # noqa: E731
+        pairs = "; ".join(f"{k} {show(found[k])} in the checkpoint vs {show(want[k])} here" for k in diff)
+        raise ConfigError(
+            f"train.resume_from: {resume_dir / 'config.json'} is another student than this config builds from "
+            f"{source}: {pairs}. Resume only a checkpoint of this architecture: point train.resume_from at one, "
+            "set student.variant / student.overrides to the checkpoint's values, or drop train.resume_from to start afresh"
+        )
+
+
+def _teacher_weights(identity: dict[str, Any] | None) -> tuple[Any, Any] | None:
+    """(weights sha256, adapter sha256) of the teacher an identity names, whatever the provider (a cache or
+    a server names the one that wrote or serves it); None when it names none."""
+    if not identity:
+        return None
+    inner = identity.get("teacher") if isinstance(identity.get("teacher"), dict) else identity
+    w = inner.get("weights_sha256") or identity.get("weights_sha256")
+    return (w, inner.get("adapter_sha256")) if w else None
+
+
+def _check_resume_teacher(resume_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse resuming a KD checkpoint with another teacher than the one it was distilled from (ConfigError
+    naming both): by the fingerprints when both runs recorded one, else by the teachers' weights sha256."""
+    before, now = old.get("teacher"), new.get("teacher")
+    if not before or not now:
+        return
+    name = lambda t: t.get("model") or (t.get("teacher") or {}).get("model") or t.get("url") or "?"  # noqa: E731
+    fp_old, fp_new = old.get("teacher_fingerprint"), new.get("teacher_fingerprint")
+    if fp_old and fp_new:
+        differs, shown = fp_old != fp_new, (f"fingerprint {fp_old[:16]}", f"fingerprint {fp_new[:16]}")
+    else:
+        w_old, w_new = _teacher_weights(before), _teacher_weights(now)
+        if not (w_old and w_new):
+            return
+        differs = w_old != w_new
+        shown = (f"weights sha256 {str(w_old[0])[:16]}", f"weights sha256 {str(w_new[0])[:16]}")
+    if differs:
+        raise ConfigError(
+            f"train.resume_from: {resume_dir} was distilled from teacher {name(before)} ({shown[0]}), but the "
+            f"configured teacher is {name(now)} ({shown[1]}): resuming would mix two teachers' targets in one run. "
+            "Set teacher.model_name_or_path / teacher.adapter_path (or, in cached mode, logit_cache.dir) back to "
+            "the checkpoint's teacher, or drop train.resume_from to distill from this teacher afresh"
+        )
 
 
 def _build_model(cfg: PipelineConfig, manifest: Manifest, resume_dir: Path | None, device: torch.device) -> torch.nn.Module:

@@ -63,7 +63,10 @@ class LogitCacheReader:
                 f"no logit cache shards in {self.dir} for the {len(self.dm.shards)} data shards of {self.dm.path}; "
                 + layout.how_to_build([s.key for s in self.dm.shards])
             )
-        self.header = layout.identity(ref) | {"teacher": ref.get("teacher")}
+        # shards written before fingerprints were recorded have none: any sibling's (same teacher_hash) stands
+        fingerprint = next((h.get("teacher_fingerprint") for h in self.shards.values() if h.get("teacher_fingerprint")),
+                           ref.get("teacher_fingerprint"))
+        self.header = layout.identity(ref) | {"teacher": ref.get("teacher"), "teacher_fingerprint": fingerprint}
         self.enc = CacheEncoding.from_json(ref["encoding"])
         self.k = self.enc.k if k is None else int(k)
         if self.k > self.enc.k:

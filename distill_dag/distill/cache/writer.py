@@ -11,6 +11,12 @@ This is the unit of work of the ``logit_cache`` asset (one partition) and of ``d
   it in one ``rename``: readers see the previous shard or the new one, whole;
 * a published shard with the same teacher, tokenizer, data shard and encoding is reused as it is
   (same bytes, same data version), unless ``force``.
+
+``shard.json`` records the teacher twice: ``teacher`` / ``teacher_hash``, the provider's identity (for a
+local teacher, the sha256 of its whole folder), and ``teacher_fingerprint``, the cheap hash of its config
+and weights' headers, sizes and sampled blocks (:func:`distill_dag.distill.teacher_model.teacher_fingerprint`)
+that the trainer recomputes from the configured teacher in cached mode to refuse another teacher's cache
+without reading gigabytes of weights.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from distill_dag.distill.cache import layout
 from distill_dag.distill.cache.codec import SCHEMA_VERSION, TEMPERATURE_POLICY, CacheEncoding, LogitCacheError, LogprobDtype
 from distill_dag.distill.cache.stats import stats_columns, write_stats_columns
+from distill_dag.distill.teacher_model import identity_fingerprint
 from distill_dag.io import DIR_MODE, sha256_file, sha256_json, write_json_atomic
 
 
@@ -63,7 +70,8 @@ class CacheShard:
         return int(self.header["rows"])
 
 
-def shard_header(dm: layout.DataManifest, shard: layout.DataShard, enc: CacheEncoding, teacher_identity: dict[str, Any]) -> dict[str, Any]:
+def shard_header(dm: layout.DataManifest, shard: layout.DataShard, enc: CacheEncoding, teacher_identity: dict[str, Any],
+                 teacher_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """The identity part of ``shard.json`` (what the records are computed from)."""
     import json
 
@@ -72,6 +80,7 @@ def shard_header(dm: layout.DataManifest, shard: layout.DataShard, enc: CacheEnc
         "kind": "teacher_topk_logit_cache_shard",
         "teacher": teacher_identity,
         "teacher_hash": sha256_json(teacher_identity),
+        "teacher_fingerprint": teacher_fingerprint,
         "tokenizer_hash": dm.tokenizer_hash,
         "data_shard": shard.name,
         "data_shard_sha256": shard.sha256,
@@ -194,10 +203,16 @@ def write_cache_shard(
     enc = CacheEncoding(int(k), int(provider.vocab_size), int(dm.seq_len), dtype)
     if enc.id_bits > 25:
         raise LogitCacheError(f"vocab_size {provider.vocab_size} needs more than 25 bits per id; not supported")
-    want = shard_header(dm, shard, enc, provider.identity())
+    ident = provider.identity()
+    want = shard_header(dm, shard, enc, ident, identity_fingerprint(ident))
     cache_dir.mkdir(parents=True, exist_ok=True)
     old = layout.read_shard_header(cache_dir, key)
     if not force and _same_input(old, want):
+        if old.get("teacher_fingerprint") is None and want["teacher_fingerprint"] is not None:
+            # a shard written before fingerprints, by this very teacher (same teacher_hash: its whole weights'
+            # sha256): record the fingerprint instead of recomputing the records (readers see the old or new file)
+            old = old | {"teacher_fingerprint": want["teacher_fingerprint"]}
+            write_json_atomic(layout.shard_dir(cache_dir, key).resolve() / layout.SHARD_HEADER, old)
         return CacheShard(key, layout.shard_dir(cache_dir, key), old, reused=True)
     with _shard_lock(cache_dir, key) as build:
         records = build / layout.RECORDS
