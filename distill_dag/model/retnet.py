@@ -99,6 +99,10 @@ class RetNetConfig(PretrainedConfig):
 
     def validate_architecture(self):
         """Checked by transformers on construction: head dims must divide evenly and the mode must exist."""
+        for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "value_factor"):
+            v = getattr(self, name)  # 0 layers would train and publish an embedding-only "student"
+            if type(v) is not int or v < 1:
+                raise ValueError(f"RetNetConfig.{name} must be an integer >= 1 (student.overrides.{name}), got {v!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"RetNetConfig: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
