@@ -233,3 +233,20 @@ def test_config_not_found_lists_the_bundled_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"config file not found: nope\.yaml .*demo\.yaml"):
         load_config("nope.yaml")
+
+
+def test_every_number_and_list_has_an_upper_bound():
+    """Issue 30: a size taken from a config is bounded before anything is allocated from it, so every
+    numeric field has le/lt and every list a max_length (train.betas: a 2-tuple of bounded floats)."""
+    unbounded = []
+    for k, f in _fields(PipelineConfig):
+        ann = f.annotation
+        args = set(typing.get_args(ann)) | {ann}
+        if k == "train.betas" or not (int in args or float in args or typing.get_origin(ann) is list):
+            continue
+        if k == "data.sources":  # a list of sections: each bounded by SourceConfig's own fields
+            assert f.metadata and any(getattr(m, "max_length", None) for m in f.metadata)
+            continue
+        if not any(getattr(m, a, None) is not None for m in f.metadata for a in ("le", "lt", "max_length")):
+            unbounded.append(k)
+    assert not unbounded, unbounded
