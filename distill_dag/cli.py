@@ -121,6 +121,8 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
             else:
                 print(f"source '{name}' ({r['kind']}): {r['rows']:,} rows, {mb(r['bytes'])}, {r['files']} files, "
                       f"{r['rejects']} rejects -> {r['path']}")
+                for skipped in r.get("skipped_inputs", []):
+                    print(f"  not read: {skipped['path']}: {skipped['reason']}")
         return 0
 
     p.set_defaults(func=run)
@@ -531,7 +533,10 @@ def _add_migrate_config(sub: argparse._SubParsersAction) -> None:
         if looks_like_ours(seed):
             print(f"{a.old} is already a distill-dag config (sections {', '.join(seed)}): printed unchanged",
                   file=sys.stderr)
-            sys.stdout.write(old.read_text())
+            from distill_dag.config import MAX_CONFIG_BYTES
+            from distill_dag.safe_read import read_text_bounded
+
+            sys.stdout.write(read_text_bounded(old, MAX_CONFIG_BYTES, "YAML config file"))
             return 0
         new, report = migrate(seed)
         print(f"distill migrate-config {a.old}:", file=sys.stderr)

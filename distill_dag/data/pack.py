@@ -610,6 +610,7 @@ def _live_generations(out: Path) -> set[str] | None:
 
 # the names _new_generation gives: a folder called gen-something that this code did not name is left alone
 _GENERATION = re.compile(re.escape(GENERATION_PREFIX) + r"[0-9a-f]{12}(-[0-9]+)?")
+_OLD_SHARD = re.compile(r"(train|val)-\d{5}\.parquet")
 # what a dataset folder of ours holds (earlier versions wrote no marker: _legacy_dataset)
 _DATASET_ENTRIES = re.compile(r"manifest\.json|rejects\.jsonl|\.cache|\.lock|(train|val)-\d{5}\.parquet|"
                               + _GENERATION.pattern + r"|\..+\.tmp")
@@ -888,8 +889,8 @@ def _remove_unlisted(out: Path, manifest: Manifest, files: list[InputFile]) -> N
     previous dataset, partial ones of killed runs) and the caches of inputs that are gone."""
     keep = {s.path for s in manifest.shards}
     _remove_generations(out, keep={p.split("/")[0] for p in keep if "/" in p})
-    for p in list(out.glob("train-*.parquet")) + list(out.glob("val-*.parquet")):
-        if p.name not in keep:
+    for p in list(out.glob("train-*.parquet")) + list(out.glob("val-*.parquet")):  # the pre-generation layout
+        if p.name not in keep and _OLD_SHARD.fullmatch(p.name) and not p.is_symlink():
             p.unlink(missing_ok=True)
     stems = {f.cache_stem for f in files}
     cache = out / CACHE_DIR

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -134,6 +135,9 @@ def resolve_tokenizer(cfg: Any, raw_dir: str | os.PathLike | None, out_dir: str 
                "raw": [[f.relative_to(raw_dir).as_posix(), sha256_file(f)] for f in files]}
     key_hash = sha256_json(key)
     skipped_meta = [] if tc.name_or_path else [x.to_dict() for x in skipped]
+    if skipped_meta:  # said before the early return too: the files are still not read
+        warnings.warn(f"tokenizer: {len(skipped_meta)} raw file(s) under {raw_dir} skipped{_not_read(skipped)}",
+                      stacklevel=2)
     meta_path = out / META
     if meta_path.exists():
         try:

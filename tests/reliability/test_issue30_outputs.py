@@ -21,12 +21,14 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distill_dag.cli import main
-from distill_dag.config import ConfigError, PipelineConfig, SourceConfig, config_from_dict
+from distill_dag.config import ConfigError, PipelineConfig, SourceConfig, TokenizerConfig, config_from_dict
 from distill_dag.data.manifest import MANIFEST, Manifest
 from distill_dag.data.pack import TooFewRowsError, tokenize_to_parquet
 from distill_dag.data.sources import gather_sources
+from distill_dag.data.tokenizer import resolve_tokenizer
 from distill_dag.io import MARKER
 
 
@@ -228,13 +230,22 @@ def test_10_dangling_link_gz_and_fifo_inputs_are_listed_with_reasons(tmp_path, s
                       "--tokenizer", str(small_corpus["tokenizer"]))
     assert rc == 1 and "is a FIFO (named pipe), not a regular file" in err and "does not exist" not in err, err
 
-    # the jsonl source of the gather lists them as well
+    # the jsonl source of the gather lists them as well, and `distill download` prints them
     cfg = PipelineConfig()
     cfg.data.root = str(tmp_path / "data")
     cfg.data.sources = [SourceConfig(name="s", kind="jsonl", path=str(raw))]
     res = gather_sources(cfg)["s"]
     assert res["rows"] == 30
     assert {s["path"] for s in res["skipped_inputs"]} == set(expect)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "data2"), "sources": [
+        {"name": "s", "kind": "jsonl", "path": str(raw)}]}}))
+    rc, text = run_cli(capsys, "download", "--config", str(tmp_path / "c.yaml"))
+    assert rc == 0, text
+    assert all(f"  not read: {path}: " in text for path in expect), text
+
+    # so does the tokenizer, which trains on the one good file
+    with pytest.warns(UserWarning, match=r"tokenizer: 3 raw file\(s\) under .* not read.*FIFO"):
+        resolve_tokenizer(TokenizerConfig(vocab_size=300), raw, tmp_path / "tok")
 
 
 def test_10_a_tokenizer_trained_on_no_rows_fails_naming_the_files(tmp_path, monkeypatch, capsys):
