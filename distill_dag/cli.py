@@ -484,10 +484,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", help="CE-only student checkpoint (default <run_dir>_ce_only/final if present)")
     p.add_argument("--out", help="report folder (default eval.output_dir or <run_dir>/eval)")
     p.add_argument("--max-batches", type=int, help="perplexity batches (0 = the whole split)")
+    p.add_argument("--lm-eval-tasks", metavar="T1,T2", help="lm-evaluation-harness tasks, comma-separated: lm-eval "
+                   "names (arc_easy, mmlu, ...), distill_heldout_continuation, distill_passkey, or task YAML paths; "
+                   "'' skips lm-eval (default eval.lm_eval_tasks)")
+    p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (default eval.lm_eval_limit)")
 
     def run(a: argparse.Namespace) -> int:
         o: dict[str, Any] = {}
         _set(o, "eval.max_batches", a.max_batches)
+        if a.lm_eval_tasks is not None:
+            _set(o, "eval.lm_eval_tasks", [t.strip() for t in a.lm_eval_tasks.split(",") if t.strip()])
+        _set(o, "eval.lm_eval_limit", a.lm_eval_limit)
         cfg = _load(a, o)
         from distill_dag.eval.report import evaluate_run
 
@@ -498,6 +505,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         print(table_markdown(r["perplexity_rows"]))
         if r.get("niah_table"):
             print(f"\nneedle-in-a-haystack accuracy {r['niah_accuracy']:.2f}\n{r['niah_table']}")
+        if r.get("lm_eval_table"):
+            print(f"\nlm-evaluation-harness, share of the teacher\n{r['lm_eval_table']}")
         print(f"\nreport: {r['report_path']}")
         return 0
 

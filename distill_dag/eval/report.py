@@ -86,10 +86,13 @@ def teacher_models(cfg: PipelineConfig, teacher: Any, device: torch.device) -> d
         return {"teacher (base)": ("disable_adapter", adapted), "teacher (adapted)": adapted}
     if not (t / "config.json").exists():
         raise FileNotFoundError(f"teacher {teacher}: no final_model/, final_adapter/, config.json or adapter_config.json")
+    from distill_dag.model.variants import check_saved_model
+
+    saved = check_saved_model(t)  # the same bounds as a student's: no endless file, no 10M-layer config.json
     out: dict[str, Any] = {}
     if cfg.teacher.model_name_or_path is None and cfg.teacher.init_tiny:
         # the demo teacher starts as a seeded random init: rebuilt exactly, it is the "before" row
-        vocab = json.loads((t / "config.json").read_text())["vocab_size"]
+        vocab = saved["vocab_size"]
         out["teacher (base)"] = build_tiny_teacher(vocab, cfg.teacher.init_tiny, seed=cfg.teacher_ft.seed).to(device).eval()
     out["teacher (adapted)"] = load_teacher(cfg.teacher, device, model_path=t)
     return out
@@ -203,6 +206,7 @@ def evaluate_checkpoint(
     teacher: Any = None,
     baseline: Any = None,
     converted: Any = None,
+    hybrid: Any = None,
     tokenizer_dir: str | Path | None = None,
     split: str | None = None,
     niah: bool | None = None,
@@ -253,12 +257,16 @@ def evaluate_checkpoint(
     if converted is not None:
         models["converted student"] = (converted.to(dev).eval() if isinstance(converted, torch.nn.Module)
                                        else _load_causal_lm(Path(converted), dev))
+    if hybrid is not None:  # hybrid.enabled: the converted student that keeps some of the teacher's attention
+        models["hybrid student"] = (hybrid.to(dev).eval() if isinstance(hybrid, torch.nn.Module)
+                                    else _load_causal_lm(Path(hybrid), dev))
     teachers = teacher_models(cfg, teacher, dev) if teacher is not None else {}
     models.update(teachers)
     adapted = teachers.get("teacher (adapted)") or teachers.get("teacher")
     teacher_name = "teacher (adapted)" if "teacher (adapted)" in teachers else ("teacher" if adapted is not None else None)
     # the models compared by NIAH and long context: every student, then the trained teacher
-    compared = {n: m for n, m in models.items() if n in ("student", "CE-only baseline", "converted student")}
+    compared = {n: m for n, m in models.items()
+                if n in ("student", "CE-only baseline", "converted student", "hybrid student")}
     if adapted is not None:
         compared[teacher_name] = adapted
     train_len = cfg.tokenize.max_seq_length
@@ -357,9 +365,23 @@ def evaluate_checkpoint(
                       generation_cost=cost)
         lc_sections = [table, "", "![long context](long_context.png)", ""]
 
+    from distill_dag.eval.harness import lm_eval_section  # the field's benchmarks, as a share of the teacher
+
+    lm_eval_lines = lm_eval_section(
+        cfg, compared, {"student": ckpt_path, "CE-only baseline": baseline, "converted student": converted,
+                        "hybrid student": hybrid, teacher_name: teacher}, teacher_name=teacher_name, data_dir=data_dir, out_dir=out,
+        tokenizer=tokenizer, tokenizer_dir=tokenizer_dir or cfg.tokenizer_dir, split=split, device=dev,
+        result=result, log=log)
+
     # prompts start documents; the whole split is scanned lazily until enough documents are found
     samples = sample_generations(student, tokenizer, split_loader(data_dir, split, ec.batch_size), n=ec.sample_prompts,
                                  prompt_tokens=ec.sample_prompt_tokens, max_new_tokens=ec.max_new_tokens)
+    if "hybrid student" in models:  # the same prompts, so the two read side by side
+        hyb = sample_generations(models["hybrid student"], tokenizer, split_loader(data_dir, split, ec.batch_size),
+                                 n=ec.sample_prompts, prompt_tokens=ec.sample_prompt_tokens,
+                                 max_new_tokens=ec.max_new_tokens)
+        for s, h in zip(samples, hyb):
+            s["hybrid generated"] = h["generated"]
     write_json_atomic(out / "samples.json", samples)
     result["samples"] = [{k: _one_line(v) for k, v in s.items()} for s in samples]
 
@@ -392,12 +414,16 @@ def evaluate_checkpoint(
                   "held-out text (documents concatenated, positions 0..L-1). The student's recurrent state has "
                   "a fixed size; the teacher's KV cache grows with the context.", ""]
         lines += lc_sections
+    lines += lm_eval_lines
     if result["loss_png"]:
         lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
     lines += ["## Sample generations (greedy, held-out prompts)", ""]
     for i, s in enumerate(samples, 1):
         lines += [f"### sample {i}", "", "prompt:", "```", s["prompt"], "```", "generated:", "```", s["generated"],
-                  "```", "reference:", "```", s["reference"], "```", ""]
+                  "```"]
+        if "hybrid generated" in s:
+            lines += ["generated by the hybrid student:", "```", s["hybrid generated"], "```"]
+        lines += ["reference:", "```", s["reference"], "```", ""]
     report = out / "report.md"
     write_bytes_atomic(report, "\n".join(lines).encode())
     result["report_path"] = str(report)
@@ -418,6 +444,7 @@ def evaluate_run(
     teacher: Any = "auto",
     baseline: Any = "auto",
     converted: Any = "auto",
+    hybrid: Any = "auto",
     long_context: bool | None = None,
     device: str | None = None,
     log: Callable[[str], Any] = print,
@@ -439,10 +466,14 @@ def evaluate_run(
 
         c = aligned_dir(cfg) / "final"
         converted = c if (c / "config.json").exists() else None
+    if hybrid == "auto":  # hybrid.enabled: <run_dir>_hybrid/final
+        h = Path(str(cfg.run_dir) + "_hybrid") / "final"
+        hybrid = h if (h / "config.json").exists() and cfg.hybrid.enabled else None
     out = Path(out_dir) if out_dir is not None else (cfg.path(cfg.eval.output_dir) if cfg.eval.output_dir
                                                      else cfg.run_dir / "eval")
     result = evaluate_checkpoint(ckpt, cfg, cfg.tokenized_dir, out, teacher=teacher, baseline=baseline,
-                                 converted=converted, split=split, niah=niah, long_context=long_context,
+                                 converted=converted, hybrid=hybrid, split=split, niah=niah,
+                                 long_context=long_context,
                                  device=device, log=log)
     from distill_dag.model.hub import add_eval_to_model_card  # the student's model card gets the tables
 
