@@ -353,7 +353,12 @@ def gather_source(cfg: PipelineConfig, src: SourceConfig) -> dict[str, Any]:
     else:
         res = {"rows": 0, "bytes": 0, "files": 0, "rejects": 0, "skipped": 0, "reasons": {}, "path": str(out),
                "datasets": {}}
-        for entry in _catalog_entries(cfg, src):
+        entries = _catalog_entries(cfg, src)
+        errs = source_name_errors([e.name for e in entries])  # each dataset gets raw/<source>/<dataset name>/
+        if errs:
+            raise ValueError(f"data.sources '{src.name}': the catalog {src.path or catalog_mod.CATALOG_PATH} names "
+                             "datasets that cannot be folder names: " + "; ".join(m for _, m in errs))
+        for entry in entries:
             fp = sha256_json({**base, "entry": entry.model_dump(mode="json")})
             r = write_parts(out / entry.name, fp, _catalog_items(src, entry), rows_per_part)
             res["datasets"][entry.name] = r

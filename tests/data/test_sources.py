@@ -172,3 +172,19 @@ def test_unique_source_names_are_required(tmp_path):
     # assigned after construction, so the config's own check did not run: the gather checks again
     with pytest.raises(ValueError, match=r"data\.sources\[1\]\.name': 'a' names the same folder as data\.sources\[0\]"):
         gather_sources(cfg, dry_run=True)
+
+
+def test_catalog_dataset_names_that_are_paths_are_refused_before_anything_is_written(tmp_path):
+    """A catalog dataset's name is a folder under raw/<source>/: a user catalog naming one '../../x' would
+    write (and clean part files) outside the data root."""
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
+    victim = write_jsonl(tmp_path / "x" / "part-00000.jsonl", [{"text": "not ours"}])
+    (tmp_path / "cat.yaml").write_text(
+        "categories: {math: m}\n"
+        f"datasets:\n  - {{name: ../../../x, hub_id: '{data}', split: train, category: math, samples: 1, "
+        "formatter: gsm8k}\n")
+    cfg = _cfg(tmp_path, SourceConfig(name="cat", kind="catalog", path=str(tmp_path / "cat.yaml"), categories=["math"]))
+    with pytest.raises(ValueError, match=r"names datasets that cannot be folder names: '\.\./\.\./\.\./x' is not a safe"):
+        gather_sources(cfg)
+    assert victim.read_text() == '{"text": "not ours"}\n'
+    assert not (tmp_path / "data" / "raw" / "cat").exists() or not any((tmp_path / "data" / "raw" / "cat").iterdir())
