@@ -188,6 +188,8 @@ def claim_dir(path: str | os.PathLike, what: str, legacy: Callable[[Path], bool]
     """Make ``path`` an output folder of ours that a stage then writes in place: create it (or take an
     empty or legacy one) and mark it; a folder of foreign files is refused (:func:`check_ours`)."""
     p = Path(path)
+    if p.is_symlink() and p.is_dir():  # written in place, so a linked folder (data on another disk) is fine
+        p = p.resolve()
     state = check_ours(p, what, legacy)
     p.mkdir(parents=True, exist_ok=True)
     if state != "ours":

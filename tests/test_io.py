@@ -146,3 +146,14 @@ def test_claim_dir_marks_a_new_or_empty_folder_and_refuses_one_of_other_files(tm
     assert sorted(p.name for p in theirs.iterdir()) == ["f"]
     assert claim_dir(theirs, "t", legacy=lambda d: (d / "f").exists()) == theirs  # the caller's own layout
     assert ownership(theirs) == "ours"
+
+
+def test_claim_dir_writes_through_a_link_to_a_folder_but_atomic_dir_never_replaces_a_link(tmp_path):
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "disk")
+    claim_dir(tmp_path / "link", "t")
+    assert (tmp_path / "disk" / MARKER).is_file() and (tmp_path / "link").is_symlink()
+    with pytest.raises(ForeignOutputError, match="is a symbolic link"):
+        with atomic_dir(tmp_path / "link"):
+            pass
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "disk" / MARKER).is_file()
