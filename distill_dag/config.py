@@ -458,6 +458,16 @@ class EvalConfig(Section):
     sample_prompt_tokens: int = _f(32, "Prompt tokens per sample generation", ge=1, le=MAX_EVAL_TOKENS)
     seed: int = _f(0, "Random seed", ge=0, le=MAX_SEED)
     output_dir: str | None = _f(None, "Report folder (null: <run_dir>/eval)", json_schema_extra=PATH)
+    lm_eval_tasks: list[Annotated[str, Field(min_length=1, max_length=4096)]] = _factory(
+        lambda: ["distill_heldout_continuation", "distill_passkey"],
+        "lm-evaluation-harness tasks run on the teacher and every student, reported as a share of the teacher "
+        "(distill_dag/eval/harness.py): lm-eval task names (arc_easy, hellaswag, mmlu, ...: their data comes "
+        "from the Hugging Face Hub), the offline tasks built from the held-out split (distill_heldout_continuation, "
+        "distill_passkey), or paths to task YAMLs (relative to the config file). [] skips lm-eval",
+        max_length=256, json_schema_extra=NAME_OR_PATH)
+    lm_eval_limit: int | None = _f(None, "Examples per lm-eval task (null: every example)", ge=1, le=10**7)
+    lm_eval_min_share: float = _f(0.8, "The lm_eval_share_vs_teacher check warns when the KD student's mean "
+                                       "lm-eval share of the teacher is below this", ge=0.0, le=1.0)
 
 
 class WandbConfig(Section):
@@ -673,6 +683,8 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             kind = _path_kind(model, name)  # type: ignore[arg-type]
             if kind and isinstance(v, str) and v:
                 d[name] = _resolve_one(v, kind, base)
+            elif kind and isinstance(v, list):  # eval.lm_eval_tasks: names stay, task YAML paths resolve
+                d[name] = [_resolve_one(x, kind, base) if isinstance(x, str) and x else x for x in v]
         if sec == "data" and isinstance(d.get("sources"), list):
             d["sources"] = [
                 {k: (_resolve_one(v, _path_kind(SourceConfig, k), base)  # type: ignore[arg-type]
