@@ -20,10 +20,11 @@ NIAH_GATE = 0.9  # the teacher must retrieve for NIAH to tell a good student fro
     group_name=GROUP,
     kinds={"pytorch", "markdown"},
     owners=["team:modeling"],
-    code_version=code_version("eval/report.py", "eval/niah.py", "eval/perplexity.py"),
+    code_version=code_version("eval/report.py", "eval/niah.py", "eval/perplexity.py", "eval/harness.py"),
     pool="gpu",
     description="Perplexity (KD student, CE-only student, teacher), needle-in-a-haystack heat-maps side by side, "
-                "long-context quality and memory, samples and a markdown report.",
+                "long-context quality and memory, lm-evaluation-harness tasks as a share of the teacher, samples "
+                "and a markdown report.",
     check_specs=[
         dg.AssetCheckSpec(
             "teacher_retrieves", asset="eval_report",
@@ -36,6 +37,10 @@ NIAH_GATE = 0.9  # the teacher must retrieve for NIAH to tell a good student fro
         dg.AssetCheckSpec(
             "kd_perplexity_below_ce_only", asset="eval_report",
             description="On the eval split, the KD student's perplexity is below the CE-only student's (a warning)."),
+        dg.AssetCheckSpec(
+            "lm_eval_share_vs_teacher", asset="eval_report",
+            description="The KD student's mean share of the teacher over eval.lm_eval_tasks (lm-evaluation-harness, "
+                        "student score / teacher score per task) is at least eval.lm_eval_min_share (a warning)."),
     ],
 )
 def eval_report(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource):
@@ -58,6 +63,9 @@ def eval_report(context: dg.AssetExecutionContext, config: DistillRunConfig, pip
         metadata["long_context"] = table(r["long_context_rows"])
     if r.get("samples"):
         metadata["samples"] = table(r["samples"])
+    if r.get("lm_eval_rows"):
+        metadata["lm_eval"] = table(r["lm_eval_rows"])
+        metadata["lm_eval_mean_share"] = {k: v for k, v in r["lm_eval_mean_share"].items() if v is not None}
     yield dg.MaterializeResult(metadata=metadata | config_metadata(cfg, "eval"))
     warn = dg.AssetCheckSeverity.WARN
     # at the training length: beyond it a Llama's RoPE extrapolates (the long-context section shows how far)
@@ -79,3 +87,12 @@ def eval_report(context: dg.AssetExecutionContext, config: DistillRunConfig, pip
         check_name="kd_perplexity_below_ce_only", severity=warn, passed=base is not None and r["student_ppl"] < base,
         description=(f"KD {r['student_ppl']:.3f} vs CE-only {base:.3f}" if base is not None else
                      f"no CE-only student among {list(ppl)}"))
+    mean = (r.get("lm_eval_mean_share") or {}).get("student")
+    floor = cfg.eval.lm_eval_min_share
+    why = r.get("lm_eval_skipped") or "the teacher scores 0 on every task"
+    yield dg.AssetCheckResult(
+        check_name="lm_eval_share_vs_teacher", severity=warn, passed=mean is not None and mean >= floor,
+        description=(f"lm-eval gave the KD student no share of the teacher ({why})" if mean is None
+                     else f"KD student's mean share of the teacher {mean:.2f} over {r.get('lm_eval_tasks')} "
+                          f"(eval.lm_eval_min_share {floor})"),
+        metadata={"mean_share": float(mean)} if mean is not None else {})
