@@ -232,23 +232,34 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default=None, help="tiny | 350M | 500M (default: the config's student.variant)")
     p.add_argument("--vocab-size", type=_positive_int, default=128256, help="default: Llama-3.2's 128256")
     p.add_argument("--config", default=None, help="YAML whose student.overrides apply (default: none)")
+    p.add_argument("--attention-layers", default=None,
+                   help="a hybrid: comma-separated layer indices kept as softmax attention (student.attention_layers)")
+    p.add_argument("--attention-window", type=_positive_int, default=None,
+                   help="sliding window of the attention layers (student.attention_window; default: full)")
 
     def run(a: argparse.Namespace) -> int:
-        from distill_dag.model.variants import count_parameters, student_config
+        from distill_dag.config import StudentConfig
+        from distill_dag.model.variants import count_parameters, generation_cache_bytes, student_model_config
 
-        overrides: dict[str, Any] = {}
-        variant = a.variant
+        student = StudentConfig()
         if a.config is not None:
             from distill_dag.config import load_config
 
             student = load_config(a.config).student
-            variant, overrides = variant or student.variant, dict(student.overrides)
-        variant = variant or "500M"
+        update: dict[str, Any] = {"variant": a.variant or (student.variant if a.config is not None else "500M")}
+        if student.attention_layers == "auto":  # chosen from a teacher at stage 1: count it as pure here
+            update["attention_layers"] = []
         try:
-            cfg = student_config(variant, a.vocab_size, **overrides)
+            if a.attention_layers is not None:
+                update["attention_layers"] = [int(x) for x in a.attention_layers.split(",") if x.strip()]
+            if a.attention_window is not None:
+                update["attention_window"] = a.attention_window
+            student = StudentConfig.model_validate({**student.model_dump(), **update})
+            cfg = student_model_config(student, a.vocab_size)
         except ValueError as err:
-            print(f"distill model-info: {err}", file=sys.stderr)
+            print(f"distill model-info: --attention-layers / student.*: {err}", file=sys.stderr)
             return 2
+        variant = student.variant
         c = count_parameters(cfg)
         print(
             f"RetNet {variant}: d={cfg.hidden_size}, layers={cfg.num_hidden_layers}, heads={cfg.num_attention_heads} "
@@ -260,6 +271,8 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:
             ("embedding", c["embedding"]),
             ("lm_head" + (" (tied)" if c["lm_head"] == 0 else ""), c["lm_head"]),
             ("retention per layer", c["retention_per_layer"]),
+            *([(f"attention per layer ({c['attention_layers']})", c["attention_per_layer"])]
+              if c["attention_layers"] else []),
             ("ffn per layer", c["ffn_per_layer"]),
             (f"blocks ({c['layers']})", c["blocks"]),
             ("final norm", c["final_norm"]),
@@ -269,6 +282,11 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:
         for name, n in rows:
             print(f"  {name:<20} {n:>14,}")
         print(f"  = {c['total'] / 1e6:.1f}M parameters")
+        print(f"  layer_types: {', '.join(f'{i}:{t}' for i, t in enumerate(cfg.layer_types) if t != 'linear_attention') or 'all linear_attention (pure RetNet)'}")
+        for ctx in (4096, 32768):  # generation memory of one sequence: retention state + attention K/V (bf16)
+            g = generation_cache_bytes(cfg, ctx)
+            print(f"  cache at {ctx // 1024}k tokens: state {g['state'] / 2**20:,.2f} MiB + KV {g['kv'] / 2**20:,.2f} MiB "
+                  f"= {g['total'] / 2**20:,.2f} MiB ({g['total'] / ctx:,.0f} B/token; +{g['per_token']:,} B per new token)")
         return 0
 
     p.set_defaults(func=run)

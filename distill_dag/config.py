@@ -317,7 +317,36 @@ class LogitCacheConfig(Section):
 # --------------------------------------------------------------------------------------------
 # student and training
 # --------------------------------------------------------------------------------------------
-class StudentConfig(Section):
+class HybridLayers(Section):
+    """Which layers of a student stay softmax attention (a hybrid RetNet); none by default (a pure RetNet)."""
+
+    attention_layers: list[Annotated[int, Field(ge=0, le=4095)]] | Literal["auto"] = _f(
+        [], "Layer indices that stay softmax attention (GQA + RoPE, the teacher's own weights with "
+            "init from_teacher), or auto: after stage-1 alignment keep the num_attention_layers layers whose "
+            "restoration lowers the KL to the teacher most (needs init from_teacher). [] = a pure RetNet")
+    num_attention_layers: int = _f(0, "With attention_layers auto: how many layers to keep (K)", ge=0, le=4096)
+    attention_window: int | None = _f(None, "null: full causal attention; N: a sliding window of N tokens "
+                                            "(generation keeps a rolling K/V buffer of N)", ge=1, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _hybrid_layers(self) -> "HybridLayers":
+        if self.attention_layers == "auto":
+            if self.num_attention_layers < 1:
+                raise ValueError("attention_layers auto needs num_attention_layers >= 1 (how many to keep)")
+        else:
+            if len(set(self.attention_layers)) != len(self.attention_layers):
+                raise ValueError(f"attention_layers {self.attention_layers} lists a layer twice")
+            if self.num_attention_layers not in (0, len(self.attention_layers)):
+                raise ValueError(f"num_attention_layers {self.num_attention_layers} with an explicit list of "
+                                 f"{len(self.attention_layers)} layers: leave it 0 or use attention_layers auto")
+        return self
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.attention_layers == "auto" or bool(self.attention_layers)
+
+
+class StudentConfig(HybridLayers):
     """The RetNet student."""
 
     variant: Literal["tiny", "350M", "500M"] = _f("500M", "RetNet size (distill_dag/model/variants.py)")
@@ -479,6 +508,15 @@ class WandbConfig(Section):
         "auto", "auto: online when WANDB_API_KEY is set, else offline")
 
 
+class HybridConfig(HybridLayers):
+    """A second, hybrid student trained beside the KD student (the ``student_hybrid`` asset,
+    ``<train run dir>_hybrid``): converted from the teacher (stage 1 in ``<train run dir>_hybrid_aligned``),
+    the listed or KL-chosen layers kept as the teacher's attention, then trained like the KD student (same
+    train.* settings, teacher mode, steps and tokens), so the two compare at equal tokens."""
+
+    enabled: bool = _f(False, "Train the hybrid student (student_hybrid); off: the asset is skipped")
+
+
 class PipelineConfig(Section):
     """The whole run configuration: one section per stage."""
 
@@ -491,6 +529,7 @@ class PipelineConfig(Section):
     student: StudentConfig = _factory(StudentConfig, "The RetNet student")
     train: TrainConfig = _factory(TrainConfig, "Student training (KD or CE only)")
     align: AlignConfig = _factory(AlignConfig, "Stage 1 of student.init from_teacher")
+    hybrid: HybridConfig = _factory(HybridConfig, "A hybrid student beside the KD student (student_hybrid)")
     eval: EvalConfig = _factory(EvalConfig, "Evaluation")
     wandb: WandbConfig = _factory(WandbConfig, "Weights & Biases")
 
@@ -576,6 +615,12 @@ def cross_field_errors(cfg: PipelineConfig) -> list[tuple[str, str]]:
     from distill_dag.model.variants import override_errors  # torch is imported only when overrides are set
 
     errs += override_errors(cfg.student.variant, cfg.student.overrides, cfg.student.chunk_size)
+    if cfg.student.attention_layers == "auto" and cfg.student.init != "from_teacher":
+        errs.append(("student.attention_layers", "auto chooses layers by restoring the teacher's attention: it "
+                                                 "needs student.init from_teacher (or list the layers)"))
+    if cfg.hybrid.enabled and not cfg.hybrid.is_hybrid:
+        errs.append(("hybrid.attention_layers", "hybrid.enabled needs attention layers: list them or set auto "
+                                                "with hybrid.num_attention_layers"))
     return errs
 
 

@@ -8,7 +8,8 @@ waves, each a real Dagster run of the same definitions the UI uses:
    ``data_shards`` partitions, ``teacher_adapters`` trains the teacher);
 2. ``student_ce_baseline`` (it needs no teacher) and one run per ``logit_cache`` partition (what a
    backfill launches), ``--lanes`` runs at once;
-3. the remaining students and ``eval_report`` with their checks.
+3. the remaining students (the KD student beside the hybrid student, when the config enables one), then
+   ``eval_report`` with its checks.
 
 Lanes: without CUDA the ``gpu`` pool's device is the CPU. Small models use two cores poorly (measured
 on 2 cores: a cache partition takes ~7.0 s on one thread, ~6.9 s on two), so by default wave 2
@@ -117,9 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _parallel(instance, second, lanes)
         kd_up = {k.to_user_string() for k in graph.get(dg.AssetKey("student_ckpt")).parent_keys}
-        last = (["student_aligned"] if "student_aligned" in kd_up else []) + ["student_ckpt"]
-        last += [] if a.skip_eval else ["eval_report"]
-        _run(defs, instance, last)
+        third: list[tuple[list[str], str | None]] = [
+            ((["student_aligned"] if "student_aligned" in kd_up else []) + ["student_ckpt"], None)]
+        if "student_hybrid" in names:  # beside the KD student: the two take about as long
+            third.append((["student_hybrid"], None))
+        if lanes == 1 or len(third) == 1:
+            for keys, part in third:
+                _run(defs, instance, keys, part)
+        else:
+            _parallel(instance, third, lanes)
+        if not a.skip_eval:
+            _run(defs, instance, ["eval_report"])
     except RunFailed as e:
         sys.exit(str(e))
     print(f"demo: the whole graph in {time.perf_counter() - t0:.0f} s; `make dev` shows it at http://127.0.0.1:3000")

@@ -30,8 +30,9 @@ logit_cache_job = dg.define_asset_job(
 
 student_job = dg.define_asset_job(
     "distill_students",
-    selection=dg.AssetSelection.assets("student_aligned", "student_ce_baseline", "student_ckpt"),
-    description="The students: stage-1 aligned (teacher-init), CE-only baseline and KD student.",
+    selection=dg.AssetSelection.assets("student_aligned", "student_ce_baseline", "student_ckpt")
+    | dg.AssetSelection.groups("student"),  # student_hybrid too, where the location's config enables it
+    description="The students: stage-1 aligned (teacher-init), CE-only baseline, KD student (and the hybrid).",
 )
 
 eval_job = dg.define_asset_job(

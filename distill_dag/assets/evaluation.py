@@ -7,6 +7,7 @@ import dagster as dg
 
 from distill_dag.assets.common import code_version, config_metadata, md_image, resolve_config, table, upstream_path
 from distill_dag.assets.run_config import DistillRunConfig
+from distill_dag.assets import student as _students
 from distill_dag.assets.student import student_ce_baseline, student_ckpt
 from distill_dag.assets.teacher import teacher_adapters
 from distill_dag.resources import PipelineConfigResource
@@ -16,7 +17,8 @@ NIAH_GATE = 0.9  # the teacher must retrieve for NIAH to tell a good student fro
 
 
 @dg.asset(
-    deps=[student_ckpt, student_ce_baseline, teacher_adapters],
+    deps=[student_ckpt, student_ce_baseline, teacher_adapters]
+    + ([_students.student_hybrid] if hasattr(_students, "student_hybrid") else []),
     group_name=GROUP,
     kinds={"pytorch", "markdown"},
     owners=["team:modeling"],

@@ -241,6 +241,64 @@ def student_ckpt(context: dg.AssetExecutionContext, config: DistillRunConfig, pi
     yield _check_loads(cfg, final)
 
 
+_HYBRID_DEPS: list[Any] = [tokenized_parquet, tokenizer, teacher_adapters]
+if LOCATION.train.teacher_mode == "cached":
+    _HYBRID_DEPS.append(logit_cache)
+
+
+def student_hybrid_asset() -> dg.AssetsDefinition:
+    """``student_hybrid``: in the graph only when the code location's config sets ``hybrid.enabled`` (the demo
+    does), so "Materialize all" never trains a student the configuration does not ask for."""
+
+    @dg.asset(
+        name="student_hybrid",
+        deps=_HYBRID_DEPS,
+        group_name=GROUP,
+        kinds={"pytorch", "wandb"},
+        owners=["team:modeling"],
+        code_version=code_version(*TRAINER_CODE, "distill/align.py", "distill/layer_choice.py", "model/convert.py",
+                                  "distill/teachers/cached.py", "distill/cache/reader.py"),
+        pool="gpu",
+        description="The hybrid student: converted from the teacher, the hybrid.* layers (listed, or chosen by KL "
+                    "gain after alignment) kept as the teacher's softmax attention, the rest retention, then "
+                    "trained like student_ckpt (same teacher mode, steps and tokens).",
+        check_specs=[_loads_spec("student_hybrid")],
+    )
+    def student_hybrid(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
+                       teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource):
+        from distill_dag.distill.student_run import hybrid_config, run_alignment
+
+        cfg = resolve_config(context, config, pipeline, teacher_endpoint.overrides(), wandb.overrides())
+        if not cfg.hybrid.enabled:
+            raise dg.Failure(description="student_hybrid: this run's config has hybrid.enabled false; set it (and "
+                                         "hybrid.attention_layers) to train the hybrid student")
+        upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_hybrid")
+        require_teacher(context, cfg, "student_hybrid")
+        if cfg.train.teacher_mode == "cached":
+            _require_cache_partitions(context, cfg)
+        teacher_endpoint.export_token(cfg.teacher.token_env)
+        hcfg = hybrid_config(cfg)
+        al = run_alignment(hcfg, echo=context.log.info)  # stage 1 (+ the KL-guided choice), then KD
+        metadata, final = _train(context, hcfg, "kd")
+        if al.layer_gains:
+            from distill_dag.model.hub import update_model_card
+
+            update_model_card(final, hybrid={"attention_layers": al.attention_layers, "layer_gains": al.layer_gains})
+        gains = {"attention_layers": dg.MetadataValue.json(al.attention_layers)}
+        if al.layer_gains:
+            gains["layer_choice"] = table([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                           for r in al.layer_gains])
+        yield dg.MaterializeResult(data_version=_final_version(final),
+                                   metadata=metadata | gains | config_metadata(cfg, "hybrid", "train", "align"))
+        yield _check_loads(cfg, final)
+
+    return student_hybrid
+
+
+if LOCATION.hybrid.enabled:
+    student_hybrid = student_hybrid_asset()
+
+
 def _wandb_id(metadata: dict[str, dg.MetadataValue]) -> str | None:
     v = metadata.get("wandb_id")
     return None if v is None else str(v.value)

@@ -28,6 +28,7 @@ message when it does not.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +49,9 @@ from distill_dag.distill.stability import NanGuard
 from distill_dag.distill.telemetry import Telemetry, wandb_group
 from distill_dag.distill.teacher_model import load_teacher
 from distill_dag.distill.teachers.direct import state_dict_sha256
-from distill_dag.io import sha256_dir, sha256_json, write_json_atomic
-from distill_dag.model.convert import convert_teacher, unwrap_teacher
-from distill_dag.model.retnet import RetNetForCausalLM
+from distill_dag.io import atomic_dir, sha256_dir, sha256_json, write_json_atomic
+from distill_dag.model.convert import convert_teacher, hybrid_layer_types, hybridize, unwrap_teacher
+from distill_dag.model.retnet import RetNetConfig, RetNetForCausalLM
 
 # align fields that change the resulting weights (the rest is bookkeeping)
 _WEIGHT_FIELDS = ("steps", "value_factor", "learning_rate", "weight_decay", "warmup_steps", "min_lr_ratio",
@@ -71,12 +72,15 @@ class AlignResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     reused: bool = False
     seconds: float = 0.0
+    attention_layers: list[int] = field(default_factory=list)  # the layers kept as the teacher's attention
+    layer_gains: list[dict[str, Any]] = field(default_factory=list)  # student.attention_layers auto: per layer
 
     def to_dict(self) -> dict[str, Any]:
         return {"out_dir": str(self.out_dir), "final_dir": str(self.final_dir), "steps": self.steps,
                 "tokens": self.tokens, "mse_before": self.mse_before, "mse_after": self.mse_after,
                 "rel_mse_before": self.rel_mse_before, "rel_mse_after": self.rel_mse_after,
-                "conversion": self.conversion, "seconds": self.seconds}
+                "conversion": self.conversion, "seconds": self.seconds, "attention_layers": self.attention_layers,
+                "layer_gains": self.layer_gains}
 
 
 def aligned_dir(cfg: PipelineConfig) -> Path:
@@ -90,8 +94,17 @@ def align_key(cfg: PipelineConfig) -> dict[str, Any]:
     return {
         "align": {k: a[k] for k in _WEIGHT_FIELDS},
         "student": {"chunk_size": cfg.student.chunk_size, "retention_backend": cfg.student.retention_backend,
-                    "overrides": cfg.student.overrides},
+                    "overrides": cfg.student.overrides, **hybrid_key(cfg)},
     }
+
+
+def hybrid_key(cfg: PipelineConfig) -> dict[str, Any]:
+    """The hybrid fields of the student section (only when set, so pure students keep their old lineage)."""
+    st = cfg.student
+    if not st.is_hybrid:
+        return {}
+    return {"attention_layers": st.attention_layers, "num_attention_layers": st.num_attention_layers,
+            "attention_window": st.attention_window}
 
 
 def conversion_overrides(cfg: PipelineConfig) -> dict[str, Any]:
@@ -101,8 +114,9 @@ def conversion_overrides(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def retention_parameters(student: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters stage 1 trains: those of every block's ``retention`` module."""
-    return [p for blk in student.model.layers for p in blk.retention.parameters()]
+    """The parameters stage 1 trains: those of every block's ``retention`` module (a hybrid's attention
+    layers are the teacher's own and stay frozen)."""
+    return [p for blk in student.model.layers if hasattr(blk, "retention") for p in blk.retention.parameters()]
 
 
 def freeze_all_but_retention(student: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -151,7 +165,10 @@ def student_retention_outputs(student: torch.nn.Module, xs: list[torch.Tensor], 
     am = batch.get("attention_mask")
     pad_mask = am if am is not None and not bool(am.all()) else None
     dtype = next(student.parameters()).dtype
-    return [blk.retention(x.to(dtype), pos, reset, pad_mask, None) for blk, x in zip(student.model.layers, xs)]
+    doc = (pos == 0).long().cumsum(-1)  # a hybrid's attention layers: the document id per token
+    valid = pad_mask.bool() if pad_mask is not None else None
+    return [blk.retention(x.to(dtype), pos, reset, pad_mask, None) if hasattr(blk, "retention")
+            else blk.attention(x.to(dtype), pos, doc, valid, None) for blk, x in zip(student.model.layers, xs)]
 
 
 def layer_mse(outs: list[torch.Tensor], targets: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +271,8 @@ def align_student(
         return AlignResult(out_dir=out, final_dir=final, steps=done["steps"], tokens=done["tokens"],
                            mse_before=done["mse_before"], mse_after=done["mse_after"],
                            rel_mse_before=done["rel_mse_before"], rel_mse_after=done["rel_mse_after"],
-                           conversion=done["conversion"], reused=True, seconds=time.time() - t0)
+                           conversion=done["conversion"], reused=True, seconds=time.time() - t0,
+                           attention_layers=done.get("attention_layers", []), layer_gains=done.get("layer_gains", []))
 
     resume_state = None
     if (out / ckpt.LATEST).exists():
@@ -263,8 +281,13 @@ def align_student(
         student = RetNetForCausalLM.from_pretrained(ckpt_dir)
         conversion = info["conversion"]
     else:
-        student, conv = convert_teacher(teacher, value_factor=ac.value_factor, seed=ac.seed,
-                                        **conversion_overrides(cfg))
+        overrides = conversion_overrides(cfg)
+        st = cfg.student
+        if st.is_hybrid and st.attention_layers != "auto":  # listed layers: converted as the teacher's attention
+            overrides.update(layer_types=hybrid_layer_types(int(teacher.config.num_hidden_layers),
+                                                            list(st.attention_layers), st.attention_window),
+                             attention_window=st.attention_window)
+        student, conv = convert_teacher(teacher, value_factor=ac.value_factor, seed=ac.seed, **overrides)
         conversion = conv.to_dict()
     student.to(device).train()
     params = freeze_all_but_retention(student)
@@ -344,14 +367,51 @@ def align_student(
         last = checkpointer.ensure(loop.step)
     for p in student.parameters():
         p.requires_grad_(True)
+    gains: list[dict[str, Any]] = []
+    if cfg.student.attention_layers == "auto":  # the KL-guided choice, on the aligned pure student
+        last, gains = _choose_and_hybridize(cfg, student, teacher, val_batches or _first_batches(data_dir, ac),
+                                            device, out, last, tel)
     final_dir = ckpt.write_final(out, last)
     result = AlignResult(out_dir=out, final_dir=final_dir, steps=loop.step, tokens=loop.tokens,
                          mse_before=before["mse"], mse_after=after["mse"], rel_mse_before=before["rel_mse"],
                          rel_mse_after=after["rel_mse"], conversion=conversion, history=list(tel.history),
-                         seconds=time.time() - t0)
+                         seconds=time.time() - t0, layer_gains=gains,
+                         attention_layers=RetNetConfig.from_pretrained(last).attention_layers)
     # last: its presence marks the stage as finished
     write_json_atomic(final_dir / "align.json", result.to_dict())
     return result
+
+
+def _first_batches(data_dir: Path, ac: Any) -> list[dict[str, torch.Tensor]]:
+    it = iter(make_loader(data_dir, "train", ac.batch_size, shuffle=False, infinite=False))
+    return [b for _, b in zip(range(ac.eval_batches), it)]
+
+
+def _choose_and_hybridize(cfg: PipelineConfig, student: torch.nn.Module, teacher: torch.nn.Module,
+                          batches: list[dict[str, torch.Tensor]], device: torch.device, out: Path, last: Path,
+                          tel: Any) -> tuple[Path, list[dict[str, Any]]]:
+    """``student.attention_layers: auto``: measure each layer's KL gain (distill_dag/distill/layer_choice.py),
+    keep the best ``num_attention_layers`` as the teacher's attention, and save that hybrid as a checkpoint
+    beside ``last`` (same tokenizer and info files). Returns its folder and the per-layer table."""
+    from distill_dag.distill.layer_choice import attention_layer_gains, choose_attention_layers
+
+    st = cfg.student
+    rows = attention_layer_gains(student, teacher, batches, device, st.attention_window)
+    layers = choose_attention_layers(rows, st.num_attention_layers)
+    for r in rows:
+        r["kept"] = r["layer"] in layers
+        tel.info(f"align: layer {r['layer']}: KL to the teacher {r['kl_pure']:.4f} -> {r['kl']:.4f} with its "
+                 f"attention restored (gain {r['gain']:.4f}){'  <- kept' if r['kept'] else ''}")
+    hybrid, _ = hybridize(student, teacher, layers, st.attention_window)
+    dest = out / f"{last.name}-hybrid"
+    with atomic_dir(dest) as tmp:
+        for f in last.iterdir():
+            if f.is_file() and not f.name.startswith("model") and f.name not in ("config.json", "trainer_state.pt"):
+                shutil.copy2(f, tmp / f.name)
+        hybrid.save_pretrained(tmp)
+    tel.info(f"align: kept layers {layers} as softmax attention (student.num_attention_layers "
+             f"{st.num_attention_layers}); hybrid in {dest}")
+    return dest, rows
 
 
 def load_aligned_student(cfg: PipelineConfig) -> torch.nn.Module:

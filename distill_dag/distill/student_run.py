@@ -65,6 +65,36 @@ def run_ce_baseline(cfg: PipelineConfig, *, echo: Callable[[str], None] | None =
     return result
 
 
+def hybrid_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The hybrid student's config (``hybrid.*``): the KD student's training settings, a student converted from
+    the teacher with ``hybrid``'s attention layers, in ``<run_dir>_hybrid`` (stage 1 in ``..._hybrid_aligned``)."""
+    h = cfg.hybrid
+    base = cfg.model_copy(deep=True)
+    base.student = base.student.model_copy(update={
+        "init": "from_teacher", "attention_layers": h.attention_layers,
+        "num_attention_layers": h.num_attention_layers, "attention_window": h.attention_window, "overrides": {}})
+    base.train.resume_from = None
+    base.train.pretrain_ce_only = False
+    base.train.output_dir = str(cfg.run_dir) + "_hybrid"
+    base.align.output_dir = str(cfg.run_dir) + "_hybrid_aligned"
+    return base
+
+
+def run_hybrid_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The hybrid student (the ``student_hybrid`` asset): stage 1 (conversion, alignment and, with
+    ``attention_layers: auto``, the KL-guided choice), then KD like the KD student, at equal steps and tokens.
+    Returns ``{"student": TrainResult, "alignment": AlignResult}``."""
+    hcfg = hybrid_config(cfg)
+    alignment = run_alignment(hcfg, echo=echo)
+    student = run_kd_student(hcfg, echo=echo)
+    if alignment.layer_gains:
+        from distill_dag.model.hub import update_model_card
+
+        update_model_card(student.final_dir, hybrid={"attention_layers": alignment.attention_layers,
+                                                     "layer_gains": alignment.layer_gains})
+    return {"student": student, "alignment": alignment}
+
+
 def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``distill train``: the three student stages in order, as the assets run them one by one: stage 1
     with ``student.init: from_teacher``, the KD student, and with ``train.ce_only_baseline`` the CE-only one.
@@ -78,6 +108,8 @@ def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = Non
     if cfg.train.ce_only_baseline and not cfg.train.pretrain_ce_only:
         result["baseline"] = run_ce_baseline(cfg, echo=echo)
         _card_facts(result["student"], result["baseline"])
+    if cfg.hybrid.enabled and not cfg.train.pretrain_ce_only:
+        result["hybrid"] = run_hybrid_student(cfg, echo=echo)
     return result
 
 

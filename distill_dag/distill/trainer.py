@@ -51,7 +51,7 @@ from distill_dag.distill.teachers.factory import make_teacher
 from distill_dag.distill.telemetry import Telemetry, wandb_group
 from distill_dag.io import sha256_json
 from distill_dag.model.retnet import RetNetForCausalLM
-from distill_dag.model.variants import build_student, student_config
+from distill_dag.model.variants import build_student, student_model_config
 
 # RetNetConfig fields that decide the weights' shapes, and which token mixer each layer is: a checkpoint that
 # differs in one of them is another model than the config describes
@@ -408,8 +408,7 @@ def _check_resume_architecture(cfg: PipelineConfig, manifest: Manifest, resume_d
             return  # nothing to compare with: stage 1 has not run here (its own lineage check guards it)
         want, source = _arch(_read_config_json(aligned)), f"the stage-1 student {aligned.parent} (student.init from_teacher)"
     else:
-        built = student_config(s.variant, manifest.vocab_size,  # as build_student builds it
-                               **{"chunk_size": s.chunk_size, "retention_backend": s.retention_backend, **s.overrides})
+        built = student_model_config(s, manifest.vocab_size)  # as build_student builds it
         want = _arch(built.to_dict())
         source = f"student.variant {s.variant!r}" + (f" with student.overrides {s.overrides}" if s.overrides else "")
     diff = [k for k in ARCH_FIELDS if found[k] != want[k]]

@@ -439,6 +439,18 @@ def render_model_card(facts: dict[str, Any]) -> str:
     ]
     if tr.get("wandb_url"):
         lines.append(f"| W&B run | {_url(tr['wandb_url'])} |")
+    hy = facts.get("hybrid") or {}
+    if hy.get("attention_layers"):
+        lines += ["", "### Hybrid: layers kept as softmax attention", "",
+                  f"Layers {_md(', '.join(str(i) for i in hy['attention_layers']))} are the teacher's own softmax "
+                  "attention (config.json `layer_types`); the others are retention. Their K/V cache grows with the "
+                  "context; the retention layers' state does not."]
+        if hy.get("layer_gains"):
+            lines += ["", "Chosen by KL gain after alignment: the KL(teacher || student) per token with each layer "
+                      "alone restored to attention.", "",
+                      "| layer | KL, pure | KL, this layer restored | gain | kept |", "|---:|---:|---:|---:|---|"]
+            lines += [f"| {_fmt(r.get('layer'))} | {_fmt(r.get('kl_pure'), 4)} | {_fmt(r.get('kl'), 4)} | "
+                      f"{_fmt(r.get('gain'), 4)} | {'yes' if r.get('kept') else ''} |" for r in hy["layer_gains"]]
     lines += ["", "### Losses", ""]
     losses = tr.get("losses") or {}
     if losses:

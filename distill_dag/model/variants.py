@@ -128,15 +128,26 @@ def student_config(variant: str, vocab_size: int, **overrides: Any) -> "RetNetCo
     return RetNetConfig(**fields)
 
 
+def student_model_config(student_cfg: Any, vocab_size: int) -> RetNetConfig:
+    """The RetNetConfig a :class:`distill_dag.config.StudentConfig` section builds from scratch: the variant, its
+    overrides, and with ``attention_layers`` listed, a hybrid's ``layer_types`` (auto needs a teacher)."""
+    fields = {"chunk_size": student_cfg.chunk_size, "retention_backend": student_cfg.retention_backend,
+              **student_cfg.overrides}
+    layers = getattr(student_cfg, "attention_layers", [])
+    if layers and layers != "auto":
+        from distill_dag.model.convert import hybrid_layer_types
+
+        depth = int(fields.get("num_hidden_layers", VARIANTS[student_cfg.variant]["num_hidden_layers"]))
+        fields.update(layer_types=hybrid_layer_types(depth, list(layers), student_cfg.attention_window),
+                      attention_window=student_cfg.attention_window)
+    return student_config(student_cfg.variant, vocab_size, **fields)
+
+
 def build_student(student_cfg: Any, vocab_size: int) -> "RetNetForCausalLM":  # noqa: F821
     """A freshly initialised student from a :class:`distill_dag.config.StudentConfig` section."""
     from distill_dag.model.retnet import RetNetForCausalLM
 
-    cfg = student_config(
-        student_cfg.variant,
-        vocab_size,
-        **{"chunk_size": student_cfg.chunk_size, "retention_backend": student_cfg.retention_backend, **student_cfg.overrides},
-    )
+    cfg = student_model_config(student_cfg, vocab_size)
     model = RetNetForCausalLM(cfg)
     if student_cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -153,14 +164,19 @@ def count_parameters(config: RetNetConfig) -> dict[str, int]:
     with torch.device("meta"):
         model = RetNetForCausalLM(config)
     n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    block = model.model.layers[0]
+    blocks = list(model.model.layers)
+    block = blocks[0]
+    ret = next((b for b in blocks if hasattr(b, "retention")), None)
+    att = next((b for b in blocks if hasattr(b, "attention")), None)
     embedding = n(model.model.embed_tokens)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     return {
         "embedding": embedding,
         "lm_head": 0 if tied else model.lm_head.weight.numel(),
-        "retention_per_layer": n(block.retention) + n(block.retention_norm),
+        "retention_per_layer": n(ret.retention) + n(ret.retention_norm) if ret is not None else 0,
+        "attention_per_layer": n(att.attention) + n(att.attention_norm) if att is not None else 0,
+        "attention_layers": len(config.attention_layers),
         "ffn_per_layer": n(block.ffn) + n(block.ffn_norm),
         "layers": config.num_hidden_layers,
         "blocks": n(model.model.layers),
@@ -168,6 +184,25 @@ def count_parameters(config: RetNetConfig) -> dict[str, int]:
         "non_embedding": total - embedding - (0 if tied else model.lm_head.weight.numel()),
         "total": total,
     }
+
+
+def generation_cache_bytes(config: RetNetConfig, context: int, kv_bytes: int = 2) -> dict[str, int]:
+    """Bytes one sequence's generation cache holds after ``context`` tokens (batch 1).
+
+    Retention layers: a float32 state of ``H x K x V`` per layer, whatever the context (``state``). Attention
+    layers: keys and values ``2 x H_kv x K x n`` at ``kv_bytes`` per element (bf16: 2), with n = the context, or
+    ``min(context, attention_window)`` for a sliding layer (``kv``). ``per_token``: what one more token adds."""
+    H, K = config.num_attention_heads, config.head_dim
+    V = config.value_dim // H
+    state = kv = per_token = 0
+    for t in config.layer_types:
+        if t == "linear_attention":
+            state += H * K * V * 4
+        else:
+            held = context if t == "full_attention" else min(context, int(config.attention_window))
+            kv += 2 * config.kv_heads * K * held * kv_bytes
+            per_token += 2 * config.kv_heads * K * kv_bytes if held == context else 0
+    return {"state": state, "kv": kv, "total": state + kv, "per_token": per_token}
 
 
 # Architecture fields a saved model's config.json may hold, bounded before anything is allocated: a

@@ -1,0 +1,92 @@
+"""Hybrid students train everywhere pure ones do: cached teacher mode with a bitwise resume, DDP over gloo,
+and the from_teacher stage with the KL-guided layer choice feeding KD."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from _rel import TRAIN_CHILD, cfg_dict, final_weights, run_child, write_cfg
+from distill_dag.config import config_from_dict
+from distill_dag.distill.cache.stage import build_logit_cache
+from distill_dag.distill.trainer import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HYBRID = {"num_hidden_layers": 2}
+
+
+def _hybrid_dict(tmp_path, corpus, teacher, **train_kw):
+    d = cfg_dict(tmp_path, corpus, teacher, **train_kw)
+    d["student"]["overrides"].update(HYBRID)
+    d["student"]["attention_layers"] = [1]
+    return d
+
+
+def test_a_hybrid_trains_from_the_cache_and_resumes_bitwise(tmp_path, small_corpus, tiny_teacher_dir):
+    kw = dict(teacher_mode="cached", max_steps=6, save_interval=3, keep_checkpoints=5, optimizer="adamw",
+              autocast="off")
+    cfg = config_from_dict(_hybrid_dict(tmp_path, small_corpus, tiny_teacher_dir, **kw))
+    build_logit_cache(cfg, model_path=tiny_teacher_dir)
+    full = train(cfg, data_dir=cfg.tokenized_dir)
+    saved = json.loads((full.final_dir / "config.json").read_text())
+    assert saved["layer_types"] == ["linear_attention", "full_attention"]
+    assert all(h["kl"] > 0 for h in full.history if h["kind"] == "train")  # the cache's teacher was used
+
+    cut = config_from_dict(_hybrid_dict(tmp_path, small_corpus, tiny_teacher_dir,
+                                        **{**kw, "output_dir": str(tmp_path / "cut")}))
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, data_dir=cut.tokenized_dir, stop_after=3)
+    resumed = train(cut.model_copy(update={"train": cut.train.model_copy(update={"resume_from": str(tmp_path / "cut")})},
+                                   deep=True), data_dir=cut.tokenized_dir)
+    assert resumed.steps == full.steps == 6
+    wa, wb = final_weights(full.run_dir), final_weights(resumed.run_dir)
+    assert wa.keys() == wb.keys() and any(".attention." in k for k in wa)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_two_ddp_processes_train_a_hybrid_like_one_process(tmp_path, small_corpus, tiny_teacher_dir):
+    base = dict(max_steps=4, batch_size=4, save_interval=2, keep_checkpoints=5, warmup_steps=1, eval_batches=1,
+                optimizer="adamw", autocast="off", dist_timeout_s=120)
+
+    def run(name, nproc, **kw):
+        d = _hybrid_dict(tmp_path, small_corpus, tiny_teacher_dir, **{**base, "output_dir": str(tmp_path / name), **kw})
+        cfg = write_cfg(tmp_path / f"{name}.yaml", d)
+        launcher = TRAIN_CHILD if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+            "--nproc-per-node", str(nproc), "-m", "distill_dag.train"]
+        r = run_child([*launcher, "--config", str(cfg)], timeout=120)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    run("single", 1, batch_size=4)
+    run("ddp", 2, batch_size=2)
+    ws, wd = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    assert any(".attention." in k for k in ws)
+    for k in ws:  # as tests/reliability/test_distributed.py: summation order differs across ranks
+        torch.testing.assert_close(wd[k], ws[k], rtol=1e-3, atol=3e-4)
+
+
+def test_hybrid_stage_chooses_layers_by_kl_and_kd_starts_from_that_hybrid(tmp_path, small_corpus, tiny_teacher_dir):
+    from distill_dag.distill.student_run import run_hybrid_student
+
+    d = cfg_dict(tmp_path, small_corpus, tiny_teacher_dir, max_steps=2, save_interval=0, autocast="off")
+    d["teacher_ft"]["output_dir"] = str(tmp_path / "no_teacher_ft")
+    d["align"] = dict(steps=3, eval_interval=0, save_interval=0, batch_size=4, eval_batches=1)
+    d["hybrid"] = {"enabled": True, "attention_layers": "auto", "num_attention_layers": 1}
+    cfg = config_from_dict(d)
+    out = run_hybrid_student(cfg)
+    al, st = out["alignment"], out["student"]
+    teacher_layers = json.loads((tiny_teacher_dir / "config.json").read_text())["num_hidden_layers"]
+    assert [r["layer"] for r in al.layer_gains] == list(range(teacher_layers))
+    best = max(al.layer_gains, key=lambda r: (r["gain"], -r["layer"]))["layer"]
+    assert al.attention_layers == [best]
+    types = json.loads((st.final_dir / "config.json").read_text())["layer_types"]
+    assert [i for i, t in enumerate(types) if t == "full_attention"] == [best]
+    assert st.steps == 2 and str(st.final_dir).endswith("_hybrid/final")
+    card = json.loads((st.final_dir / "model_card.json").read_text())
+    assert card["hybrid"]["attention_layers"] == [best]
+    assert "restored to attention" in (st.final_dir / "README.md").read_text()
