@@ -16,9 +16,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
 
 from distill_dag.config import ConfigError, config_from_dict, load_config
@@ -241,6 +239,7 @@ def test_point11_cron_strings_we_accept_dagster_accepts_and_its_refusals_are_our
 def test_point11_token_ids_past_the_vocabulary_name_the_shard(tmp_path, small_corpus):
     import shutil
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from distill_dag.data.dataset import make_loader
@@ -257,8 +256,6 @@ def test_point11_token_ids_past_the_vocabulary_name_the_shard(tmp_path, small_co
     table = pq.read_table(path)
     ids = table.column("input_ids").to_pylist()
     ids[0][3] = vocab + 7
-    import pyarrow as pa
-
     table = table.set_column(table.schema.get_field_index("input_ids"), "input_ids",
                              pa.array(ids, type=table.schema.field("input_ids").type))
     pq.write_table(table, path)
