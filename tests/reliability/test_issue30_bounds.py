@@ -75,6 +75,18 @@ def test_point4_config_from_dev_zero_a_fifo_or_a_base_fifo_is_refused_at_once_na
     with pytest.raises(ConfigError, match=r"big\.yaml: 2,097,152 bytes is too large"):
         load_config(big)
     assert b"VmRSS" in read_bounded("/proc/self/status", 1 << 20)
+    # hashing: a weights file that is a symlink to /dev/zero is refused at once, a real one hashes as hashlib does
+    import hashlib
+
+    from distill_dag.safe_read import sha256_regular
+
+    (tmp_path / "w.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(UnsafeFileError, match=r"w\.safetensors: a character device"):
+        _within(5, sha256_regular, tmp_path / "w.safetensors")
+    big.write_bytes(os.urandom(3 << 20))
+    assert sha256_regular(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+    with pytest.raises(UnsafeFileError, match=r"big\.yaml: 3,145,728 bytes is above the 1,048,576 bytes"):
+        sha256_regular(big, limit=1 << 20)
 
 
 # ---- 5: the server's budget follows the bytes received ---------------------------------------------------
