@@ -159,8 +159,11 @@ def tokens_to_reach(points: list[tuple[int, float]], threshold: float) -> int | 
     return next((t for t, v in points if v <= threshold), None)
 
 
-def arm_from_teacher(base: PipelineConfig, out: Path, suffix: str, align_steps: int, a, kd_steps: int, log) -> dict:
+def arm_from_teacher(base: PipelineConfig, out: Path, suffix: str, align_steps: int, a, kd_steps: int, log,
+                     hybrid: dict | None = None) -> dict:
     """(b): ``align_student`` (conversion + alignment) then ``run_student`` (KD from the aligned student).
+    (c), ``hybrid``: the same with ``student.attention_layers`` etc. set (e.g. auto, 1 layer): after alignment the
+    layers of largest KL gain are restored to the teacher's attention.
 
     The curve starts at the aligned student (KD step 0) and counts alignment tokens on the x axis."""
     from distill_dag.distill.align import align_student, load_aligned_student
@@ -170,6 +173,8 @@ def arm_from_teacher(base: PipelineConfig, out: Path, suffix: str, align_steps: 
 
     cfg = base.model_copy(deep=True)
     cfg.student.init = "from_teacher"
+    if hybrid:
+        cfg.student = cfg.student.model_validate({**cfg.student.model_dump(), **hybrid})
     cfg.align.steps = align_steps
     cfg.align.batch_size = a.align_batch
     cfg.align.learning_rate = a.align_lr
@@ -186,6 +191,7 @@ def arm_from_teacher(base: PipelineConfig, out: Path, suffix: str, align_steps: 
                                    chunk_size=base.student.chunk_size)
     v_aligned = student_val_loss(base, load_aligned_student(cfg))
     return {"seconds": seconds, "curve": [(al.tokens, v_aligned)] + curve(rb.history, offset_tokens=al.tokens),
+            "attention_layers": al.attention_layers, "layer_gains": al.layer_gains,
             "tokens": al.tokens + rb.tokens, "align_tokens": al.tokens, "align_seconds": al.seconds,
             "val_loss_converted": student_val_loss(base, converted), "val_loss_aligned": v_aligned,
             "align_mse_before": al.mse_before, "align_mse_after": al.mse_after,
@@ -202,7 +208,10 @@ def plot(results: dict, png: Path) -> None:
     t_loss, threshold = results["teacher_val_loss"], results["threshold"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label in (("a", "(a) scratch + KD"),
-                       ("b", f"(b) from_teacher + {results['align_steps']} alignment steps + KD")):
+                       ("b", f"(b) from_teacher + {results['align_steps']} alignment steps + KD"),
+                       ("c", f"(c) hybrid (attention layers {results.get('c', {}).get('attention_layers')}) + KD")):
+        if key not in results:
+            continue
         xs, ys = zip(*results[key]["curve"])
         ax.plot([x / 1e6 for x in xs], ys, marker=".", label=label)
     for n, r in results.get("ablation", {}).items():
@@ -236,6 +245,10 @@ def main() -> int:
     ap.add_argument("--ablation-align-steps", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="comma list: extra (b) arms with these alignment steps (0 = conversion only)")
     ap.add_argument("--ablation-kd-steps", type=int, default=60, help="KD steps of each ablation arm")
+    ap.add_argument("--hybrid-layers", default="auto",
+                    help="arm (c), a hybrid: 'auto' (KL-guided choice of --hybrid-k layers), a comma list of layers, "
+                         "or 'none' to skip the arm")
+    ap.add_argument("--hybrid-k", type=int, default=1, help="layers kept as attention with --hybrid-layers auto")
     ap.add_argument("--reuse-arms", action="store_true",
                     help="take arms (a) and (b) from <out>/convert_results.json when its settings match "
                          "(only the ablation arms run)")
@@ -279,7 +292,7 @@ def main() -> int:
     import shutil
 
     for arm in out.iterdir():  # the arms rerun (ablation arms always); data and teacher are kept
-        if arm.name.startswith(("aligned_align", "from_teacher_align")) or (
+        if arm.name.startswith(("aligned_align", "from_teacher_align", "aligned_hybrid", "from_teacher_hybrid")) or (
                 not a.reuse_arms and arm.name in ("scratch", "aligned", "from_teacher")):
             shutil.rmtree(arm, ignore_errors=True)
     batches = val_batches(base)
@@ -328,6 +341,10 @@ def main() -> int:
         results["a"] = {"seconds": time.time() - t0, "curve": curve(ra.history), "tokens": ra.tokens}
         # (b) from_teacher: conversion + alignment + KD, the same training tokens in all
         results["b"] = arm_from_teacher(base, out, "", a.align_steps, a, kd_steps_b, log)
+    if a.hybrid_layers != "none":  # (c) the hybrid: (b) with a few layers kept as the teacher's attention
+        hy = ({"attention_layers": "auto", "num_attention_layers": a.hybrid_k} if a.hybrid_layers == "auto" else
+              {"attention_layers": [int(x) for x in a.hybrid_layers.split(",")]})
+        results["c"] = arm_from_teacher(base, out, "_hybrid", a.align_steps, a, kd_steps_b, log, hybrid=hy)
     tokens_a = results["a"]["tokens"]
     curve_b = results["b"]["curve"]
     al_tokens = results["b"]["align_tokens"]
@@ -351,6 +368,12 @@ def main() -> int:
         results["goal_met"] = False
     results["final_val_loss_a"] = results["a"]["curve"][-1][1]
     results["final_val_loss_b"] = curve_b[-1][1]
+    if "c" in results:
+        nc = tokens_to_reach(results["c"]["curve"], threshold)
+        results["tokens_to_target_c"] = nc
+        results["final_val_loss_c"] = results["c"]["curve"][-1][1]
+        if na is not None and nc is not None:
+            results["ratio_c_over_a"] = nc / na
 
     plot(results, out / "convert_curves.png")
     (out / "convert_results.json").write_text(json.dumps(results, indent=2))
@@ -367,6 +390,17 @@ def main() -> int:
             f"{r['tokens_to_target'] if r['tokens_to_target'] is not None else '> ' + str(r['tokens'])} "
             f"(alignment {r['align_tokens']})")
     log(f"plot: {out / 'convert_curves.png'}; numbers: {out / 'convert_results.json'}")
+    if "c" in results:
+        rc = results["c"]
+        log(f"(c) hybrid, attention layers {rc['attention_layers']}: {rc['seconds']:.0f}s, converted val "
+            f"{rc['val_loss_converted']:.4f}, aligned+restored val {rc['val_loss_aligned']:.4f}, final val "
+            f"{results['final_val_loss_c']:.4f}, tokens to target {results['tokens_to_target_c']}")
+        if "ratio_c_over_a" in results:
+            print(f"ratio_b_over_a hybrid {results['ratio_c_over_a']:.3f} (layers {rc['attention_layers']}; goal <= 0.25; "
+                  f"met: {results['ratio_c_over_a'] <= 0.25})")
+        else:
+            print(f"ratio_b_over_a hybrid n/a (layers {rc['attention_layers']}; (a) or (c) never reached the target "
+                  f"{threshold:.4f}; final (a) {results['final_val_loss_a']:.4f}, (c) {results['final_val_loss_c']:.4f})")
     if "ratio_b_over_a" in results:
         print(f"ratio_b_over_a {results['ratio_b_over_a']:.3f} (goal <= 0.25; met: {results['goal_met']})")
     elif "ratio_b_over_a_upper_bound" in results:
