@@ -182,3 +182,49 @@ def test_progress_is_a_bar_in_a_terminal_and_lines_elsewhere(tmp_path, capsys, m
     tel.close()
     err = capsys.readouterr().err
     assert "4/4" in err and "rows/s" in err
+
+
+def test_a_loop_whose_every_step_is_skipped_raises_and_checkpoints_nothing(tmp_path):
+    """Issue 30 (7): 3 NaN steps, fewer than max_nan_streak (5): the streak never fires, the end check does;
+    the checkpoint due at step 2 is not written (it would be the untrained weights)."""
+    from distill_dag.distill.loop import Checkpointer, CheckpointContents
+    from distill_dag.distill.stability import TrainingFailedError
+
+    model, opt, sched = _toy()
+    x = torch.ones(2, 3)
+    tel = Telemetry(tmp_path, WandbConfig(mode="disabled"), {}, total_steps=3, progress=False, echo=lambda m: None)
+
+    def step(i):
+        loss = model(x).pow(2).mean() * float("nan")
+        loss.backward()
+        return StepOutput(loss=loss.item(), tokens=2, rows=2)
+
+    saved = []
+    ckpt = Checkpointer(tmp_path, lambda at: saved.append(at) or CheckpointContents(model, {"step": at}, {}), keep=2,
+                        tel=tel)
+    loop = TrainLoop("toy", tel, optimizer_step=OptimizerStep(opt, sched, model, 0.0, NanGuard(5, fix="FIX-IT")),
+                     max_steps=3, log_interval=1, save_interval=2, checkpointer=ckpt)
+    with pytest.raises(TrainingFailedError, match=r"toy: all 3 step\(s\) of this run \(steps 1..3\) .* FIX-IT"):
+        with loop:
+            loop.run(step)
+    assert saved == [] and not (tmp_path / "checkpoints").exists()
+    events = [(e["event"], e["step"]) for e in tel.events]
+    assert ("checkpoint_skipped", 2) in events and events[-1] == ("failed", 3)
+
+
+def test_a_loop_that_trained_zero_tokens_raises(tmp_path):
+    from distill_dag.distill.stability import TrainingFailedError
+
+    model, opt, sched = _toy()
+    tel = Telemetry(tmp_path, WandbConfig(mode="disabled"), {}, total_steps=2, progress=False, echo=lambda m: None)
+
+    def step(i):
+        loss = model(torch.ones(2, 3)).pow(2).mean()
+        loss.backward()
+        return StepOutput(loss=loss.item(), tokens=0, rows=2)  # e.g. every row all padding
+
+    loop = TrainLoop("toy", tel, optimizer_step=OptimizerStep(opt, sched, model, 0.0, NanGuard(5)), max_steps=2,
+                     log_interval=1)
+    with pytest.raises(TrainingFailedError, match=r"toy: 2 step\(s\) \(steps 1..2\) trained 0 tokens"):
+        with loop:
+            loop.run(step)

@@ -216,3 +216,29 @@ def test_pass_key_rows_longer_than_the_rows_are_refused_before_any_training(tmp_
         finetune_teacher(_cfg(pass_key_rows_per_batch=2), small_corpus["tokenized"], tmp_path / "ft",
                          tokenizer_dir=small_corpus["tokenizer"], log=lambda s: None)
     assert not (tmp_path / "ft").exists()  # nothing trained, nothing written
+
+
+def test_an_update_leaving_the_teacher_non_finite_publishes_no_final_model(tmp_path, small_corpus, monkeypatch):
+    """Issue 30 (7) in the teacher finetune, which shares the loop: the last update leaves a weight Inf while its
+    loss and gradient were finite (the NaN guard sees nothing); no final_model/ is written."""
+    from distill_dag.distill import loop as loop_mod
+    from distill_dag.distill.stability import TrainingFailedError
+
+    real = loop_mod.clip_grad_norm
+    calls = {"n": 0}
+
+    def poison_last_update(params, max_norm):
+        norm = real(params, max_norm)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                params[0].fill_(float("inf"))
+        return norm
+
+    monkeypatch.setattr(loop_mod, "clip_grad_norm", poison_last_update)
+    out = tmp_path / "ft"
+    with pytest.raises(TrainingFailedError, match=r"teacher finetuning after steps 1..2: 1 weight tensor\(s\) hold NaN "
+                                                  r"or Inf \(trained parameter 0 .*teacher_ft.learning_rate"):
+        finetune_teacher(_cfg(max_steps=2), small_corpus["tokenized"], out, tokenizer_dir=small_corpus["tokenizer"],
+                         log=lambda s: None)
+    assert not (out / "final_model").exists() and not (out / "metrics.json").exists()
