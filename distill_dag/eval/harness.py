@@ -52,13 +52,15 @@ class LmEvalTaskError(RuntimeError):
 
 
 # ---- local tasks built from the held-out split -------------------------------------------------------
-def _segments(data_dir: str | Path, split: str, eos_id: int | None) -> Iterator[tuple[int, int, list[int]]]:
+def _segments(data_dir: str | Path, split: str, eos_id: int | None,
+              max_rows: int | None = None) -> Iterator[tuple[int, int, list[int]]]:
     """``(row, first column, token ids)`` of every contiguous piece of one document inside one row of
-    ``split`` (pieces end at a document start, at padding and at the row's end; EOS dropped)."""
+    ``split`` (pieces end at a document start, at padding and at the row's end; EOS dropped); the first
+    ``max_rows`` rows only, when given."""
     from distill_dag.data.dataset import PackedDataset
 
     ds = PackedDataset(data_dir, split)
-    for i in range(len(ds)):
+    for i in range(min(len(ds), max_rows or len(ds))):
         item = ds[i]
         ids, mask, pos = item["input_ids"].tolist(), item["attention_mask"].tolist(), item["position_ids"].tolist()
         width = sum(mask)
@@ -107,7 +109,8 @@ def continuation_examples(
     from distill_dag.eval.niah import is_retrieval_doc
 
     need = context_tokens + continuation_tokens
-    pieces = [(r, c, ids) for r, c, ids in _segments(data_dir, split, tokenizer.eos_token_id)]
+    # a real held-out split has far more rows than a few hundred examples need: read a bounded prefix
+    pieces = list(_segments(data_dir, split, tokenizer.eos_token_id, max_rows=max(16 * n, 1024)))
     pieces = [p for p in pieces if not is_retrieval_doc(tokenizer.decode(p[2]))]
     long = [p for p in pieces if len(p[2]) >= need]
     spans = [p for p in pieces if len(p[2]) >= continuation_tokens]
@@ -237,13 +240,13 @@ def _yaml_task_name(path: Path) -> str:
 
 def resolve_tasks(tasks: Sequence[str], local_dir: str | Path | None = None) -> tuple[list[str], list[Path]]:
     """``eval.lm_eval_tasks`` entries -> (lm-eval task names, folders to include). A ``.yaml``/``.yml`` path
-    (or one that exists) is a task YAML: its ``task:`` name runs and its folder is included; the ``distill_``
+    is a task YAML: its ``task:`` name runs and its folder is included; the ``distill_``
     tasks are in ``local_dir`` (written by :func:`build_local_tasks`)."""
     names: list[str] = []
     include: list[Path] = []
     for t in tasks:
         p = Path(t).expanduser()
-        if t.endswith((".yaml", ".yml")) or p.is_file():
+        if t.endswith((".yaml", ".yml")):
             if not p.is_file():
                 raise LmEvalTaskError(f"eval.lm_eval_tasks: task YAML {p} does not exist (a path is relative to the "
                                       "current directory, or to the config file's folder in a config file)")
@@ -261,6 +264,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub (``HF_ENDPOINT``) answers a TCP connect; False when offline is set."""
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a direct connect says nothing behind a proxy: let the Hub client try
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
         with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
@@ -325,15 +330,16 @@ def hflm_args(model: str | Path | Mapping[str, Any], base: str | None = None) ->
 
 def _main_metric(task: str, task_result: Mapping[str, Any], config: Mapping[str, Any] | None) -> tuple[str, str]:
     """(metric, result key) of a task's headline number: :data:`MAIN_METRIC`, else its metric_list's first."""
-    want = MAIN_METRIC.get(task)
-    if want is None and config:
-        ml = config.get("metric_list") or []
-        want = ml[0]["metric"] if ml and isinstance(ml[0], dict) else None
+    ml = (config or {}).get("metric_list") or []
+    wants = [MAIN_METRIC.get(task)] + [m.get("metric") for m in ml if isinstance(m, dict)]
     keys = [k for k in task_result if "," in k and "_stderr" not in k and isinstance(task_result[k], (int, float))]
-    for k in keys:
-        if want is None or k.split(",")[0] == want:
-            return k.split(",")[0], k
-    raise LmEvalTaskError(f"lm-eval returned no metric {want or ''} for task '{task}' (got {sorted(task_result)})")
+    for want in [w for w in wants if w]:  # a task YAML of one's own may drop the usual metric: its own first
+        for k in keys:
+            if k.split(",")[0] == want:
+                return want, k
+    if keys:
+        return keys[0].split(",")[0], keys[0]
+    raise LmEvalTaskError(f"lm-eval returned no metric for task '{task}' (got {sorted(task_result)})")
 
 
 def scores_from_results(results: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -513,6 +519,7 @@ def loads_without_distill_dag(folder: str | Path) -> bool:
     for sub in ("final_adapter", "final_model"):
         if (p / sub).is_dir():
             p = p / sub
+            break
     if (p / "adapter_config.json").exists():
         return True  # a LoRA adapter: its base model is a hub / local transformers model
     try:
@@ -583,6 +590,10 @@ def lm_eval_section(
         log(f"lm-eval: skipped ({result['lm_eval_skipped']})")
         return []
     models = {n: f for n, f in folders.items() if n != teacher_name} | {teacher_name: folders[teacher_name]}
+    if len(models) < 2:
+        result["lm_eval_skipped"] = "no student saved on disk that loads through trust_remote_code"
+        log(f"lm-eval: skipped ({result['lm_eval_skipped']})")
+        return []
     out = Path(out_dir)
     train_len = cfg.tokenize.max_seq_length
     local = [t for t in ec.lm_eval_tasks if t in LOCAL_TASKS]
