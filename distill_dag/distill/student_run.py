@@ -67,9 +67,15 @@ def run_ce_baseline(cfg: PipelineConfig, *, echo: Callable[[str], None] | None =
 
 def hybrid_config(cfg: PipelineConfig) -> PipelineConfig:
     """The hybrid student's config (``hybrid.*``): the KD student's training settings, a student converted from
-    the teacher with ``hybrid``'s attention layers, in ``<run_dir>_hybrid`` (stage 1 in ``..._hybrid_aligned``)."""
+    the teacher with ``hybrid``'s attention layers, in ``<run_dir>_hybrid`` (stage 1 in ``..._hybrid_aligned``).
+
+    Equal tokens: stage 1 reads ``align.steps x align.batch_size`` rows, so the hybrid's KD gets that many
+    fewer rows (``ceil(align rows / train.batch_size)`` fewer steps) than the KD student; both see the same
+    number of training rows in all."""
     h = cfg.hybrid
     base = cfg.model_copy(deep=True)
+    align_steps_as_kd = -(-cfg.align.steps * cfg.align.batch_size // (cfg.train.batch_size * cfg.train.grad_accum))
+    base.train.max_steps = max(1, cfg.train.max_steps - align_steps_as_kd)
     base.student = base.student.model_copy(update={
         "init": "from_teacher", "attention_layers": h.attention_layers,
         "num_attention_layers": h.num_attention_layers, "attention_window": h.attention_window, "overrides": {}})

@@ -73,7 +73,8 @@ def test_two_ddp_processes_train_a_hybrid_like_one_process(tmp_path, small_corpu
 def test_hybrid_stage_chooses_layers_by_kl_and_kd_starts_from_that_hybrid(tmp_path, small_corpus, tiny_teacher_dir):
     from distill_dag.distill.student_run import run_hybrid_student
 
-    d = cfg_dict(tmp_path, small_corpus, tiny_teacher_dir, max_steps=2, save_interval=0, autocast="off")
+    # stage 1 reads 3 x 4 rows = 2 KD steps of 4 x 2 rows: the hybrid trains 4 - 2 KD steps (equal rows in all)
+    d = cfg_dict(tmp_path, small_corpus, tiny_teacher_dir, max_steps=4, save_interval=0, autocast="off")
     d["teacher_ft"]["output_dir"] = str(tmp_path / "no_teacher_ft")
     d["align"] = dict(steps=3, eval_interval=0, save_interval=0, batch_size=4, eval_batches=1)
     d["hybrid"] = {"enabled": True, "attention_layers": "auto", "num_attention_layers": 1}
