@@ -110,14 +110,108 @@ def upstream_path(context: dg.AssetExecutionContext, asset: str, expected: Path,
     return wrote
 
 
-def code_version(*files: str) -> str:
-    """A code version that changes when the code that shapes an asset's output changes: the sha256 of
-    those source files (paths relative to the package), read as text without importing them."""
+# Modules that cannot change what an asset writes: progress, W&B and log plumbing. A change there must
+# not mark every model stale. Anything else an entry point reaches counts, because it may shape the output.
+CODE_VERSION_EXCLUDE = frozenset({
+    "distill_dag.distill.telemetry",
+})
+# Imports that only validate or describe, never shape an output: config.py checks student.overrides against
+# the model (a refusal, not a different result), and the Pipes entry point formats metadata with the assets
+# module. The Dagster layer itself (assets, resources) counts only as an entry point, not when reached.
+CODE_VERSION_SKIP_EDGES = frozenset({
+    ("distill_dag.config", "distill_dag.model.variants"),
+    ("distill_dag.assets.student_pipes", "distill_dag.assets.student"),
+})
+_DAGSTER_LAYER = ("distill_dag.assets.", "distill_dag.resources")
+
+# The core entry points each asset calls (the plain-Python functions under the Dagster layer); its code
+# version covers every distill_dag module they import, transitively, so nobody keeps a file list by hand.
+ENTRY_POINTS: dict[str, tuple[str, ...]] = {
+    "raw_jsonl": ("distill_dag.data.sources",),
+    "tokenizer": ("distill_dag.data.tokenizer",),
+    "tokenized_parquet": ("distill_dag.data.pack", "distill_dag.data.manifest", "distill_dag.data.stats",
+                          "distill_dag.data.tokenizer"),
+    "teacher_adapters": ("distill_dag.distill.teacher_finetune",),
+    "logit_cache": ("distill_dag.distill.cache.stage", "distill_dag.distill.cache.reader",
+                    "distill_dag.distill.cache.stats", "distill_dag.distill.cache.layout"),
+    "student_aligned": ("distill_dag.distill.student_run",),
+    "student_ce_baseline": ("distill_dag.distill.student_run", "distill_dag.assets.student_pipes"),
+    "student_ckpt": ("distill_dag.distill.student_run", "distill_dag.assets.student_pipes"),
+    "student_hybrid": ("distill_dag.distill.student_run", "distill_dag.assets.student_pipes",
+                       "distill_dag.model.hub"),
+    "eval_report": ("distill_dag.eval.report",),
+}
+
+
+def _module_file(root: Path, module: str) -> Path | None:
+    """The source file of ``distill_dag.x.y`` under ``root`` (the package folder), or None if not ours."""
+    parts = module.split(".")
+    if parts[0] != root.name:
+        return None
+    base = root.joinpath(*parts[1:])
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _imports(root: Path, module: str, path: Path) -> set[str]:
+    """Every ``distill_dag`` module that ``module``'s source imports, at any depth of its body (this
+    package imports torch-heavy code inside functions, so module-level imports alone would miss most)."""
+    import ast
+
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base_parts = package.split(".")
+                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            out.add(base)
+            # `from pkg import mod` imports the submodule when there is one
+            out.update(f"{base}.{a.name}" for a in node.names if a.name != "*")
+    return {m for m in out if m.split(".")[0] == root.name}
+
+
+def module_closure(entries: Iterable[str], root: Path = PACKAGE) -> dict[str, Path]:
+    """``{module: source file}`` of the entries and every package module they import, transitively,
+    minus :data:`CODE_VERSION_EXCLUDE`. ``root`` is the package folder (a copy of it in tests)."""
+    entries = list(entries)
+    seen: dict[str, Path] = {}
+    todo = list(entries)
+    while todo:
+        mod = todo.pop()
+        if mod in seen or mod in CODE_VERSION_EXCLUDE:
+            continue
+        if mod.startswith(_DAGSTER_LAYER) and mod not in entries:
+            continue
+        f = _module_file(root, mod)
+        if f is None:
+            continue  # a name imported from a module (``from x import func``), not a module
+        seen[mod] = f
+        todo.extend(m for m in _imports(root, mod, f) if (mod, m) not in CODE_VERSION_SKIP_EDGES)
+    return dict(sorted(seen.items()))
+
+
+def code_version(*entries: str, root: Path = PACKAGE) -> str:
+    """A code version that changes when the code that shapes an output changes: the sha256 of the source
+    of ``entries`` (module names) and of every package module they import, read without importing them."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.encode())
-        h.update((PACKAGE / f).read_bytes())
+    for mod, f in module_closure(entries, root).items():
+        h.update(mod.encode() + b"\0")
+        h.update(f.read_bytes())
     return h.hexdigest()[:12]
+
+
+def asset_code_version(asset: str, root: Path = PACKAGE) -> str:
+    """The code version of ``asset``: :func:`code_version` of its :data:`ENTRY_POINTS`."""
+    return code_version(*ENTRY_POINTS[asset], root=root)
 
 
 # ---- metadata --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from distill_dag.assets.common import code_version, config_metadata, resolve_config, table, upstream_path
+from distill_dag.assets.common import asset_code_version, config_metadata, resolve_config, table, upstream_path
 from distill_dag.assets.partitions import sync_data_shards
 from distill_dag.assets.run_config import DistillRunConfig
 from distill_dag.resources import PipelineConfigResource
@@ -34,7 +34,7 @@ TOKENIZED_CHECKS = {
     group_name=GROUP,
     kinds={"python", "jsonl"},
     owners=["team:data"],
-    code_version=code_version("data/sources.py", "data/catalog.py", "data/jsonl.py"),
+    code_version=asset_code_version("raw_jsonl"),
     description="The configured sources (local JSONL, Hugging Face datasets, the stdlib demo corpus) as JSONL.",
 )
 def raw_jsonl(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
@@ -65,7 +65,7 @@ def raw_jsonl(context: dg.AssetExecutionContext, config: DistillRunConfig, pipel
     group_name=GROUP,
     kinds={"huggingface"},
     owners=["team:data"],
-    code_version=code_version("data/tokenizer.py"),
+    code_version=asset_code_version("tokenizer"),
     description="The tokenizer: a hub/local one, or (demo) a byte-level BPE trained on raw_jsonl.",
 )
 def tokenizer(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
@@ -102,7 +102,7 @@ SHARD_COLUMNS = dg.TableSchema(columns=[
     group_name=GROUP,
     kinds={"parquet", "duckdb"},
     owners=["team:data"],
-    code_version=code_version("data/pack.py", "data/shards.py", "data/manifest.py"),
+    code_version=asset_code_version("tokenized_parquet"),
     description=(
         "Packed fixed-length rows (input_ids, attention_mask, labels, position_ids) in parquet shards + manifest.json. "
         "Registers one data_shards partition per shard (and removes those of shards that are gone)."

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill_dag.assets.common import code_version, config_metadata, md_image, resolve_config, table, upstream_path
+from distill_dag.assets.common import asset_code_version, config_metadata, md_image, resolve_config, table, upstream_path
 from distill_dag.assets.run_config import DistillRunConfig
 from distill_dag.assets import student as _students
 from distill_dag.assets.student import student_ce_baseline, student_ckpt
@@ -22,7 +22,7 @@ NIAH_GATE = 0.9  # the teacher must retrieve for NIAH to tell a good student fro
     group_name=GROUP,
     kinds={"pytorch", "markdown"},
     owners=["team:modeling"],
-    code_version=code_version("eval/report.py", "eval/niah.py", "eval/perplexity.py", "eval/harness.py"),
+    code_version=asset_code_version("eval_report"),
     pool="gpu",
     description="Perplexity (KD student, CE-only student, teacher), needle-in-a-haystack heat-maps side by side, "
                 "long-context quality and memory, lm-evaluation-harness tasks as a share of the teacher, samples "

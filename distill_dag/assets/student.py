@@ -19,7 +19,7 @@ from typing import Any
 
 import dagster as dg
 
-from distill_dag.assets.common import code_version, config_metadata, location_config, md_image, resolve_config, table, upstream_path
+from distill_dag.assets.common import asset_code_version, config_metadata, location_config, md_image, resolve_config, table, upstream_path
 from distill_dag.assets.data import tokenized_parquet, tokenizer
 from distill_dag.assets.partitions import DATA_SHARDS
 from distill_dag.assets.run_config import DistillRunConfig
@@ -27,7 +27,6 @@ from distill_dag.assets.teacher import logit_cache, require_teacher, teacher_ada
 from distill_dag.resources import PipelineConfigResource, TeacherEndpointResource, WandbSettingsResource
 
 GROUP = "student"
-TRAINER_CODE = ("distill/trainer.py", "distill/loop.py", "distill/losses.py", "distill/optim.py", "model/retnet.py")
 LOCATION = location_config()
 
 
@@ -114,7 +113,7 @@ def _train(context: dg.AssetExecutionContext, cfg, stage: str) -> tuple[dict[str
     group_name=GROUP,
     kinds={"pytorch"},
     owners=["team:modeling"],
-    code_version=code_version("distill/align.py", "model/convert.py", "model/retnet.py"),
+    code_version=asset_code_version("student_aligned"),
     pool="gpu",
     description="Stage 1 of student.init: from_teacher: a RetNet built from the teacher's weights, its retention "
                 "aligned to the teacher's attention outputs (held-out MSE before/after).",
@@ -152,7 +151,7 @@ def student_aligned(context: dg.AssetExecutionContext, config: DistillRunConfig,
     group_name=GROUP,
     kinds={"pytorch", "wandb"},
     owners=["team:modeling"],
-    code_version=code_version(*TRAINER_CODE),
+    code_version=asset_code_version("student_ce_baseline"),
     pool="gpu",
     description="The CE-only student: the KD student's architecture, steps, tokens and data, without a teacher "
                 "(the baseline that shows what distillation adds).",
@@ -216,7 +215,7 @@ def _require_cache_partitions(context: dg.AssetExecutionContext, cfg) -> None:
     group_name=GROUP,
     kinds={"pytorch", "wandb"},
     owners=["team:modeling"],
-    code_version=code_version(*TRAINER_CODE, "distill/teachers/cached.py", "distill/cache/reader.py"),
+    code_version=asset_code_version("student_ckpt"),
     pool="gpu",
     description="The RetNet student trained by sparse top-k KL (+ CE) from the teacher: direct (teacher in the "
                 "trainer), cached (the logit_cache partitions) or network (a served teacher).",
@@ -256,8 +255,7 @@ def student_hybrid_asset() -> dg.AssetsDefinition:
         group_name=GROUP,
         kinds={"pytorch", "wandb"},
         owners=["team:modeling"],
-        code_version=code_version(*TRAINER_CODE, "distill/align.py", "distill/layer_choice.py", "model/convert.py",
-                                  "distill/teachers/cached.py", "distill/cache/reader.py"),
+        code_version=asset_code_version("student_hybrid"),
         pool="gpu",
         description="The hybrid student: converted from the teacher, the hybrid.* layers (listed, or chosen by KL "
                     "gain after alignment) kept as the teacher's softmax attention, the rest retention, then "

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from distill_dag.assets.common import code_version, config_metadata, resolve_config, upstream_path
+from distill_dag.assets.common import asset_code_version, config_metadata, resolve_config, upstream_path
 from distill_dag.assets.data import tokenized_parquet, tokenizer
 from distill_dag.assets.partitions import data_shards
 from distill_dag.assets.run_config import DistillRunConfig
@@ -33,7 +33,7 @@ def require_teacher(context: dg.AssetExecutionContext, cfg, this: str) -> None:
     group_name=GROUP,
     kinds={"pytorch", "huggingface"},
     owners=["team:modeling"],
-    code_version=code_version("distill/teacher_finetune.py", "distill/teacher_model.py"),
+    code_version=asset_code_version("teacher_adapters"),
     pool="gpu",
     description="LoRA adapters of the teacher (or a full finetune for tiny teachers), with val perplexity before/after.",
     check_specs=[
@@ -80,14 +80,16 @@ def teacher_adapters(context: dg.AssetExecutionContext, config: DistillRunConfig
     group_name=GROUP,
     kinds={"pytorch", "numpy", "duckdb"},
     owners=["team:modeling"],
-    code_version=code_version("distill/cache/codec.py", "distill/cache/writer.py", "distill/cache/stats.py"),
+    code_version=asset_code_version("logit_cache"),
     pool="gpu",
     description=(
         "The teacher's top-k log-probs for every row of one data shard (one partition per shard of "
         "tokenized_parquet), in fixed-size records for O(1) random access, with per-position DuckDB stats."
     ),
+    # partitioned like the asset: each shard's check result belongs to that shard, so the UI shows check
+    # status per partition and the summary after a parallel backfill is every partition's, not the last run's
     check_specs=[dg.AssetCheckSpec(
-        "cache_matches_data_shard", asset="logit_cache", blocking=True,
+        "cache_matches_data_shard", asset="logit_cache", blocking=True, partitions_def=data_shards,
         description="The cache shard mirrors its data shard row for row: the same row count and data sha256, and "
                     "each record's tokens hash equals its data row's input ids. Blocking: a student would learn "
                     "the teacher's answers to other questions.")],
