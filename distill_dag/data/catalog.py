@@ -5,9 +5,9 @@ A formatter maps one row of a dataset, in that dataset's real field layout, to o
 ``category``). It returns None for a row that holds nothing to train on (e.g. an APPS problem
 without a solution).
 
-Chat-shaped rows are rendered with one plain template for the whole project (:func:`render_chat`):
-each turn is ``<|role|>\\n{content}\\n``, the prompt ends with ``<|assistant|>\\n`` and the
-response is the last assistant turn, so prompt masking trains on exactly the final answer.
+Chat-shaped rows become ``{"messages": [{"role", "content"}, ...]}`` (:func:`render_chat`): they are
+rendered at preprocess time with the tokenizer's own chat template (the plain template only for
+tokenizers without one) and every assistant turn is trained (:mod:`distill_dag.data.chat`).
 """
 
 from __future__ import annotations
@@ -91,18 +91,18 @@ _ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant
           "bot": "assistant", "model": "assistant"}
 
 
-def render_chat(turns: list[tuple[str, str]]) -> dict[str, str] | None:
-    """``[(role, content), ...]`` -> ``{"prompt", "response"}``; the response is the last assistant turn.
+def render_chat(turns: list[tuple[str, str]]) -> dict[str, Any] | None:
+    """``[(role, content), ...]`` -> ``{"messages": [...]}``, up to the last assistant turn with content.
 
     Roles are normalised (human -> user, gpt -> assistant). Turns after the last assistant turn
-    are dropped; None when there is no assistant turn with content.
+    are dropped (nothing would be trained on them); None when there is no assistant turn with content.
+    The template is applied at preprocess time, with the tokenizer the data is packed for.
     """
     norm = [(_ROLES.get(str(r).lower(), str(r).lower()), c) for r, c in turns if isinstance(c, str)]
     last = max((i for i, (r, c) in enumerate(norm) if r == "assistant" and c.strip()), default=None)
     if last is None:
         return None
-    prompt = "".join(f"<|{r}|>\n{c}\n" for r, c in norm[:last]) + "<|assistant|>\n"
-    return {"prompt": prompt, "response": norm[last][1]}
+    return {"messages": [{"role": r, "content": c} for r, c in norm[: last + 1]]}
 
 
 def _single(user: str, answer: str, system: str | None = None) -> dict[str, str] | None:

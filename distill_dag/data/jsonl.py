@@ -1,7 +1,8 @@
 """Robust JSONL reading: every bad line is skipped, counted and logged, never fatal by itself.
 
 A row is usable when it is a JSON object with a non-empty string ``text``, or with string
-``prompt`` and non-empty string ``response``. Anything else (malformed JSON, bytes that are not
+``prompt`` and non-empty string ``response``, or a chat row: ``messages`` (role/content) or
+``conversations`` (ShareGPT from/value) with an assistant turn (:mod:`distill_dag.data.chat`). Anything else (malformed JSON, bytes that are not
 UTF-8, a missing or non-string field, a line longer than ``max_line_bytes``) becomes a *reject*:
 ``{"file", "line", "reason", "excerpt"}``. Callers decide when the rejects are too many with
 :func:`check_reject_rate`, which raises :class:`RejectRateError` only above the configured rate.
@@ -78,6 +79,10 @@ def row_problem(obj: Any) -> str | None:
         if not t.strip():
             return "field 'text' is empty"
         return None
+    if "messages" in obj or "conversations" in obj:
+        from distill_dag.data.chat import chat_row_problem
+
+        return chat_row_problem(obj)
     if "prompt" in obj or "response" in obj:
         for k in ("prompt", "response"):
             if k not in obj:
@@ -87,7 +92,7 @@ def row_problem(obj: Any) -> str | None:
         if not obj["response"].strip():
             return "field 'response' is empty"
         return None
-    return "no 'text' field and no 'prompt'/'response' fields"
+    return "no 'text' field, no 'prompt'/'response' fields and no 'messages'/'conversations' list"
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

@@ -57,6 +57,9 @@ class Manifest:
     build_key: str = ""
     # inputs that looked like JSONL but were not read, each {"path", "reason"} (not part of data_version)
     skipped_inputs: list[dict[str, str]] = field(default_factory=list)
+    # the chat template chat rows were rendered with: "tokenizer" (its own), "plain" (the fallback for
+    # tokenizers without one), None (no chat rows)
+    chat_template: str | None = None
     dir: Path | None = field(default=None, compare=False, repr=False)
 
     # ---- io ----
@@ -91,11 +94,11 @@ class Manifest:
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); re-run preprocessing with force") from None
+            raise ValueError(f"{path}: not valid JSON ({err}); re-run `distill preprocess --force` (tokenize.force: true)") from None
         if d.get("schema_version") != SCHEMA_VERSION:
             raise ManifestMismatchError(
                 f"{path}: schema_version {d.get('schema_version')} but this code reads {SCHEMA_VERSION}; "
-                "re-run preprocessing with force=True (tokenize.force / --force)"
+                "re-run `distill preprocess --force` (tokenize.force: true in the config)"
             )
         return cls.from_dict(d, directory)
 
@@ -138,14 +141,14 @@ def check_manifest(manifest: Manifest, tokenizer_hash: str | None = None, max_se
     if tokenizer_hash is not None and manifest.tokenizer_hash != tokenizer_hash:
         problems.append(
             f"tokenizer hash {manifest.tokenizer_hash[:12]}… ({manifest.tokenizer_name}) != the configured "
-            f"tokenizer's {tokenizer_hash[:12]}…: the shards hold ids of another tokenizer. Re-run preprocessing "
-            "with force=True (tokenize.force / --force) using this tokenizer, or point the config at the tokenizer "
+            f"tokenizer's {tokenizer_hash[:12]}…: the shards hold ids of another tokenizer. Re-run "
+            "`distill preprocess --force --tokenizer <this tokenizer>` (tokenize.force: true), or point the config at the tokenizer "
             "the shards were built with"
         )
     if max_seq_length is not None and manifest.max_seq_length != max_seq_length:
         problems.append(
             f"max_seq_length {manifest.max_seq_length} != tokenize.max_seq_length {max_seq_length}. Re-run "
-            f"preprocessing with force=True and --max-seq-length {max_seq_length}, or set tokenize.max_seq_length: "
+            f"`distill preprocess --force --max-seq-length {max_seq_length}`, or set tokenize.max_seq_length: "
             f"{manifest.max_seq_length}"
         )
     if vocab_size is not None and manifest.vocab_size > vocab_size:

@@ -3,12 +3,16 @@
 Packing (one stream per split, in input order, then line order):
 
 - each document becomes ``ids + [EOS]``; a prompt/response row is ``encode(prompt) +
-  encode(response)`` (special tokens such as BOS only at the document start);
+  encode(response)`` (special tokens such as BOS only at the document start); a chat row
+  (``messages`` / ``conversations``, and prompt/response when the tokenizer has a chat template of
+  its own) is rendered by :class:`~distill_dag.data.chat.ChatRenderer` with that template (the plain
+  one as the fallback); the manifest's ``chat_template`` says which;
 - ``position_ids`` count 0, 1, ... from each document start and keep counting when a document
   runs over into the next row (so a row starts at 0 only when a document starts there);
 - ``labels[i]`` is ``input_ids[i]`` or -100 (NOT shifted; each loss shifts once): -100 at every
   document start (nothing in the document predicts its first token; the row before belongs to
-  another document) and, with ``mask_prompt``, on every prompt token; the EOS is a label;
+  another document) and, with ``mask_prompt``, on every prompt token; in a chat document every
+  token outside its assistant turns (all of them, not only the last) is -100; the EOS is a label;
 - the stream is cut every ``max_seq_length`` tokens, and the tail carries over into the next row
   (across input files too); only the last row of a split is padded (pad id, attention 0,
   labels -100, positions continuing);
@@ -67,6 +71,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from distill_dag.config import PipelineConfig
+from distill_dag.data.chat import ChatRenderer, chat_text, is_chat_row, messages_of
 from distill_dag.data.jsonl import DEFAULT_MAX_LINE_BYTES, ReadStats, Reject, check_reject_rate, iter_jsonl
 from distill_dag.data.manifest import MANIFEST, SCHEMA_VERSION, Manifest
 from distill_dag.data.paths import InputFile, discover_inputs
@@ -76,14 +81,14 @@ from distill_dag.data.tokenizer import tokenizer_hash as hash_tokenizer_dir
 from distill_dag.io import (MARKER, DiskFullError, atomic_path, claim_dir, dir_lock, is_disk_full, remove_temp_files,
                             sha256_json, write_bytes_atomic, write_json_atomic)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chat rows, with their trained spans
 CACHE_DIR = ".cache"
 REJECTS = "rejects.jsonl"
 _BATCH_BYTES = 4 << 20  # text per encode call: long enough that a call is not mostly its tail
 _ENCODE_INFLIGHT = 2  # batches encoded at once (each call is itself parallel over documents)
 # per-document metadata of the token cache; the tokens themselves are raw int32 in <stem>.tokens.bin
 _CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("len", pa.int64()),
-                           ("prompt_len", pa.int32())])
+                           ("prompt_len", pa.int32()), ("spans", pa.list_(pa.int32()))])
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -124,13 +129,16 @@ def is_val(doc_id: str, val_fraction: float) -> bool:
 @dataclass
 class DocBatch:
     """Tokenized documents: ``ids`` all documents' tokens concatenated (no EOS), ``lens`` [n],
-    ``prompt_lens`` [n] (0 for text rows), ``doc_ids`` and ``sources`` (n strings each)."""
+    ``prompt_lens`` [n] (0 for text rows), ``doc_ids`` and ``sources`` (n strings each); ``spans``
+    per document the trained token ranges of a chat document (flat ``[start, end, ...]``), None for
+    the others (the whole list None when the batch holds no chat document)."""
 
     ids: np.ndarray
     lens: np.ndarray
     prompt_lens: np.ndarray
     doc_ids: list[str]
     sources: list[str]
+    spans: list[list[int] | None] | None = None
 
     @property
     def n(self) -> int:
@@ -153,20 +161,37 @@ def encode_longest_first(backend: Any, texts: list[str], add_special_tokens: boo
     return out
 
 
-def encode_rows(backend: Any, rows: list[dict[str, Any]], doc_ids: list[str], sources: list[str]) -> DocBatch:
-    """Encode text / prompt+response rows with a ``tokenizers.Tokenizer`` (special tokens only at the start)."""
-    firsts = [r["text"] if "text" in r else r["prompt"] for r in rows]
-    enc1 = encode_longest_first(backend, firsts, add_special_tokens=True)
-    resp_rows = [i for i, r in enumerate(rows) if "text" not in r]
-    lists = [e.ids for e in enc1]
+def encode_rows(backend: Any, rows: list[dict[str, Any]], doc_ids: list[str], sources: list[str],
+                chat: ChatRenderer | None = None) -> DocBatch:
+    """Encode text / prompt+response rows with a ``tokenizers.Tokenizer`` (special tokens only at the start),
+    and chat rows with ``chat`` (the tokenizer's template; see :mod:`distill_dag.data.chat`)."""
+    msgs = [messages_of(r, chat.own) if chat is not None else None for r in rows]
+    if chat is None and any(is_chat_row(r) for r in rows):
+        raise ValueError("encode_rows: chat rows (messages / conversations) need a ChatRenderer")
+    plain = [i for i, m in enumerate(msgs) if m is None]
+    lists: list[Any] = [None] * len(rows)
     prompt_lens = np.zeros(len(rows), dtype=np.int32)
-    if resp_rows:
-        enc2 = encode_longest_first(backend, [rows[i]["response"] for i in resp_rows], add_special_tokens=False)
-        for i, e in zip(resp_rows, enc2):
-            prompt_lens[i] = len(lists[i])
-            lists[i] = lists[i] + e.ids
+    spans: list[list[int] | None] | None = None
+    if plain:
+        enc1 = encode_longest_first(backend, [rows[i]["text"] if "text" in rows[i] else rows[i]["prompt"]
+                                              for i in plain], add_special_tokens=True)
+        for i, e in zip(plain, enc1):
+            lists[i] = e.ids
+        resp_rows = [i for i in plain if "text" not in rows[i]]
+        if resp_rows:
+            enc2 = encode_longest_first(backend, [rows[i]["response"] for i in resp_rows], add_special_tokens=False)
+            for i, e in zip(resp_rows, enc2):
+                prompt_lens[i] = len(lists[i])
+                lists[i] = lists[i] + e.ids
+    if len(plain) < len(rows):
+        assert chat is not None
+        spans = [None] * len(rows)
+        for i, m in enumerate(msgs):
+            if m is not None:
+                lists[i], spans[i] = chat.render(m)
+                prompt_lens[i] = spans[i][0] if spans[i] else len(lists[i])  # up to the first answer
     lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-    return DocBatch(_flatten(lists, int(lens.sum())), lens, prompt_lens, doc_ids, sources)
+    return DocBatch(_flatten(lists, int(lens.sum())), lens, prompt_lens, doc_ids, sources, spans)
 
 
 def _row_batches(inp: InputFile, stats: ReadStats, rejects: list[Reject], batch_docs: int,
@@ -186,7 +211,8 @@ def _row_batches(inp: InputFile, stats: ReadStats, rejects: list[Reject], batch_
         src = row.get("source")
         srcs.append(src if isinstance(src, str) and src else default_source)
         # the fields encode_rows reads: a text row may carry other fields of any type (a "prompt": true)
-        size += len(row["text"]) if "text" in row else len(row["prompt"]) + len(row["response"])
+        size += (len(row["text"]) if "text" in row else len(row["prompt"]) + len(row["response"])
+                 if "prompt" in row else len(chat_text(row)))
         if len(rows) >= batch_docs or size >= _BATCH_BYTES:
             yield rows, ids, srcs
             rows, ids, srcs, size = [], [], [], 0
@@ -224,8 +250,10 @@ class Packer:
         self.docs = 0
         self.tokens = 0
 
-    def add(self, ids: np.ndarray, lens: np.ndarray, prompt_lens: np.ndarray, sources: list[str]) -> None:
-        """Append documents (``ids`` their tokens concatenated, ``lens`` [n], ``prompt_lens`` [n])."""
+    def add(self, ids: np.ndarray, lens: np.ndarray, prompt_lens: np.ndarray, sources: list[str],
+            spans: list[list[int] | None] | None = None) -> None:
+        """Append documents (``ids`` their tokens concatenated, ``lens`` [n], ``prompt_lens`` [n]; ``spans``
+        the trained ranges of chat documents, which replace their prompt length)."""
         if len(lens) == 0:
             return
         k = len(self._tok)
@@ -248,7 +276,19 @@ class Packer:
         lab = tok.copy()
         lab[:k] = self._lab
         lab[starts] = -100
-        if self.mask_prompt and prompt_lens.any():
+        if self.mask_prompt and spans is not None and any(sp is not None for sp in spans):
+            # a chat document: -100 everywhere but its assistant turns (its EOS stays a label)
+            chat = np.zeros(len(lens), bool)
+            chat[[j for j, sp in enumerate(spans) if sp is not None]] = True
+            masked = np.repeat(chat, L)
+            masked[ends - 1 - k] = False
+            for j, sp in enumerate(spans):
+                for a, b in zip(sp[::2], sp[1::2]) if sp else ():
+                    masked[starts[j] - k + a:starts[j] - k + b] = False
+            plain = np.where(chat, 0, prompt_lens)
+            masked |= pos[k:] < np.repeat(plain, L)
+            lab[k:][masked] = -100
+        elif self.mask_prompt and prompt_lens.any():
             lab[k:][pos[k:] < np.repeat(prompt_lens, L)] = -100
         codes = np.fromiter((self._code(s) for s in sources), dtype=np.int32, count=len(sources))
         doc_start = np.concatenate([self._doc_start, starts])
@@ -335,14 +375,17 @@ def _read_cache(path: Path) -> Iterator[DocBatch]:
         lens = t.column("len").to_numpy().astype(np.int64)
         n = int(lens.sum())
         assert tokens is not None
+        spans = t.column("spans").to_pylist()
         yield DocBatch(np.array(tokens[at:at + n]), lens, t.column("prompt_len").to_numpy().astype(np.int32),
-                       t.column("doc_id").to_pylist(), t.column("source").to_pylist())
+                       t.column("doc_id").to_pylist(), t.column("source").to_pylist(),
+                       spans if any(sp is not None for sp in spans) else None)
         at += n
 
 
 def _batch_table(b: DocBatch) -> pa.Table:
     return pa.Table.from_arrays([str_to_arrow(b.doc_ids), str_to_arrow(b.sources),
-                                 np_to_arrow(b.lens, pa.int64()), np_to_arrow(b.prompt_lens, pa.int32())],
+                                 np_to_arrow(b.lens, pa.int64()), np_to_arrow(b.prompt_lens, pa.int32()),
+                                 pa.array(b.spans if b.spans is not None else [None] * b.n, pa.list_(pa.int32()))],
                                 schema=_CACHE_SCHEMA)
 
 
@@ -424,11 +467,14 @@ class _Run:
     val_fraction: float
     packers: dict[str, Packer] = field(default_factory=dict)
     writers: dict[str, ShardWriter] = field(default_factory=dict)
+    chat_docs: int = 0
 
     def feed(self, b: DocBatch) -> tuple[int, int]:
         """Route a batch's documents to the train / val packers; returns (val docs, tokens incl. EOS)."""
         if b.n == 0:
             return 0, 0
+        if b.spans is not None:
+            self.chat_docs += sum(sp is not None for sp in b.spans)
         val = np.fromiter((is_val(d, self.val_fraction) for d in b.doc_ids), dtype=bool, count=b.n)
         offs = np.zeros(b.n + 1, np.int64)
         np.cumsum(b.lens, out=offs[1:])
@@ -444,7 +490,8 @@ class _Run:
                 cut = np.flatnonzero(np.diff(idx) != 1) + 1
                 first, last = idx[np.r_[0, cut]], idx[np.r_[cut - 1, len(idx) - 1]]
                 ids = np.concatenate([b.ids[offs[a]:offs[z + 1]] for a, z in zip(first.tolist(), last.tolist())])
-            self.packers[split].add(ids, b.lens[sel], b.prompt_lens[sel], [b.sources[i] for i in idx])
+            self.packers[split].add(ids, b.lens[sel], b.prompt_lens[sel], [b.sources[i] for i in idx],
+                                    None if b.spans is None else [b.spans[i] for i in idx])
         return int(val.sum()), int(b.lens.sum()) + b.n
 
 
@@ -690,6 +737,7 @@ def _pack(out: Path, gen: Path, inputs: Any, files: list[InputFile], tok: Any, t
     """Write the shards into ``gen``, check the reject rate, and publish the manifest (the last step)."""
     backend = tok.backend_tokenizer
     backend.encode_special_tokens = True  # text that spells "<|endoftext|>" must not become a real EOS
+    chat = ChatRenderer(tok, backend)
     run = _Run(out, max_seq_length, val_fraction)
 
     bar = tqdm(total=sum(f.bytes for f in files), unit="B", unit_scale=True, desc="preprocess") if progress else None
@@ -762,7 +810,7 @@ def _pack(out: Path, gen: Path, inputs: Any, files: list[InputFile], tok: Any, t
             encoding = 0
             for kind, item, payload in work():
                 if kind == "batch":
-                    payload = pool.submit(encode_rows, backend, *payload)
+                    payload = pool.submit(encode_rows, backend, *payload, chat=chat)
                     encoding += 1
                 pending.append((kind, item, payload))
                 while encoding > _ENCODE_INFLIGHT or (pending and pending[0][0] != "batch"):
@@ -796,7 +844,7 @@ def _pack(out: Path, gen: Path, inputs: Any, files: list[InputFile], tok: Any, t
     check_reject_rate(total_stats, max_reject_rate, f"preprocess {inputs}", out / REJECTS)
     _check_floor(out, files, inputs_meta, sum(s.rows for s in shards), min_rows, total_stats)
 
-    totals = {"rejects": total_stats.rejects, "docs": total_stats.rows}
+    totals = {"rejects": total_stats.rejects, "docs": total_stats.rows, "chat_docs": run.chat_docs}
     for split in ("train", "val"):
         ss = [s for s in shards if s.split == split]
         totals[split] = {"shards": len(ss), "rows": sum(s.rows for s in ss), "tokens": sum(s.tokens for s in ss),
@@ -808,6 +856,7 @@ def _pack(out: Path, gen: Path, inputs: Any, files: list[InputFile], tok: Any, t
         max_seq_length=max_seq_length, val_fraction=val_fraction, mask_prompt=mask_prompt,
         rows_per_shard=rows_per_shard, shards=shards, inputs=inputs_meta, totals=totals, build_key=build_key,
         skipped_inputs=list(skipped or []),
+        chat_template=chat.mode if run.chat_docs else None,
     )
     manifest.save(out)  # the publish: one atomic rename makes the new generation the dataset
     manifest.dir = out
@@ -842,6 +891,7 @@ def _fill_cache(out: Path, files: list[InputFile], tok: Any, tok_hash: str, work
     remove_temp_files(out / CACHE_DIR, {f.cache_stem for f in files})
     backend = tok.backend_tokenizer
     backend.encode_special_tokens = True
+    chat = ChatRenderer(tok, backend)
     tokenized, reused = [], []
     io = BackgroundWriter()
     fresh: _Fresh | None = None
@@ -853,7 +903,7 @@ def _fill_cache(out: Path, files: list[InputFile], tok: Any, tok_hash: str, work
             fresh = _Fresh(inp, _CacheWriter(_cache_paths(out, inp)[0]))
             io.submit(fresh.cache.open)
             for rows in fresh.batches(batch_docs, max_line_bytes):
-                io.submit(fresh.cache.write, encode_rows(backend, *rows))
+                io.submit(fresh.cache.write, encode_rows(backend, *rows, chat=chat))
             _finish_cache(io, out, fresh, tok_hash)
             tokenized.append(inp.key)
         io.drain()

@@ -247,8 +247,9 @@ def _get(row: dict[str, Any], dotted: str) -> Any:
 
 def map_fields(row: dict[str, Any], field_map: dict[str, str]) -> dict[str, Any]:
     """Our row from theirs: ``field_map`` maps our field -> their (dotted) field; text/prompt/response/id
-    present under our own names pass through."""
-    out = {k: row[k] for k in ("text", "prompt", "response", "id") if k in row and k not in field_map}
+    and chat lists (messages/conversations) present under our own names pass through."""
+    out = {k: row[k] for k in ("text", "prompt", "response", "messages", "conversations", "id")
+           if k in row and k not in field_map}
     for ours, theirs in field_map.items():
         out[ours] = _get(row, theirs)
     return out

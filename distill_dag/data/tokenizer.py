@@ -40,14 +40,21 @@ def _tok_cfg(cfg: Any):
 def iter_raw_texts(raw_dir: str | os.PathLike, max_bytes: int | None = None) -> Iterator[str]:
     """Texts of the raw JSONL files (sorted, recursive; bad lines skipped), up to ``max_bytes``.
 
-    A prompt/response row gives ``prompt + response``.
+    A prompt/response row gives ``prompt + response``; a chat row its turns' contents.
     """
     total = 0
     for f in resolve_jsonl_paths(raw_dir, recursive=True):
         for _, row in iter_jsonl(f):
             if isinstance(row, Reject):
                 continue
-            text = row["text"] if "text" in row else row["prompt"] + row["response"]
+            if "text" in row:
+                text = row["text"]
+            elif "prompt" in row:
+                text = row["prompt"] + row["response"]
+            else:
+                from distill_dag.data.chat import chat_text
+
+                text = chat_text(row)
             yield text
             total += len(text.encode())
             if max_bytes is not None and total >= max_bytes:
@@ -91,13 +98,17 @@ def tokenizer_hash(tokenizer_dir: str | os.PathLike, tok: Any = None) -> str:
     if not tj.exists():
         return sha256_json({"files": {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != META}})
     tok = tok if tok is not None else load_tokenizer(d)
-    return sha256_json({
+    payload = {
         "tokenizer": json.loads(tj.read_text()),
         "eos": [tok.eos_token, tok.eos_token_id],
         "pad": [tok.pad_token, tok.pad_token_id],
         "bos": [tok.bos_token, tok.bos_token_id],
         "len": len(tok),
-    })
+    }
+    template = getattr(tok, "chat_template", None)
+    if template:  # chat rows are rendered with it: another template is other data (absent: the old hash)
+        payload["chat_template"] = template
+    return sha256_json(payload)
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):

@@ -247,7 +247,7 @@ def test_manifest_mismatch_names_the_value_and_the_fix(tmp_path, word_tokenizer)
     check_manifest(m, r["tokenizer_hash"], 4, vocab_size=12)
     with pytest.raises(ManifestMismatchError, match=r"max_seq_length 4 != tokenize.max_seq_length 8.*force"):
         check_manifest(m, r["tokenizer_hash"], 8)
-    with pytest.raises(ManifestMismatchError, match=r"tokenizer hash .* != the configured tokenizer's .*force=True"):
+    with pytest.raises(ManifestMismatchError, match=r"tokenizer hash .* != the configured tokenizer's .*distill preprocess --force"):
         check_manifest(m, "0" * 64, 4)
     with pytest.raises(ManifestMismatchError, match=r"vocab_size 12 > the model's 10"):
         check_manifest(m, None, None, vocab_size=10)
