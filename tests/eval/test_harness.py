@@ -61,7 +61,8 @@ def _student_folder(path: Path, tok, seed: int) -> Path:
 def section(corpus, tmp_path_factory):
     """The report's lm-eval section over: the KD student (folder given), a second saved student found only from
     the folder it was loaded from (as a model added to ``compared`` later is), a student held only in memory,
-    and a tiny Llama teacher saved with save_pretrained. The continuation task is given as a task YAML path."""
+    and a teacher that is a LoRA adapter (a teacher_ft folder's final_adapter/) over a tiny Llama saved with
+    save_pretrained. The continuation task is given as a task YAML path."""
     from transformers import AutoModelForCausalLM
 
     import distill_dag  # noqa: F401  - the in-process loads below go through our registration
@@ -71,13 +72,15 @@ def section(corpus, tmp_path_factory):
     tok = _tok(corpus)
     student = _student_folder(root / "student", tok, seed=1)
     other = _student_folder(root / "other", tok, seed=2)
-    teacher = root / "teacher"
-    tiny_llama(len(tok), seed=3, embed_scale=20.0).save_pretrained(teacher)
+    base = root / "teacher_base"
+    tiny_llama(len(tok), seed=3, embed_scale=20.0).save_pretrained(base)
+    teacher = root / "teacher_ft"
+    _lora(base).save_pretrained(teacher / "final_adapter")
     yaml_dir = root / "task_yaml"
     paths = harness.build_local_tasks(corpus["tokenized"], tok, yaml_dir, names=[harness.CONTINUATION_TASK],
                                       train_len=TRAIN_LEN)
     cfg = config_from_dict({
-        "tokenize": {"max_seq_length": TRAIN_LEN},
+        "tokenize": {"max_seq_length": TRAIN_LEN}, "teacher": {"model_name_or_path": str(base)},
         "eval": {"lm_eval_tasks": [str(paths[harness.CONTINUATION_TASK]), harness.PASSKEY_TASK],
                  "lm_eval_limit": LIMIT, "batch_size": 4}})
     loaded_other = AutoModelForCausalLM.from_pretrained(other)
@@ -89,8 +92,26 @@ def section(corpus, tmp_path_factory):
         cfg, compared, {"student": student, "in-memory student": None, "teacher": teacher}, teacher_name="teacher",
         data_dir=corpus["tokenized"], out_dir=out, tokenizer=tok, tokenizer_dir=corpus["tokenizer"], split="val",
         device="cpu", result=result, log=lambda s: None)
-    return {"result": result, "lines": lines, "out": out, "student": student, "other": other, "teacher": teacher,
+    return {"result": result, "lines": lines, "out": out, "student": student, "other": other, "base": base,
+            "teacher": teacher,
             "task_jsonl": paths[harness.CONTINUATION_TASK].with_suffix(".jsonl"), "tok": tok}
+
+
+def _lora(base: Path):
+    """A LoRA adapter on ``base`` whose B is not zero (peft's default init would make it the identity), scaled up so
+    that it changes the model's choices: lm-eval must apply it for its scores to match."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      init_lora_weights=False))
+    with torch.no_grad():
+        for n, w in model.named_parameters():
+            if "lora_B" in n:
+                w.mul_(500.0)
+    return model
 
 
 def _choice_loglikelihoods(model, tok, context: str, choices: list[str]) -> list[float]:
@@ -125,17 +146,25 @@ def test_lm_eval_loads_the_student_only_through_trust_remote_code(section):
     assert set(cls) == {"student", "hybrid student", "teacher"}
     assert "Not run (in memory only): in-memory student" in "\n".join(section["lines"])
 
-    # lm-eval's acc equals the argmax of log-likelihoods computed here on the same folders and examples
+    # lm-eval's acc equals the argmax of log-likelihoods computed here on the same folders and examples; the
+    # teacher is its base model with the LoRA adapter applied (without it, its acc would differ)
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     docs = [json.loads(x) for x in section["task_jsonl"].read_text().splitlines()][:LIMIT]
-    for name, folder in (("student", section["student"]), ("teacher", section["teacher"])):
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+
+    def acc(model) -> float:
         hits = [max(range(len(d["choices"])), key=lambda i, ll=_choice_loglikelihoods(model, section["tok"],
                                                                                     d["context"], d["choices"]): ll[i])
                 == d["gold"] for d in docs]
-        row = next(x for x in r["lm_eval_rows"] if x["task"] == harness.CONTINUATION_TASK)
-        assert row[name] == pytest.approx(sum(hits) / len(hits)), name
+        return sum(hits) / len(hits)
+
+    row = next(x for x in r["lm_eval_rows"] if x["task"] == harness.CONTINUATION_TASK)
+    assert row["student"] == pytest.approx(acc(AutoModelForCausalLM.from_pretrained(section["student"]).eval()))
+    base = AutoModelForCausalLM.from_pretrained(section["base"]).eval()
+    base_acc = acc(base)
+    lora = PeftModel.from_pretrained(base, section["teacher"] / "final_adapter").eval()
+    assert row["teacher"] == pytest.approx(acc(lora)) and row["teacher"] != pytest.approx(base_acc)
     # the table and the files
     assert [x["task"] for x in r["lm_eval_rows"]] == [harness.CONTINUATION_TASK, harness.PASSKEY_TASK, "mean share"]
     assert set(r["lm_eval_mean_share"]) == {"student", "hybrid student"}
@@ -266,3 +295,47 @@ def test_passkey_task_is_the_niah_question_scored_by_exact_key(corpus, tmp_path)
 def test_share_is_none_not_infinite_when_the_teacher_scores_zero():
     assert harness.share(0.3, 0.0) is None and harness.share(0.0, 0.5) == 0.0
     assert harness.share(2.0, 1.0, higher_is_better=False) == 0.5 and not math.isnan(harness.share(0.1, 0.2))
+
+
+def test_hflm_args_for_teacher_folders(tmp_path):
+    """A teacher_ft folder's final_model/ is plain ``pretrained=``; its final_adapter/ is ``pretrained=BASE`` (the
+    configured base, else the adapter's own base_model_name_or_path) + ``peft=``."""
+    (tmp_path / "full" / "final_model").mkdir(parents=True)
+    (tmp_path / "full" / "final_model" / "config.json").write_text("{}")
+    assert harness.hflm_args(tmp_path / "full") == {"pretrained": str(tmp_path / "full" / "final_model")}
+    adapter = tmp_path / "lora" / "final_adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    assert harness.hflm_args(tmp_path / "lora") == {"pretrained": "org/base", "peft": str(adapter)}
+    assert harness.hflm_args(adapter, base="/models/b") == {"pretrained": "/models/b", "peft": str(adapter)}
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        harness.hflm_args(tmp_path)
+
+
+def test_cli_lm_eval_flags_set_the_config(tmp_path, monkeypatch, capsys):
+    """``distill eval --lm-eval-tasks T1,T2 --lm-eval-limit N`` reaches eval.lm_eval_tasks / lm_eval_limit (a task
+    YAML path resolved against the current directory); a bad limit is refused naming its key before any work."""
+    import yaml
+
+    from distill_dag import cli
+    from distill_dag.eval import report
+
+    seen = {}
+
+    def fake_run(cfg, **kw):
+        seen["eval"] = cfg.eval
+        return {"perplexity_rows": [], "report_path": "r.md", "lm_eval_table": "| task |"}
+
+    monkeypatch.setattr(report, "evaluate_run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("task: mine\n")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump({"eval": {"lm_eval_tasks": ["arc_easy"]}}))
+    assert cli.main(["eval", "--config", str(cfg_file), "--lm-eval-tasks", "piqa, mine.yaml",
+                     "--lm-eval-limit", "7"]) == 0
+    assert seen["eval"].lm_eval_tasks == ["piqa", str(tmp_path / "mine.yaml")] and seen["eval"].lm_eval_limit == 7
+    assert "share of the teacher" in capsys.readouterr().out
+    assert cli.main(["eval", "--config", str(cfg_file), "--lm-eval-tasks", ""]) == 0
+    assert seen["eval"].lm_eval_tasks == []
+    assert cli.main(["eval", "--config", str(cfg_file), "--lm-eval-limit", "0"]) != 0
+    assert "eval.lm_eval_limit" in capsys.readouterr().err
