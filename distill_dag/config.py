@@ -186,6 +186,8 @@ class TokenizerConfig(Section):
     min_frequency: int = _f(2, "BPE: a merge needs at least this many occurrences", ge=1, le=10**9)
     train_bytes: int = _f(20_000_000, "BPE: train on the first this-many bytes of the raw text", ge=1,
                           le=1 << 40)
+    dir: str | None = _f(None, "The local tokenizer folder every stage reads (null: <data.root>/tokenizer); when it "
+                               "holds no tokenizer, name_or_path is fetched/copied into it", json_schema_extra=PATH)
 
 
 class TokenizeConfig(Section):
@@ -324,22 +326,28 @@ class HybridLayers(Section):
         [], "Layer indices that stay softmax attention (GQA + RoPE, the teacher's own weights with "
             "init from_teacher), or auto: after stage-1 alignment keep the num_attention_layers layers whose "
             "restoration lowers the KL to the teacher most (needs init from_teacher). [] = a pure RetNet")
-    num_attention_layers: int = _f(0, "With attention_layers auto: how many layers to keep (K)", ge=0, le=4096)
+    num_attention_layers: int = _f(0, "With attention_layers auto: how many layers to keep (K)", ge=0, le=4096,
+                                   validate_default=True)
     attention_window: int | None = _f(None, "null: full causal attention; N: a sliding window of N tokens "
                                             "(generation keeps a rolling K/V buffer of N)", ge=1, le=1 << 20)
 
-    @model_validator(mode="after")
-    def _hybrid_layers(self) -> "HybridLayers":
-        if self.attention_layers == "auto":
-            if self.num_attention_layers < 1:
-                raise ValueError("attention_layers auto needs num_attention_layers >= 1 (how many to keep)")
-        else:
-            if len(set(self.attention_layers)) != len(self.attention_layers):
-                raise ValueError(f"attention_layers {self.attention_layers} lists a layer twice")
-            if self.num_attention_layers not in (0, len(self.attention_layers)):
-                raise ValueError(f"num_attention_layers {self.num_attention_layers} with an explicit list of "
-                                 f"{len(self.attention_layers)} layers: leave it 0 or use attention_layers auto")
-        return self
+    @field_validator("attention_layers")
+    @classmethod
+    def _unique_layers(cls, v: Any) -> Any:
+        if v != "auto" and len(set(v)) != len(v):
+            raise ValueError(f"{v} lists a layer twice")
+        return v
+
+    @field_validator("num_attention_layers")
+    @classmethod
+    def _k_fits_layers(cls, v: int, info: Any) -> int:
+        layers = info.data.get("attention_layers")
+        if layers == "auto" and v < 1:
+            raise ValueError("attention_layers auto needs num_attention_layers >= 1 (how many to keep)")
+        if isinstance(layers, list) and v not in (0, len(layers)):
+            raise ValueError(f"{v} with an explicit list of {len(layers)} attention_layers: leave it 0 or use "
+                             "attention_layers auto")
+        return v
 
     @property
     def is_hybrid(self) -> bool:
@@ -557,8 +565,9 @@ class PipelineConfig(Section):
 
     @property
     def tokenizer_dir(self) -> Path:
-        """The resolved tokenizer (a trained BPE, or a copy of the hub/local one)."""
-        return self.data_root / "tokenizer"
+        """The resolved tokenizer (a trained BPE, or a copy of the hub/local one): tokenizer.dir, else
+        <data.root>/tokenizer (filled from tokenizer.name_or_path by ``data.tokenizer.ensure_tokenizer``)."""
+        return self.path(self.tokenizer.dir) if self.tokenizer.dir else self.data_root / "tokenizer"
 
     @property
     def tokenized_dir(self) -> Path:
