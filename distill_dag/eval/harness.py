@@ -320,7 +320,8 @@ def hflm_args(model: str | Path | Mapping[str, Any], base: str | None = None) ->
     if (p / "adapter_config.json").exists():
         b = base or json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not b:
-            raise LmEvalTaskError(f"{p}: a LoRA adapter without base_model_name_or_path; set teacher.model_name_or_path")
+            raise LmEvalTaskError(f"{p}: a LoRA adapter without base_model_name_or_path; set "
+                                  "teacher.model_name_or_path")
         return {"pretrained": str(b), "peft": str(p)}
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"{p}: no config.json (nor final_model/, final_adapter/, adapter_config.json): "
@@ -354,7 +355,8 @@ def scores_from_results(results: Mapping[str, Any], tasks: Sequence[str]) -> dic
         se = r.get(key.replace(",", "_stderr,", 1))
         hib = ((results.get("higher_is_better") or {}).get(t) or {}).get(metric, True)
         n = (results.get("n-samples") or {}).get(t, {})
-        out[t] = {"metric": metric, "value": float(r[key]), "stderr": float(se) if isinstance(se, (int, float)) else None,
+        out[t] = {"metric": metric, "value": float(r[key]),
+                  "stderr": float(se) if isinstance(se, (int, float)) else None,
                   "higher_is_better": bool(hib), "n": n.get("effective") if isinstance(n, dict) else None}
     return out
 
