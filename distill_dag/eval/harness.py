@@ -82,7 +82,10 @@ def _write_task(folder: Path, name: str, rows: list[dict[str, Any]], spec: dict[
 
     data = folder / f"{name}.jsonl"
     write_bytes_atomic(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+    # cache_dir: the prepared copy stays beside the task, not in the user's Hugging Face cache (one per eval run)
+    task = {"task": name, "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data.resolve())},
+                               "cache_dir": str((folder / "hf_datasets_cache").resolve())},
             "test_split": "test", **spec, "metadata": {"version": 1}}
     path = folder / f"{name}.yaml"
     write_bytes_atomic(path, yaml.safe_dump(task, sort_keys=False, allow_unicode=True).encode())
