@@ -30,9 +30,10 @@ logit_cache_job = dg.define_asset_job(
 
 student_job = dg.define_asset_job(
     "distill_students",
-    selection=dg.AssetSelection.assets("student_aligned", "student_ce_baseline", "student_ckpt")
-    | dg.AssetSelection.groups("student"),  # student_hybrid too, where the location's config enables it
-    description="The students: stage-1 aligned (teacher-init), CE-only baseline, KD student (and the hybrid).",
+    # the group, not names: student_aligned and student_hybrid are in it only where the config uses them
+    selection=dg.AssetSelection.groups("student"),
+    description="The students the code location's config uses: CE-only baseline and KD student, plus the stage-1 "
+                "aligned student (student.init: from_teacher) and the hybrid (hybrid.enabled).",
 )
 
 eval_job = dg.define_asset_job(
@@ -43,12 +44,23 @@ eval_job = dg.define_asset_job(
 
 def retokenize_schedule() -> dg.ScheduleDefinition:
     """Cron from ``data.retokenize_cron`` of the code location's config."""
+    cron = location_config().data.retokenize_cron
     return dg.ScheduleDefinition(
-        name="retokenize_schedule", job=retokenize_job, cron_schedule=location_config().data.retokenize_cron,
+        name="retokenize_schedule", job=retokenize_job, cron_schedule=cron,
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Re-tokenize on data.retokenize_cron (unchanged inputs are reused; unchanged shards keep their "
-                    "data version, so nothing downstream turns stale).",
+        description=f"Re-tokenize on data.retokenize_cron ({cron}; unchanged inputs are reused; unchanged shards keep "
+                    "their data version, so nothing downstream turns stale). Off until started on this page: it "
+                    "starts stopped in every configuration.",
     )
+
+
+def _sensor_description() -> str:
+    """What the sensor does, and whether it can do anything in the code location's configuration."""
+    watch = location_config().data.watch_dir
+    state = (f"Active in this configuration once started: it watches {watch}." if watch else
+             "INACTIVE in this configuration: data.watch_dir is not set in the code location's config "
+             "(DISTILL_DAG_CONFIG), so every tick skips. Set data.watch_dir and reload the code location to use it.")
+    return f"Starts re-tokenization when data.watch_dir gains or changes JSONL files. {state}"
 
 
 def raw_files_fingerprint(watch_dir: Path) -> dict[str, list[float]]:
@@ -63,7 +75,7 @@ def raw_files_fingerprint(watch_dir: Path) -> dict[str, list[float]]:
 
 
 @dg.sensor(job=retokenize_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
-           description="Starts re-tokenization when data.watch_dir gains or changes JSONL files.")
+           description=_sensor_description())
 def new_raw_data_sensor(context: dg.SensorEvaluationContext):
     """Starts re-tokenization when ``data.watch_dir`` gains or changes JSONL files."""
     cfg = location_config()

@@ -37,10 +37,14 @@ def pipeline_config(
     overrides: dict[str, Any] = {}
     for o in (*extra, config.overrides()):
         overrides = deep_merge(overrides, o)
+    source = config.config_file or pipeline.config_file
     try:
-        return load_config(config.config_file or pipeline.config_file, overrides)
+        return load_config(source, overrides)
     except ConfigError as err:
-        raise dg.Failure(description=str(err)) from None
+        keys = sorted(f"{s}.{k}" for s, v in config.overrides().items() for k in v)
+        # name where the values came from: the run config's keys over the file, not the file alone
+        raise dg.Failure(description=(f"the run config's values ({', '.join(keys)}) over {source} are refused: {err}"
+                                      if keys else str(err))) from None
 
 
 def resolve_config(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
@@ -50,7 +54,8 @@ def resolve_config(context: dg.AssetExecutionContext, config: DistillRunConfig, 
     cfg = pipeline_config(config, pipeline, *extra)
     tree = cfg.model_dump(mode="json")
     digest = sha256_json(tree)
-    tags = {"distill/config_file": str(config.config_file or pipeline.config_file), "distill/config_sha256": digest[:16]}
+    # the whole hash: a prefix cannot be compared with the sha256 that `distill` prints or a model card records
+    tags = {"distill/config_file": str(config.config_file or pipeline.config_file), "distill/config_sha256": digest}
     run = context.instance.get_run_by_id(context.run_id)
     if run is not None and any(run.tags.get(k) != v for k, v in tags.items()):
         context.instance.add_run_tags(context.run_id, tags)

@@ -8,7 +8,7 @@ from dagster_duckdb import DuckDBResource
 
 from distill_dag.assets.common import asset_code_version, config_metadata, resolve_config, table, upstream_path
 from distill_dag.assets.partitions import sync_data_shards
-from distill_dag.assets.run_config import DistillRunConfig
+from distill_dag.assets.run_config import RUN_CONFIG, run_config
 from distill_dag.resources import PipelineConfigResource
 
 GROUP = "data"
@@ -32,16 +32,17 @@ TOKENIZED_CHECKS = {
 
 @dg.asset(
     group_name=GROUP,
+    config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"python", "jsonl"},
     owners=["team:data"],
     code_version=asset_code_version("raw_jsonl"),
     description="The configured sources (local JSONL, Hugging Face datasets, the stdlib demo corpus) as JSONL.",
 )
-def raw_jsonl(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
+def raw_jsonl(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
     from distill_dag.data.sources import gather_sources
     from distill_dag.io import sha256_dir
 
-    cfg = resolve_config(context, config, pipeline)
+    cfg = resolve_config(context, run_config(context), pipeline)
     per_source = gather_sources(cfg)
     rows = [
         {"source": name, "kind": r.get("kind"), "rows": r["rows"], "bytes": r["bytes"], "rejects": r["rejects"]}
@@ -63,15 +64,16 @@ def raw_jsonl(context: dg.AssetExecutionContext, config: DistillRunConfig, pipel
 @dg.asset(
     deps=[raw_jsonl],
     group_name=GROUP,
+    config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"huggingface"},
     owners=["team:data"],
     code_version=asset_code_version("tokenizer"),
     description="The tokenizer: a hub/local one, or (demo) a byte-level BPE trained on raw_jsonl.",
 )
-def tokenizer(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
+def tokenizer(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
     from distill_dag.data.tokenizer import load_tokenizer, resolve_tokenizer
 
-    cfg = resolve_config(context, config, pipeline)
+    cfg = resolve_config(context, run_config(context), pipeline)
     raw = upstream_path(context, "raw_jsonl", cfg.raw_dir, "tokenizer") if not cfg.tokenizer.name_or_path else cfg.raw_dir
     path, digest = resolve_tokenizer(cfg, raw, cfg.tokenizer_dir)
     tok = load_tokenizer(path)
@@ -100,6 +102,7 @@ SHARD_COLUMNS = dg.TableSchema(columns=[
 @dg.asset(
     deps=[raw_jsonl, tokenizer],
     group_name=GROUP,
+    config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"parquet", "duckdb"},
     owners=["team:data"],
     code_version=asset_code_version("tokenized_parquet"),
@@ -110,14 +113,14 @@ SHARD_COLUMNS = dg.TableSchema(columns=[
     check_specs=[dg.AssetCheckSpec(name, asset="tokenized_parquet", description=d, blocking=b)
                  for name, (d, b) in TOKENIZED_CHECKS.items()],
 )
-def tokenized_parquet(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
+def tokenized_parquet(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
                       duckdb: DuckDBResource):
     from distill_dag.data import stats
     from distill_dag.data.manifest import Manifest
     from distill_dag.data.pack import tokenize_stage
     from distill_dag.data.tokenizer import tokenizer_hash
 
-    cfg = resolve_config(context, config, pipeline)
+    cfg = resolve_config(context, run_config(context), pipeline)
     raw = upstream_path(context, "raw_jsonl", cfg.raw_dir, "tokenized_parquet")
     tok_dir = upstream_path(context, "tokenizer", cfg.tokenizer_dir, "tokenized_parquet")
     summary = tokenize_stage(cfg, inputs=raw, tokenizer_dir=tok_dir, log=context.log.info)

@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from distill_dag.assets.common import asset_code_version, config_metadata, md_image, resolve_config, table, upstream_path
-from distill_dag.assets.run_config import DistillRunConfig
+from distill_dag.assets.run_config import RUN_CONFIG, run_config
 from distill_dag.assets import student as _students
 from distill_dag.assets.student import student_ce_baseline, student_ckpt
 from distill_dag.assets.teacher import teacher_adapters
@@ -20,6 +20,7 @@ NIAH_GATE = 0.9  # the teacher must retrieve for NIAH to tell a good student fro
     deps=[student_ckpt, student_ce_baseline, teacher_adapters]
     + ([_students.student_hybrid] if hasattr(_students, "student_hybrid") else []),
     group_name=GROUP,
+    config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"pytorch", "markdown"},
     owners=["team:modeling"],
     code_version=asset_code_version("eval_report"),
@@ -45,10 +46,10 @@ NIAH_GATE = 0.9  # the teacher must retrieve for NIAH to tell a good student fro
                         "student score / teacher score per task) is at least eval.lm_eval_min_share (a warning)."),
     ],
 )
-def eval_report(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource):
+def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource):
     from distill_dag.eval.report import evaluate_run
 
-    cfg = resolve_config(context, config, pipeline)
+    cfg = resolve_config(context, run_config(context), pipeline)
     ckpt = upstream_path(context, "student_ckpt", cfg.run_dir / "final", "eval_report")
     r = evaluate_run(cfg, checkpoint=ckpt, log=context.log.info)
     metadata = {"path": dg.MetadataValue.path(str(r["out_dir"])),

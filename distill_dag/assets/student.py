@@ -22,7 +22,7 @@ import dagster as dg
 from distill_dag.assets.common import asset_code_version, config_metadata, location_config, md_image, resolve_config, table, upstream_path
 from distill_dag.assets.data import tokenized_parquet, tokenizer
 from distill_dag.assets.partitions import DATA_SHARDS
-from distill_dag.assets.run_config import DistillRunConfig
+from distill_dag.assets.run_config import RUN_CONFIG, run_config
 from distill_dag.assets.teacher import logit_cache, require_teacher, teacher_adapters
 from distill_dag.resources import PipelineConfigResource, TeacherEndpointResource, WandbSettingsResource
 
@@ -111,6 +111,7 @@ def _train(context: dg.AssetExecutionContext, cfg, stage: str) -> tuple[dict[str
 @dg.asset(
     deps=[tokenized_parquet, teacher_adapters],
     group_name=GROUP,
+    config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"pytorch"},
     owners=["team:modeling"],
     code_version=asset_code_version("student_aligned"),
@@ -122,10 +123,10 @@ def _train(context: dg.AssetExecutionContext, cfg, stage: str) -> tuple[dict[str
         description="The aligned layers match the teacher's attention outputs better than the unaligned copy "
                     "(held-out relative MSE after < before, averaged over layers).")],
 )
-def student_aligned(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource):
+def student_aligned(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource):
     from distill_dag.distill.student_run import run_alignment
 
-    cfg = resolve_config(context, config, pipeline)
+    cfg = resolve_config(context, run_config(context), pipeline)
     upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_aligned")
     require_teacher(context, cfg, "student_aligned")
     al = run_alignment(cfg, echo=context.log.info)
@@ -146,9 +147,18 @@ def student_aligned(context: dg.AssetExecutionContext, config: DistillRunConfig,
                               description=f"mean held-out relative MSE {before:.4f} -> {after:.4f}")
 
 
+if LOCATION.student.init != "from_teacher":
+    # like student_hybrid: in the graph only when the code location's config uses it (student.init:
+    # from_teacher), so "Materialize all" trains what the demo trains. Kept in a dict, which the module
+    # loader does not scan, for tests that build it explicitly.
+    UNUSED_ASSETS = {"student_aligned": student_aligned}
+    del student_aligned
+
+
 @dg.asset(
     deps=[tokenized_parquet, tokenizer],
     group_name=GROUP,
+    config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"pytorch", "wandb"},
     owners=["team:modeling"],
     code_version=asset_code_version("student_ce_baseline"),
@@ -157,9 +167,9 @@ def student_aligned(context: dg.AssetExecutionContext, config: DistillRunConfig,
                 "(the baseline that shows what distillation adds).",
     check_specs=[_loads_spec("student_ce_baseline")],
 )
-def student_ce_baseline(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
+def student_ce_baseline(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
                         wandb: WandbSettingsResource):
-    cfg = resolve_config(context, config, pipeline, wandb.overrides())
+    cfg = resolve_config(context, run_config(context), pipeline, wandb.overrides())
     upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_ce_baseline")
     metadata, final = _train(context, cfg, "ce_only")
     yield dg.MaterializeResult(data_version=_final_version(final), metadata=metadata | config_metadata(cfg, "student", "train"))
@@ -178,7 +188,7 @@ def _require_edges(cfg) -> None:
     missing = []
     if cfg.train.teacher_mode == "cached" and not cfg.train.pretrain_ce_only and logit_cache not in _KD_DEPS:
         missing.append(("logit_cache", "train.teacher_mode: cached"))
-    if cfg.student.init == "from_teacher" and student_aligned not in _KD_DEPS:
+    if cfg.student.init == "from_teacher" and LOCATION.student.init != "from_teacher":
         missing.append(("student_aligned", "student.init: from_teacher"))
     if missing:
         raise dg.Failure(description=(
@@ -213,6 +223,7 @@ def _require_cache_partitions(context: dg.AssetExecutionContext, cfg) -> None:
 @dg.asset(
     deps=_KD_DEPS,
     group_name=GROUP,
+    config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"pytorch", "wandb"},
     owners=["team:modeling"],
     code_version=asset_code_version("student_ckpt"),
@@ -221,9 +232,9 @@ def _require_cache_partitions(context: dg.AssetExecutionContext, cfg) -> None:
                 "trainer), cached (the logit_cache partitions) or network (a served teacher).",
     check_specs=[_loads_spec("student_ckpt")],
 )
-def student_ckpt(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
+def student_ckpt(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
                  teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource):
-    cfg = resolve_config(context, config, pipeline, teacher_endpoint.overrides(), wandb.overrides())
+    cfg = resolve_config(context, run_config(context), pipeline, teacher_endpoint.overrides(), wandb.overrides())
     _require_edges(cfg)
     upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_ckpt")
     if cfg.train.teacher_mode == "direct":
@@ -253,6 +264,7 @@ def student_hybrid_asset() -> dg.AssetsDefinition:
         name="student_hybrid",
         deps=_HYBRID_DEPS,
         group_name=GROUP,
+        config_schema=RUN_CONFIG,  # the run config, validated at launch
         kinds={"pytorch", "wandb"},
         owners=["team:modeling"],
         code_version=asset_code_version("student_hybrid"),
@@ -262,11 +274,11 @@ def student_hybrid_asset() -> dg.AssetsDefinition:
                     "trained like student_ckpt (same teacher mode, steps and tokens).",
         check_specs=[_loads_spec("student_hybrid")],
     )
-    def student_hybrid(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
+    def student_hybrid(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
                        teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource):
         from distill_dag.distill.student_run import hybrid_config, run_alignment
 
-        cfg = resolve_config(context, config, pipeline, teacher_endpoint.overrides(), wandb.overrides())
+        cfg = resolve_config(context, run_config(context), pipeline, teacher_endpoint.overrides(), wandb.overrides())
         if not cfg.hybrid.enabled:
             raise dg.Failure(description="student_hybrid: this run's config has hybrid.enabled false; set it (and "
                                          "hybrid.attention_layers) to train the hybrid student")

@@ -10,7 +10,7 @@ from dagster_duckdb import DuckDBResource
 from distill_dag.assets.common import asset_code_version, config_metadata, resolve_config, upstream_path
 from distill_dag.assets.data import tokenized_parquet, tokenizer
 from distill_dag.assets.partitions import data_shards
-from distill_dag.assets.run_config import DistillRunConfig
+from distill_dag.assets.run_config import RUN_CONFIG, run_config
 from distill_dag.resources import PipelineConfigResource, TeacherEndpointResource
 
 GROUP = "teacher"
@@ -31,6 +31,7 @@ def require_teacher(context: dg.AssetExecutionContext, cfg, this: str) -> None:
 @dg.asset(
     deps=[tokenized_parquet, tokenizer],
     group_name=GROUP,
+    config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"pytorch", "huggingface"},
     owners=["team:modeling"],
     code_version=asset_code_version("teacher_adapters"),
@@ -47,10 +48,10 @@ def require_teacher(context: dg.AssetExecutionContext, cfg, this: str) -> None:
                         "(a warning: the teacher is better, by less than planned)."),
     ],
 )
-def teacher_adapters(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource):
+def teacher_adapters(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource):
     from distill_dag.distill.teacher_finetune import finetune_teacher
 
-    cfg = resolve_config(context, config, pipeline)
+    cfg = resolve_config(context, run_config(context), pipeline)
     data = upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "teacher_adapters")
     tok = upstream_path(context, "tokenizer", cfg.tokenizer_dir, "teacher_adapters")
     m = finetune_teacher(cfg, data, cfg.teacher_ft_dir, tokenizer_dir=tok, log=context.log.info)
@@ -78,6 +79,7 @@ def teacher_adapters(context: dg.AssetExecutionContext, config: DistillRunConfig
     partitions_def=data_shards,
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     group_name=GROUP,
+    config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"pytorch", "numpy", "duckdb"},
     owners=["team:modeling"],
     code_version=asset_code_version("logit_cache"),
@@ -94,7 +96,7 @@ def teacher_adapters(context: dg.AssetExecutionContext, config: DistillRunConfig
                     "each record's tokens hash equals its data row's input ids. Blocking: a student would learn "
                     "the teacher's answers to other questions.")],
 )
-def logit_cache(context: dg.AssetExecutionContext, config: DistillRunConfig, pipeline: PipelineConfigResource,
+def logit_cache(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
                 teacher_endpoint: TeacherEndpointResource, duckdb: DuckDBResource):
     from distill_dag.distill.cache import layout
     from distill_dag.distill.cache.reader import check_shard
@@ -102,7 +104,7 @@ def logit_cache(context: dg.AssetExecutionContext, config: DistillRunConfig, pip
     from distill_dag.distill.cache.stats import cache_stats
 
     key = context.partition_key
-    cfg = resolve_config(context, config, pipeline, teacher_endpoint.overrides())
+    cfg = resolve_config(context, run_config(context), pipeline, teacher_endpoint.overrides())
     data = upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "logit_cache")
     require_teacher(context, cfg, "logit_cache")
     teacher_endpoint.export_token(cfg.teacher.token_env)

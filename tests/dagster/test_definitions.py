@@ -7,13 +7,13 @@ import pytest
 
 from distill_dag.definitions import defs
 
-ASSETS = {"raw_jsonl", "tokenizer", "tokenized_parquet", "teacher_adapters", "logit_cache", "student_aligned",
-          "student_ce_baseline", "student_ckpt", "eval_report"}
+ASSETS = {"raw_jsonl", "tokenizer", "tokenized_parquet", "teacher_adapters", "logit_cache",
+          "student_ce_baseline", "student_ckpt", "eval_report"}  # student_aligned: only with student.init from_teacher
 EDGES = {  # the demo config: cached KD student
     ("raw_jsonl", "tokenizer"), ("raw_jsonl", "tokenized_parquet"), ("tokenizer", "tokenized_parquet"),
     ("tokenized_parquet", "teacher_adapters"), ("tokenized_parquet", "logit_cache"), ("teacher_adapters", "logit_cache"),
     ("tokenized_parquet", "student_ckpt"), ("teacher_adapters", "student_ckpt"), ("logit_cache", "student_ckpt"),
-    ("tokenized_parquet", "student_ce_baseline"), ("teacher_adapters", "student_aligned"),
+    ("tokenized_parquet", "student_ce_baseline"),
     ("student_ckpt", "eval_report"), ("student_ce_baseline", "eval_report"),
 }
 
@@ -32,6 +32,7 @@ def test_graph_has_every_asset_and_lineage_edge():
         for dep in graph.get(k).parent_keys
     }
     assert EDGES <= edges
+    assert "student_aligned" not in keys  # the demo trains from scratch: "Materialize all" must not align a student
     assert not {p for p, c in edges if c == "student_ce_baseline"} & {"teacher_adapters", "logit_cache"}  # no teacher
 
 
