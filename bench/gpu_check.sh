@@ -4,7 +4,8 @@
 #      installed) + the 500M RetNet student (bf16 autocast, Triton retention, chunked sparse KD, k 512),
 #      at seq 1k (16 x 1024) and 4k (4 x 4096); in the same run the seed's way (fp32 teacher, full
 #      [tokens, V] logits, full-vocabulary KL through autograd) and fla's chunk_retention vs our Triton
-#      kernel (python bench/real_shapes.py --gpu; goal >= 40k tokens/s at seq 1k);
+#      kernel, and the hybrid student (every 4th layer softmax attention) at the same shapes
+#      (python bench/real_shapes.py --gpu; goal >= 40k tokens/s at seq 1k);
 #   2. the gpu-marked tests (Triton retention and KD-loss kernels against their references).
 # Never a test dependency: nothing in tests/ calls it.
 #

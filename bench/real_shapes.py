@@ -611,6 +611,35 @@ def gpu_throughput(a: argparse.Namespace) -> dict[str, Any]:
         print(f"  seq {T} x {B}: ours (grad_accum 1) {fmt(row['ours'])}; micro-batch alone {fmt(row['micro'])}{acc}; "
               f"teacher top-k alone {fmt(row['teacher_topk'])}; student fwd+bwd alone {fmt(row['student_step'])}",
               flush=True)
+    # the hybrid student (issue 34): the same 500M student with every 4th layer softmax attention (flash-attn on
+    # CUDA when installed, else SDPA), trained the same way at the same shapes
+    depth = student.config.num_hidden_layers
+    hyb_layers = list(range(3, depth, 4)) or [depth - 1]
+    hybrid = build_student(StudentConfig(variant=variant, retention_backend="auto", attention_layers=hyb_layers),
+                           V).to(dev).train()
+    h_loss, h_opt = StudentLoss(hybrid), build_optimizers(hybrid, tcfg)
+
+    def hybrid_step(batch: dict[str, Any]) -> None:
+        topk = direct.topk(batch)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            o = h_loss(batch, topk, temperature=tcfg.temperature, distill_alpha=tcfg.distill_alpha,
+                       tail=tcfg.tail, chunk_tokens=tcfg.loss_chunk_tokens)
+        o.loss.backward()
+        clip_grad_norm(hybrid, tcfg.grad_clip)
+        h_opt.step()
+        h_opt.zero_grad(set_to_none=True)
+
+    out["hybrid_layers"] = hyb_layers
+    for row in out["rows"]:
+        batch = packed_batch(row["batch"], row["seq"], V, dev)
+        row["hybrid"] = h = measure(lambda: hybrid_step(batch))
+        o = row["ours"]
+        ratio = f"; ratio hybrid/pure {o['s'] / h['s']:.2f}" if "s" in h and "s" in o else ""
+        print(f"  seq {row['seq']} x {row['batch']}: hybrid student (attention layers {hyb_layers}) "
+              + (f"{row['tokens'] / h['s']:,.0f} tok/s ({h['s'] * 1e3:.0f} ms"
+                 + (f", peak {h['peak_gib']:.1f} GiB)" if h.get("peak_gib") is not None else ")")
+                 if "s" in h else h["error"]) + ratio, flush=True)
+    del hybrid, h_loss, h_opt
     del direct
     teacher32 = copy.deepcopy(teacher).float()
     del teacher
