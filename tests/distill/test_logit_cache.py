@@ -286,3 +286,43 @@ def test_cache_stats_match_the_teachers_distribution(tmp_path, data, teacher):
     assert sum(h["fraction"] for h in st["coverage_histogram"]) == pytest.approx(1.0)
 
 
+
+
+def test_the_cache_records_its_teachers_fingerprint_and_refuses_another_teacher(tmp_path, data):
+    """Issue 30 (9): shard.json holds the fingerprint of the teacher folder that wrote it; a cache written
+    before fingerprints gets it on reuse (records untouched) and, without one, is still compared by the
+    teacher folder's full sha256; another teacher is refused naming both."""
+    from distill_dag.distill.teacher_model import teacher_fingerprint
+    from distill_dag.io import sha256_dir
+
+    a, b = tmp_path / "teacher_a", tmp_path / "teacher_b"
+    tiny_llama(seed=0).save_pretrained(a)
+    tiny_llama(seed=1).save_pretrained(b)
+    provider = DirectTeacher(tiny_llama(seed=0), K, name=str(a))
+    cache = tmp_path / "c"
+    write_logit_cache(provider, data, cache, K, 4)
+    header = cache / "train-00000" / layout.SHARD_HEADER
+    fp_a, fp_b = teacher_fingerprint(a)["hash"], teacher_fingerprint(b)["hash"]
+    assert json.loads(header.read_text())["teacher_fingerprint"]["hash"] == fp_a != fp_b
+
+    cached = CachedTeacher(cache, data, K)
+    assert "equals that of" in cached.check_teacher(a)
+    with pytest.raises(LogitCacheError, match=rf"written by teacher {a} \(fingerprint {fp_a[:16]}\), but "
+                                              rf"teacher.model_name_or_path is {b} \(fingerprint {fp_b[:16]}\).*"
+                                              r"`distill cache-logits`"):
+        cached.check_teacher(b)
+    assert cached.identity()["model"] == str(a) and cached.identity()["teacher_fingerprint"] == fp_a
+
+    # a cache of before fingerprints: compared by the whole folder's sha256, then given the fingerprint on reuse
+    for key in ("train-00000", "val-00001"):
+        h = cache / key / layout.SHARD_HEADER
+        h.write_text(json.dumps({k: v for k, v in json.loads(h.read_text()).items() if k != "teacher_fingerprint"}))
+    old = CachedTeacher(cache, data, K)
+    assert "weights sha256" in old.check_teacher(a)
+    with pytest.raises(LogitCacheError, match=rf"weights sha256 {sha256_dir(a)[:16]}.*{b} \(weights sha256 "
+                                              rf"{sha256_dir(b)[:16]}"):
+        old.check_teacher(b)
+    stamp = _records(cache, "train-00000").stat().st_mtime_ns
+    again = write_logit_cache(RowByRow(provider), data, cache, K, 4)
+    assert all(s.reused for s in again) and _records(cache, "train-00000").stat().st_mtime_ns == stamp
+    assert json.loads(header.read_text())["teacher_fingerprint"]["hash"] == fp_a
