@@ -91,3 +91,57 @@ def test_hybrid_stage_chooses_layers_by_kl_and_kd_starts_from_that_hybrid(tmp_pa
     card = json.loads((st.final_dir / "model_card.json").read_text())
     assert card["hybrid"]["attention_layers"] == [best]
     assert "restored to attention" in (st.final_dir / "README.md").read_text()
+
+
+FRESH = r'''
+import importlib.abc, json, sys
+
+
+class NoDistillDag(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "distill_dag" or name.startswith("distill_dag."):
+            raise ImportError(f"the shipped checkpoint code imported {name}")
+
+
+sys.meta_path.insert(0, NoDistillDag())
+import torch
+from transformers import AutoModelForCausalLM
+
+folder, ids_file, out_file = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+ids = torch.load(ids_file)
+with torch.no_grad():
+    torch.save({"logits": model(input_ids=ids).logits,
+                "gen": model.generate(ids[:1, :8], max_new_tokens=12, min_new_tokens=12, do_sample=False)}, out_file)
+print(json.dumps({"class": type(model).__module__, "layer_types": model.config.layer_types}))
+'''
+
+
+def test_a_hybrid_checkpoint_loads_through_trust_remote_code_alone(tmp_path, small_corpus, tiny_teacher_dir):
+    import os
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_from_dict(_hybrid_dict(tmp_path, small_corpus, tiny_teacher_dir, max_steps=2, save_interval=0,
+                                        autocast="off"))
+    final = train(cfg, data_dir=cfg.tokenized_dir).final_dir
+    ours = AutoModelForCausalLM.from_pretrained(str(final)).eval()  # in-package: distill_dag's classes
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, gen = ours(input_ids=ids).logits, ours.generate(ids[:1, :8], max_new_tokens=12, min_new_tokens=12,
+                                                             do_sample=False)
+    torch.save(ids, tmp_path / "ids.pt")
+    (tmp_path / "fresh.py").write_text(FRESH)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "fresh.py"), str(final), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["class"].startswith("transformers_modules.")
+    assert info["layer_types"] == ["linear_attention", "full_attention"]
+    got = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(got["logits"], ref, rtol=0, atol=1e-6)
+    assert torch.equal(got["gen"], gen)
