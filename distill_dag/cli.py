@@ -155,12 +155,14 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
         from distill_dag.data.pack import tokenize_stage
 
+        if a.skip_existing and a.force:
+            raise _config_error("--skip-existing and --force contradict each other (reuse unchanged inputs vs "
+                                "re-tokenize everything): give one of them")
         cfg = _load(a, _flag_overrides(a, {**PREPROCESS_FLAGS, "skip_existing": "tokenize.skip_existing",
                                            "force": "tokenize.force"}))
-        tok_dir = Path(a.tokenizer) if a.tokenizer else cfg.tokenizer_dir
-        if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "tokenizer_config.json").exists():
-            print(f"distill preprocess: no tokenizer in {tok_dir} (pass --tokenizer LOCAL_TOKENIZER_DIR)", file=sys.stderr)
-            return 2
+        from distill_dag.data.tokenizer import ensure_tokenizer
+
+        tok_dir = ensure_tokenizer(cfg, a.tokenizer, stage="preprocess")
         worker = None
         if a.worker is not None:
             try:
@@ -172,6 +174,8 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
         # errors (bad rows over the rate, disk full, a locked output, an input changing) reach main's one handler
         tokenize_stage(cfg, inputs=a.input, output_dir=a.output, tokenizer_dir=tok_dir, recursive=a.recursive,
                        worker=worker, progress=worker is None, log=print)
+        if worker is None:
+            print(f"  next: distill train --config CONFIG --tokenizer {tok_dir} (with data.tokenized_dir: {a.output})")
         return 0
 
     p.set_defaults(func=_checked(run, PREPROCESS_FLAGS))
@@ -313,7 +317,10 @@ def _add_finetune_teacher(sub: argparse._SubParsersAction) -> None:
         from distill_dag.distill.teacher_finetune import TrainingInterrupted, finetune_teacher
 
         try:
-            m = finetune_teacher(cfg, cfg.tokenized_dir, cfg.teacher_ft_dir, tokenizer_dir=cfg.tokenizer_dir,
+            from distill_dag.data.tokenizer import ensure_tokenizer
+
+            m = finetune_teacher(cfg, cfg.tokenized_dir, cfg.teacher_ft_dir,
+                                 tokenizer_dir=ensure_tokenizer(cfg, stage="finetune-teacher"),
                                  resume_from=a.resume_from, device=cfg.train.device)
         except TrainingInterrupted as err:
             print(str(err), file=sys.stderr)
@@ -381,6 +388,15 @@ def _seed_cache_flags(run: Callable[[argparse.Namespace], int]) -> Callable[[arg
     """The seed's ``cache_teacher_logits --data-path D --output-dir C`` as ``cache-logits`` flags."""
 
     def seeded(a: argparse.Namespace) -> int:
+        if a.config is None and a.model is None:
+            # every verb defaults to demo.yaml, whose teacher is built by the demo: a seed user gets a way forward
+            from distill_dag.config import load_config
+
+            if not load_config(None).teacher.model_name_or_path:
+                raise _config_error(
+                    f"distill {a.command}: no --config given, so the bundled demo.yaml is used, and it names no "
+                    "teacher. Give --config NEW.yaml (your seed config converted: `distill migrate-config OLD.yaml "
+                    "> NEW.yaml`) or --model TEACHER (hub id or folder)")
         if a.output_dir is not None:
             if a.output is not None and a.output != a.output_dir:
                 raise _config_error("--output and --output-dir (the seed's name) disagree: give one")
@@ -433,8 +449,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--enable-saddle-interventions", action="store_true", default=None)
     p.add_argument("--pretrain-ce-only", action="store_true", default=None, help="CE only: no teacher is loaded")
-    p.add_argument("--resume-from", help="a checkpoint dir or a run dir (follows checkpoint_latest)")
+    p.add_argument("--resume-from", help="a checkpoint dir or a run dir (follows checkpoint_latest); the seed's "
+                   "RUN/checkpoint_latest.pt means RUN")
     p.add_argument("--output-dir", help="run folder (default runs/<teacher_mode>/)")
+    p.add_argument("--tokenizer", default=None, metavar="LOCAL_TOKENIZER_DIR",
+                   help="the tokenizer the shards were built with (tokenizer.dir; default: <data.root>/tokenizer, "
+                        "fetched from tokenizer.name_or_path when missing)")
     p.add_argument("--log-interval", type=int)
     p.add_argument("--eval-interval", type=int, help="0 = never")
     p.add_argument("--teacher-mode", choices=["direct", "cached", "network"])
@@ -447,6 +467,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                      "teacher_mode", "parallel"):
             _set(o, f"train.{flag}", getattr(a, flag))
         _set(o, "train.muon_learning_rate", a.muon_learning_rate)
+        _set(o, "train.resume_from", _seed_resume(a.resume_from))
+        _set(o, "tokenizer.dir", a.tokenizer)
         cfg = _load(a, o)  # every flag checked by the config model, naming its key
         if a.learning_rate is not None and a.muon_learning_rate is None and cfg.train.optimizer == "muon":
             file_lr = _load(a).train
@@ -457,6 +479,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                   f"Muon lr scaled by the same factor {scale:g}: {file_lr.muon_learning_rate:g} -> "
                   f"{cfg.train.muon_learning_rate:g} (--muon-learning-rate sets it apart)", flush=True)
         _check_data(cfg)
+        from distill_dag.data.tokenizer import ensure_tokenizer
+
+        ensure_tokenizer(cfg, a.tokenizer)
         from distill_dag.distill.student_run import run_student
 
         out = run_student(cfg)
@@ -473,6 +498,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _seed_resume(path: str | None) -> str | None:
+    """The seed resumed from ``runs/<mode>/checkpoint_latest.pt``; ours from the run folder (which follows
+    its checkpoint_latest): the seed's file name maps to the folder beside it."""
+    from pathlib import Path
+
+    if path is None or not path.endswith(".pt"):
+        return path
+    p = Path(path)
+    if p.name == "checkpoint_latest.pt" and p.parent.is_dir():
+        print(f"--resume-from {path}: the seed's checkpoint file; resuming from its run folder {p.parent} "
+              "(follows checkpoint_latest)", file=sys.stderr)
+        return str(p.parent)
+    raise _config_error(f"--resume-from {path}: a .pt file is the seed's checkpoint format, which this project does "
+                        f"not read; give a checkpoint folder of ours or the run folder ({p.parent}), which resumes "
+                        "from its checkpoint_latest")
 
 
 def _check_data(cfg: PipelineConfig) -> None:
@@ -546,6 +588,10 @@ def _add_migrate_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrate-config", help="turn a seed-style flat config into this project's: "
                                               "distill migrate-config OLD.yaml > NEW.yaml (the mapping on stderr)")
     p.add_argument("old", metavar="OLD.yaml", help="the seed config (model_variant, max_seq_length, ...)")
+    p.add_argument("-o", "--output", default=None, metavar="NEW.yaml",
+                   help="write NEW.yaml there, with paths relative to its folder (default: stdout, paths absolute); "
+                        "either way they point where the seed's pointed: relative to its project root, the "
+                        "current directory")
 
     def run(a: argparse.Namespace) -> int:
         from pathlib import Path
@@ -565,14 +611,22 @@ def _add_migrate_config(sub: argparse._SubParsersAction) -> None:
 
             sys.stdout.write(read_text_bounded(old, MAX_CONFIG_BYTES, "YAML config file"))
             return 0
-        new, report = migrate(seed)
+        target = Path(a.output).resolve() if a.output else None
+        new, report = migrate(seed, root=Path.cwd(), new_dir=target.parent if target else None)
         print(f"distill migrate-config {a.old}:", file=sys.stderr)
         for line in report:
             print(line, file=sys.stderr)
-        sys.stdout.write(f"# migrated from {old.name} by `distill migrate-config` (the mapping: README, Seed users)\n")
-        sys.stdout.write(yaml.safe_dump(new, sort_keys=False))
-        try:  # the result must load as written next to OLD.yaml
-            config_from_dict(new, f"migrated from {a.old}", base_dir=old.parent)
+        text = (f"# migrated from {old.name} by `distill migrate-config` (the mapping: README, Seed users)\n"
+                + yaml.safe_dump(new, sort_keys=False))
+        if target is not None:
+            from distill_dag.io import write_bytes_atomic
+
+            write_bytes_atomic(target, text.encode())
+            print(f"wrote {target}; next: distill train --config {a.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        try:  # the result must load where it is written (stdout: its paths are absolute)
+            config_from_dict(new, f"migrated from {a.old}", base_dir=target.parent if target else Path.cwd())
         except ConfigError as err:
             print(f"the migrated config does not load yet; fix these keys:\n{err}", file=sys.stderr)
             return 1

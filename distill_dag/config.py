@@ -188,6 +188,8 @@ class TokenizerConfig(Section):
                           le=1 << 40)
     dir: str | None = _f(None, "The local tokenizer folder every stage reads (null: <data.root>/tokenizer); when it "
                                "holds no tokenizer, name_or_path is fetched/copied into it", json_schema_extra=PATH)
+    dir: str | None = _f(None, "The local tokenizer folder every stage reads (null: <data.root>/tokenizer); when it "
+                               "holds no tokenizer, name_or_path is fetched/copied into it", json_schema_extra=PATH)
 
 
 class TokenizeConfig(Section):
@@ -668,10 +670,12 @@ def _hint(key: str) -> str:
     leaf = key.rsplit(".", 1)[-1]
 
     if leaf in SEED_KEYS:
-        target = SEED_KEYS[leaf][0]
+        target, note = SEED_KEYS[leaf]
         if target:
-            return (f"a seed config key: did you mean `{target}`? (`distill migrate-config OLD.yaml > NEW.yaml` "
-                    f"converts a whole seed config)")
+            # the note says when the meaning differs (distill_alpha is inverted): porting by hand flips it otherwise
+            meaning = "" if note == "same meaning" else f" ({note})"
+            return (f"a seed config key: did you mean `{target}`?{meaning} (`distill migrate-config OLD.yaml > "
+                    f"NEW.yaml` converts a whole seed config)")
         return f"a seed config key with no equivalent here: {SEED_KEYS[leaf][1]}"
     where = [k for k in _field_index().get(leaf, []) if k != key]
     if where:

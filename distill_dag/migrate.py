@@ -7,6 +7,7 @@ turned into this project's sectioned config, with the mapping and what has no eq
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +27,18 @@ _DROPPED: dict[str, str] = {
 }
 
 
+# seed keys whose value is a path: relative to the seed's project root (the current directory when it ran)
+_PATH_KEYS = ("train_data_path", "cache_dir", "output_dir", "teacher_adapter_path", "resume_from")
+# name-or-path keys: a local folder when it exists under the root or is spelled as a path, else a hub id
+_NAME_OR_PATH_KEYS = ("teacher_model", "tokenizer_name")
+
+
 def _value(key: str, v: Any, notes: list[str]) -> Any:
+    if key == "cache_logits":
+        return "cached"
+    if key == "resume_from" and isinstance(v, str) and Path(v).name == "checkpoint_latest.pt":
+        notes.append(f"  resume_from: {v!r} -> its run folder (ours follows the folder's checkpoint_latest)")
+        return str(Path(v).parent)
     if key == "distill_alpha" and isinstance(v, (int, float)) and not isinstance(v, bool):
         return round(1.0 - float(v), 12)
     if key == "device" and isinstance(v, str) and v.startswith("cuda:"):
@@ -55,19 +67,48 @@ def _put(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[leaf] = value
 
 
-def migrate(seed: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """``(our config dict, report lines)`` for a seed-style flat config dict."""
+def _local(v: str, root: Path) -> bool:
+    return v.startswith(("/", "./", "../", "~")) or (root / v).exists()
+
+
+def _relocate(v: str, root: Path, new_dir: Path | None) -> str:
+    """``v`` (relative to the seed's ``root``) as written in NEW.yaml: relative to ``new_dir`` when known,
+    else absolute, so it points at the same file wherever NEW.yaml is written."""
+    p = Path(os.path.expanduser(v))
+    p = p if p.is_absolute() else root / p
+    p = Path(os.path.normpath(p))
+    return os.path.relpath(p, new_dir) if new_dir is not None else str(p)
+
+
+def migrate(seed: dict[str, Any], root: str | os.PathLike | None = None,
+            new_dir: str | os.PathLike | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``(our config dict, report lines)`` for a seed-style flat config dict.
+
+    ``root``: the seed's project root, against which its relative paths were resolved (default: the
+    current directory, where the seed's scripts ran). ``new_dir``: the folder NEW.yaml is written to; paths
+    are written relative to it, or absolute when it is not known (NEW.yaml on stdout), so they point where the
+    seed's pointed wherever NEW.yaml lands."""
     flat = _flatten(seed)
+    root_p = Path(root if root is not None else Path.cwd()).resolve()
+    new_p = Path(new_dir).resolve() if new_dir is not None else None
     out: dict[str, Any] = {}
     mapped, dropped, notes = [], [], []
     for k, v in flat.items():
         target, why = SEED_KEYS.get(k, (None, _DROPPED.get(k, _NO_EQUIVALENT_DEFAULT)))
+        if k == "cache_logits" and v is not True:
+            target, why = None, "false: the teacher runs as train.teacher_mode says"
+        if k == "teacher_mode" and flat.get("cache_logits") is True and v != "cached":
+            notes.append(f"  teacher_mode: {v!r} ignored: cache_logits: true trains from the cache (teacher_mode: "
+                         "cached)")
+            continue
         if target is None:
             if k == "val_data_path" and v is not None and v == flat.get("train_data_path"):
                 why = "same folder as train_data_path: its val split is used"
             dropped.append(f"  {k}: {v!r}  ({why})")
             continue
         new = _value(k, v, notes)
+        if isinstance(new, str) and (k in _PATH_KEYS or k in _NAME_OR_PATH_KEYS and _local(new, root_p)):
+            new = _relocate(new, root_p, new_p)
         _put(out, target, new)
         shown = f"{v!r} -> {new!r}" if new != v else repr(v)
         mapped.append(f"  {k:<28} -> {target:<32} {shown}  ({why})")
@@ -81,20 +122,23 @@ def migrate(seed: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         except (TypeError, ValueError):
             pass
     if "teacher_model" in flat and "tokenizer_name" not in flat and flat["teacher_model"]:
-        _put(out, "tokenizer.name_or_path", flat["teacher_model"])
-        notes.append(f"  tokenizer.name_or_path set to the teacher ({flat['teacher_model']!r}): KD needs the "
-                     "teacher's tokenizer")
+        tok = out.get("teacher", {}).get("model_name_or_path", flat["teacher_model"])
+        _put(out, "tokenizer.name_or_path", tok)
+        notes.append(f"  tokenizer.name_or_path set to the teacher ({tok!r}): KD needs the teacher's tokenizer; "
+                     "every stage fetches it into <data.root>/tokenizer when that folder is missing")
+    if "train_data_path" in flat:  # raw/, tokenizer/ under the seed's data/ folder, as its QUICKSTART lays them out
+        _put(out, "data.root", _relocate("data", root_p, new_p))
+    if flat.get("cache_logits") is True:
+        notes.append("  cache_logits: true -> train.teacher_mode: cached: fill the cache first with `distill "
+                     "cache-logits --config NEW.yaml`, then `distill train --config NEW.yaml` reads it")
     if flat.get("use_pretokenized_data") is False:
         notes.append("  use_pretokenized_data was false: tokenize the raw JSONL first, `distill preprocess --input RAW "
                      "--output DATA_DIR --tokenizer TOK`, and point data.tokenized_dir at DATA_DIR")
-    if "train_data_path" in flat:
-        notes.append("  the tokenizer is read from <data.root>/tokenizer: build it with `distill tokenizer --output "
-                     "<data.root>/tokenizer ...` or set data.root to the folder that holds it")
-    paths = [k for k in ("train_data_path", "cache_dir", "output_dir", "teacher_adapter_path", "resume_from")
-             if isinstance(flat.get(k), str) and not Path(flat[k]).is_absolute()]
+    paths = [k for k in _PATH_KEYS if isinstance(flat.get(k), str) and not Path(flat[k]).is_absolute()]
     if paths:
-        notes.append(f"  relative paths ({', '.join(paths)}) now resolve against the new config file's folder (the "
-                     "seed resolved them against its project root): keep NEW.yaml where they still point right")
+        where = f"relative to {new_p}" if new_p is not None else "absolute"
+        notes.append(f"  relative paths ({', '.join(paths)}) were relative to the seed's project root {root_p}; "
+                     f"written {where}, so they point at the same files wherever NEW.yaml is")
     report = ["seed key                        our key                          value  (note)", *mapped]
     if dropped:
         report += ["no equivalent (dropped):", *dropped]

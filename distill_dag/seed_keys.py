@@ -10,8 +10,8 @@ SEED_KEYS: dict[str, tuple[str | None, str]] = {
     "max_seq_length": ("tokenize.max_seq_length", "row length of the packed data, checked against the manifest"),
     "teacher_model": ("teacher.model_name_or_path", "hub name or local folder"),
     "teacher_topk": ("train.teacher_topk", "same meaning"),
-    "distill_alpha": ("train.distill_alpha", "the seed's alpha weights the hard CE, ours weights the KL: "
-                                             "written as 1 - alpha"),
+    "distill_alpha": ("train.distill_alpha", "its meaning is inverted: the seed's alpha weights the hard CE, "
+                                             "ours weights the KL, so ours = 1 - the seed's"),
     "train_data_path": ("data.tokenized_dir", "the packed folder (manifest.json + shards) of `distill preprocess`"),
     "val_data_path": (None, "the val split lives in the same manifest as train (tokenize.val_fraction at "
                             "preprocess time); preprocess train and val into one folder"),
@@ -20,8 +20,8 @@ SEED_KEYS: dict[str, tuple[str | None, str]] = {
     "use_pretokenized_data": (None, "training always reads pretokenized shards (data.tokenized_dir); raw JSONL "
                                     "goes through `distill preprocess` first"),
     "teacher_adapter_path": ("teacher.adapter_path", "peft adapter folder"),
-    "cache_logits": (None, "the logit cache is its own stage: the partitioned logit_cache asset or `distill "
-                           "cache-logits`; then train with train.teacher_mode: cached"),
+    "cache_logits": ("train.teacher_mode", "true -> cached: train from the logit cache (logit_cache.dir), filled "
+                                           "by `distill cache-logits` or the logit_cache asset; false -> dropped"),
     "cache_dir": ("logit_cache.dir", "the logit cache folder"),
     # the other common seed keys
     "teacher_mode": ("train.teacher_mode", "direct | cached | network"),

@@ -215,3 +215,39 @@ def tokenizer_name(tokenizer_dir: str | os.PathLike) -> str:
         except json.JSONDecodeError:
             pass
     return str(tokenizer_dir)
+
+
+def has_tokenizer(d: str | os.PathLike) -> bool:
+    d = Path(d)
+    return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
+
+
+def ensure_tokenizer(cfg: Any, explicit: str | os.PathLike | None = None, *, stage: str = "train") -> Path:
+    """The local tokenizer folder a stage reads: the one resolution every verb shares.
+
+    1. ``explicit`` (a ``--tokenizer`` flag), which must hold a tokenizer;
+    2. ``cfg.tokenizer_dir`` (``tokenizer.dir``, else ``<data.root>/tokenizer``) when it holds one;
+    3. else ``tokenizer.name_or_path`` (hub id or local folder, as a migrated seed config names the
+       teacher's), fetched or copied into ``cfg.tokenizer_dir`` by :func:`resolve_tokenizer`, so the
+       next stage finds the same files and the same hash.
+    Otherwise a ``ConfigError`` naming the folder and the three ways to give one."""
+    if explicit is not None:
+        d = Path(explicit)
+        if not has_tokenizer(d):
+            raise FileNotFoundError(f"--tokenizer {explicit}: no tokenizer.json / tokenizer_config.json in {d.resolve()}; "
+                                    "give a folder saved by `distill tokenizer` (or save_pretrained)")
+        return d
+    d = cfg.tokenizer_dir
+    if has_tokenizer(d):
+        return d
+    name = cfg.tokenizer.name_or_path
+    if name:
+        path, _ = resolve_tokenizer(cfg.tokenizer, None, d)
+        return path
+    from distill_dag.config import ConfigError  # a setup problem with a fix: the CLI's exit code 2
+
+    given = "the folder `distill preprocess` was given" if stage != "preprocess" else "a saved tokenizer folder"
+    raise ConfigError(
+        f"no tokenizer in {d} and tokenizer.name_or_path is not set. Give one: `distill {stage} --tokenizer DIR` "
+        f"({given}), tokenizer.name_or_path: <hub id or folder> in the config (fetched into {d}), or build it "
+        f"with `distill tokenizer --output {d} ...`")

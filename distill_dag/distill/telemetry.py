@@ -34,6 +34,12 @@ _NOT_IN_GROUP = ("pretrain_ce_only", "resume_from", "output_dir", "ce_only_basel
 def wandb_mode(cfg: WandbConfig) -> str:
     if cfg.mode != "auto":
         return cfg.mode
+    # wandb's own switch, as seed users (and wandb's docs) set it, is honoured before the key's presence
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("disabled", "offline", "online"):
+        return env
+    if env == "dryrun":
+        return "offline"
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 

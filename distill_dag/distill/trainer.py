@@ -124,7 +124,8 @@ def _tokenizer_hash(tokenizer_dir: str | Path) -> str:
     if not ((d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists()):
         raise FileNotFoundError(
             f"{d} holds no tokenizer (no tokenizer.json / tokenizer_config.json): pass the tokenizer the shards were "
-            "built with (<data.root>/tokenizer, written by `distill preprocess`)"
+            "built with (`distill train --tokenizer DIR`, the folder given to `distill preprocess --tokenizer`; or "
+            "tokenizer.dir / tokenizer.name_or_path in the config)"
         )
     return tokenizer_hash(d)
 
@@ -234,6 +235,10 @@ def train(
         tags=[job, tc.teacher_mode if teacher is not None else "no_teacher", cfg.student.variant, cfg.student.init],
         start_step=step,
     )
+    if teacher is not None:  # which teacher (and adapter) this run distils from, in the log and metrics.jsonl
+        tel.event(step, "teacher", mode=tc.teacher_mode, provider=(lin["teacher"] or {}).get("provider"),
+                  model=str(teacher_model_path or cfg.teacher.model_name_or_path),
+                  adapter=str(cfg.teacher.adapter_path) if cfg.teacher.adapter_path else "none")
     if transition:
         tel.event(step, "transition_ce_to_kd", from_checkpoint=str(resume_dir), teacher_mode=tc.teacher_mode,
                   max_steps=tc.max_steps)

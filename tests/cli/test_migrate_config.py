@@ -51,9 +51,10 @@ def test_every_seed_headline_key_is_known():
     assert all(k in SEED_KEYS for k in SEED_TWELVE)
 
 
-def test_migrate_maps_and_explains(tmp_path, capsys):
+def test_migrate_maps_and_explains(tmp_path, capsys, monkeypatch):
     old = tmp_path / "train_direct.yaml"
     old.write_text(SEED_TRAIN_DIRECT)
+    monkeypatch.chdir(tmp_path)  # the seed's project root
     assert main(["migrate-config", str(old)]) == 0
     captured = capsys.readouterr()
     new = yaml.safe_load(captured.out)
@@ -61,8 +62,8 @@ def test_migrate_maps_and_explains(tmp_path, capsys):
     assert new["train"]["distill_alpha"] == pytest.approx(0.8)  # the seed's alpha weights CE, ours KL
     assert new["train"]["grad_accum"] == 256 and new["train"]["batch_size"] == 1
     assert new["train"]["min_lr_ratio"] == pytest.approx(0.1)
-    assert new["data"]["tokenized_dir"] == "data/distillation_preprocessed"
-    assert new["logit_cache"]["dir"] == "data/teacher_cache/"
+    assert new["data"]["tokenized_dir"] == str(tmp_path / "data/distillation_preprocessed")  # NEW.yaml on stdout:
+    assert new["logit_cache"]["dir"] == str(tmp_path / "data/teacher_cache")  # absolute, from the seed's root
     assert new["tokenizer"]["name_or_path"] == "meta-llama/Llama-3.2-1B"
     assert new["train"]["saddle_cooldown"] == 250
     err = captured.err
@@ -72,7 +73,7 @@ def test_migrate_maps_and_explains(tmp_path, capsys):
         assert "(" in line  # with the reason
     (tmp_path / "new.yaml").write_text(captured.out)
     cfg = load_config(tmp_path / "new.yaml")
-    assert cfg.tokenized_dir == tmp_path / "data" / "distillation_preprocessed"  # relative to the new file
+    assert cfg.tokenized_dir == tmp_path / "data" / "distillation_preprocessed"  # where the seed's pointed
 
 
 def test_unknown_variant_is_reported_not_silently_dropped(tmp_path, capsys):
@@ -101,6 +102,7 @@ def test_a_migrated_seed_config_trains(tmp_path, monkeypatch, small_corpus, tiny
                 log_interval=1)
     seed.pop("saddle_escape")
     (root / "old.yaml").write_text(yaml.safe_dump(seed))
+    monkeypatch.chdir(root)  # the seed's project root: its relative paths were relative to it
     assert main(["migrate-config", str(root / "old.yaml")]) == 0
     new = yaml.safe_load(capsys.readouterr().out)
     new["tokenizer"] = {"name_or_path": None}  # the teacher folder holds no tokenizer: the corpus' BPE it is

@@ -34,7 +34,8 @@ def test_preprocess_without_a_tokenizer_says_how_to_fix(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  root: {tmp_path / 'data'}\n")
     assert main(["preprocess", "--config", str(cfg), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 2
-    assert "--tokenizer LOCAL_TOKENIZER_DIR" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "distill preprocess --tokenizer DIR" in err and "tokenizer.name_or_path" in err
 
 
 def test_preprocess_and_tokenize_stage_run_the_stage_with_the_same_config_defaults(tmp_path, word_tokenizer,

@@ -30,6 +30,15 @@ def _config_vocab(name: str | Path | None) -> int | None:
     return int(getattr(cfg, "vocab_size", 0) or 0) or None
 
 
+URL_ENV = "DISTILL_TEACHER_URL"
+
+
+def teacher_url(t: Any) -> str:
+    """The network teacher's base URL: ``DISTILL_TEACHER_URL`` when set (the Dagster code location, the CLI and
+    the cache stage alike), else ``teacher.url``."""
+    return os.environ.get(URL_ENV, "").strip() or t.url
+
+
 def make_teacher(
     cfg: Any,
     device: torch.device | str,
@@ -66,13 +75,13 @@ def make_teacher(
         if t.api == "topk":
             from distill_dag.distill.teachers.network import NetworkTeacher
 
-            teacher = NetworkTeacher(t.url, k, t.timeout_s, t.max_retries, t.backoff_s, t.batch_rows, token)
+            teacher = NetworkTeacher(teacher_url(t), k, t.timeout_s, t.max_retries, t.backoff_s, t.batch_rows, token)
         else:
             from distill_dag.distill.teachers.vllm import VLLMTeacher
 
             # vLLM does not report the vocabulary: read it from the teacher's config, else trust the student's
             vocab = _config_vocab(model_path or t.model_name_or_path) or student_vocab
-            teacher = VLLMTeacher(t.url, k, t.timeout_s, t.max_retries, t.backoff_s, t.batch_rows, token,
+            teacher = VLLMTeacher(teacher_url(t), k, t.timeout_s, t.max_retries, t.backoff_s, t.batch_rows, token,
                                   model=t.vllm_model, vocab_size=vocab)
     else:  # pragma: no cover - the config's Literal forbids it
         raise TeacherError(f"train.teacher_mode {mode!r} is not one of direct, cached, network")
