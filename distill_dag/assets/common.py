@@ -250,3 +250,33 @@ def _cell(v: Any, kind: str) -> Any:
     if kind == "string":
         return str(v)
     return v
+
+
+def _round(v: Any, digits: int) -> Any:
+    if isinstance(v, float) and v == v and abs(v) not in (float("inf"),):
+        return float(f"{v:.{digits}g}")
+    if isinstance(v, dict):
+        return {k: _round(x, digits) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_round(x, digits) for x in v]
+    return v
+
+
+def rounded(metadata: dict[str, Any], digits: int = 5) -> dict[str, Any]:
+    """Metadata with floats at ``digits`` significant digits (plain floats, float and JSON metadata values):
+    a loss read off the UI as 4.2652, not 4.265239399657832. Rounded here, at the metadata boundary, so the
+    files on disk keep full precision."""
+    out: dict[str, Any] = {}
+    for k, v in metadata.items():
+        if isinstance(v, float):
+            out[k] = _round(v, digits)
+        elif isinstance(v, dg.FloatMetadataValue) and v.value is not None:
+            out[k] = dg.MetadataValue.float(_round(float(v.value), digits))
+        elif isinstance(v, dg.JsonMetadataValue):
+            out[k] = dg.MetadataValue.json(_round(v.value, digits))
+        elif isinstance(v, dict) and not isinstance(v, dg.MetadataValue):
+            out[k] = dg.MetadataValue.json(_round(v, digits))
+        else:
+            out[k] = v
+    return out
+

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill_dag.assets.common import asset_code_version, config_metadata, md_image, resolve_config, table, upstream_path
+from distill_dag.assets.common import (
+    asset_code_version, config_metadata, md_image, resolve_config, rounded, table, upstream_path,
+)
 from distill_dag.assets.run_config import RUN_CONFIG, run_config
 from distill_dag.assets import student as _students
 from distill_dag.assets.student import student_ce_baseline, student_ckpt
@@ -54,7 +56,9 @@ def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineConfigResou
     r = evaluate_run(cfg, checkpoint=ckpt, log=context.log.info)
     metadata = {"path": dg.MetadataValue.path(str(r["out_dir"])),
                 "report": dg.MetadataValue.path(str(r["report_path"])),
-                "perplexity": table(r["perplexity_rows"])}
+                # model and ppl first: the UI's table scrolls sideways and hid the ppl column at the end
+                "perplexity": table([{"model": row.get("model"), "ppl": row.get("ppl"), **row}
+                                     for row in r["perplexity_rows"]])}
     for key in ("niah_png", "niah_teacher_png", "loss_png", "long_context_png", "niah_compare_png"):
         if r.get(key):
             metadata[key.removesuffix("_png")] = md_image(Path(r[key]).read_bytes(), key)
@@ -69,7 +73,7 @@ def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineConfigResou
     if r.get("lm_eval_rows"):
         metadata["lm_eval"] = table(r["lm_eval_rows"])
         metadata["lm_eval_mean_share"] = {k: v for k, v in r["lm_eval_mean_share"].items() if v is not None}
-    yield dg.MaterializeResult(metadata=metadata | config_metadata(cfg, "eval"))
+    yield dg.MaterializeResult(metadata=rounded(metadata | config_metadata(cfg, "eval")))
     warn = dg.AssetCheckSeverity.WARN
     # at the training length: beyond it a Llama's RoPE extrapolates (the long-context section shows how far)
     t_acc, s_acc = r.get("niah_teacher_accuracy_at_train_len"), r.get("niah_accuracy_at_train_len")

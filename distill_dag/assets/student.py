@@ -19,7 +19,9 @@ from typing import Any
 
 import dagster as dg
 
-from distill_dag.assets.common import asset_code_version, config_metadata, location_config, md_image, resolve_config, table, upstream_path
+from distill_dag.assets.common import (
+    asset_code_version, config_metadata, location_config, md_image, resolve_config, rounded, table, upstream_path,
+)
 from distill_dag.assets.data import tokenized_parquet, tokenizer
 from distill_dag.assets.partitions import DATA_SHARDS
 from distill_dag.assets.run_config import RUN_CONFIG, run_config
@@ -172,7 +174,9 @@ def student_ce_baseline(context: dg.AssetExecutionContext, pipeline: PipelineCon
     cfg = resolve_config(context, run_config(context), pipeline, wandb.overrides())
     upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_ce_baseline")
     metadata, final = _train(context, cfg, "ce_only")
-    yield dg.MaterializeResult(data_version=_final_version(final), metadata=metadata | config_metadata(cfg, "student", "train"))
+    metadata["loss_curves"] = _curves_md(context, metadata, "CE only", None)
+    yield dg.MaterializeResult(data_version=_final_version(final),
+                               metadata=rounded(metadata | config_metadata(cfg, "student", "train")))
     yield _check_loads(cfg, final)
 
 
@@ -246,8 +250,10 @@ def student_ckpt(context: dg.AssetExecutionContext, pipeline: PipelineConfigReso
     url = wandb.log_checkpoint(_wandb_id(metadata), final, "student_ckpt")
     if url:
         metadata["wandb"] = dg.MetadataValue.url(url)
+    # its own curves in its own metadata (not under a check's "Show Markdown"), beside the CE-only student's
+    metadata["loss_curves"] = _curves_md(context, metadata, "KD", "student_ce_baseline")
     yield dg.MaterializeResult(data_version=_final_version(final),
-                               metadata=metadata | config_metadata(cfg, "student", "train", "teacher"))
+                               metadata=rounded(metadata | config_metadata(cfg, "student", "train", "teacher")))
     yield _check_loads(cfg, final)
 
 
@@ -298,8 +304,9 @@ def student_hybrid_asset() -> dg.AssetsDefinition:
         if al.layer_gains:
             gains["layer_choice"] = table([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                                            for r in al.layer_gains])
+        metadata["loss_curves"] = _curves_md(context, metadata, "hybrid", "student_ckpt")
         yield dg.MaterializeResult(data_version=_final_version(final),
-                                   metadata=metadata | gains | config_metadata(cfg, "hybrid", "train", "align"))
+                                   metadata=rounded(metadata | gains | config_metadata(cfg, "hybrid", "train", "align")))
         yield _check_loads(cfg, final)
 
     return student_hybrid
@@ -322,7 +329,20 @@ def _history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def _latest_meta(context: dg.AssetCheckExecutionContext, asset: str) -> dict[str, Any] | None:
+def _curves_md(context: Any, metadata: dict[str, dg.MetadataValue], name: str, beside: str | None) -> dg.MetadataValue:
+    """This run's curves as a metadata image, like beside like (train CE, held-out CE, KL on its own axis),
+    with ``beside``'s latest run (the CE-only student) on the same axes when it has one."""
+    from distill_dag.eval.plots import panels_png, training_panels
+
+    runs = {name: _history(Path(str(metadata["run_dir"].value)))}
+    other = _latest_meta(context, beside) if beside else None
+    if other and other.get("run_dir"):
+        runs[{"student_ce_baseline": "CE only", "student_ckpt": "KD"}.get(beside, beside)] = _history(
+            Path(str(other["run_dir"])))
+    return md_image(panels_png(training_panels(runs), width=3.3, height=3.0), f"{name} loss curves")
+
+
+def _latest_meta(context: Any, asset: str) -> dict[str, Any] | None:
     ev = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
     if ev is None or ev.asset_materialization is None:
         return None
@@ -337,7 +357,7 @@ def _latest_meta(context: dg.AssetCheckExecutionContext, asset: str) -> dict[str
                 "train CE, val CE beside val CE, and the KD term on its own axis.",
 )
 def kd_beats_ce_only(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    from distill_dag.eval.plots import panels_png, series
+    from distill_dag.eval.plots import panels_png, training_panels
 
     kd, ce = _latest_meta(context, "student_ckpt"), _latest_meta(context, "student_ce_baseline")
     if kd is None or ce is None:
@@ -346,18 +366,15 @@ def kd_beats_ce_only(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRes
                                    description=f"{missing} has not been materialized: nothing to compare")
     same = kd.get("tokens") == ce.get("tokens") and kd.get("steps") == ce.get("steps")
     hk, hc = _history(Path(str(kd["run_dir"]))), _history(Path(str(ce["run_dir"])))
-    png = panels_png([
-        ("train cross-entropy", "nats/token", {"KD": series(hk, "train", "ce"), "CE only": series(hc, "train", "ce")}),
-        ("held-out cross-entropy", "nats/token", {"KD": series(hk, "val", "val_loss"), "CE only": series(hc, "val", "val_loss")}),
-        ("KD term (KL to the teacher)", "nats/token", {"KD": series(hk, "train", "kl")}),
-    ])
+    png = panels_png(training_panels({"KD": hk, "CE only": hc}), width=3.3, height=3.0)
     kd_val, ce_val = kd.get("val_loss"), ce.get("val_loss")
     passed = same and kd_val is not None and ce_val is not None and kd_val < ce_val
-    detail = (f"held-out CE: KD {kd_val} vs CE-only {ce_val}" if same else
+    detail = (f"held-out CE: KD {kd_val:.4f} vs CE-only {ce_val:.4f}" if same and None not in (kd_val, ce_val) else
+              "held-out CE missing from a run's metadata" if same else
               f"not comparable: KD ran {kd.get('steps')} steps / {kd.get('tokens')} tokens, CE-only "
               f"{ce.get('steps')} / {ce.get('tokens')}")
     return dg.AssetCheckResult(
         passed=bool(passed), severity=dg.AssetCheckSeverity.WARN, description=detail,
-        metadata={k: v for k, v in {"kd_val_loss": kd_val, "ce_only_val_loss": ce_val, "tokens": kd.get("tokens"),
-                                    "comparison": md_image(png, "KD vs CE-only")}.items() if v is not None},
+        metadata=rounded({k: v for k, v in {"kd_val_loss": kd_val, "ce_only_val_loss": ce_val, "tokens": kd.get("tokens"),
+                                            "comparison": md_image(png, "KD vs CE-only")}.items() if v is not None}),
     )

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from distill_dag.eval.plots import pyplot, save_png
+from distill_dag.eval.plots import STYLES, figsize, plot_lines, pyplot, save_png
 
 MULTIPLES = (1, 2, 4, 8)
 
@@ -247,19 +247,17 @@ def plot_long_context(ppl: dict[str, Any], cost: dict[str, list[dict[str, Any]]]
     """One PNG: NLL by position bucket, NLL by context length, and (with ``cost``) cache MB and ms/token."""
     plt = pyplot()
     n = 3 if cost else 2
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
+    fig, axes = plt.subplots(1, n, figsize=figsize(3.3 * n, 3.4))  # <= ~1000 px: the UI pop-up is 1280 px
     T = ppl["train_len"]
     e = ppl["bucket_edges"]
     mids = [(lo + hi) / 2 for lo, hi in zip(e[:-1], e[1:])]
-    for name, vals in ppl["by_position"].items():
-        axes[0].plot(mids, vals, marker="o", label=name)
+    plot_lines(axes[0], {name: list(zip(mids, vals)) for name, vals in ppl["by_position"].items()})
     axes[0].set_xscale("log", base=2)
     axes[0].axvline(T, color="gray", ls=":", lw=1)
     axes[0].set_xlabel(f"position in a {ppl['lengths'][-1]}-token context (bucket middle)")
     axes[0].set_ylabel("nats/token")
     axes[0].set_title("NLL by position (dotted: training length)")
-    for name, vals in ppl["by_length"].items():
-        axes[1].plot(ppl["lengths"], vals, marker="o", label=name)
+    plot_lines(axes[1], {name: list(zip(ppl["lengths"], vals)) for name, vals in ppl["by_length"].items()})
     axes[1].set_xscale("log", base=2)
     axes[1].set_xticks(ppl["lengths"], [f"{L // T}x" for L in ppl["lengths"]])
     axes[1].set_xlabel(f"context length (x training length {T})")
@@ -267,15 +265,25 @@ def plot_long_context(ppl: dict[str, Any], cost: dict[str, list[dict[str, Any]]]
     axes[1].legend(fontsize=7)
     if cost:
         ax, ax2 = axes[2], axes[2].twinx()
+        n_models = max(len(cost), 1)
         for i, (name, rows) in enumerate(cost.items()):
             xs = [r["context_length"] for r in rows]
-            ax.plot(xs, [r["cache_bytes"] / 2**20 for r in rows], marker="o", color=f"C{i}", label=f"{name} cache MB")
-            ax2.plot(xs, [r["ms_per_token"] for r in rows], ls="--", marker="x", color=f"C{i}", label=f"{name} ms/token")
+            # models with equal caches (two RetNets) overlap exactly: shift each a little along x (log scale)
+            # and give it its own marker, so the one drawn first does not hide under the other
+            shift = 2 ** (0.06 * (i - (n_models - 1) / 2))
+            mk = STYLES[i % len(STYLES)]["marker"]
+            ax.plot([x * shift for x in xs], [r["cache_bytes"] / 2**20 for r in rows], ls="-", marker=mk,
+                    color=f"C{i}", label=f"{name}: cache MB", alpha=0.85)
+            ax2.plot([x * shift for x in xs], [r["ms_per_token"] for r in rows], ls="--", marker=mk, mfc="none",
+                     color=f"C{i}", label=f"{name}: ms/token", alpha=0.85)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("cache after prefill (MB, solid)")
         ax2.set_ylabel("ms per decoded token (dashed)")
-        ax.set_title("generation memory and latency")
-        ax.legend(fontsize=6, loc="upper left")
+        ax.set_title("generation memory and latency", fontsize=9)
+        # one legend for both axes: the dashed latency lines get their entries too
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left")
     fig.tight_layout()
     return save_png(fig, path)

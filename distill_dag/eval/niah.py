@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from distill_dag.data.retrieval_docs import NEEDLE, QUESTION  # the demo corpus' wording: one definition
-from distill_dag.eval.plots import pyplot, save_png
+from distill_dag.eval.plots import figsize, pyplot, save_png, text_color
 
 
 
@@ -223,15 +223,17 @@ def plot_heatmap(
 ) -> Path:
     """Accuracy heat-map (rows: depth, columns: context length) written atomically as PNG."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.6 * len(depths)))
-    im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    fig, ax = plt.subplots(figsize=figsize(1.2 + 1.1 * len(lengths), 1.0 + 0.6 * len(depths)))
+    cmap = plt.get_cmap("RdYlGn")
+    im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
     for i, row in enumerate(grid):
         for j, a in enumerate(row):
-            ax.text(j, i, "-" if a != a else f"{a:.2f}", ha="center", va="center", fontsize=9)
+            ax.text(j, i, "-" if a != a else f"{a:.2f}", ha="center", va="center", fontsize=9,
+                    color=text_color(a, 0.0, 1.0, cmap))
     fig.colorbar(im, ax=ax, fraction=0.05)
     ax.set_title(title)
     fig.tight_layout()
@@ -263,17 +265,19 @@ def plot_heatmaps(
     others = [n for n in names if n != reference] if reference in grids else []
     nrows = 2 if others else 1
     w = 1.2 + 0.75 * len(lengths)
-    fig, axes = plt.subplots(nrows, len(names), figsize=(w * len(names), (1.2 + 0.5 * len(depths)) * nrows),
-                             squeeze=False)
+    fig, axes = plt.subplots(nrows, len(names), figsize=figsize(w * len(names), (1.2 + 0.5 * len(depths)) * nrows),
+                             squeeze=False)  # at most ~1000 px wide: the UI's pop-up cut wider figures off
     xt = [f"{L}*" if train_len and L > train_len else str(L) for L in lengths]
 
-    def panel(ax: Any, grid: list[list[float]], label: str, vmax: float, cmap: str) -> Any:
+    def panel(ax: Any, grid: list[list[float]], label: str, vmax: float, cmap_name: str) -> Any:
+        cmap = plt.get_cmap(cmap_name)
         im = ax.imshow(grid, vmin=0.0, vmax=vmax, cmap=cmap, aspect="auto")
         ax.set_xticks(range(len(lengths)), xt, fontsize=8)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
         for i, row in enumerate(grid):
             for j, a in enumerate(row):
-                ax.text(j, i, "-" if a != a else f"{a:.2f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, "-" if a != a else f"{a:.2f}", ha="center", va="center", fontsize=8,
+                        color=text_color(a, 0.0, vmax, cmap))  # white on dark cells
         ax.set_title(label, fontsize=9)
         return im
 

@@ -33,6 +33,7 @@ given) and ``teacher (adapted)`` (or ``teacher``). Keys of the returned dict:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -163,31 +164,17 @@ def _one_line(s: str, limit: int = 160) -> str:
 
 
 def loss_curves_png(metrics_jsonl: Path, path: Path) -> Path | None:
-    """Loss curves (every numeric ``*loss*`` series of train and eval rows) from a run's metrics.jsonl."""
-    plt = pyplot()
-    series: dict[str, list[tuple[int, float]]] = {}
-    for line in metrics_jsonl.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if "step" not in row or "event" in row:
-            continue
-        for k, v in row.items():
-            if "loss" in k and isinstance(v, (int, float)):
-                series.setdefault(f"{row.get('kind', 'train')}/{k}", []).append((row["step"], float(v)))
-    if not series:
+    """Loss curves from a run's metrics.jsonl, like beside like: train CE, held-out CE and the KD term (KL)
+    each on its own axis. ``train/loss`` (the KD objective, a mix of CE and KL) is never drawn beside a CE:
+    on one axis it suggested a train/val gap that does not exist."""
+    from distill_dag.eval.plots import panels_png, read_history, training_panels
+
+    history = read_history(metrics_jsonl)
+    panels = [p for p in training_panels({"student": history}) if any(p[2].values())]
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for name, pts in sorted(series.items()):
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, label=name, marker="." if len(pts) < 30 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats/token")
-    ax.set_title(f"loss curves ({metrics_jsonl.parent.name})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_png(fig, path)
+    write_bytes_atomic(Path(path), panels_png(panels, width=3.3, height=3.0))
+    return Path(path)
 
 
 def _find_metrics(checkpoint: Path) -> Path | None:
@@ -308,8 +295,12 @@ def evaluate_checkpoint(
             f"{ec.niah_trials} trials, haystack from {source}")
         niah_json = {"haystack": source, "train_len": train_len}
         per_model: dict[str, dict[str, Any]] = {}
-        for name, m in compared.items():
+        for i, (name, m) in enumerate(compared.items(), 1):
+            t0 = time.perf_counter()  # a phase of minutes on a real model: say which model it is on
+            log(f"eval: needle-in-a-haystack {i}/{len(compared)}: {name} ...")
             r = evaluate_niah(m, tokenizer, hay_text, **kw)
+            log(f"eval: needle-in-a-haystack {i}/{len(compared)}: {name} accuracy {r['accuracy']:.2f} "
+                f"({time.perf_counter() - t0:.1f} s)")
             niah_json[name] = r
             at = [r["results"][i]["correct"] for i in range(len(r["results"])) if r["results"][i]["context_length"] == train_len]
             beyond = [x["correct"] for x in r["results"] if x["context_length"] > train_len]
@@ -355,9 +346,16 @@ def evaluate_checkpoint(
             stream = token_stream(data_dir, "train", max(lens) * long_context_contexts)
         log(f"eval: long context for {list(compared)} at {lens} tokens ({long_context_contexts} contexts each, "
             f"{len(stream)} held-out tokens)")
+        t0 = time.perf_counter()
         lc = long_context_perplexity(compared, stream, train_len, multiples=long_context_multiples,
                                      contexts=long_context_contexts, device=dev)
-        cost = {n: generation_cost(m, stream, lens, device=dev) for n, m in compared.items()}
+        log(f"eval: long context: perplexity by position done ({time.perf_counter() - t0:.1f} s); generation cost "
+            f"of {len(compared)} model(s) at {lens} tokens ...")
+        cost = {}
+        for i, (n, m) in enumerate(compared.items(), 1):
+            t0 = time.perf_counter()
+            cost[n] = generation_cost(m, stream, lens, device=dev)
+            log(f"eval: long context {i}/{len(compared)}: {n} generation cost measured ({time.perf_counter() - t0:.1f} s)")
         png = plot_long_context(lc, cost, out / "long_context.png")
         table = markdown(lc, cost)
         write_json_atomic(out / "long_context.json", {"perplexity": lc, "generation": cost})
@@ -434,6 +432,18 @@ def evaluate_checkpoint(
     return result
 
 
+def report_dir_of(checkpoint: str | Path) -> Path:
+    """The default report folder, beside the evaluated checkpoint: ``<run>/eval`` for ``<run>/final`` or a run
+    folder, ``<run>/eval-<name>`` for any other checkpoint folder, so that evaluating two checkpoints never
+    overwrites one report."""
+    c = Path(checkpoint)
+    if c.name == "final":
+        return c.parent / "eval"
+    if (c / "final").is_dir() or (c / "checkpoint_latest").exists():  # a run folder
+        return c / "eval"
+    return c.parent / f"eval-{c.name}"
+
+
 def evaluate_run(
     cfg: PipelineConfig,
     *,
@@ -470,7 +480,7 @@ def evaluate_run(
         h = Path(str(cfg.run_dir) + "_hybrid") / "final"
         hybrid = h if (h / "config.json").exists() and cfg.hybrid.enabled else None
     out = Path(out_dir) if out_dir is not None else (cfg.path(cfg.eval.output_dir) if cfg.eval.output_dir
-                                                     else cfg.run_dir / "eval")
+                                                     else report_dir_of(ckpt))
     result = evaluate_checkpoint(ckpt, cfg, cfg.tokenized_dir, out, teacher=teacher, baseline=baseline,
                                  converted=converted, hybrid=hybrid, split=split, niah=niah,
                                  long_context=long_context,
