@@ -361,6 +361,8 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
         _set(over, "logit_cache.dtype", a.dtype)
         _set(over, "logit_cache.dir", a.output)
         cfg = _load(a, over)
+        if a.via == "direct":
+            _warn_teacher_length(cfg, a.model)
         try:
             keys = None
             if a.shards:
@@ -479,6 +481,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                   f"Muon lr scaled by the same factor {scale:g}: {file_lr.muon_learning_rate:g} -> "
                   f"{cfg.train.muon_learning_rate:g} (--muon-learning-rate sets it apart)", flush=True)
         _check_data(cfg)
+        if not cfg.train.pretrain_ce_only and cfg.train.teacher_mode != "cached":
+            _warn_teacher_length(cfg)
         from distill_dag.data.tokenizer import ensure_tokenizer
 
         ensure_tokenizer(cfg, a.tokenizer)
@@ -498,6 +502,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _warn_teacher_length(cfg: PipelineConfig, model: str | None = None) -> None:
+    from distill_dag.data.manifest import Manifest
+    from distill_dag.distill.teachers.factory import length_warning
+
+    try:
+        seq_len = Manifest.load(cfg.tokenized_dir).max_seq_length
+    except (FileNotFoundError, ValueError):
+        return  # the stage itself says what is missing
+    msg = length_warning(model or cfg.teacher.model_name_or_path, seq_len)
+    if msg:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _seed_resume(path: str | None) -> str | None:
@@ -542,7 +559,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--niah", action=argparse.BooleanOptionalAction, default=None, help="default eval.niah")
     p.add_argument("--teacher", help="teacher_ft output / model / adapter dir (default: teacher_ft.output_dir if done)")
     p.add_argument("--baseline", help="CE-only student checkpoint (default <run_dir>_ce_only/final if present)")
-    p.add_argument("--out", help="report folder (default eval.output_dir or <run_dir>/eval)")
+    p.add_argument("--out", help="report folder (default eval.output_dir, else beside the checkpoint: <run>/eval for "
+                   "<run>/final, <run>/eval-<name> for another checkpoint)")
     p.add_argument("--max-batches", type=int, help="perplexity batches (0 = the whole split)")
     p.add_argument("--lm-eval-tasks", metavar="T1,T2", help="lm-evaluation-harness tasks, comma-separated: lm-eval "
                    "names (arc_easy, mmlu, ...), distill_heldout_continuation, distill_passkey, or task YAML paths; "

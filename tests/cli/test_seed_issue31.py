@@ -188,3 +188,31 @@ def test_train_without_any_tokenizer_names_the_three_ways_to_give_one(tmp_path, 
     err = capsys.readouterr().err
     assert f"no tokenizer in {tmp_path / 'tokenizer'}" in err and "distill train --tokenizer DIR" in err
     assert "tokenizer.name_or_path" in err and "distill tokenizer --output" in err
+
+
+def test_eval_reports_land_beside_the_evaluated_checkpoint(tmp_path):
+    from distill_dag.eval.report import report_dir_of
+
+    run = tmp_path / "runs" / "direct"
+    (run / "final").mkdir(parents=True)
+    assert report_dir_of(run / "final") == run / "eval"
+    assert report_dir_of(run) == run / "eval"
+    a, b = report_dir_of(run / "checkpoint-000100"), report_dir_of(run / "checkpoint-000200")
+    assert a != b and a.parent == run  # two checkpoints, two reports, both in their run
+
+
+def test_rows_longer_than_the_teachers_positions_are_warned(tmp_path, tiny_teacher_dir):
+    from distill_dag.distill.teachers.factory import length_warning, teacher_max_positions
+
+    n = teacher_max_positions(tiny_teacher_dir)
+    assert n is not None
+    assert length_warning(tiny_teacher_dir, n) is None
+    msg = length_warning(tiny_teacher_dir, n + 1)
+    assert msg is not None and f"max_position_embeddings {n}" in msg and f"--max-seq-length {n}" in msg
+    assert length_warning("no/such-model-offline", 1 << 20) is None
+
+
+def test_bundled_teacher_ft_has_the_seeds_lora_rank():
+    from distill_dag.config import load_config
+
+    assert load_config("teacher_ft.yaml").teacher_ft.lora_r == 64  # the seed's "LoRA rank-64 adapters"

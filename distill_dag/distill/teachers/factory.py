@@ -30,6 +30,33 @@ def _config_vocab(name: str | Path | None) -> int | None:
     return int(getattr(cfg, "vocab_size", 0) or 0) or None
 
 
+def teacher_max_positions(name: str | Path | None) -> int | None:
+    """The teacher's ``max_position_embeddings`` from its config.json (None when unknown or not a local/cached
+    model)."""
+    if not name:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(name))
+    except Exception:  # noqa: BLE001 - offline hub name, odd path: nothing to warn about then
+        return None
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def length_warning(name: str | Path | None, seq_len: int) -> str | None:
+    """A warning when packed rows are longer than the teacher was trained for: its logits past
+    ``max_position_embeddings`` are extrapolation, and the student learns them as targets."""
+    n = teacher_max_positions(name)
+    if n is None or seq_len <= n:
+        return None
+    return (f"warning: rows of {seq_len} tokens (tokenize.max_seq_length) are longer than the teacher {name}'s "
+            f"max_position_embeddings {n}: its logits past position {n} are extrapolated, and the student learns "
+            f"them; preprocess with --max-seq-length {n} or less, or use a teacher with a longer context")
+
+
 URL_ENV = "DISTILL_TEACHER_URL"
 
 
