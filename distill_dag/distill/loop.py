@@ -216,8 +216,9 @@ def check_finite(named: Any, what: str, fix: str, dist_info: DistInfo, device: t
                 else "; not written (no earlier checkpoint exists)")
     shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
     raise TrainingFailedError(  # this rank's count when it has any (ranks of DDP hold the same weights)
-        f"{what}: {len(bad) or n_bad} weight tensor(s) hold NaN or Inf ({shown or 'on another rank'}): an optimizer update made "
-        f"them non-finite, and every later step can only be skipped{kept}. Nothing is published. {fix}"
+        f"{what}: {len(bad) or n_bad} weight tensor(s) hold NaN or Inf ({shown or 'on another rank'}): an "
+        f"optimizer update made them non-finite, and every later step can only be skipped{kept}. Nothing is "
+        f"published. {fix}"
     )
 
 
