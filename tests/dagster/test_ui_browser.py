@@ -29,8 +29,8 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed"),
 ]
-ASSETS = ["raw_jsonl", "tokenizer", "tokenized_parquet", "teacher_adapters", "logit_cache", "student_aligned",
-          "student_ce_baseline", "student_ckpt", "eval_report"]
+ASSETS = ["raw_jsonl", "tokenizer", "tokenized_parquet", "teacher_adapters", "logit_cache",
+          "student_ce_baseline", "student_ckpt", "eval_report"]  # student_aligned: only with student.init from_teacher
 
 
 def _free_port() -> int:
@@ -57,6 +57,13 @@ def dagster_dev(tmp_path_factory):
         "tokenizer": {"vocab_size": 512, "train_bytes": 200_000},
         "tokenize": {"max_seq_length": 128, "rows_per_shard": 256},
         "train": {"teacher_mode": "cached"},  # the graph with the cache upstream of the KD student
+        # a teacher of seconds, so a real two-partition backfill of logit_cache fits the test
+        "teacher": {"init_tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "num_key_value_heads": 1}},
+        "teacher_ft": {"max_steps": 4, "copy_warmup_steps": 0, "pass_key_rows_per_batch": 0, "eval_interval": 2,
+                       "save_interval": 2, "eval_batches": 2, "batch_size": 4, "warmup_steps": 1,
+                       "output_dir": str(tmp / "runs" / "teacher_ft")},
+        "logit_cache": {"k": 8, "dir": str(tmp / "data" / "logit_cache"), "batch_rows": 16},
     }
     (tmp / "ui.yaml").write_text(yaml.safe_dump(cfg))
     port = _free_port()
@@ -245,3 +252,73 @@ def test_partition_status_of_logit_cache_and_every_assets_checks_in_chromium(dag
     for name in ("partitions.png", "checks.png"):
         assert (tmp / name).stat().st_size > 10_000
         shutil.copy(tmp / name, keep / name)
+
+
+BACKFILL = """
+mutation($p: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $p) {
+    __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message }
+  }
+}"""
+
+
+def _wait_run(port: int, run_id: str, timeout: float = 300) -> str:
+    deadline, status = time.time() + timeout, None
+    while time.time() < deadline:
+        status = _graphql(port, STATUS, {"id": run_id})["data"]["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        time.sleep(2)
+    return status
+
+
+def test_two_partition_parallel_backfill_shows_both_partitions_checks_passed(dagster_dev):
+    """The teacher, then a real backfill of two logit_cache partitions through the daemon (two runs at once:
+    no pool limit in this instance); each partition's check result is its own, so both show passed."""
+    import dagster as dg
+    from playwright.sync_api import sync_playwright
+
+    port, tmp = dagster_dev["port"], dagster_dev["tmp"]
+    params = {"selector": {"repositoryLocationName": "distill_dag.definitions", "repositoryName": "__repository__",
+                           "jobName": "__ASSET_JOB", "assetSelection": [{"path": ["teacher_adapters"]}]},
+              "runConfigData": {}}
+    launched = _graphql(port, LAUNCH, {"p": params})["data"]["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    assert _wait_run(port, launched["run"]["runId"]) == "SUCCESS", f"see {tmp}/dagster_dev.log"
+    keys = sorted(_graphql(port, '{ a: assetNodeOrError(assetKey: {path: ["logit_cache"]}) '
+                                 '{ ... on AssetNode { partitionKeys } } }')["data"]["a"]["partitionKeys"])[:2]
+    out = _graphql(port, BACKFILL, {"p": {"assetSelection": [{"path": ["logit_cache"]}], "partitionNames": keys}})
+    assert out["data"]["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", out
+    instance = dg.DagsterInstance.from_config(str(tmp / "home"))
+    check = dg.AssetCheckKey(dg.AssetKey("logit_cache"), "cache_matches_data_shard")
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        if set(keys) <= instance.get_materialized_partitions(dg.AssetKey("logit_cache")):
+            break
+        time.sleep(3)
+    assert set(keys) <= instance.get_materialized_partitions(dg.AssetKey("logit_cache")), f"see {tmp}/dagster_dev.log"
+    time.sleep(3)  # the check result follows its partition's materialization in the same step
+    runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": out["data"]["launchPartitionBackfill"]["backfillId"]}))
+    assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [r.status for r in runs]
+    spans = [(r.start_time, r.end_time) for r in (instance.get_run_record_by_id(r.run_id) for r in runs)]
+    evaluations = [e.asset_check_evaluation for e in (rec.event for rec in
+                   instance.event_log_storage.get_asset_check_execution_history(check, limit=10)) if e and
+                   e.asset_check_evaluation] if hasattr(instance.event_log_storage, "get_asset_check_execution_history") else []
+    with sync_playwright() as p:
+        browser, page = _open(p, f"http://127.0.0.1:{port}/assets/logit_cache?view=checks")
+        page.get_by_text("cache_matches_data_shard", exact=True).first.wait_for(timeout=60_000)
+        page.wait_for_timeout(3000)
+        page.screenshot(path=str(tmp / "partition_checks.png"), full_page=True)
+        text = page.inner_text("body")
+        page.get_by_text("cache_matches_data_shard", exact=True).first.click()
+        page.wait_for_timeout(3000)
+        page.screenshot(path=str(tmp / "partition_check_detail.png"), full_page=True)
+        detail = page.inner_text("body")
+        browser.close()
+    keep = PROJECT_ROOT / "runs" / "screenshots"
+    keep.mkdir(parents=True, exist_ok=True)
+    for name in ("partition_checks.png", "partition_check_detail.png"):
+        shutil.copy(tmp / name, keep / name)
+    (keep / "partition_checks.txt").write_text(text + "\n-----\n" + detail + f"\n-----\nspans {spans}\n{evaluations}")
+    assert "Not evaluated" not in text and "Failed" not in text, text
+    assert "2/2" in text or "Passed" in text or "passed" in text.lower(), text
