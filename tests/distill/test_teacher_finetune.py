@@ -120,12 +120,15 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, small_corpus, ti
 
 
 def test_early_stopping_restores_the_best_weights(tmp_path, small_corpus):
-    # a learning rate far too high makes val ppl climb after the first evaluations
-    cfg = _cfg(max_steps=40, learning_rate=0.5, warmup_steps=0, eval_interval=2, early_stopping_patience=2)
+    # a learning rate far too high makes val ppl climb by orders of magnitude from one update to the next
+    # (here ~2e5, 1e7, 2e8 at steps 1-3); evaluated every step, so the climb is seen before the schedule's
+    # decay lets the model recover (with eval_interval 2 it recovered between evaluations and never stopped)
+    cfg = _cfg(max_steps=40, learning_rate=0.5, warmup_steps=0, eval_interval=1, early_stopping_patience=2)
     m = finetune_teacher(cfg, small_corpus["tokenized"], tmp_path / "ft", tokenizer_dir=small_corpus["tokenizer"],
                          log=lambda s: None)
     assert m["early_stopped"] and m["steps"] < 40
     best = min(h["val_ppl"] for h in m["history"])
+    assert m["restored_best"] and m["history"][-1]["val_ppl"] > best
     assert m["val_ppl_after"] == pytest.approx(best, rel=1e-6)
 
 
