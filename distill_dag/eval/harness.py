@@ -231,7 +231,12 @@ def _yaml_task_name(path: Path) -> str:
 
     _Loose.add_multi_constructor("!", lambda loader, suffix, node: None)
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loose)
+        # the loader driven by hand (what yaml.load does): a SafeLoader subclass, so no tag builds an object
+        loader = _Loose(path.read_text(encoding="utf-8"))
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise LmEvalTaskError(f"eval.lm_eval_tasks: {path} is not a readable task YAML ({err})") from err
     name = doc.get("task") if isinstance(doc, dict) else None
