@@ -94,7 +94,8 @@ class Manifest:
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); re-run `distill preprocess --force` (tokenize.force: true)") from None
+            raise ValueError(f"{path}: not valid JSON ({err}); re-run `distill preprocess --force` "
+                             "(tokenize.force: true)") from None
         if d.get("schema_version") != SCHEMA_VERSION:
             raise ManifestMismatchError(
                 f"{path}: schema_version {d.get('schema_version')} but this code reads {SCHEMA_VERSION}; "
@@ -142,8 +143,8 @@ def check_manifest(manifest: Manifest, tokenizer_hash: str | None = None, max_se
         problems.append(
             f"tokenizer hash {manifest.tokenizer_hash[:12]}… ({manifest.tokenizer_name}) != the configured "
             f"tokenizer's {tokenizer_hash[:12]}…: the shards hold ids of another tokenizer. Re-run "
-            "`distill preprocess --force --tokenizer <this tokenizer>` (tokenize.force: true), or point the config at the tokenizer "
-            "the shards were built with"
+            "`distill preprocess --force --tokenizer <this tokenizer>` (tokenize.force: true), or point the config "
+            "at the tokenizer the shards were built with"
         )
     if max_seq_length is not None and manifest.max_seq_length != max_seq_length:
         problems.append(

@@ -173,8 +173,8 @@ def encode_rows(backend: Any, rows: list[dict[str, Any]], doc_ids: list[str], so
     prompt_lens = np.zeros(len(rows), dtype=np.int32)
     spans: list[list[int] | None] | None = None
     if plain:
-        enc1 = encode_longest_first(backend, [rows[i]["text"] if "text" in rows[i] else rows[i]["prompt"]
-                                              for i in plain], add_special_tokens=True)
+        firsts = [rows[i]["text"] if "text" in rows[i] else rows[i]["prompt"] for i in plain]
+        enc1 = encode_longest_first(backend, firsts, add_special_tokens=True)
         for i, e in zip(plain, enc1):
             lists[i] = e.ids
         resp_rows = [i for i in plain if "text" not in rows[i]]
