@@ -52,7 +52,8 @@ def test_teacher_student_vocab_mismatch_is_refused_before_any_compute(tmp_path, 
     build_tiny_teacher(vocab + 88, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=1), seed=0).save_pretrained(other)
     with pytest.raises(TeacherError, match=rf"teacher vocabulary \({vocab + 88}\) != student vocabulary \({vocab}\).*"
-                                           r"student.overrides.vocab_size.*tokenizer.name_or_path"):
+                                           r"student.overrides.vocab_size is refused.*manifest.json.*"
+                                           r"tokenizer.name_or_path to the teacher's tokenizer.*preprocess --force"):
         train(make_cfg(tmp_path, small_corpus, other), data_dir=small_corpus["tokenized"])
     _no_steps(tmp_path / "run")
 
@@ -67,7 +68,7 @@ def test_tokenizer_other_than_the_manifests_is_refused_before_any_compute(tmp_pa
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (tok / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(ManifestMismatchError, match=r"manifest.json: tokenizer hash .* != the configured tokenizer's"
-                                                    r".*force=True.*point the config at the tokenizer"):
+                                                    r".*--force.*tokenize.force: true.*point the config at the tokenizer"):
         train(make_cfg(tmp_path, small_corpus, tiny_teacher_dir), data_dir=small_corpus["tokenized"],
               tokenizer_dir=tok)
     _no_steps(tmp_path / "run")

@@ -54,7 +54,9 @@ def check_vocab(teacher_vocab: int, student_vocab: int) -> None:
     """Teacher and student must score the same token ids; refuse before any compute."""
     if teacher_vocab != student_vocab:
         raise TeacherError(
-            f"teacher vocabulary ({teacher_vocab}) != student vocabulary ({student_vocab}): the student "
-            "must be built with the teacher's tokenizer/vocab size (set student.overrides.vocab_size or "
-            "use the teacher's tokenizer in tokenizer.name_or_path)"
+            f"teacher vocabulary ({teacher_vocab}) != student vocabulary ({student_vocab}): both must score the "
+            "same token ids. The student's vocabulary is not set by hand (student.overrides.vocab_size is "
+            "refused): it follows the tokenizer the shards were built with (tokenized_parquet's manifest.json). "
+            "Set tokenizer.name_or_path to the teacher's tokenizer (its model folder or Hub name) and rebuild "
+            "the data with `distill preprocess --force`, or use a teacher that shares the data's tokenizer"
         )
