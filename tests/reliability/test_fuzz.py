@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from distill_dag.config import ConfigError, PipelineConfig, Section, config_from_dict
 from distill_dag.data.jsonl import ReadStats, Reject, iter_jsonl
-from distill_dag.data.pack import tokenize_to_parquet
+from distill_dag.data.pack import TooFewRowsError, tokenize_to_parquet
 
 MAX_LINE = 200
 
@@ -133,6 +133,14 @@ def test_tokenizing_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(small
         src = d / "in" / "x.jsonl"
         src.parent.mkdir()
         rows, rejected = _check_reader(data, src)
+        if rows == 0:
+            # no usable row (the oracle's count): refused under the default tokenize.min_rows=1, naming the
+            # input and the key, and nothing published (issue 30 point 2: an empty rebuild is not a dataset)
+            with pytest.raises(TooFewRowsError, match=rf"{re.escape(str(src))}.*tokenize.min_rows"):
+                tokenize_to_parquet(src.parent, d / "out", small_corpus["tokenizer"], 16, val_fraction=0.0,
+                                    max_line_bytes=MAX_LINE, skip_existing=False)
+            assert not (d / "out" / "manifest.json").exists()
+            return
         r = tokenize_to_parquet(src.parent, d / "out", small_corpus["tokenizer"], 16, val_fraction=0.0,
                                 max_line_bytes=MAX_LINE, skip_existing=False)
         assert r["totals"]["docs"] == rows
