@@ -480,12 +480,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             print(f"--learning-rate {a.learning_rate:g}: AdamW lr {file_lr.learning_rate:g} -> {a.learning_rate:g}; "
                   f"Muon lr scaled by the same factor {scale:g}: {file_lr.muon_learning_rate:g} -> "
                   f"{cfg.train.muon_learning_rate:g} (--muon-learning-rate sets it apart)", flush=True)
+        if a.tokenizer is not None:  # a folder given by hand must hold one (never filled from name_or_path)
+            from distill_dag.data.tokenizer import ensure_tokenizer
+
+            ensure_tokenizer(cfg, a.tokenizer)
         _check_data(cfg)
         if not cfg.train.pretrain_ce_only and cfg.train.teacher_mode != "cached":
             _warn_teacher_length(cfg)
-        from distill_dag.data.tokenizer import ensure_tokenizer
-
-        ensure_tokenizer(cfg, a.tokenizer)
         from distill_dag.distill.student_run import run_student
 
         out = run_student(cfg)
@@ -544,6 +545,9 @@ def _check_data(cfg: PipelineConfig) -> None:
     except FileNotFoundError as err:
         raise _config_error(f"{err}; or point data.tokenized_dir (or data.root) at the packed data") from None
     check_vocab(cfg, m.vocab_size, f"the vocabulary of {cfg.tokenized_dir}")
+    from distill_dag.data.tokenizer import ensure_tokenizer
+
+    ensure_tokenizer(cfg)  # --tokenizer is tokenizer.dir by now: the folder, or name_or_path fetched into it
 
 
 def _floats(xs: list[float]) -> str:

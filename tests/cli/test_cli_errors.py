@@ -52,9 +52,10 @@ def test_missing_tokenizer(tmp_path, small_corpus, capsys):
     d = json.loads(p.read_text())
     d["data"] = {"root": str(tmp_path / "elsewhere"), "tokenized_dir": str(small_corpus["tokenized"])}
     p.write_text(json.dumps(d))
-    assert main(["train", "--config", str(p)]) == 1
+    assert main(["train", "--config", str(p)]) == 2
     err = capsys.readouterr().err
-    assert "holds no tokenizer" in err and str(tmp_path / "elsewhere" / "tokenizer") in err and "Traceback" not in err
+    assert f"no tokenizer in {tmp_path / 'elsewhere' / 'tokenizer'}" in err and "Traceback" not in err
+    assert "--tokenizer DIR" in err and "tokenizer.name_or_path" in err
 
 
 def test_teacher_server_down(tmp_path, small_corpus, capsys):
