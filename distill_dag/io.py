@@ -263,12 +263,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | os.PathLike, what: str = "file") -> str:
+    """sha256 of a regular file (symlinks followed), bounded: a FIFO, a device (a link to ``/dev/zero``) or
+    a file past :data:`~distill_dag.safe_read.MAX_WEIGHTS_BYTES` is refused at once, naming the path
+    (:class:`~distill_dag.safe_read.UnsafeFileError`, a ``ValueError``), instead of being hashed forever.
+    A read error (EIO) is refused the same way, naming the path, which ``read()``'s own error does not."""
+    from distill_dag.safe_read import sha256_regular
+
+    return sha256_regular(path, what=what)
 
 
 def sha256_dir(path: str | os.PathLike) -> str:

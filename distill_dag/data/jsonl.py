@@ -152,8 +152,18 @@ def iter_jsonl(
     name = str(path)
     with open(path, "rb") as f:
         line_no = 0
+
+        def readline(limit: int) -> bytes:
+            # read() errors (EIO from a failing disk) carry no file name: say which input and where
+            try:
+                return f.readline(limit)
+            except OSError as err:
+                raise OSError(err.errno, f"{name}: cannot read the input after line {line_no} "
+                                         f"({err.strerror or err}); copy it to a healthy disk or leave it out",
+                              name) from err
+
         while True:
-            raw = f.readline(max_line_bytes + 1)
+            raw = readline(max_line_bytes + 1)
             if not raw:
                 break
             if digest is not None:
@@ -164,7 +174,7 @@ def iter_jsonl(
                 head = raw
                 size = len(raw)
                 while True:  # drain the rest of the long line without keeping it
-                    chunk = f.readline(1 << 20)
+                    chunk = readline(1 << 20)
                     if digest is not None:
                         digest.update(chunk)
                     size += len(chunk)

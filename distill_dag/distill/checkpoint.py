@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill_dag.io import FILE_MODE, atomic_dir, sha256_file, write_bytes_atomic, write_json_atomic
+from distill_dag.io import MARKER, FILE_MODE, atomic_dir, ownership, sha256_file, write_bytes_atomic, write_json_atomic
+from distill_dag.safe_read import MAX_JSON_BYTES, UnsafeFileError, read_json_bounded, read_text_bounded
+
+LATEST_MAX_BYTES = 4096  # checkpoint_latest holds one relative path
 
 LATEST = "checkpoint_latest"
 
@@ -106,7 +110,7 @@ def save_checkpoint(
         # RuntimeError, "basic_ios::clear" / "file write failed"): atomic writes left the previous checkpoint as it was
         if isinstance(err, RuntimeError) and not any(s in str(err) for s in ("basic_ios", "write", "No space")):
             raise
-        prev = (run_dir / LATEST).read_text().strip() if (run_dir / LATEST).exists() else None
+        prev = read_latest(run_dir) if (run_dir / LATEST).exists() else None
         kept = (f"the previous checkpoint {run_dir / prev} is intact and {LATEST} still points at it"
                 if prev else "no earlier checkpoint exists")
         raise CheckpointError(
@@ -117,35 +121,87 @@ def save_checkpoint(
     return target
 
 
+# what atomic_dir / atomic_path name their temp and set-aside copies (mkdtemp / mkstemp: 8 random chars)
+_STEP_TMP = re.compile(r"\.step-\d{7}\.[A-Za-z0-9_]{8}\.tmp")
+_STEP_OLD = re.compile(r"\.step-\d{7}\.old")
+_STEP = re.compile(r"step-\d{7}")
+_LATEST_TMP = re.compile(rf"\.{LATEST}\.[A-Za-z0-9_]{{8}}\.tmp")
+_SHARDED = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_TMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # an atomic_path write inside the folder
+# a killed save's temp folder may lack the marker (written last): it is ours when it holds only files a
+# checkpoint is made of (save_pretrained, the trainer's own, a copied-in tokenizer)
+_CKPT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "trainer_state.pt", "run.json",
+                         "checksums.json", MARKER, "model.safetensors.index.json", "adapter_config.json",
+                         "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                         "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                         "distill_tokenizer.json"})
+
+
+def _is_ours(p: Path, *, partial: bool = False) -> bool:
+    """A checkpoint folder this package wrote: marked, or a pre-marker one its ``checksums.json`` accounts
+    for (``io.ownership``); with ``partial``, also a killed save's temp folder of checkpoint files only.
+    A user's folder that happens to be named ``step-*`` (a backup, a copy) is never deleted."""
+    state = ownership(p)
+    if state in ("ours", "legacy"):
+        return True
+    if not partial or state not in ("empty", "foreign"):
+        return False
+    if state == "empty":
+        return True
+    try:
+        return all(not f.is_symlink() and f.is_file() and (f.name in _CKPT_FILES or _SHARDED.fullmatch(f.name)
+                                                           or _TMP_FILE.fullmatch(f.name)) for f in p.iterdir())
+    except OSError:
+        return False
+
+
 def _remove_leftovers(run_dir: Path, ckpt_root: Path) -> None:
     """Delete what a save killed mid-write left: temp checkpoint dirs and a half ``checkpoint_latest``.
 
     Safe because one process (rank 0) writes a run dir, and none of these names is ever read. A
     ``.step-N.old`` is kept while ``step-N`` is missing: it is then the only copy of that checkpoint.
+    Only names our writers give, and only folders that are ours (:func:`_is_ours`): anything else under
+    ``checkpoints/`` is left alone.
     """
-    olds = [p for p in ckpt_root.glob(".step-*.old") if (ckpt_root / p.name[1:-4]).is_dir()]
-    for p in [*ckpt_root.glob(".step-*.tmp"), *olds, *run_dir.glob(f".{LATEST}.*.tmp")]:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
+    if ckpt_root.is_dir() and not ckpt_root.is_symlink():
+        for p in ckpt_root.iterdir():
+            if p.is_symlink() or not p.is_dir():
+                continue
+            if _STEP_TMP.fullmatch(p.name) and _is_ours(p, partial=True):
+                shutil.rmtree(p, ignore_errors=True)
+            elif _STEP_OLD.fullmatch(p.name) and (ckpt_root / p.name[1:-4]).is_dir() and _is_ours(p):
+                shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.glob(f".{LATEST}.*.tmp"):
+        if _LATEST_TMP.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
 
 
 def _prune(ckpt_root: Path, keep: int, newest: Path) -> None:
+    """Keep the ``keep`` newest of our checkpoints; a ``step-*`` folder that is not ours is neither counted
+    nor deleted."""
     if keep <= 0:
         return
-    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = sorted(p for p in ckpt_root.iterdir()
+                  if _STEP.fullmatch(p.name) and not p.is_symlink() and p.is_dir() and _is_ours(p))
     for old in done[:-keep]:
         if old != newest:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def read_latest(run_dir: Path) -> str:
+    try:
+        return read_text_bounded(run_dir / LATEST, LATEST_MAX_BYTES, "checkpoint pointer").strip()
+    except UnsafeFileError as err:
+        raise CheckpointError(f"{err}; it should hold one line like checkpoints/step-0000100: give a "
+                              "checkpoint folder instead, or rewrite that file") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, or a run dir (follows ``checkpoint_latest``)."""
     path = Path(path)
     if (path / LATEST).exists():
-        rel = (path / LATEST).read_text().strip()
-        path = path / rel
+        path = path / read_latest(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path} (give a checkpoint dir or a run dir with {LATEST})")
     return path
@@ -156,14 +212,22 @@ def verify_checkpoint(path: Path) -> None:
     if not sums_file.exists():
         raise CheckpointError(f"{sums_file} is missing: the checkpoint is incomplete; resume from an older one")
     try:
-        sums = json.loads(sums_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{sums_file} is corrupt ({err})") from None
+        sums = read_json_bounded(sums_file, MAX_JSON_BYTES, "checkpoint checksums.json")
+    except UnsafeFileError as err:
+        raise CheckpointError(f"{err}: the checkpoint is corrupt; resume from an older one") from None
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{sums_file} is corrupt (not a JSON object of file name -> sha256); resume from an "
+                              "older checkpoint")
     for name, digest in sums.items():
         f = path / name
         if not f.exists():
             raise CheckpointError(f"{f} is missing from the checkpoint")
-        if sha256_file(f) != digest:
+        try:
+            # bounded: a file replaced by a link to /dev/zero or a FIFO is refused at once, not hashed forever
+            actual = sha256_file(f, what="checkpoint file")
+        except UnsafeFileError as err:
+            raise CheckpointError(f"{err}; the checkpoint is not usable: resume from an older checkpoint") from None
+        if actual != digest:
             raise CheckpointError(f"{f} is corrupt (sha256 differs from checksums.json); resume from an older checkpoint")
 
 
@@ -175,7 +239,10 @@ def load_trainer_state(path: str | Path) -> tuple[Path, dict[str, Any], dict[str
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling error means a bad file
         raise CheckpointError(f"{path / 'trainer_state.pt'} cannot be read: {err}") from None
-    run_info = json.loads((path / "run.json").read_text())
+    try:
+        run_info = read_json_bounded(path / "run.json", MAX_JSON_BYTES, "checkpoint run.json")
+    except UnsafeFileError as err:
+        raise CheckpointError(f"{err}; resume from an older checkpoint") from None
     return path, state, run_info
 
 

@@ -212,7 +212,7 @@ def check_finite(named: Any, what: str, fix: str, dist_info: DistInfo, device: t
     kept = ""
     if latest is not None:
         pointer = Path(latest) / ckpt.LATEST
-        kept = (f"; not written: {pointer} still names {pointer.read_text().strip()}" if pointer.exists()
+        kept = (f"; not written: {pointer} still names {ckpt.read_latest(Path(latest))}" if pointer.exists()
                 else "; not written (no earlier checkpoint exists)")
     shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
     raise TrainingFailedError(  # this rank's count when it has any (ranks of DDP hold the same weights)

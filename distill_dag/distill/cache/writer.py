@@ -149,6 +149,21 @@ def _shard_lock(cache_dir: Path, key: str) -> Iterator[Path]:
         os.close(fd)  # releases the lock
 
 
+def _check_link_is_ours(link: Path, key: str) -> None:
+    """``<cache_dir>/<key>`` may be replaced only when it is missing or our own symlink into ``.gen/``: the
+    rename that publishes a shard would otherwise delete a user's file (or fail on a folder) of that name."""
+    if not os.path.lexists(link):
+        return
+    if link.is_symlink() and os.readlink(link).startswith(os.path.join(".gen", f"{key}-")):
+        return
+    from distill_dag.io import describe_path
+
+    raise LogitCacheError(
+        f"{link} exists and is {describe_path(link)}, not a cache shard written by distill-dag (those are symlinks "
+        f"into {link.parent / '.gen'}); publishing partition '{key}' would replace it, so nothing was changed. "
+        "Move it out of the cache folder, or set logit_cache.dir to a folder of its own")
+
+
 def _publish(cache_dir: Path, key: str, build: Path, version: str) -> None:
     """Rename the finished build to its generation and swap the ``key`` symlink to it (one rename)."""
     gen_root = cache_dir / ".gen"
@@ -162,6 +177,7 @@ def _publish(cache_dir: Path, key: str, build: Path, version: str) -> None:
                 os.fsync(fh.fileno())
         os.rename(build, gen)
     link = layout.shard_dir(cache_dir, key)
+    _check_link_is_ours(link, key)  # again: something may have appeared there while the shard was built
     tmp = cache_dir / f".{key}.link.{os.getpid()}"
     tmp.unlink(missing_ok=True)
     os.symlink(os.path.join(".gen", gen.name), tmp)
@@ -206,6 +222,7 @@ def write_cache_shard(
     ident = provider.identity()
     want = shard_header(dm, shard, enc, ident, identity_fingerprint(ident))
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _check_link_is_ours(layout.shard_dir(cache_dir, key), key)  # before any teacher compute
     old = layout.read_shard_header(cache_dir, key)
     if not force and _same_input(old, want):
         if old.get("teacher_fingerprint") is None and want["teacher_fingerprint"] is not None:

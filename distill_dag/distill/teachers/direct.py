@@ -13,6 +13,7 @@ the end of a row, so causality already keeps it out of every real position.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,18 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
 
 
 def _path_sha256(p: str | Path) -> str | None:
-    from distill_dag.io import sha256_dir, sha256_file
+    """The content hash of a local teacher (folder or file); None for a Hub name (nothing local).
+
+    Bounded: a path that exists but is not a regular file or folder (a FIFO, a link to ``/dev/zero``) is
+    refused naming it, instead of hashed forever or passed over as a Hub name."""
+    from distill_dag.io import sha256_dir
+    from distill_dag.safe_read import sha256_regular
 
     p = Path(p)
     if p.is_dir():
         return sha256_dir(p)
-    if p.is_file():
-        return sha256_file(p)
+    if os.path.lexists(p):
+        return sha256_regular(p, what="teacher weights file")
     return None
 
 
