@@ -72,10 +72,12 @@ class ForeignOutputError(FileExistsError):
 
 
 def _has_marker(d: Path) -> bool:
+    from distill_dag.safe_read import read_bounded
+
     m = d / MARKER
-    try:
-        return m.is_file() and not m.is_symlink() and json.loads(m.read_bytes()[:4096]).get("written_by") == "distill-dag"
-    except (OSError, ValueError, AttributeError):
+    try:  # bounded: our marker is a few dozen bytes, a huge or endless file of that name is not ours
+        return not m.is_symlink() and json.loads(read_bounded(m, 4096, "marker")).get("written_by") == "distill-dag"
+    except (OSError, ValueError, AttributeError):  # UnsafeFileError is a ValueError
         return False
 
 
@@ -90,8 +92,12 @@ def _plain_files(d: Path) -> dict[str, Path] | None:
 
 
 def _read_json(p: Path) -> object:
+    """A small JSON index file of ours, or None: bounded and regular-file only (a FIFO named
+    ``metrics.json`` must not block the ownership check, nor a huge file fill memory)."""
+    from distill_dag.safe_read import read_json_bounded
+
     try:
-        return json.loads(p.read_bytes()[: 16 << 20])
+        return read_json_bounded(p, 16 << 20, "JSON index")
     except (OSError, ValueError):
         return None
 

@@ -114,3 +114,21 @@ def test_sha256_file_matches_hashlib_and_refuses_devices_fifos_at_once(tmp_path)
             sha256_file(p)
         assert time.monotonic() - t0 < 1
     assert not Path(fifo).is_file()
+
+
+def test_ownership_checks_never_block_on_a_fifo_named_like_our_index_files(tmp_path):
+    from distill_dag.io import MARKER, ownership
+
+    # a weights-only folder is recognised as a teacher finetune's output through metrics.json beside it;
+    # a FIFO there blocked that read (open() waits for a writer), and so did a FIFO named like our marker
+    weights = tmp_path / "run" / "final_model"
+    weights.mkdir(parents=True)
+    (weights / "config.json").write_text("{}")
+    os.mkfifo(tmp_path / "run" / "metrics.json")
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / "x.txt").write_text("x")
+    os.mkfifo(marked / MARKER)
+    with _fails_after(10):
+        assert ownership(weights) == "foreign"
+        assert ownership(marked) == "foreign"
