@@ -214,7 +214,8 @@ def verify_checkpoint(path: Path) -> None:
     try:
         sums = read_json_bounded(sums_file, MAX_JSON_BYTES, "checkpoint checksums.json")
     except UnsafeFileError as err:
-        raise CheckpointError(f"{err}: the checkpoint is corrupt; resume from an older one") from None
+        why = str(err).removeprefix(f"{sums_file}: ")
+        raise CheckpointError(f"{sums_file} is corrupt ({why}); resume from an older checkpoint") from None
     if not isinstance(sums, dict):
         raise CheckpointError(f"{sums_file} is corrupt (not a JSON object of file name -> sha256); resume from an "
                               "older checkpoint")
