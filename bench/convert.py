@@ -249,6 +249,11 @@ def main() -> int:
                     help="arm (c), a hybrid: 'auto' (KL-guided choice of --hybrid-k layers), a comma list of layers, "
                          "or 'none' to skip the arm")
     ap.add_argument("--hybrid-k", type=int, default=1, help="layers kept as attention with --hybrid-layers auto")
+    ap.add_argument("--hybrid-retention-window", type=int, default=32,
+                    help="arm (c): softmax window beside each retention layer (student.retention_window; 0: none); "
+                         "32 as configs/demo.yaml's hybrid")
+    ap.add_argument("--hybrid-lr", type=float, default=1e-3, help="arm (c)'s KD AdamW rate (hybrid.learning_rate)")
+    ap.add_argument("--hybrid-muon-lr", type=float, default=5e-3, help="arm (c)'s KD Muon rate (hybrid.muon_learning_rate)")
     ap.add_argument("--reuse-arms", action="store_true",
                     help="take arms (a) and (b) from <out>/convert_results.json when its settings match "
                          "(only the ablation arms run)")
@@ -344,7 +349,11 @@ def main() -> int:
     if a.hybrid_layers != "none":  # (c) the hybrid: (b) with a few layers kept as the teacher's attention
         hy = ({"attention_layers": "auto", "num_attention_layers": a.hybrid_k} if a.hybrid_layers == "auto" else
               {"attention_layers": [int(x) for x in a.hybrid_layers.split(",")]})
-        results["c"] = arm_from_teacher(base, out, "_hybrid", a.align_steps, a, kd_steps_b, log, hybrid=hy)
+        if a.hybrid_retention_window:
+            hy["retention_window"] = a.hybrid_retention_window
+        base_c = base.model_copy(deep=True)
+        base_c.train.learning_rate, base_c.train.muon_learning_rate = a.hybrid_lr, a.hybrid_muon_lr
+        results["c"] = arm_from_teacher(base_c, out, "_hybrid", a.align_steps, a, kd_steps_b, log, hybrid=hy)
     tokens_a = results["a"]["tokens"]
     curve_b = results["b"]["curve"]
     al_tokens = results["b"]["align_tokens"]

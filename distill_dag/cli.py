@@ -240,6 +240,8 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:
                    help="a hybrid: comma-separated layer indices kept as softmax attention (student.attention_layers)")
     p.add_argument("--attention-window", type=_positive_int, default=None,
                    help="sliding window of the attention layers (student.attention_window; default: full)")
+    p.add_argument("--retention-window", type=_positive_int, default=None,
+                   help="softmax window beside every retention layer (student.retention_window; default: none)")
 
     def run(a: argparse.Namespace) -> int:
         from distill_dag.config import StudentConfig
@@ -258,6 +260,8 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:
                 update["attention_layers"] = [int(x) for x in a.attention_layers.split(",") if x.strip()]
             if a.attention_window is not None:
                 update["attention_window"] = a.attention_window
+            if a.retention_window is not None:
+                update["retention_window"] = a.retention_window
             student = StudentConfig.model_validate({**student.model_dump(), **update})
             cfg = student_model_config(student, a.vocab_size)
         except ValueError as err:

@@ -332,6 +332,9 @@ class HybridLayers(Section):
                                    validate_default=True)
     attention_window: int | None = _f(None, "null: full causal attention; N: a sliding window of N tokens "
                                             "(generation keeps a rolling K/V buffer of N)", ge=1, le=1 << 20)
+    retention_window: int | None = _f(None, "N: every retention layer also attends with softmax to the last N "
+                                            "tokens (LoLCATs / Liger: exact local attention beside retention; "
+                                            "a rolling K/V buffer of N in generation); null: none", ge=1, le=1 << 16)
 
     @field_validator("attention_layers")
     @classmethod
@@ -353,7 +356,7 @@ class HybridLayers(Section):
 
     @property
     def is_hybrid(self) -> bool:
-        return self.attention_layers == "auto" or bool(self.attention_layers)
+        return self.attention_layers == "auto" or bool(self.attention_layers) or self.retention_window is not None
 
 
 class StudentConfig(HybridLayers):
@@ -525,6 +528,11 @@ class HybridConfig(HybridLayers):
     train.* settings, teacher mode, steps and tokens), so the two compare at equal tokens."""
 
     enabled: bool = _f(False, "Train the hybrid student (student_hybrid); off: the asset is skipped")
+    learning_rate: float | None = _f(None, "Peak AdamW learning rate of the hybrid's KD (null: train.learning_rate): a "
+                                           "converted student starts near the teacher, and a scratch student's rate "
+                                           "undoes what it copied", gt=0.0, le=10.0)
+    muon_learning_rate: float | None = _f(None, "Peak Muon learning rate of the hybrid's KD (null: "
+                                                "train.muon_learning_rate)", gt=0.0, le=10.0)
 
 
 class PipelineConfig(Section):

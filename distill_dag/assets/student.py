@@ -282,7 +282,7 @@ def student_hybrid_asset() -> dg.AssetsDefinition:
     )
     def student_hybrid(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
                        teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource):
-        from distill_dag.distill.student_run import hybrid_config, run_alignment
+        from distill_dag.distill.student_run import card_hybrid_facts, hybrid_config, run_alignment
 
         cfg = resolve_config(context, run_config(context), pipeline, teacher_endpoint.overrides(), wandb.overrides())
         if not cfg.hybrid.enabled:
@@ -296,10 +296,7 @@ def student_hybrid_asset() -> dg.AssetsDefinition:
         hcfg = hybrid_config(cfg)
         al = run_alignment(hcfg, echo=context.log.info)  # stage 1 (+ the KL-guided choice), then KD
         metadata, final = _train(context, hcfg, "kd")
-        if al.layer_gains:
-            from distill_dag.model.hub import update_model_card
-
-            update_model_card(final, hybrid={"attention_layers": al.attention_layers, "layer_gains": al.layer_gains})
+        card_hybrid_facts(final, hcfg, al)
         gains = {"attention_layers": dg.MetadataValue.json(al.attention_layers)}
         if al.layer_gains:
             gains["layer_choice"] = table([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}

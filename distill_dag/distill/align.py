@@ -104,13 +104,14 @@ def hybrid_key(cfg: PipelineConfig) -> dict[str, Any]:
     if not st.is_hybrid:
         return {}
     return {"attention_layers": st.attention_layers, "num_attention_layers": st.num_attention_layers,
-            "attention_window": st.attention_window}
+            "attention_window": st.attention_window, "retention_window": st.retention_window}
 
 
 def conversion_overrides(cfg: PipelineConfig) -> dict[str, Any]:
     """RetNetConfig fields the student section sets on a converted student (shape comes from the teacher)."""
+    extra = {"retention_window": cfg.student.retention_window} if cfg.student.retention_window else {}
     return {"chunk_size": cfg.student.chunk_size, "retention_backend": cfg.student.retention_backend,
-            **cfg.student.overrides}
+            **extra, **cfg.student.overrides}
 
 
 def retention_parameters(student: torch.nn.Module) -> list[torch.nn.Parameter]:

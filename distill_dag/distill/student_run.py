@@ -76,9 +76,14 @@ def hybrid_config(cfg: PipelineConfig) -> PipelineConfig:
     base = cfg.model_copy(deep=True)
     align_steps_as_kd = -(-cfg.align.steps * cfg.align.batch_size // (cfg.train.batch_size * cfg.train.grad_accum))
     base.train.max_steps = max(1, cfg.train.max_steps - align_steps_as_kd)
+    if h.learning_rate is not None:
+        base.train.learning_rate = h.learning_rate
+    if h.muon_learning_rate is not None:
+        base.train.muon_learning_rate = h.muon_learning_rate
     base.student = base.student.model_copy(update={
         "init": "from_teacher", "attention_layers": h.attention_layers,
-        "num_attention_layers": h.num_attention_layers, "attention_window": h.attention_window, "overrides": {}})
+        "num_attention_layers": h.num_attention_layers, "attention_window": h.attention_window,
+        "retention_window": h.retention_window, "overrides": {}})
     base.train.resume_from = None
     base.train.pretrain_ce_only = False
     base.train.output_dir = str(cfg.run_dir) + "_hybrid"
@@ -93,12 +98,18 @@ def run_hybrid_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | Non
     hcfg = hybrid_config(cfg)
     alignment = run_alignment(hcfg, echo=echo)
     student = run_kd_student(hcfg, echo=echo)
-    if alignment.layer_gains:
-        from distill_dag.model.hub import update_model_card
-
-        update_model_card(student.final_dir, hybrid={"attention_layers": alignment.attention_layers,
-                                                     "layer_gains": alignment.layer_gains})
+    card_hybrid_facts(student.final_dir, hcfg, alignment)
     return {"student": student, "alignment": alignment}
+
+
+def card_hybrid_facts(final_dir: Path, hcfg: PipelineConfig, alignment: Any) -> None:
+    """The hybrid's layers (and the KL table of an ``auto`` choice) into its model card."""
+    from distill_dag.model.hub import update_model_card
+
+    if (Path(final_dir) / "model_card.json").exists():
+        update_model_card(final_dir, hybrid={"attention_layers": alignment.attention_layers,
+                                             "layer_gains": alignment.layer_gains,
+                                             "retention_window": hcfg.student.retention_window})
 
 
 def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -56,7 +56,8 @@ from distill_dag.model.variants import build_student, student_model_config
 # RetNetConfig fields that decide the weights' shapes, and which token mixer each layer is: a checkpoint that
 # differs in one of them is another model than the config describes
 ARCH_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "value_factor", "layer_types", "num_key_value_heads", "tie_word_embeddings")
+               "value_factor", "layer_types", "num_key_value_heads", "tie_word_embeddings", "attention_window",
+               "retention_window")
 _MAX_CONFIG_JSON = 16 << 20  # a model's config.json is a few KiB
 
 

@@ -309,6 +309,11 @@ def convert_teacher(
             params[name].copy_(w)
     if sc.tie_word_embeddings and not torch.equal(new_state["lm_head.weight"], new_state["model.embed_tokens.weight"]):
         raise ConversionError("teacher tie_word_embeddings=True but lm_head.weight differs from embed_tokens.weight")
+    if sc.retention_window:  # the gate at zero: the retention branch starts silent, so the converted student starts
+        with torch.no_grad():  # as the teacher with each converted layer's attention cut to the window
+            for blk in student.model.layers:
+                if hasattr(blk, "retention"):
+                    blk.retention.g_proj.weight.zero_()
     filled = set(new_state)
     new_params = sorted(n for n, _ in student.named_parameters(remove_duplicate=False) if n not in filled)
     return student, Conversion(family=family, mapping=mapping, new_params=new_params, notes=notes)
@@ -338,8 +343,10 @@ class SoftmaxAttention(nn.Module):
         super().__init__()
         self.r = retention
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, reset: Any, pad_mask: Any, cache: Any) -> torch.Tensor:
-        """x [B, T, d]; positions [B, T]. ``reset``, ``pad_mask``, ``cache`` are accepted and unused."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, reset: Any, pad_mask: Any, cache: Any,
+                *_: Any) -> torch.Tensor:
+        """x [B, T, d]; positions [B, T]. ``reset``, ``pad_mask``, ``cache`` (and the block's doc ids) are
+        accepted and unused."""
         r = self.r
         B, T, _ = x.shape
         H, K, Vh = r.num_heads, r.key_dim, r.head_value_dim
@@ -368,7 +375,8 @@ class TeacherAttention(nn.Module):
         self.rotary = base.rotary_emb
         self.tconfig = base.config
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, reset: Any, pad_mask: Any, cache: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, reset: Any, pad_mask: Any, cache: Any,
+                *_: Any) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         mask = create_causal_mask(config=self.tconfig, inputs_embeds=x, attention_mask=None, cache=None,

@@ -440,6 +440,9 @@ def render_model_card(facts: dict[str, Any]) -> str:
     if tr.get("wandb_url"):
         lines.append(f"| W&B run | {_url(tr['wandb_url'])} |")
     hy = facts.get("hybrid") or {}
+    if hy.get("retention_window"):
+        lines += ["", f"Every retention layer also attends with softmax to its last {_fmt(hy['retention_window'])} "
+                      "tokens (a sliding window beside retention, as LoLCATs and Liger do)."]
     if hy.get("attention_layers"):
         lines += ["", "### Hybrid: layers kept as softmax attention", "",
                   f"Layers {_md(', '.join(str(i) for i in hy['attention_layers']))} are the teacher's own softmax "

@@ -69,6 +69,11 @@ class RetNetConfig(PretrainedConfig):
     retention (a pure RetNet). Attention layers use ``num_key_value_heads`` K/V heads (GQA, default: one per
     query head), the key head dim and the rotation of the retention layers, and Llama's projection shapes, so
     a teacher's attention is copied into them verbatim.
+
+    ``retention_window`` (LoLCATs / Liger): every retention layer also attends, with softmax over its own Q/K/V, to
+    the last ``retention_window`` tokens, and adds that to its gated retention output before ``o_proj``. Exact
+    local attention where decaying retention is weakest; generation keeps a rolling K/V buffer of that many tokens
+    beside the state, so memory per token stays constant.
     """
 
     model_type = "retnet"
@@ -91,6 +96,7 @@ class RetNetConfig(PretrainedConfig):
     layer_types: list[str] | None = None
     attention_window: int | None = None
     num_key_value_heads: int | None = None
+    retention_window: int | None = None
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
@@ -128,6 +134,9 @@ class RetNetConfig(PretrainedConfig):
         if "sliding_attention" in types and not (isinstance(self.attention_window, int) and self.attention_window >= 1):
             raise ValueError("RetNetConfig.layer_types has sliding_attention but attention_window is "
                              f"{self.attention_window!r}: set a window of >= 1 tokens")
+        if self.retention_window is not None and not (isinstance(self.retention_window, int)
+                                                      and self.retention_window >= 1):
+            raise ValueError(f"RetNetConfig.retention_window {self.retention_window!r}: null or a window of >= 1 tokens")
         if self.num_key_value_heads is not None and (self.num_key_value_heads < 1
                                                      or self.num_attention_heads % self.num_key_value_heads):
             raise ValueError(f"RetNetConfig.num_key_value_heads {self.num_key_value_heads} must divide "
@@ -162,7 +171,22 @@ class RetNetConfig(PretrainedConfig):
 # generation state
 # --------------------------------------------------------------------------------------------
 class RetentionStateLayer(LinearAttentionLayer):
-    """One layer's retention state [B, H, K, V] (float32), updated in place at every forward."""
+    """One layer's retention state [B, H, K, V] (float32), updated in place at every forward; with
+    ``config.retention_window`` also the rolling K/V buffer of its sliding-window branch (``window_kv``)."""
+
+    def __init__(self, window: int | None = None):
+        super().__init__()
+        self.window_kv = AttentionKVLayer(window) if window else None
+
+    def reset(self) -> None:
+        super().reset()
+        if self.window_kv is not None:
+            self.window_kv.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.window_kv is not None:
+            self.window_kv.reorder_cache(beam_idx)
 
     def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
         out = super().update_recurrent_state(recurrent_states, state_idx, **kwargs)
@@ -231,7 +255,8 @@ class RetNetCache(Cache):
         if num_layers is not None and len(types) != num_layers:
             raise ValueError(f"RetNetCache: num_layers {num_layers} but the config has {len(types)} layer_types")
         window = config.attention_window if config is not None else None
-        layers = [RetentionStateLayer() if t == "linear_attention"
+        rwin = config.retention_window if config is not None else None
+        layers = [RetentionStateLayer(rwin) if t == "linear_attention"
                   else AttentionKVLayer(window if t == "sliding_attention" else None) for t in types]
         super().__init__(layers=layers)
         self.seen_tokens = 0
@@ -319,8 +344,11 @@ class MultiScaleRetention(nn.Module):
         reset: torch.Tensor | None,
         pad_mask: torch.Tensor | None,
         cache: RetNetCache | None,
+        doc: torch.Tensor | None = None,
+        past: int = 0,
     ) -> torch.Tensor:
-        """x [B, T, d]; positions [B, T] long; reset [B, T] bool or None; pad_mask [B, T] (1 = token) or None."""
+        """x [B, T, d]; positions [B, T] long; reset [B, T] bool or None; pad_mask [B, T] (1 = token) or None;
+        doc [B, T] document ids and ``past`` (tokens already in ``cache``) for the sliding-window branch."""
         B, T, _ = x.shape
         H, K, Vh = self.num_heads, self.key_dim, self.head_value_dim
         q = self.q_proj(x).view(B, T, H, K)
@@ -331,7 +359,10 @@ class MultiScaleRetention(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             rdt = torch.float32 if cfg.retention_in_fp32 else q.dtype
             q = rotate(q.float(), positions, cfg.rope_theta)
-            k = rotate(k.float(), positions, cfg.rope_theta) * K**-0.5
+            k = rotate(k.float(), positions, cfg.rope_theta)
+            local = (self._window(q, k, v.float(), positions, doc, pad_mask, cache, past)
+                     if cfg.retention_window else None)
+            k = k * K**-0.5
             if pad_mask is not None:
                 k = k * pad_mask[:, :, None, None].to(k.dtype)  # padding never enters the state
             q, k, v = q.to(rdt), k.to(rdt), v.to(rdt)
@@ -349,7 +380,31 @@ class MultiScaleRetention(nn.Module):
             if cache is not None:
                 cache.update_recurrent_state(final.detach(), self.layer_idx)
             o = self.group_norm(o)  # [B, T, H * Vh] float32
-        return self.o_proj(F.silu(gate) * o.to(gate.dtype))
+        out = F.silu(gate) * o.to(gate.dtype)
+        if local is not None:
+            out = out + local.to(out.dtype)
+        return self.o_proj(out)
+
+    def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                doc: torch.Tensor | None, pad_mask: torch.Tensor | None, cache: "RetNetCache | None",
+                past: int) -> torch.Tensor:
+        """The sliding-window branch: softmax attention of q [B, T, H, K] over the last ``retention_window``
+        keys k [B, T, H, K] / values v [B, T, H, Vh] of the same document (rotated, unscaled: SDPA scales by
+        K^-0.5), padding excluded. Returns [B, T, H * Vh] float32."""
+        B, T, H, _ = q.shape
+        if doc is None:
+            doc = (positions == 0).long().cumsum(-1)
+        valid = pad_mask.bool() if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        index = torch.arange(past, past + T, device=q.device)
+        if cache is not None:
+            kh, vh, k_index, k_doc, k_valid = cache.layers[self.layer_idx].window_kv.update_with_meta(
+                kh, vh, index, doc, valid)
+        else:
+            k_index, k_doc, k_valid = index, doc, valid
+        mask = attention_mask(index, k_index, doc, k_doc, k_valid, self.config.retention_window)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+        return o.transpose(1, 2).reshape(B, T, -1)
 
 
 def attention_mask(
@@ -496,7 +551,7 @@ class RetNetBlock(GradientCheckpointingLayer):
         past: int = 0,
     ) -> torch.Tensor:
         if self.layer_type == "linear_attention":
-            mixed = self.retention(self.retention_norm(hidden_states), positions, reset, pad_mask, cache)
+            mixed = self.retention(self.retention_norm(hidden_states), positions, reset, pad_mask, cache, doc, past)
         else:
             valid = pad_mask.bool() if pad_mask is not None else None
             mixed = self.attention(self.attention_norm(hidden_states), positions, doc, valid, cache, past)
@@ -613,7 +668,7 @@ class RetNetModel(RetNetPreTrainedModel):
         position_ids = position_ids.to(device)
         starts = position_ids == 0
         doc = None
-        if self.config.attention_layers:  # attention layers mask by document id: the count of starts so far
+        if self.config.attention_layers or self.config.retention_window:  # softmax masks by document id
             prev = cache.doc_count if cache is not None and cache.doc_count is not None else None
             doc = starts.long().cumsum(-1) + (prev[:, None] if prev is not None else 0)
         reset = starts

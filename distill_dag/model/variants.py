@@ -133,6 +133,8 @@ def student_model_config(student_cfg: Any, vocab_size: int) -> RetNetConfig:
     overrides, and with ``attention_layers`` listed, a hybrid's ``layer_types`` (auto needs a teacher)."""
     fields = {"chunk_size": student_cfg.chunk_size, "retention_backend": student_cfg.retention_backend,
               **student_cfg.overrides}
+    if getattr(student_cfg, "retention_window", None):
+        fields["retention_window"] = student_cfg.retention_window
     layers = getattr(student_cfg, "attention_layers", [])
     if layers and layers != "auto":
         from distill_dag.model.convert import hybrid_layer_types
@@ -198,6 +200,8 @@ def generation_cache_bytes(config: RetNetConfig, context: int, kv_bytes: int = 2
     for t in config.layer_types:
         if t == "linear_attention":
             state += H * K * V * 4
+            if config.retention_window:  # the window branch's K/V, H heads (retention repeats K/V heads)
+                kv += 2 * H * K * min(context, int(config.retention_window)) * kv_bytes
         else:
             held = context if t == "full_attention" else min(context, int(config.attention_window))
             kv += 2 * config.kv_heads * K * held * kv_bytes
