@@ -16,6 +16,8 @@ from distill_dag.resources import PipelineConfigResource
 
 GROUP = "eval"
 NIAH_GATE = 0.9  # the teacher must retrieve for NIAH to tell a good student from a bad one
+HYBRID_NIAH_GOAL = 0.8
+HYBRID_GAP_GOAL = 0.5
 
 
 @dg.asset(
@@ -46,7 +48,16 @@ NIAH_GATE = 0.9  # the teacher must retrieve for NIAH to tell a good student fro
             "lm_eval_share_vs_teacher", asset="eval_report",
             description="The KD student's mean share of the teacher over eval.lm_eval_tasks (lm-evaluation-harness, "
                         "student score / teacher score per task) is at least eval.lm_eval_min_share (a warning)."),
-    ],
+    ] + ([
+        dg.AssetCheckSpec(
+            "hybrid_retrieves", asset="eval_report",
+            description=f"The hybrid student's NIAH accuracy at the training length is >= {HYBRID_NIAH_GOAL} "
+                        "(issue 34's goal; the pure students score 0 where the teacher retrieves) (a warning)."),
+        dg.AssetCheckSpec(
+            "hybrid_closes_gap", asset="eval_report",
+            description=f"The hybrid closes >= {HYBRID_GAP_GOAL:.0%} of the held-out gap from the CE-only student to "
+                        "the teacher (nats/token, same split; equal training rows) (a warning)."),
+    ] if hasattr(_students, "student_hybrid") else []),
 )
 def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource):
     from distill_dag.eval.report import evaluate_run
@@ -97,9 +108,37 @@ def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineConfigResou
     mean = (r.get("lm_eval_mean_share") or {}).get("student")
     floor = cfg.eval.lm_eval_min_share
     why = r.get("lm_eval_skipped") or "the teacher scores 0 on every task"
+    others = ", ".join(f"{k} {v:.2f}" for k, v in (r.get("lm_eval_mean_share") or {}).items()
+                       if v is not None and k != "student")
     yield dg.AssetCheckResult(
         check_name="lm_eval_share_vs_teacher", severity=warn, passed=mean is not None and mean >= floor,
         description=(f"lm-eval gave the KD student no share of the teacher ({why})" if mean is None
                      else f"KD student's mean share of the teacher {mean:.2f} over {r.get('lm_eval_tasks')} "
-                          f"(eval.lm_eval_min_share {floor})"),
+                          f"(eval.lm_eval_min_share {floor})" + (f"; the others: {others}" if others else "")),
         metadata={"mean_share": float(mean)} if mean is not None else {})
+    if hasattr(_students, "student_hybrid"):
+        yield from _hybrid_checks(r)
+
+
+def _hybrid_checks(r: dict) -> list[dg.AssetCheckResult]:
+    """The hybrid against issue 34's goals: NIAH at the training length, and its share of the CE-only -> teacher gap."""
+    warn = dg.AssetCheckSeverity.WARN
+    acc = ((r.get("niah_models") or {}).get("hybrid student") or {}).get("accuracy_at_train_len")
+    t_acc = r.get("niah_teacher_accuracy_at_train_len")
+    nats = {row["model"]: row.get("nats_per_token") for row in r["perplexity_rows"]}
+    h, ce = nats.get("hybrid student"), nats.get("CE-only baseline")
+    t = nats.get("teacher (adapted)", nats.get("teacher"))
+    share = (ce - h) / (ce - t) if None not in (h, ce, t) and ce != t else None
+    return [
+        dg.AssetCheckResult(
+            check_name="hybrid_retrieves", severity=warn, passed=acc is not None and acc >= HYBRID_NIAH_GOAL,
+            description=("no hybrid NIAH at the training length" if acc is None else
+                         f"hybrid NIAH {acc:.2f} at the training length {r.get('niah_train_len')} (goal "
+                         f"{HYBRID_NIAH_GOAL}" + (f"; teacher {t_acc:.2f}" if t_acc is not None else "") + ")")),
+        dg.AssetCheckResult(
+            check_name="hybrid_closes_gap", severity=warn, passed=share is not None and share >= HYBRID_GAP_GOAL,
+            description=("no hybrid, CE-only or teacher perplexity to compare" if share is None else
+                         f"held-out nats/token: CE-only {ce:.4f}, hybrid {h:.4f}, teacher {t:.4f}: the hybrid closes "
+                         f"{share:.2f} of the gap (goal {HYBRID_GAP_GOAL})"),
+            metadata={"gap_share": float(share)} if share is not None else {}),
+    ]
