@@ -245,8 +245,8 @@ def table(rows: Iterable[dict[str, Any]]) -> dg.MetadataValue:
 def _cell(v: Any, kind: str) -> Any:
     if v is None:
         return None
-    if kind == "float":
-        return float(f"{float(v):.6g}")
+    if kind == "float":  # 4 significant digits: ppl 69.82 vs 82.14 reads at a glance, 69.8206 did not
+        return float(f"{float(v):.4g}")
     if kind == "string":
         return str(v)
     return v

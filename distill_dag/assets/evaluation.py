@@ -20,6 +20,23 @@ HYBRID_NIAH_GOAL = 0.8
 HYBRID_GAP_GOAL = 0.5
 
 
+def lm_eval_long(rows: list[dict]) -> list[dict]:
+    """The lm-eval share table (one row per task, a score and a share column per model) as one row per
+    (task, model): in the UI the wide table scrolled sideways and hid every score and share behind the task
+    names. Scores at 3 decimals and shares at 2, as in report.md; the teacher is the reference (no share)."""
+    out = []
+    for row in rows:
+        models = [c for c in row if c not in ("task", "metric") and not c.endswith(" share")]
+        for m in models:
+            score, share = row.get(m), row.get(f"{m} share")
+            if score is None and share is None:  # the "mean share" row has no scores, the teacher no share
+                continue
+            out.append({"task": row["task"], "model": m,
+                        "share of teacher": None if share is None else round(float(share), 2),
+                        "score": None if score is None else round(float(score), 3), "metric": row.get("metric") or ""})
+    return out
+
+
 @dg.asset(
     deps=[student_ckpt, student_ce_baseline, teacher_adapters]
     + ([_students.student_hybrid] if hasattr(_students, "student_hybrid") else []),
@@ -82,7 +99,7 @@ def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineConfigResou
     if r.get("samples"):
         metadata["samples"] = table(r["samples"])
     if r.get("lm_eval_rows"):
-        metadata["lm_eval"] = table(r["lm_eval_rows"])
+        metadata["lm_eval"] = table(lm_eval_long(r["lm_eval_rows"]))
         metadata["lm_eval_mean_share"] = {k: v for k, v in r["lm_eval_mean_share"].items() if v is not None}
     yield dg.MaterializeResult(metadata=rounded(metadata | config_metadata(cfg, "eval")))
     warn = dg.AssetCheckSeverity.WARN

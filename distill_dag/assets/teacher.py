@@ -28,6 +28,19 @@ def require_teacher(context: dg.AssetExecutionContext, cfg, this: str) -> None:
         upstream_path(context, "teacher_adapters", teacher_path(cfg), this)
 
 
+def refuse_adapter_without_base(cfg) -> None:
+    """A random-init teacher (``teacher.model_name_or_path: null`` + ``init_tiny``) finetuned in ``lora`` mode
+    writes only ``final_adapter/``: its base is never saved, so logit_cache and the students cannot load the
+    teacher, and every cache partition failed later with "finetune the teacher first" (a UI backfill, issue 32).
+    Refused here, before any training, naming the keys."""
+    if cfg.teacher.model_name_or_path is None and cfg.teacher_ft.mode == "lora":
+        raise dg.Failure(description=(
+            "teacher.model_name_or_path is null (a random-init teacher from teacher.init_tiny) and teacher_ft.mode is "
+            "lora: the adapter would sit on a base that is never saved, so logit_cache and the students could not "
+            "load the teacher. Set teacher_ft.mode: full (as configs/demo.yaml does), or name a base model in "
+            "teacher.model_name_or_path."))
+
+
 @dg.asset(
     deps=[tokenized_parquet, tokenizer],
     group_name=GROUP,
@@ -52,6 +65,7 @@ def teacher_adapters(context: dg.AssetExecutionContext, pipeline: PipelineConfig
     from distill_dag.distill.teacher_finetune import finetune_teacher
 
     cfg = resolve_config(context, run_config(context), pipeline)
+    refuse_adapter_without_base(cfg)
     data = upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "teacher_adapters")
     tok = upstream_path(context, "tokenizer", cfg.tokenizer_dir, "teacher_adapters")
     m = finetune_teacher(cfg, data, cfg.teacher_ft_dir, tokenizer_dir=tok, log=context.log.info)
@@ -77,7 +91,10 @@ def teacher_adapters(context: dg.AssetExecutionContext, pipeline: PipelineConfig
 @dg.asset(
     deps=[tokenized_parquet, teacher_adapters],
     partitions_def=data_shards,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    # no backfill_policy: a backfill then launches one plain single-partition run per shard (tag
+    # dagster/partition). With BackfillPolicy.multi_run(1) each run was a one-key partition *range*, and Dagster
+    # 1.13.27 records a check result of a range run without its partition: the per-partition check status stayed
+    # "planned" and the UI showed cache_matches_data_shard "Skipped" after a backfill whose checks all passed
     group_name=GROUP,
     config_schema=RUN_CONFIG,  # the run config, validated at launch
     kinds={"pytorch", "numpy", "duckdb"},

@@ -16,6 +16,10 @@ def pyplot() -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the figures are at most ~1000 px wide (MAX_WIDTH_IN): at matplotlib's default 12/10 pt, neighbouring
+    # panels' titles and x labels ran into each other in the UI (the long-context figure); these sizes fit
+    matplotlib.rcParams.update({"axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 7,
+                                "ytick.labelsize": 7, "legend.fontsize": 7, "figure.titlesize": 10})
     return plt
 
 
@@ -97,8 +101,15 @@ def training_panels(runs: dict[str, list[dict]]) -> list[tuple[str, str, Series]
         ("train cross-entropy", "nats/token", {n: series(h, "train", "ce") for n, h in runs.items()}),
         ("held-out cross-entropy", "nats/token", {n: series(h, "val", "val_loss") for n, h in runs.items()}),
         ("KD term (KL to the teacher)", "nats/token",
-         {n: pts for n, h in runs.items() if (pts := series(h, "train", "kl"))}),
+         {n: pts for n, h in runs.items() if (pts := measured_kl(series(h, "train", "kl")))}),
     ]
+
+
+def measured_kl(kl: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The steps whose ``kl`` was measured. The trainer logs ``kl: 0.0`` where no teacher ran (a CE-only run,
+    a KD run's CE warm-up): drawn, a CE-only run was a flat line at 0 in the UI, read as "matches the teacher
+    perfectly". A measured KL between two softmaxes is never exactly 0.0."""
+    return [(x, y) for x, y in kl if y != 0]
 
 
 def read_history(metrics_jsonl: str | Path) -> list[dict]:
