@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import dagster as dg
 
-from distill_dag.assets.run_config import DistillRunConfig
+from distill_dag.assets.run_config import DistillRunConfig, location_config_file  # noqa: F401 (re-exported)
 from distill_dag.config import ConfigError, PipelineConfig, deep_merge, load_config
 from distill_dag.io import sha256_json
 from distill_dag.resources import PipelineConfigResource
@@ -20,11 +19,6 @@ PACKAGE = Path(__file__).resolve().parent.parent
 
 
 # ---- config ----------------------------------------------------------------------------------
-def location_config_file() -> str:
-    """The code location's config file (``DISTILL_DAG_CONFIG``; default: the bundled demo.yaml)."""
-    return os.environ.get("DISTILL_DAG_CONFIG") or "demo.yaml"
-
-
 def location_config() -> PipelineConfig:
     """The code location's config: what the graph's shape (edges, schedule) follows."""
     return load_config(location_config_file())

@@ -12,6 +12,7 @@ any other bad value fails with the key's name before the asset computes anything
 from __future__ import annotations
 
 import enum
+import os
 import types
 import typing
 from typing import Any, Literal, Optional
@@ -232,13 +233,13 @@ class _ValidatedShape(_ConfigHasFields):
         return value
 
 
-def _location_file() -> str:
-    from distill_dag.assets.common import location_config_file
+def location_config_file() -> str:
+    """The code location's config file (``DISTILL_DAG_CONFIG``; default: the bundled demo.yaml)."""
+    return os.environ.get("DISTILL_DAG_CONFIG") or "demo.yaml"
 
-    return location_config_file()
 
-
-RUN_CONFIG = dg.Field(_ValidatedShape(DistillRunConfig.to_config_schema().as_field().config_type, _location_file),
+RUN_CONFIG = dg.Field(_ValidatedShape(DistillRunConfig.to_config_schema().as_field().config_type,
+                                      location_config_file),
                       description=DistillRunConfig.__doc__, is_required=False)
 
 

@@ -30,6 +30,8 @@ EXPECT: dict[str, list[str]] = {
                      r"besides encoding .* ceiling ratio \d\.\d+"],
     "cli_startup": [r"wall/base", r"distill --help\s+[\d.]+\s+[\d.]+\s+[\d.]+"],
     "convert": [r"ratio|tokens"],
+    # a walkthrough of the seed's QUICKSTART, not a speed target: its line is the time it took, step by step
+    "seed_walkthrough": [r'"seed_walkthrough_s": [\d.]+, "steps": \{"download_dry_run"'],
     "real_shapes": [r"peak|RSS"],
     "kd_sweep": [r"gap_share_base [\d.]+ gap_share_best [\d.]+"],
     "cpu_paths": [r"Muon.step.*ratio bf16/fp32 [\d.]+", r"32 MiB .*ratio default/ours [\d.]+",
