@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distill_dag.io import sha256_json, write_json_atomic
+from distill_dag.safe_read import read_json_bounded
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -92,7 +93,7 @@ class Manifest:
                 "or materialize the tokenized_parquet asset first)"
             )
         try:
-            d = json.loads(path.read_text())
+            d = read_json_bounded(path, what="dataset manifest")
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err}); re-run `distill preprocess --force` "
                              "(tokenize.force: true)") from None

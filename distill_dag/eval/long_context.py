@@ -284,6 +284,8 @@ def plot_long_context(ppl: dict[str, Any], cost: dict[str, list[dict[str, Any]]]
         # one legend for both axes: the dashed latency lines get their entries too
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left")
+        # below the panel, not over it: with four models the 8 entries covered the latency lines
+        ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                  frameon=False)
     fig.tight_layout()
     return save_png(fig, path)

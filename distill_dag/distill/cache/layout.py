@@ -30,6 +30,7 @@ from typing import Any
 
 from distill_dag.data.manifest import Manifest
 from distill_dag.distill.cache.codec import LogitCacheError
+from distill_dag.safe_read import read_json_bounded
 
 SHARD_HEADER = "shard.json"
 RECORDS = "records.npy"
@@ -109,7 +110,7 @@ def read_shard_header(cache_dir: str | Path, key: str) -> dict[str, Any] | None:
     """``shard.json`` of the published cache shard ``key``; None when it was never written."""
     p = shard_dir(cache_dir, key) / SHARD_HEADER
     try:
-        return json.loads(p.read_text())
+        return read_json_bounded(p, what="cache shard.json")
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
