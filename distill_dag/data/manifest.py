@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distill_dag.io import sha256_json, write_json_atomic
-from distill_dag.safe_read import read_json_bounded
+from distill_dag.safe_read import MAX_JSON_BYTES, read_text_bounded
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,7 +93,7 @@ class Manifest:
                 "or materialize the tokenized_parquet asset first)"
             )
         try:
-            d = read_json_bounded(path, what="dataset manifest")
+            d = json.loads(read_text_bounded(path, MAX_JSON_BYTES, "dataset manifest"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err}); re-run `distill preprocess --force` "
                              "(tokenize.force: true)") from None

@@ -52,7 +52,7 @@ from distill_dag.distill.teachers.direct import state_dict_sha256
 from distill_dag.io import atomic_dir, sha256_dir, sha256_json, write_json_atomic
 from distill_dag.model.convert import convert_teacher, hybrid_layer_types, hybridize, unwrap_teacher
 from distill_dag.model.retnet import RetNetConfig, RetNetForCausalLM
-from distill_dag.safe_read import read_json_bounded
+from distill_dag.safe_read import MAX_JSON_BYTES, read_text_bounded
 
 # align fields that change the resulting weights (the rest is bookkeeping)
 _WEIGHT_FIELDS = ("steps", "value_factor", "learning_rate", "weight_decay", "warmup_steps", "min_lr_ratio",
@@ -265,9 +265,9 @@ def align_student(
 
     final = out / "final"
     if (final / "align.json").exists():
-        info = read_json_bounded(final / "run.json", what="stage-1 run.json")
+        info = json.loads(read_text_bounded(final / "run.json", MAX_JSON_BYTES, "stage-1 run.json"))
         _check_lineage(info["lineage"], lin, final)
-        done = read_json_bounded(final / "align.json", what="stage-1 align.json")
+        done = json.loads(read_text_bounded(final / "align.json", MAX_JSON_BYTES, "stage-1 align.json"))
         log = echo or print
         log(f"align: {final} is up to date (same teacher, data and align config); stage 1 skipped")
         return AlignResult(out_dir=out, final_dir=final, steps=done["steps"], tokens=done["tokens"],
@@ -424,7 +424,7 @@ def load_aligned_student(cfg: PipelineConfig) -> torch.nn.Module:
             f"student.init is from_teacher but {final} holds no finished alignment: run stage 1 first "
             "(`distill train` and the student_ckpt asset run it; or distill_dag.distill.align.align_student(cfg))"
         )
-    info = read_json_bounded(final / "run.json", what="stage-1 run.json")
+    info = json.loads(read_text_bounded(final / "run.json", MAX_JSON_BYTES, "stage-1 run.json"))
     want = align_key(cfg)
     _check_lineage({k: info["lineage"][k] for k in want}, want, final)
     model = RetNetForCausalLM.from_pretrained(final)

@@ -318,7 +318,7 @@ def hflm_args(model: str | Path | Mapping[str, Any], base: str | None = None) ->
     """lm-eval ``hf`` model arguments for a model folder: a full model (``pretrained=DIR``), a LoRA adapter
     (``pretrained=BASE, peft=DIR``: BASE is ``base`` or the adapter's ``base_model_name_or_path``), or a
     teacher_ft output folder (its ``final_model/`` or ``final_adapter/``). A mapping passes through."""
-    from distill_dag.safe_read import read_json_bounded
+    from distill_dag.safe_read import MAX_JSON_BYTES, read_text_bounded
 
     if isinstance(model, Mapping):
         return dict(model)
@@ -328,7 +328,7 @@ def hflm_args(model: str | Path | Mapping[str, Any], base: str | None = None) ->
             p = p / sub
             break
     if (p / "adapter_config.json").exists():
-        b = base or read_json_bounded(p / "adapter_config.json", what="adapter_config.json").get("base_model_name_or_path")
+        b = base or json.loads(read_text_bounded(p / "adapter_config.json", MAX_JSON_BYTES, "adapter_config.json")).get("base_model_name_or_path")
         if not b:
             raise LmEvalTaskError(f"{p}: a LoRA adapter without base_model_name_or_path; set "
                                   "teacher.model_name_or_path")
@@ -525,7 +525,7 @@ def run_lm_eval(
 def loads_without_distill_dag(folder: str | Path) -> bool:
     """Whether transformers alone can load the model saved in ``folder``: its ``config.json`` has an ``auto_map``
     (code shipped beside the weights) or a ``model_type`` transformers knows (Llama, ...)."""
-    from distill_dag.safe_read import read_json_bounded
+    from distill_dag.safe_read import MAX_JSON_BYTES, read_text_bounded
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -537,7 +537,7 @@ def loads_without_distill_dag(folder: str | Path) -> bool:
     if (p / "adapter_config.json").exists():
         return True  # a LoRA adapter: its base model is a hub / local transformers model
     try:
-        cfg = read_json_bounded(p / "config.json", what="model config.json")
+        cfg = json.loads(read_text_bounded(p / "config.json", MAX_JSON_BYTES, "model config.json"))
     except (OSError, ValueError):
         return False
     return bool(cfg.get("auto_map")) or cfg.get("model_type") in CONFIG_MAPPING_NAMES

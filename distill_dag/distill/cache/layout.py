@@ -30,7 +30,7 @@ from typing import Any
 
 from distill_dag.data.manifest import Manifest
 from distill_dag.distill.cache.codec import LogitCacheError
-from distill_dag.safe_read import read_json_bounded
+from distill_dag.safe_read import MAX_JSON_BYTES, read_text_bounded
 
 SHARD_HEADER = "shard.json"
 RECORDS = "records.npy"
@@ -109,8 +109,10 @@ def shard_dir(cache_dir: str | Path, key: str) -> Path:
 def read_shard_header(cache_dir: str | Path, key: str) -> dict[str, Any] | None:
     """``shard.json`` of the published cache shard ``key``; None when it was never written."""
     p = shard_dir(cache_dir, key) / SHARD_HEADER
+    if not p.exists():  # never written (or a dangling link): no header
+        return None
     try:
-        return read_json_bounded(p, what="cache shard.json")
+        return json.loads(read_text_bounded(p, MAX_JSON_BYTES, "cache shard.json"))
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
