@@ -279,6 +279,7 @@ def main() -> int:
         "logit_cache": {"dir": str(out / "data" / "logit_cache")},
         "teacher_ft": {"output_dir": str(out / "teacher_ft")},
         "wandb": {"mode": "disabled"},
+        "hybrid": {"enabled": False},  # arm (c) is this bench's hybrid; run_student must not train demo.yaml's too
         "train": {"device": "cpu", "teacher_mode": "direct", "ce_only_baseline": False, "eval_interval": a.eval_interval,
                   "log_interval": a.eval_interval, "eval_batches": a.eval_batches, "save_interval": 0},
     }
