@@ -113,10 +113,12 @@ def card_hybrid_facts(final_dir: Path, hcfg: PipelineConfig, alignment: Any) -> 
 
 
 def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """``distill train``: the three student stages in order, as the assets run them one by one: stage 1
-    with ``student.init: from_teacher``, the KD student, and with ``train.ce_only_baseline`` the CE-only one.
+    """``distill train``: the student stages in order, as the assets run them one by one: stage 1 with
+    ``student.init: from_teacher``, the KD student, with ``train.ce_only_baseline`` the CE-only one, and with
+    ``hybrid.enabled`` the hybrid (its own stage 1, then KD).
 
-    Returns ``{"student": TrainResult, "baseline": TrainResult | None, "alignment": AlignResult | None}``.
+    Returns ``{"student": TrainResult, "baseline": TrainResult | None, "alignment": AlignResult | None}`` and,
+    with the hybrid, ``"hybrid": {"student", "alignment"}``.
     """
     result: dict[str, Any] = {"baseline": None, "alignment": None}
     if cfg.student.init == "from_teacher" and not cfg.train.resume_from:
