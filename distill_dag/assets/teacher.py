@@ -29,16 +29,15 @@ def require_teacher(context: dg.AssetExecutionContext, cfg, this: str) -> None:
 
 
 def refuse_adapter_without_base(cfg) -> None:
-    """A random-init teacher (``teacher.model_name_or_path: null`` + ``init_tiny``) finetuned in ``lora`` mode
-    writes only ``final_adapter/``: its base is never saved, so logit_cache and the students cannot load the
-    teacher, and every cache partition failed later with "finetune the teacher first" (a UI backfill, issue 32).
-    Refused here, before any training, naming the keys."""
-    if cfg.teacher.model_name_or_path is None and cfg.teacher_ft.mode == "lora":
-        raise dg.Failure(description=(
-            "teacher.model_name_or_path is null (a random-init teacher from teacher.init_tiny) and teacher_ft.mode is "
-            "lora: the adapter would sit on a base that is never saved, so logit_cache and the students could not "
-            "load the teacher. Set teacher_ft.mode: full (as configs/demo.yaml does), or name a base model in "
-            "teacher.model_name_or_path."))
+    """The core's rule (:func:`distill_dag.distill.teacher_finetune.check_teacher_base`), before any work: a
+    random-init teacher in lora mode writes an adapter on a base that is never saved (issue 32's backfill)."""
+    from distill_dag.config import ConfigError
+    from distill_dag.distill.teacher_finetune import check_teacher_base
+
+    try:
+        check_teacher_base(cfg)
+    except ConfigError as err:
+        raise dg.Failure(description=str(err)) from None
 
 
 @dg.asset(

@@ -131,8 +131,21 @@ def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
         )
 
 
+def check_teacher_base(cfg: PipelineConfig) -> None:
+    """Refuse a random-init teacher (``teacher.model_name_or_path: null`` + ``init_tiny``) finetuned in ``lora``
+    mode: it would write only ``final_adapter/`` on a base that is never saved, so the cache and the students
+    could not load the teacher (they failed later with "finetune the teacher first")."""
+    if cfg.teacher.model_name_or_path is None and cfg.teacher_ft.mode == "lora":
+        raise ConfigError(
+            "teacher.model_name_or_path is null (a random-init teacher from teacher.init_tiny) and teacher_ft.mode is "
+            "lora: the adapter would sit on a base that is never saved, so logit_cache and the students could not "
+            "load the teacher. Set teacher_ft.mode: full (as configs/demo.yaml does), or name a base model in "
+            "teacher.model_name_or_path.")
+
+
 def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trainable teacher (peft-wrapped for lora) on ``device``, and what identifies its base."""
+    check_teacher_base(cfg)
     ft = cfg.teacher_ft
     torch.manual_seed(ft.seed)  # tiny init and LoRA A matrices: the same on every (re)start
     if cfg.teacher.model_name_or_path is None:

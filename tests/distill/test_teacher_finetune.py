@@ -245,3 +245,11 @@ def test_an_update_leaving_the_teacher_non_finite_publishes_no_final_model(tmp_p
         finetune_teacher(_cfg(max_steps=2), small_corpus["tokenized"], out, tokenizer_dir=small_corpus["tokenizer"],
                          log=lambda s: None)
     assert not (out / "final_model").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_random_init_teacher_in_lora_mode_is_refused_before_training(tmp_path, small_corpus):
+    """Its adapter would sit on a base that is never saved (the cache and the students could not load it)."""
+    with pytest.raises(ConfigError, match=r"teacher\.model_name_or_path is null.*teacher_ft\.mode is lora"):
+        finetune_teacher(_cfg(mode="lora"), small_corpus["tokenized"], tmp_path / "ft",
+                         tokenizer_dir=small_corpus["tokenizer"], log=lambda s: None)
+    assert not (tmp_path / "ft" / "final_adapter").exists()
