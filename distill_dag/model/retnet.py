@@ -473,7 +473,6 @@ class RetNetAttention(nn.Module):
         v = self.v_proj(x).view(B, T, Hkv, K)
         q = rotate(q.float(), positions, self.config.rope_theta).to(v.dtype)
         k = rotate(k.float(), positions, self.config.rope_theta).to(v.dtype)
-        single_doc = bool((doc == doc[:, :1]).all())
         if cache is None and valid is None:
             o = self._flash(q, k, v, doc) if x.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
             if o is not None:
@@ -485,7 +484,9 @@ class RetNetAttention(nn.Module):
             k, v, k_index, k_doc, k_valid = cache.layers[self.layer_idx].update_with_meta(k, v, index, doc, tok)
         else:
             k_index, k_doc, k_valid = index, doc, tok
-        if cache is None and valid is None and single_doc and self.window is None:
+        # one document per row, no padding, no window: the plain causal mask (SDPA's fast kernels); the document
+        # check syncs with the device, so it runs only when the cheaper conditions already hold
+        if cache is None and valid is None and self.window is None and bool((doc == doc[:, :1]).all()):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
         else:
             mask = attention_mask(index, k_index, doc, k_doc, k_valid, self.window)

@@ -16,33 +16,29 @@ import torch
 from distill_dag.distill.teachers.base import TeacherError, TeacherProvider, check_vocab
 
 
-def _config_vocab(name: str | Path | None) -> int | None:
-    """The teacher's vocab size from its config.json, without loading weights (None if unknown)."""
+def _teacher_config(name: str | Path | None) -> Any:
+    """The teacher's config from its config.json, without loading weights (None when unknown: no name, an
+    offline hub name, an odd path; callers then check after loading, or have nothing to warn about)."""
     if not name:
         return None
     try:
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(str(name))
-    except Exception:  # noqa: BLE001 - offline hub name, odd path: we then check after loading
+    except Exception:  # noqa: BLE001 - see the docstring
         return None
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return int(getattr(cfg, "vocab_size", 0) or 0) or None
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def _config_vocab(name: str | Path | None) -> int | None:
+    """The teacher's vocab size from its config.json (None if unknown)."""
+    return int(getattr(_teacher_config(name), "vocab_size", 0) or 0) or None
 
 
 def teacher_max_positions(name: str | Path | None) -> int | None:
     """The teacher's ``max_position_embeddings`` from its config.json (None when unknown or not a local/cached
     model)."""
-    if not name:
-        return None
-    try:
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(str(name))
-    except Exception:  # noqa: BLE001 - offline hub name, odd path: nothing to warn about then
-        return None
-    cfg = getattr(cfg, "text_config", None) or cfg
-    n = getattr(cfg, "max_position_embeddings", None)
+    n = getattr(_teacher_config(name), "max_position_embeddings", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
