@@ -318,7 +318,7 @@ def _add_finetune_teacher(sub: argparse._SubParsersAction) -> None:
         cfg = _load(a, o)
         import json
 
-        from distill_dag.distill.teacher_finetune import TrainingInterrupted, finetune_teacher
+        from distill_dag.teacher.finetune import TrainingInterrupted, finetune_teacher
 
         try:
             from distill_dag.data.tokenizer import ensure_tokenizer
@@ -356,9 +356,9 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from distill_dag.distill.cache.layout import read_data_manifest
-        from distill_dag.distill.cache.stage import build_logit_cache
-        from distill_dag.distill.teachers.base import TeacherError
+        from distill_dag.teacher.cache.layout import read_data_manifest
+        from distill_dag.teacher.cache_stage import build_logit_cache
+        from distill_dag.loss.topk import TeacherError
 
         over: dict[str, Any] = {}
         _set(over, "logit_cache.k", a.k)
@@ -429,7 +429,7 @@ def _add_serve_teacher(sub: argparse._SubParsersAction) -> None:
                    help="bytes held across all requests (teacher.serve_max_buffered_bytes)")
 
     def run(a: argparse.Namespace) -> int:
-        from distill_dag.distill.teachers.server import serve_teacher
+        from distill_dag.teacher.server import serve_teacher
 
         over: dict[str, Any] = {}
         _set(over, "teacher.serve_allow_no_token", a.allow_no_token)
@@ -491,7 +491,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         _check_data(cfg)
         if not cfg.train.pretrain_ce_only and cfg.train.teacher_mode != "cached":
             _warn_teacher_length(cfg)
-        from distill_dag.distill.student_run import run_student
+        from distill_dag.student.run import run_student
 
         out = run_student(cfg)
         if os.environ.get("RANK", "0") != "0":  # one summary under torchrun
@@ -511,7 +511,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _warn_teacher_length(cfg: PipelineConfig, model: str | None = None) -> None:
     from distill_dag.data.manifest import Manifest
-    from distill_dag.distill.teachers.factory import length_warning
+    from distill_dag.teacher.providers.factory import length_warning
 
     try:
         seq_len = Manifest.load(cfg.tokenized_dir).max_seq_length
@@ -586,7 +586,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
         r = evaluate_run(cfg, checkpoint=a.checkpoint, split=a.split, niah=a.niah, out_dir=a.out,
                          teacher=a.teacher or "auto", baseline=a.baseline or "auto", device=cfg.train.device)
-        from distill_dag.eval.perplexity import table_markdown
+        from distill_dag.loss.perplexity import table_markdown
 
         print(table_markdown(r["perplexity_rows"]))
         if r.get("niah_table"):

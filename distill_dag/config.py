@@ -375,7 +375,7 @@ class StudentConfig(HybridLayers):
 
 
 class AlignConfig(Section):
-    """Stage 1 of ``student.init: from_teacher`` (distill_dag/distill/align.py): the converted student's
+    """Stage 1 of ``student.init: from_teacher`` (distill_dag/student/align.py): the converted student's
     retention layers trained, teacher frozen, to reproduce each teacher layer's attention output (MSE)."""
 
     steps: int = _f(200, "Alignment steps (0: convert only; KD starts from the unaligned conversion)", ge=0,

@@ -9,12 +9,12 @@ import os
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from distill_dag.assets import data, evaluation, student, teacher
-from distill_dag.assets.common import location_config_file
-from distill_dag.jobs import (
+from distill_dag.defs.assets import data, evaluation, student, teacher
+from distill_dag.defs.assets.common import location_config_file
+from distill_dag.defs.jobs import (
     eval_job, logit_cache_job, new_raw_data_sensor, retokenize_job, retokenize_schedule, student_job, teacher_job,
 )
-from distill_dag.resources import PipelineConfigResource, TeacherEndpointResource, WandbSettingsResource
+from distill_dag.defs.resources import PipelineConfigResource, TeacherEndpointResource, WandbSettingsResource
 
 MODULES = [data, teacher, student, evaluation]
 

@@ -11,7 +11,7 @@ the demo's tiny Llama goes from chance to ~95 % copy accuracy in a few hundred s
 (``teacher_ft.copy_warmup_steps``); the corpus steps after it then teach *what* to copy (the pass key
 after ``The pass key is``).
 
-How :func:`distill_dag.distill.teacher_finetune.finetune_teacher` uses them (the demo): 200 steps of
+How :func:`distill_dag.teacher.finetune.finetune_teacher` uses them (the demo): 200 steps of
 64-token rows (periods 6-30; the circuit forms at ~150-250), 100 steps of full-length rows (periods up
 to the row length - 16, half of them over small alphabets), then the corpus steps. The copy warm-up
 alone got the demo teacher to NIAH 0.53 at its 256-token training length (0.00 without it): it copies,

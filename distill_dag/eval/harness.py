@@ -583,7 +583,7 @@ def lm_eval_section(
         result["lm_eval_skipped"] = "no teacher to take the share of"
         log("lm-eval: skipped (no teacher)")
         return []
-    from distill_dag.distill.checkpoint import resolve_checkpoint
+    from distill_dag.training.checkpoint import resolve_checkpoint
 
     folders: dict[str, Any] = {}
     unloadable: list[str] = []
@@ -598,7 +598,7 @@ def lm_eval_section(
                 continue
         folders[name] = d
     for u in unloadable:
-        log(f"lm-eval: skipping {u}; a folder written by distill_dag.distill.checkpoint.write_final ships its code")
+        log(f"lm-eval: skipping {u}; a folder written by distill_dag.training.checkpoint.write_final ships its code")
     if teacher_name not in folders:
         result["lm_eval_skipped"] = f"the teacher ({teacher_name}) is not saved on disk"
         log(f"lm-eval: skipped ({result['lm_eval_skipped']})")

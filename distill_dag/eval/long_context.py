@@ -37,7 +37,7 @@ def token_stream(data_dir: str | Path, split: str, max_tokens: int, exclude: Any
     """Up to ``max_tokens`` token ids of a tokenized split in order (padding dropped, EOS kept).
 
     ``exclude(doc_ids) -> bool`` drops a document (e.g. the synthetic retrieval documents)."""
-    from distill_dag.eval.perplexity import split_loader
+    from distill_dag.loss.perplexity import split_loader
 
     out: list[int] = []
     doc: list[int] = []
@@ -184,7 +184,7 @@ def generation_cost(
 
     Prefill of L tokens of ``tokens`` (one sequence), then ``new_tokens`` greedy steps of one token
     each through the returned cache; ms/token is the median step after two warm-up steps."""
-    from distill_dag.eval.perplexity import _accepts
+    from distill_dag.loss.perplexity import _accepts
 
     mod = _module(model)
     was = mod.training

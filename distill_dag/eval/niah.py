@@ -51,7 +51,7 @@ def haystack_from_split(tokenizer: Any, data_dir: str | Path, split: str = "val"
     that keeps documents apart would otherwise forget the needle at the first EOS. Synthetic
     retrieval documents (:func:`is_retrieval_doc`) are left out: their pass keys would be rival needles.
     """
-    from distill_dag.eval.perplexity import split_loader
+    from distill_dag.loss.perplexity import split_loader
 
     eos = tokenizer.eos_token_id
     docs: list[str] = []

@@ -48,7 +48,7 @@ def _load_causal_lm(path: Path, device: torch.device) -> torch.nn.Module:
     import distill_dag  # noqa: F401  - registers the RetNet student with the Auto classes
     from transformers import AutoModelForCausalLM
 
-    from distill_dag.distill.checkpoint import resolve_checkpoint, verify_checkpoint
+    from distill_dag.training.checkpoint import resolve_checkpoint, verify_checkpoint
 
     path = resolve_checkpoint(path)
     if not (path / "config.json").exists():
@@ -73,7 +73,7 @@ def _load_causal_lm(path: Path, device: torch.device) -> torch.nn.Module:
 def teacher_models(cfg: PipelineConfig, teacher: Any, device: torch.device) -> dict[str, Any]:
     """``{"teacher (base)": ..., "teacher (adapted)": ...}`` from a teacher_ft output dir, a model dir, an
     adapter dir or a module. A LoRA teacher is loaded once: its base row runs with the adapter disabled."""
-    from distill_dag.distill.teacher_model import build_tiny_teacher, load_teacher
+    from distill_dag.teacher.model import build_tiny_teacher, load_teacher
 
     if isinstance(teacher, torch.nn.Module):
         return {"teacher": teacher.to(device).eval()}
@@ -100,9 +100,9 @@ def teacher_models(cfg: PipelineConfig, teacher: Any, device: torch.device) -> d
 
 
 def _ppl_rows(models: dict[str, Any], batches: list[dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, Any]]:
-    from distill_dag.eval.perplexity import perplexity
+    from distill_dag.loss.perplexity import perplexity
 
-    from distill_dag.distill.telemetry import progress
+    from distill_dag.training.telemetry import progress
 
     rows = []
     for name, m in progress(list(models.items()), total=len(models), desc="eval perplexity (models)"):
@@ -217,7 +217,7 @@ def evaluate_checkpoint(
     from distill_dag.data.tokenizer import load_tokenizer
     from distill_dag.device import pick_device
     from distill_dag.eval.niah import evaluate_niah, haystack_from_split, stdlib_haystack
-    from distill_dag.eval.perplexity import split_loader, table_markdown
+    from distill_dag.loss.perplexity import split_loader, table_markdown
 
     ec = cfg.eval
     split = split or ec.split
@@ -233,7 +233,7 @@ def evaluate_checkpoint(
     if isinstance(checkpoint_dir, torch.nn.Module):
         student, ckpt_path = checkpoint_dir.to(dev).eval(), None
     else:
-        from distill_dag.distill.checkpoint import resolve_checkpoint
+        from distill_dag.training.checkpoint import resolve_checkpoint
 
         ckpt_path = resolve_checkpoint(checkpoint_dir)
         student = _load_causal_lm(ckpt_path, dev)
@@ -472,7 +472,7 @@ def evaluate_run(
         b = Path(str(cfg.run_dir) + "_ce_only") / "final"
         baseline = b if b.is_dir() else None
     if converted == "auto":  # stage 1 of student.init from_teacher: the converted + aligned student
-        from distill_dag.distill.align import aligned_dir
+        from distill_dag.student.align import aligned_dir
 
         c = aligned_dir(cfg) / "final"
         converted = c if (c / "config.json").exists() else None
@@ -488,7 +488,7 @@ def evaluate_run(
     from distill_dag.model.hub import add_eval_to_model_card  # the student's model card gets the tables
 
     add_eval_to_model_card(result["checkpoint"], result)
-    from distill_dag.distill.telemetry import log_eval_run  # W&B (job_type eval, the training runs' group)
+    from distill_dag.training.telemetry import log_eval_run  # W&B (job_type eval, the training runs' group)
 
     scalars = {k: v for k, v in result.items() if k.endswith(("_ppl", "_accuracy", "nats_per_token")) and
                isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -2,7 +2,7 @@
 
 The recipe of LoLCATs / MOHAWK / RADLADS for RetNet: the student takes the teacher's width, depth, FFN,
 vocabulary and head count; everything but the token mixer is copied verbatim, and the mixer's Q/K/V/O
-projections are copied too, so that after a short per-layer alignment (``distill_dag.distill.align``)
+projections are copied too, so that after a short per-layer alignment (``distill_dag.student.align``)
 retention only has to learn what softmax attention did differently. One table per teacher family
 (:data:`FAMILIES`, keyed by ``config.model_type``); each lists, for every teacher parameter, where it goes
 in the student and how it is reshaped. A teacher parameter that is not in the table is an error, never

@@ -11,7 +11,7 @@ token ids, the trained length on the tokenizer and a model card (``README.md``).
 - :func:`prepare_hf_folder`: ``config.json`` gets ``auto_map`` and ``eos/pad/bos_token_id`` from the
   tokenizer, ``generation_config.json`` the same ids (``generate`` stops at EOS), ``tokenizer_config.json``
   ``model_max_length`` = the trained row length; then the card. Used by
-  :func:`distill_dag.distill.checkpoint.write_final`.
+  :func:`distill_dag.training.checkpoint.write_final`.
 - :func:`update_model_card`: facts are kept in ``model_card.json`` and ``README.md`` is rendered from them, so
   the training run (losses) and the evaluation (tables) each fill in their own section later.
 

@@ -2,7 +2,7 @@
 
 It materialises the student's logits for every position ([B, T, V]) and lets autograd produce the
 gradients, so it is easy to read and to trust, and it costs several [tokens x vocab] buffers.
-The formulas are those of :func:`distill_dag.distill.losses.distill_loss`; this file computes them
+The formulas are those of :func:`distill_dag.loss.kd.distill_loss`; this file computes them
 the obvious way (log_softmax over the full vocabulary, masks instead of the chunked kernel's
 support/tail split) so that the two are independent implementations.
 """
