@@ -2,7 +2,7 @@
 turned into this project's sectioned config, with the mapping and what has no equivalent, and why.
 
 :data:`SEED_KEYS` is also what the config loader uses to answer an unknown seed key with
-"did you mean `student.variant`". Only the standard library and PyYAML are imported here.
+"did you mean `student.variant`". Beside the standard library, only the config package is imported here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from distill_dag.seed_keys import SEED_KEYS  # noqa: E402  (the mapping table; config reads it too)
+from distill_dag.config import ConfigError, PipelineConfig, read_yaml
+from distill_dag.seed_keys import SEED_KEYS  # the mapping table; config reads it too
 
 _NO_EQUIVALENT_DEFAULT = "not a setting of distill-dag"
 # keys the seed had that are known to have no equivalent, with why
@@ -148,8 +149,6 @@ def migrate(seed: dict[str, Any], root: str | os.PathLike | None = None,
 
 
 def load_seed_yaml(path: str | Path, read: Callable[[Path], Any] | None = None) -> dict[str, Any]:
-    from distill_dag.config import ConfigError, read_yaml
-
     data = (read or read_yaml)(Path(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a seed config is a mapping of keys, got {type(data).__name__}")
@@ -157,6 +156,4 @@ def load_seed_yaml(path: str | Path, read: Callable[[Path], Any] | None = None) 
 
 
 def looks_like_ours(data: dict[str, Any]) -> bool:
-    from distill_dag.config import PipelineConfig
-
     return bool(data) and all(k in PipelineConfig.model_fields or k == "base" for k in data)

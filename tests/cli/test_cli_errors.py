@@ -85,9 +85,9 @@ def test_teacher_topk_above_the_manifest_vocabulary_names_the_key(tmp_path, smal
 
 @pytest.mark.parametrize("exc", ["diverged", "cache_k"])
 def test_divergence_and_cache_k_mismatch_are_one_line_errors(exc, tmp_path, small_corpus, monkeypatch, capsys):
-    import distill_dag.distill.student_run as sr
-    from distill_dag.distill.cache.codec import LogitCacheError
-    from distill_dag.distill.stability import TrainingDivergedError
+    import distill_dag.student.run as sr
+    from distill_dag.teacher.cache.codec import LogitCacheError
+    from distill_dag.training.stability import TrainingDivergedError
 
     err_obj = {
         "diverged": TrainingDivergedError("step 7: 10 consecutive non-finite steps (loss=nan); the run has diverged. "
@@ -110,7 +110,7 @@ def test_divergence_and_cache_k_mismatch_are_one_line_errors(exc, tmp_path, smal
 
 
 def test_an_unexpected_error_names_its_type_and_points_at_debug(tmp_path, small_corpus, monkeypatch, capsys):
-    import distill_dag.distill.student_run as sr
+    import distill_dag.student.run as sr
 
     monkeypatch.setattr(sr, "run_student", lambda cfg: {}["nope"])
     assert main(["train", "--config", str(_cfg(tmp_path, small_corpus))]) == 1

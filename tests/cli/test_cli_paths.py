@@ -105,7 +105,7 @@ def test_learning_rate_scales_muon_too_and_says_so(tmp_path, monkeypatch, capsys
 
     seen = {}
     monkeypatch.setattr(cli, "_check_data", lambda cfg: None)
-    import distill_dag.distill.student_run as sr
+    import distill_dag.student.run as sr
 
     def fake_run(cfg):
         seen["train"] = cfg.train

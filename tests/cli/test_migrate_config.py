@@ -120,7 +120,7 @@ def test_a_migrated_seed_config_trains(tmp_path, monkeypatch, small_corpus, tiny
 
 
 def test_seed_cache_teacher_logits_flags_work_as_an_alias(tmp_path, monkeypatch, capsys):
-    import distill_dag.distill.cache.stage as stage
+    import distill_dag.teacher.cache_stage as stage
 
     seen = {}
 

@@ -123,7 +123,7 @@ def test_distill_teacher_url_redirects_the_clis_network_teacher(tmp_path, monkey
     assert "env-url" in err and "config-url" not in err
 
     from distill_dag.config import load_config
-    from distill_dag.distill.teachers.factory import teacher_url
+    from distill_dag.teacher.providers.factory import teacher_url
 
     assert teacher_url(load_config(cfg).teacher) == "http://127.0.0.1:9/env-url"
     monkeypatch.delenv("DISTILL_TEACHER_URL")
@@ -171,7 +171,7 @@ def test_skip_existing_and_force_together_are_refused(tmp_path, capsys):
 @pytest.mark.parametrize("env,mode", [("disabled", "disabled"), ("offline", "offline"), ("", "offline")])
 def test_wandb_mode_env_is_honoured_under_auto(monkeypatch, env, mode):
     from distill_dag.config import WandbConfig
-    from distill_dag.distill.telemetry import wandb_mode
+    from distill_dag.training.telemetry import wandb_mode
 
     monkeypatch.setenv("WANDB_MODE", env)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -202,7 +202,7 @@ def test_eval_reports_land_beside_the_evaluated_checkpoint(tmp_path):
 
 
 def test_rows_longer_than_the_teachers_positions_are_warned(tmp_path, tiny_teacher_dir):
-    from distill_dag.distill.teachers.factory import length_warning, teacher_max_positions
+    from distill_dag.teacher.providers.factory import length_warning, teacher_max_positions
 
     n = teacher_max_positions(tiny_teacher_dir)
     assert n is not None

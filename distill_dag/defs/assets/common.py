@@ -118,7 +118,7 @@ CODE_VERSION_EXCLUDE = frozenset({
 # the model (a refusal, not a different result), and the Pipes entry point formats metadata with the assets
 # module. The Dagster layer itself (assets, resources) counts only as an entry point, not when reached.
 CODE_VERSION_SKIP_EDGES = frozenset({
-    ("distill_dag.config", "distill_dag.model.variants"),
+    ("distill_dag.config.schema", "distill_dag.model.variants"),
     ("distill_dag.defs.pipes_worker", "distill_dag.defs.assets.student"),
 })
 _DAGSTER_LAYER = ("distill_dag.defs.assets.", "distill_dag.defs.resources")

@@ -1,39 +1,23 @@
-"""Run configuration: one pydantic model tree shared by the CLI and the Dagster assets.
+"""The config schema: one pydantic model tree shared by the CLI and the Dagster assets.
 
 A YAML file holds a whole :class:`PipelineConfig`; every section has defaults, so a file only names
-what it changes. Every field carries a description (the Dagster Launchpad shows it), numeric bounds
-and, for choices, a ``Literal``; unknown keys, wrong types, values out of bounds and NaN/inf are
-errors that name the key and the file (``extra="forbid"`` everywhere).
-
-Paths (the rule, also in the README):
-- on the command line, a relative path is relative to the current directory;
-- inside a config file, relative to the folder of that file (each file of a ``base:`` chain for its
-  own keys); the bundled configs (``configs/``, reachable by name: ``--config demo.yaml``) are
-  templates, so theirs are relative to the current directory;
-- in a dict (Dagster run config, ``config_from_dict``), relative to the current directory.
-A ``*name_or_path`` value (tokenizer, teacher, hf dataset) is a local folder when it starts with
-``/ ./ ../ ~`` or exists there; otherwise it is a hub id and stays as written.
+what it changes. Every field carries a description (the Dagster Launchpad shows it, ``distill``'s flags
+take it as their help), numeric bounds and, for choices, a ``Literal``; unknown keys, wrong types, values
+out of bounds and NaN/inf are errors that name the key and the file (``extra="forbid"`` everywhere).
+Fields that hold a path are marked :data:`PATH` / :data:`NAME_OR_PATH` (``distill_dag.config.paths``
+resolves them). Loading a file: ``distill_dag.config.load``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from distill_dag.seed_keys import SEED_KEYS
+from distill_dag.model.variants import override_errors
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = Path(os.environ.get("DISTILL_DAG_CONFIG_DIR", PROJECT_ROOT / "configs"))
-DEFAULT_CONFIG = "demo.yaml"
-
-MAX_CONFIG_BYTES = 1 << 20  # a config file above 1 MiB is refused (it is not a config)
-MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (an "alias bomb" expands to billions)
-MAX_BASE_DEPTH = 16
 # Upper bounds shared by many fields; each exists so a typo (an extra zero, 2**64) is refused naming its key
 # instead of overflowing a C long or allocating before it fails.
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 32 bits; torch's 64 would overflow at 2**64
@@ -43,10 +27,6 @@ MAX_EVAL_TOKENS = 1 << 17  # NIAH / prompt lengths: 128k tokens, the longest con
 # json_schema_extra markers of the fields that hold filesystem paths (see the module docstring)
 PATH = {"path": "path"}
 NAME_OR_PATH = {"path": "name_or_path"}
-
-
-class ConfigError(ValueError):
-    """A config file or dict that cannot be used; the message names the file and the key."""
 
 
 class Section(BaseModel):
@@ -186,8 +166,6 @@ class TokenizerConfig(Section):
     min_frequency: int = _f(2, "BPE: a merge needs at least this many occurrences", ge=1, le=10**9)
     train_bytes: int = _f(20_000_000, "BPE: train on the first this-many bytes of the raw text", ge=1,
                           le=1 << 40)
-    dir: str | None = _f(None, "The local tokenizer folder every stage reads (null: <data.root>/tokenizer); when it "
-                               "holds no tokenizer, name_or_path is fetched/copied into it", json_schema_extra=PATH)
     dir: str | None = _f(None, "The local tokenizer folder every stage reads (null: <data.root>/tokenizer); when it "
                                "holds no tokenizer, name_or_path is fetched/copied into it", json_schema_extra=PATH)
 
@@ -631,8 +609,7 @@ def cross_field_errors(cfg: PipelineConfig) -> list[tuple[str, str]]:
                                         "alone); set train.max_steps >= 1"))
     if cfg.tokenizer.name_or_path is None:
         errs += vocab_errors(cfg, cfg.tokenizer.vocab_size, "tokenizer.vocab_size (a BPE trained here)")
-    from distill_dag.model.variants import override_errors  # torch is imported only when overrides are set
-
+    # override_errors imports torch only when overrides are set
     errs += override_errors(cfg.student.variant, cfg.student.overrides, cfg.student.chunk_size)
     if cfg.student.attention_layers == "auto" and cfg.student.init != "from_teacher":
         errs.append(("student.attention_layers", "auto chooses layers by restoring the teacher's attention: it "
@@ -652,295 +629,3 @@ def vocab_errors(cfg: PipelineConfig, vocab_size: int, where: str) -> list[tuple
         errs.append(("logit_cache.k", f"{cfg.logit_cache.k} is above the vocabulary ({vocab_size}, {where}); "
                                       f"set logit_cache.k <= {vocab_size}"))
     return errs
-
-
-def check_vocab(cfg: PipelineConfig, vocab_size: int, where: str) -> None:
-    """Refuse a top-k above the vocabulary once the vocabulary is known (``where``: e.g. the manifest's
-    path); raises :class:`ConfigError` naming the key."""
-    errs = vocab_errors(cfg, int(vocab_size), where)
-    if errs:
-        raise ConfigError("invalid config:\n" + "\n".join(f"  key '{k}': {m}" for k, m in errs))
-
-
-# --------------------------------------------------------------------------------------------
-# errors
-# --------------------------------------------------------------------------------------------
-def _field_index() -> dict[str, list[str]]:
-    """leaf name -> dotted keys that have it (for "did you mean" on a key in the wrong section)."""
-    out: dict[str, list[str]] = {}
-    for sec, f in PipelineConfig.model_fields.items():
-        for name in f.annotation.model_fields:  # type: ignore[union-attr]
-            out.setdefault(name, []).append(f"{sec}.{name}")
-    return out
-
-
-def _hint(key: str) -> str:
-    leaf = key.rsplit(".", 1)[-1]
-
-    if leaf in SEED_KEYS:
-        target, note = SEED_KEYS[leaf]
-        if target:
-            # the note says when the meaning differs (distill_alpha is inverted): porting by hand flips it otherwise
-            meaning = "" if note == "same meaning" else f" ({note})"
-            return (f"a seed config key: did you mean `{target}`?{meaning} (`distill migrate-config OLD.yaml > "
-                    f"NEW.yaml` converts a whole seed config)")
-        return f"a seed config key with no equivalent here: {SEED_KEYS[leaf][1]}"
-    where = [k for k in _field_index().get(leaf, []) if k != key]
-    if where:
-        return f"did you mean `{where[0]}`?"
-    return "remove it or check its spelling"
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 80 else r[:77] + "..."
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{key}' ({_hint(key)})")
-        elif not e["loc"] and e["type"] == "value_error":  # a cross-section check: its message names the keys
-            for m in str(e["msg"]).removeprefix("Value error, ").split("; "):
-                lines.append(f"  {m}" if m.startswith("key '") else f"  key '<root>': {m}")
-        else:
-            msg = e["msg"]
-            if e["type"] == "finite_number":
-                msg = "must be a finite number (NaN and inf are refused)"
-            lines.append(f"  key '{key}': {msg} (got {_short(e.get('input'))})")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# paths
-# --------------------------------------------------------------------------------------------
-def _path_kind(section: type[BaseModel], name: str) -> str | None:
-    f = section.model_fields.get(name)
-    extra = f.json_schema_extra if f is not None else None
-    return extra.get("path") if isinstance(extra, dict) else None  # type: ignore[return-value]
-
-
-def _resolve_one(value: str, kind: str, base: Path) -> str:
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return str(p)
-    if kind == "name_or_path":
-        explicit = value.startswith(("./", "../", ".\\", "..\\")) or value in (".", "..")
-        if not explicit and not (base / p).exists():
-            return value  # a hub id
-    return os.path.normpath(base / p)
-
-
-def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """A copy of the config dict ``raw`` with its relative path values made absolute against ``base``
-    (fields marked :data:`PATH` / :data:`NAME_OR_PATH`); anything not understood is left to validation."""
-    if not isinstance(raw, dict):
-        return raw
-    out = dict(raw)
-    for sec, f in PipelineConfig.model_fields.items():
-        d = out.get(sec)
-        if not isinstance(d, dict):
-            continue
-        model = f.annotation
-        d = dict(d)
-        for name, v in d.items():
-            kind = _path_kind(model, name)  # type: ignore[arg-type]
-            if kind and isinstance(v, str) and v:
-                d[name] = _resolve_one(v, kind, base)
-            elif kind and isinstance(v, list):  # eval.lm_eval_tasks: names stay, task YAML paths resolve
-                d[name] = [_resolve_one(x, kind, base) if isinstance(x, str) and x else x for x in v]
-        if sec == "data" and isinstance(d.get("sources"), list):
-            d["sources"] = [
-                {k: (_resolve_one(v, _path_kind(SourceConfig, k), base)  # type: ignore[arg-type]
-                     if _path_kind(SourceConfig, k) and isinstance(v, str) and v else v) for k, v in s.items()}
-                if isinstance(s, dict) else s
-                for s in d["sources"]
-            ]
-        out[sec] = d
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# loading
-# --------------------------------------------------------------------------------------------
-def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>", base_dir: str | os.PathLike | None = None
-                     ) -> PipelineConfig:
-    """Validate a config dict; relative paths in it resolve against ``base_dir`` (default: the current
-    directory)."""
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"invalid config {source}:\n  key '<root>': the top level must be a mapping of "
-                          f"sections, got {type(data).__name__}")
-    data = resolve_paths(data or {}, Path(base_dir) if base_dir is not None else Path.cwd())
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def bundled_configs() -> list[str]:
-    return sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-
-
-def resolve_config_path(name: str | os.PathLike | None, relative_to: str | os.PathLike | None = None) -> Path:
-    """The config file ``name`` names, absolute: ``None`` -> the bundled demo.yaml; a path that exists
-    (relative to ``relative_to``, default the current directory) -> it; else a bundled config by name."""
-    if name is None:
-        return (CONFIG_DIR / DEFAULT_CONFIG).resolve()
-    p = Path(name).expanduser()
-    here = p if p.is_absolute() else Path(relative_to or Path.cwd()) / p
-    if here.exists():
-        return here.resolve()
-    if not p.is_absolute() and (CONFIG_DIR / p).exists():
-        return (CONFIG_DIR / p).resolve()
-    known = ", ".join(bundled_configs()) or "none"
-    raise ConfigError(f"config file not found: {name} (looked in {Path(relative_to or Path.cwd())} and in the "
-                      f"bundled configs: {known})")
-
-
-def is_bundled(path: Path) -> bool:
-    try:
-        return path.resolve().parent == CONFIG_DIR.resolve()
-    except OSError:
-        return False
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML with duplicate mapping keys refused (with the line) and aliases bounded."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: the base class says so
-                break
-            if first is not None:
-                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
-                                  f"(first at line {first}): keep one")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
-
-
-def _expanded_size(node: yaml.Node, limit: int) -> int:
-    """Values in ``node`` once aliases are expanded (memoized over the node graph, so a bomb is cheap to
-    measure); stops counting past ``limit``."""
-    memo: dict[int, int] = {}
-
-    def size(n: yaml.Node, depth: int) -> int:
-        if id(n) in memo:
-            return memo[id(n)]
-        if depth > 200:
-            raise ConfigError("YAML nested more than 200 levels deep")
-        memo[id(n)] = 0  # a recursive alias counts once
-        s = 1
-        if isinstance(n, yaml.SequenceNode):
-            for c in n.value:
-                s += size(c, depth + 1)
-                if s > limit:
-                    break
-        elif isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                s += size(k, depth + 1) + size(v, depth + 1)
-                if s > limit:
-                    break
-        memo[id(n)] = s
-        return s
-
-    return size(node, 0)
-
-
-def read_yaml(path: Path) -> Any:
-    """One YAML file, refused with a clear :class:`ConfigError` (naming the file) when it is a folder,
-    too large, binary, not UTF-8, invalid YAML, has duplicate keys or expands past
-    :data:`MAX_YAML_NODES` values through aliases."""
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, not a YAML config file")
-    from distill_dag.safe_read import UnsafeFileError, read_bounded
-
-    try:  # st_size lies for /dev/zero and FIFOs: the read itself is bounded and refuses non-regular files
-        data = read_bounded(path, MAX_CONFIG_BYTES, "YAML config file")
-    except UnsafeFileError as err:
-        raise ConfigError(str(err)) from None
-    if b"\0" in data:
-        raise ConfigError(f"{path}: a binary file, not a YAML config file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}): not a YAML config file") from None
-    try:
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
-                raise ConfigError(f"{path}: YAML aliases expand to more than {MAX_YAML_NODES:,} values "
-                                  "(an alias bomb?); write the values out")
-            return loader.construct_document(node)
-        finally:
-            loader.dispose()
-    except ConfigError as err:
-        msg = str(err)
-        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: YAML nested too deeply") from None
-
-
-def _load_chain(path: Path, chain: list[Path]) -> dict[str, Any]:
-    """The raw dict of ``path`` merged over its ``base:`` chain, paths already absolute."""
-    if path in chain:
-        cycle = " -> ".join(str(p) for p in [*chain[chain.index(path):], path])
-        raise ConfigError(f"base: cycle {cycle}: remove one of the base: lines")
-    if len(chain) >= MAX_BASE_DEPTH:
-        raise ConfigError(f"{path}: base: chain deeper than {MAX_BASE_DEPTH} files ({chain[0]} -> ...)")
-    raw = read_yaml(path)
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    raw = resolve_paths(raw, Path.cwd() if is_bundled(path) else path.parent)
-    if base is None:
-        return raw
-    if not isinstance(base, str) or not base.strip():
-        raise ConfigError(f"{path}: key 'base' must be one file name (e.g. base: train_direct.yaml), "
-                          f"got {type(base).__name__} {_short(base)}")
-    try:
-        parent_path = resolve_config_path(base, relative_to=path.parent)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: key 'base': {err}") from None
-    return deep_merge(_load_chain(parent_path, [*chain, path]), raw)
-
-
-def load_config(name: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load a YAML config; ``overrides`` is a nested dict merged on top (CLI flags, Dagster run config),
-    its relative paths relative to the current directory.
-
-    A YAML file may start with ``base: other.yaml`` to inherit from another file (relative to its folder,
-    or a bundled config by name).
-    """
-    path = resolve_config_path(name)
-    raw = _load_chain(path, [])
-    if overrides:
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"overrides must be a mapping of sections, got {type(overrides).__name__}")
-        raw = deep_merge(raw, resolve_paths(overrides, Path.cwd()))
-    # every path is absolute by now: validation resolves nothing more
-    return config_from_dict(raw, str(path), base_dir=Path.cwd())
