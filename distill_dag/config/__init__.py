@@ -13,18 +13,19 @@ from distill_dag.config.load import (MAX_BASE_DEPTH, MAX_CONFIG_BYTES, MAX_YAML_
                                      load_config, read_yaml)
 from distill_dag.config.paths import (CONFIG_DIR, DEFAULT_CONFIG, PROJECT_ROOT, bundled_configs, is_bundled,
                                       resolve_config_path, resolve_paths)
-from distill_dag.config.schema import (MAX_EVAL_TOKENS, MAX_SEED, MAX_STEPS, NAME_OR_PATH, PATH, AlignConfig, DataConfig,
-                                       EvalConfig, HybridConfig, HybridLayers, LogitCacheConfig, PipelineConfig, Section,
-                                       SourceConfig, StudentConfig, TeacherConfig, TeacherFinetuneConfig, TokenizeConfig,
-                                       TokenizerConfig, TrainConfig, WandbConfig, cron_error, cross_field_errors,
-                                       source_name_errors, vocab_errors)
+from distill_dag.config.schema import (MAX_EVAL_TOKENS, MAX_SEED, MAX_STEPS, NAME_OR_PATH, PATH, AlignConfig,
+                                       DataConfig, EvalConfig, HybridConfig, HybridLayers, LogitCacheConfig,
+                                       LoopConfig, PipelineConfig, Section, SourceConfig, StudentConfig,
+                                       TeacherConfig, TeacherFinetuneConfig, TokenizeConfig, TokenizerConfig,
+                                       TrainConfig, WandbConfig, cron_error, cross_field_errors, source_name_errors,
+                                       vocab_errors)
 
 __all__ = [
-    "MAX_BASE_DEPTH", "MAX_CONFIG_BYTES", "MAX_EVAL_TOKENS", "MAX_SEED", "MAX_STEPS", "MAX_YAML_NODES", "CONFIG_DIR",
-    "DEFAULT_CONFIG", "NAME_OR_PATH", "PATH", "PROJECT_ROOT", "AlignConfig", "ConfigError", "DataConfig", "EvalConfig",
-    "HybridConfig", "HybridLayers", "LogitCacheConfig", "PipelineConfig", "Section", "SourceConfig", "StudentConfig",
-    "TeacherConfig", "TeacherFinetuneConfig", "TokenizeConfig", "TokenizerConfig", "TrainConfig", "WandbConfig",
-    "bundled_configs", "check_vocab", "config_from_dict", "cron_error", "cross_field_errors", "deep_merge",
-    "is_bundled", "load_config", "read_yaml", "resolve_config_path", "resolve_paths", "source_name_errors",
-    "vocab_errors",
+    "CONFIG_DIR", "DEFAULT_CONFIG", "MAX_BASE_DEPTH", "MAX_CONFIG_BYTES", "MAX_EVAL_TOKENS", "MAX_SEED",
+    "MAX_STEPS", "MAX_YAML_NODES", "NAME_OR_PATH", "PATH", "PROJECT_ROOT", "AlignConfig", "ConfigError",
+    "DataConfig", "EvalConfig", "HybridConfig", "HybridLayers", "LogitCacheConfig", "LoopConfig",
+    "PipelineConfig", "Section", "SourceConfig", "StudentConfig", "TeacherConfig", "TeacherFinetuneConfig",
+    "TokenizeConfig", "TokenizerConfig", "TrainConfig", "WandbConfig", "bundled_configs", "check_vocab",
+    "config_from_dict", "cron_error", "cross_field_errors", "deep_merge", "is_bundled", "load_config",
+    "read_yaml", "resolve_config_path", "resolve_paths", "source_name_errors", "vocab_errors",
 ]

@@ -231,10 +231,48 @@ class TeacherConfig(Section):
     vllm_model: str | None = _f(None, "api vllm: the served model name (null: the first of GET /v1/models)")
 
 
+# --------------------------------------------------------------------------------------------
+# the training loop: teacher_ft, align and train share its fields
+# --------------------------------------------------------------------------------------------
+# Each loop knob's type carries its bounds (and its wording, where every loop means the same), declared once;
+# a section that has the knob sets its own default (``warmup_steps: WarmupSteps = 10``), and its own wording
+# only where the knob says more there.
+LearningRate = Annotated[float, Field(gt=0.0, le=10.0, description="Peak learning rate (AdamW)")]
+WeightDecay = Annotated[float, Field(ge=0.0, le=100.0, description="AdamW weight decay")]
+WarmupSteps = Annotated[int, Field(ge=0, le=MAX_STEPS, description="Linear warm-up steps")]
+BatchSize = Annotated[int, Field(ge=1, le=1 << 16)]
+EvalInterval = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+EvalBatches = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+SaveInterval = Annotated[int, Field(ge=0, le=MAX_STEPS,
+                                    description="Checkpoint every this many steps (0 = only the final one)")]
+KeepCheckpoints = Annotated[int, Field(ge=1, le=1000, description="Checkpoints kept")]
+RunFolder = Annotated[str | None, Field(json_schema_extra=PATH)]
+
+
+class LoopConfig(Section):
+    """The fields of a training loop (a cosine schedule with warm-up, clipping, batches, held-out evals,
+    checkpoints, seed, run folder), shared by teacher finetuning (``teacher_ft``), stage-1 alignment
+    (``align``) and student training (``train``); each sets its own defaults."""
+
+    learning_rate: LearningRate = 2e-4
+    weight_decay: WeightDecay = 0.0
+    warmup_steps: WarmupSteps = 50
+    min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0, le=1e6)
+    batch_size: BatchSize = _f(8, "Rows per micro-batch")
+    log_interval: int = _f(10, "Log every this many steps", ge=1, le=MAX_STEPS)
+    eval_interval: EvalInterval = _f(200, "Held-out eval every this many steps")
+    eval_batches: EvalBatches = _f(20, "Batches per held-out eval")
+    save_interval: SaveInterval = 200
+    keep_checkpoints: KeepCheckpoints = 2
+    seed: int = _f(0, "Random seed", ge=0, le=MAX_SEED)
+    output_dir: RunFolder = _f(None, "Run folder")
+
+
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class TeacherFinetuneConfig(Section):
+class TeacherFinetuneConfig(LoopConfig):
     """Finetuning the teacher on the tokenized data (teacher_adapters / distill finetune-teacher)."""
 
     mode: Literal["lora", "full"] = _f("lora", "lora: train a peft adapter; full: train every weight")
@@ -243,12 +281,9 @@ class TeacherFinetuneConfig(Section):
     lora_dropout: float = _f(0.1, "LoRA dropout", ge=0.0, lt=1.0)
     target_modules: list[str] = _factory(lambda: list(_LORA_TARGETS), "LoRA: the linear layers to adapt",
                                       max_length=64)
-    learning_rate: float = _f(2e-4, "Peak learning rate (AdamW)", gt=0.0, le=10.0)
-    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0, le=100.0)
-    batch_size: int = _f(4, "Rows per micro-batch", ge=1, le=1 << 16)
+    batch_size: BatchSize = _f(4, "Rows per micro-batch")
     grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1, le=1 << 16)
     max_steps: int = _f(1000, "Optimizer steps", ge=1, le=MAX_STEPS)
-    warmup_steps: int = _f(50, "Linear warm-up steps", ge=0, le=MAX_STEPS)
     copy_warmup_steps: int = _f(0, "full mode, random-init teacher: the first this many of max_steps train on synthetic "
                                    "copy rows (random spans repeated, distill_dag/data/copy_rows.py), which make the "
                                    "induction circuit retrieval needs form; the corpus steps follow (0 = none)",
@@ -262,22 +297,14 @@ class TeacherFinetuneConfig(Section):
                                          "distill_dag/data/copy_rows.py): retrieval at every distance up to the "
                                          "training length, which packed retrieval documents cut (0 = none)",
                                       ge=0, le=4096)
-    eval_interval: int = _f(100, "Held-out eval every this many steps (0 = only before and after)", ge=0,
-                               le=MAX_STEPS)
-    eval_batches: int = _f(20, "Batches per held-out eval (0 = the whole val split)", ge=0,
-                              le=MAX_STEPS)
+    eval_interval: EvalInterval = _f(100, "Held-out eval every this many steps (0 = only before and after)")
+    eval_batches: int = _f(20, "Batches per held-out eval (0 = the whole val split)", ge=0, le=MAX_STEPS)
     early_stopping_patience: int = _f(3, "Stop after this many evals without improvement (0 = never)", ge=0,
                                          le=1_000_000)
-    save_interval: int = _f(200, "Checkpoint every this many steps (0 = only the final one)", ge=0,
-                        le=MAX_STEPS)
     merge: bool = _f(False, "lora: also write the adapter merged into the base weights")
     output_dir: str = _f("runs/teacher_ft", "Run folder (checkpoints, final adapter or model)",
                          json_schema_extra=PATH, min_length=1)
-    seed: int = _f(0, "Random seed", ge=0, le=MAX_SEED)
-    min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
-    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0, le=1e6)
-    log_interval: int = _f(10, "Log every this many steps", ge=1, le=MAX_STEPS)
-    keep_checkpoints: int = _f(2, "Checkpoints kept (older ones are deleted)", ge=1, le=1000)
+    keep_checkpoints: KeepCheckpoints = _f(2, "Checkpoints kept (older ones are deleted)")
     expected_improvement: float = _f(0.10, "The relative held-out perplexity improvement the run is checked "
                                            "against (measured, never assumed)", ge=0.0, lt=1.0)
 
@@ -352,7 +379,7 @@ class StudentConfig(HybridLayers):
         "auto", "auto: Triton on CUDA, PyTorch chunkwise elsewhere; fla needs flash-linear-attention and CUDA")
 
 
-class AlignConfig(Section):
+class AlignConfig(LoopConfig):
     """Stage 1 of ``student.init: from_teacher`` (distill_dag/student/align.py): the converted student's
     retention layers trained, teacher frozen, to reproduce each teacher layer's attention output (MSE)."""
 
@@ -360,24 +387,16 @@ class AlignConfig(Section):
                    le=MAX_STEPS)
     value_factor: Literal[1, 2] = _f(1, "1: V/O copied as they are (value dim = d); 2: the paper's 2d, the extra "
                                         "half zero-initialised")
-    learning_rate: float = _f(3e-3, "Peak learning rate (AdamW)", gt=0.0, le=10.0)
-    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0, le=100.0)
-    warmup_steps: int = _f(10, "Linear warm-up steps", ge=0, le=MAX_STEPS)
-    min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
-    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0, le=1e6)
-    batch_size: int = _f(8, "Rows per step", ge=1, le=1 << 16)
-    log_interval: int = _f(10, "Log every this many steps", ge=1, le=MAX_STEPS)
-    eval_interval: int = _f(50, "Per-layer held-out MSE every this many steps (0 = only before and after)", ge=0,
-                           le=MAX_STEPS)
-    eval_batches: int = _f(4, "Batches per eval", ge=1, le=MAX_STEPS)
-    save_interval: int = _f(100, "Checkpoint every this many steps (0 = only the final one)", ge=0,
-                        le=MAX_STEPS)
-    keep_checkpoints: int = _f(2, "Checkpoints kept", ge=1, le=1000)
-    seed: int = _f(0, "Random seed", ge=0, le=MAX_SEED)
-    output_dir: str | None = _f(None, "Run folder (null: <train run dir>_aligned)", json_schema_extra=PATH)
+    learning_rate: LearningRate = 3e-3
+    warmup_steps: WarmupSteps = 10
+    batch_size: BatchSize = _f(8, "Rows per step")
+    eval_interval: EvalInterval = _f(50, "Per-layer held-out MSE every this many steps (0 = only before and after)")
+    eval_batches: EvalBatches = _f(4, "Batches per eval")
+    save_interval: SaveInterval = 100
+    output_dir: RunFolder = _f(None, "Run folder (null: <train run dir>_aligned)")
 
 
-class TrainConfig(Section):
+class TrainConfig(LoopConfig):
     """Training the student: KD from the teacher (direct, cached or network), or CE only."""
 
     teacher_mode: Literal["direct", "cached", "network"] = _f(
@@ -395,9 +414,9 @@ class TrainConfig(Section):
                                    le=1 << 24)
     optimizer: Literal["muon", "adamw"] = _f("muon", "muon: Muon on 2-D hidden matrices + AdamW on the rest; "
                                                      "adamw: AdamW everywhere")
-    learning_rate: float = _f(1e-3, "Peak AdamW learning rate", gt=0.0, le=10.0)
+    learning_rate: LearningRate = _f(1e-3, "Peak AdamW learning rate")
     muon_learning_rate: float = _f(0.02, "Peak Muon learning rate (hidden matrices)", gt=0.0, le=10.0)
-    weight_decay: float = _f(0.01, "Decoupled weight decay", ge=0.0, le=100.0)
+    weight_decay: WeightDecay = _f(0.01, "Decoupled weight decay")
     betas: tuple[Beta, Beta] = _f((0.9, 0.95), "AdamW betas, each in [0, 1)")
     adam_eps: float = _f(1e-8, "AdamW epsilon", gt=0.0, le=1.0)
     muon_momentum: float = _f(0.95, "Muon momentum", ge=0.0, lt=1.0)
@@ -413,12 +432,10 @@ class TrainConfig(Section):
                 "with native bf16 (AMX, AVX512-BF16; step times: bench/cpu_paths.py), off elsewhere (emulated bf16 "
                 "is slower than fp32); off = float32 throughout. Held-out loss and perplexity run in fp32; "
                 "alignment's held-out MSE follows this setting, as its training does")
-    warmup_steps: int = _f(100, "Linear warm-up steps", ge=0, le=MAX_STEPS)
+    warmup_steps: WarmupSteps = 100
     max_steps: int = _f(1000, "Optimizer steps (0 only with student.init from_teacher: stage 1 alone)", ge=0,
                         le=MAX_STEPS)
-    min_lr_ratio: float = _f(0.1, "Cosine decays to learning_rate * min_lr_ratio", ge=0.0, le=1.0)
-    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = no clipping)", ge=0.0, le=1e6)
-    batch_size: int = _f(8, "Rows per micro-batch (per rank under torchrun)", ge=1, le=1 << 16)
+    batch_size: BatchSize = _f(8, "Rows per micro-batch (per rank under torchrun)")
     grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1, le=1 << 16)
     max_nan_streak: int = _f(10, "Consecutive non-finite steps (skipped) before the run is declared diverged", ge=1,
                              le=1_000_000)
@@ -432,14 +449,9 @@ class TrainConfig(Section):
     saddle_lr_boost: float = _f(3.0, "LR multiplier during an intervention", ge=1.0, le=100.0)
     saddle_boost_steps: int = _f(50, "Steps an intervention lasts", ge=1, le=MAX_STEPS)
     saddle_cooldown: int = _f(200, "Steps after an intervention before another one", ge=0, le=MAX_STEPS)
-    seed: int = _f(0, "Random seed", ge=0, le=MAX_SEED)
     log_interval: int = _f(10, "Log every this many steps (0 = never)", ge=0, le=MAX_STEPS)
-    eval_interval: int = _f(200, "Held-out eval every this many steps (0 = never)", ge=0, le=MAX_STEPS)
-    eval_batches: int = _f(20, "Batches per held-out eval", ge=1, le=MAX_STEPS)
-    save_interval: int = _f(200, "Checkpoint every this many steps (0 = only the final one)", ge=0,
-                        le=MAX_STEPS)
-    keep_checkpoints: int = _f(2, "Checkpoints kept", ge=1, le=1000)
-    output_dir: str | None = _f(None, "Run folder (null: runs/<teacher_mode>/)", json_schema_extra=PATH)
+    eval_interval: EvalInterval = _f(200, "Held-out eval every this many steps (0 = never)")
+    output_dir: RunFolder = _f(None, "Run folder (null: runs/<teacher_mode>/)")
     resume_from: str | None = _f(None, "A checkpoint folder or a run folder (follows checkpoint_latest)",
                                  json_schema_extra=PATH)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when present")
