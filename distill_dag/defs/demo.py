@@ -57,7 +57,7 @@ def _lane_init() -> None:
 
 
 def _lane_run(keys: list[str], partition: str | None) -> None:
-    from distill_dag.definitions import defs
+    from distill_dag.definitions import defs  # lazy: definitions.py loads this folder, so the runner builds the code location only when it runs
 
     _run(defs, dg.DagsterInstance.get(), keys, partition)
 
@@ -74,7 +74,7 @@ def _parallel(instance: dg.DagsterInstance, jobs: list[tuple[list[str], str | No
     instance.event_log_storage.set_concurrency_slots(POOL, lanes)
     print(f"demo: the '{POOL}' pool allows {lanes} steps at once (was {before}); one torch thread per run",
           flush=True)
-    from distill_dag.defs import demo  # by its module name, not __main__, for the spawned workers
+    from distill_dag.defs import demo  # lazy: by its module name, not __main__, for the spawned workers
 
     try:
         with ProcessPoolExecutor(lanes, mp_context=mp.get_context("spawn"), initializer=demo._lane_init) as ex:
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.lanes is not None and a.lanes < 1:
         ap.error(f"--lanes must be >= 1, got {a.lanes}")
     lanes = a.lanes or _default_lanes()
-    from distill_dag.defs.assets.partitions import DATA_SHARDS
-    from distill_dag.definitions import defs
+    from distill_dag.defs.assets.partitions import DATA_SHARDS  # lazy: definitions.py loads this folder, so the runner reads the partitions only when it runs
+    from distill_dag.definitions import defs  # lazy: definitions.py loads this folder, so the runner builds the code location only when it runs
 
     instance = dg.DagsterInstance.get()
     graph = defs.resolve_asset_graph()

@@ -42,7 +42,7 @@ eval_job = dg.define_asset_job(
 )
 
 
-def retokenize_schedule() -> dg.ScheduleDefinition:
+def _retokenize_schedule() -> dg.ScheduleDefinition:
     """Cron from ``data.retokenize_cron`` of the code location's config."""
     cron = location_config().data.retokenize_cron
     return dg.ScheduleDefinition(
@@ -52,6 +52,9 @@ def retokenize_schedule() -> dg.ScheduleDefinition:
                     "their data version, so nothing downstream turns stale). Off until started on this page: it "
                     "starts stopped in every configuration.",
     )
+
+
+retokenize_schedule = _retokenize_schedule()
 
 
 def _sensor_description() -> str:

@@ -14,7 +14,7 @@ from distill_dag.config import config_from_dict
 
 
 def _run(extras: dict, echo=None):
-    from distill_dag.student.run import run_ce_baseline, run_kd_student
+    from distill_dag.student.run import run_ce_baseline, run_kd_student  # lazy: torch waits for the Pipes context
 
     cfg = config_from_dict(extras["config"], "pipes extras")
     return (run_kd_student if extras.get("stage", "kd") == "kd" else run_ce_baseline)(cfg, echo=echo)
@@ -26,10 +26,10 @@ def main() -> None:
         _run(_extras_from_env())
         return
     with open_dagster_pipes() as pipes:
-        from distill_dag.defs.assets.student import _train_metadata
+        from distill_dag.student.run import run_metadata  # lazy: torch waits for the Pipes context
 
         run = _run({"config": pipes.get_extra("config"), "stage": pipes.get_extra("stage")}, echo=pipes.log.info)
-        meta = {k: {"raw_value": v, "type": kind} for k, (kind, v) in _train_metadata(run).items()}
+        meta = {k: {"raw_value": v, "type": kind} for k, (kind, v) in run_metadata(run).items()}
         pipes.report_asset_materialization(metadata=meta)
 
 

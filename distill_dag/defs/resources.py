@@ -1,6 +1,6 @@
 """Dagster resources: where things live and the services the assets talk to.
 
-Environment-specific values come from ``EnvVar`` (see ``distill_dag.definitions``); nothing here
+Environment-specific values come from ``EnvVar`` (bound in :func:`resources` below); nothing here
 hard-codes a path or a secret.
 """
 
@@ -14,16 +14,15 @@ from typing import Any, Iterator, Optional
 import dagster as dg
 from pydantic import Field
 
-from distill_dag.config import PipelineConfig, load_config
+from dagster_duckdb import DuckDBResource
+
+from distill_dag.defs.assets.run_config import location_config_file
 
 
 class PipelineConfigResource(dg.ConfigurableResource):
     """Which YAML config the code location runs (``DISTILL_DAG_CONFIG``, default configs/demo.yaml)."""
 
     config_file: str = Field(default="demo.yaml", description="a file of configs/ or a path")
-
-    def load(self, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-        return load_config(self.config_file, overrides)
 
 
 class TeacherEndpointResource(dg.ConfigurableResource):
@@ -82,3 +81,26 @@ class WandbSettingsResource(dg.ConfigurableResource):
             url = run.url
             run.finish()
         return url
+
+
+def _secret(name: str):
+    """A secret stays an ``EnvVar`` (resolved at run time, never shown in the UI); None when unset."""
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    """The code location's resources, bound to its environment (``DISTILL_DAG_CONFIG``, ``DISTILL_TEACHER_URL``,
+    ``WANDB_*``, ``DISTILL_DAG_DUCKDB``). ``pipes_subprocess_client`` launches torchrun under
+    ``train.launcher: torchrun`` (:mod:`distill_dag.defs.pipes_worker` is the external side)."""
+    return dg.Definitions(resources={
+        "pipeline": PipelineConfigResource(config_file=location_config_file()),
+        "duckdb": DuckDBResource(database=dg.EnvVar("DISTILL_DAG_DUCKDB").get_value(":memory:"),
+                                 connection_config={"threads": 2}),
+        "teacher_endpoint": TeacherEndpointResource(
+            url=dg.EnvVar("DISTILL_TEACHER_URL").get_value(), token=_secret("DISTILL_TEACHER_TOKEN")),
+        "wandb": WandbSettingsResource(
+            api_key=_secret("WANDB_API_KEY"), project=dg.EnvVar("WANDB_PROJECT").get_value(),
+            entity=dg.EnvVar("WANDB_ENTITY").get_value()),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+    })

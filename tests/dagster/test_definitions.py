@@ -73,7 +73,7 @@ def test_jobs_schedule_and_sensor_are_defined():
 
 
 def test_run_config_reaches_every_pipeline_knob():
-    from distill_dag.assets.run_config import DistillRunConfig
+    from distill_dag.defs.assets.run_config import DistillRunConfig
     from distill_dag.config import PipelineConfig
 
     schema = DistillRunConfig.to_config_schema().as_field().config_type.fields
@@ -84,9 +84,9 @@ def test_run_config_reaches_every_pipeline_knob():
 
 
 def test_run_config_errors_name_the_key():
-    from distill_dag.assets.common import pipeline_config
-    from distill_dag.assets.run_config import DistillRunConfig
-    from distill_dag.resources import PipelineConfigResource
+    from distill_dag.defs.assets.common import pipeline_config
+    from distill_dag.defs.assets.run_config import DistillRunConfig
+    from distill_dag.defs.resources import PipelineConfigResource
 
     with pytest.raises(Exception, match="telepathy"):  # a choice outside the enum: refused by the schema itself
         DistillRunConfig(train={"teacher_mode": "telepathy"})
@@ -96,7 +96,7 @@ def test_run_config_errors_name_the_key():
 
 
 def test_launchpad_fields_have_descriptions_and_choices_are_enums():
-    from distill_dag.assets.run_config import DistillRunConfig
+    from distill_dag.defs.assets.run_config import DistillRunConfig
 
     schema = DistillRunConfig.to_config_schema().as_field().config_type.fields
     fields = [f for s, sec in schema.items() if s != "config_file" for f in sec.config_type.inner_type.fields.values()]
@@ -113,7 +113,7 @@ def test_definitions_import_does_not_need_torch_at_module_level():
     import distill_dag
 
     pkg = Path(distill_dag.__file__).parent
-    for path in [pkg / "definitions.py", pkg / "jobs.py", *sorted((pkg / "assets").glob("*.py")), *sorted((pkg / "resources").glob("*.py"))]:
+    for path in [pkg / "definitions.py", *sorted((pkg / "defs").rglob("*.py"))]:
         tree = ast.parse(path.read_text())
         for node in tree.body:  # module level only: imports inside functions are fine
             if isinstance(node, (ast.Import, ast.ImportFrom)):

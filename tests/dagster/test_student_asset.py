@@ -7,8 +7,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from distill_dag.assets import student
-from distill_dag.resources import PipelineConfigResource, TeacherEndpointResource, WandbSettingsResource
+from distill_dag.defs.assets import student
+from distill_dag.defs.resources import PipelineConfigResource, TeacherEndpointResource, WandbSettingsResource
 
 
 def _config_file(tmp_path, corpus, teacher, **train_kw):
@@ -34,7 +34,7 @@ def _config_file(tmp_path, corpus, teacher, **train_kw):
 
 def _resources(path):
     return {"pipeline": PipelineConfigResource(config_file=str(path)), "teacher_endpoint": TeacherEndpointResource(),
-            "wandb": WandbSettingsResource()}
+            "wandb": WandbSettingsResource(), "pipes_subprocess_client": dg.PipesSubprocessClient()}
 
 
 def _metadata(result, key="student_ckpt"):

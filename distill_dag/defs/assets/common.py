@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 import dagster as dg
 
-from distill_dag.defs.assets.run_config import DistillRunConfig, location_config_file  # noqa: F401 (re-exported)
+from distill_dag.defs.assets.run_config import RUN_CONFIG, DistillRunConfig, location_config_file  # noqa: F401 (re-exported)
 from distill_dag.config import ConfigError, PipelineConfig, deep_merge, load_config
 from distill_dag.io import sha256_json
 from distill_dag.defs.resources import PipelineConfigResource
@@ -214,6 +214,14 @@ def asset_code_version(asset: str, root: Path = PACKAGE) -> str:
 
 
 # ---- metadata --------------------------------------------------------------------------------
+def stage_asset(name: str, *, group: str, owner: str, kinds: set[str], gpu: bool = False, **kwargs: Any):
+    """``@dg.asset`` with what every stage shares: its name, group, owner and kinds; the run config (validated at
+    launch); the code version of its core entry point's import closure; and, for steps that hold the
+    accelerator, the ``gpu`` pool. ``kwargs`` (deps, description, check_specs, partitions) pass through."""
+    return dg.asset(name=name, group_name=group, owners=[owner], kinds=kinds, config_schema=RUN_CONFIG,
+                    code_version=asset_code_version(name), pool="gpu" if gpu else None, **kwargs)
+
+
 def md_image(png: bytes, alt: str = "plot") -> dg.MetadataValue:
     """A PNG shown inline in the Dagster UI (markdown with a data URI)."""
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")

@@ -6,10 +6,13 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from distill_dag.defs.assets.common import asset_code_version, config_metadata, resolve_config, table, upstream_path
+from distill_dag.data.manifest import Manifest
+from distill_dag.data.sources import gather_sources
+from distill_dag.defs.assets.common import config_metadata, resolve_config, table, upstream_path, stage_asset
 from distill_dag.defs.assets.partitions import sync_data_shards
-from distill_dag.defs.assets.run_config import RUN_CONFIG, run_config
+from distill_dag.defs.assets.run_config import run_config
 from distill_dag.defs.resources import PipelineConfigResource
+from distill_dag.io import sha256_dir
 
 GROUP = "data"
 
@@ -30,17 +33,10 @@ TOKENIZED_CHECKS = {
 }
 
 
-@dg.asset(
-    group_name=GROUP,
-    config_schema=RUN_CONFIG,  # the run config, validated at launch
-    kinds={"python", "jsonl"},
-    owners=["team:data"],
-    code_version=asset_code_version("raw_jsonl"),
+@stage_asset("raw_jsonl", group=GROUP, owner="team:data", kinds={"python", "jsonl"},
     description="The configured sources (local JSONL, Hugging Face datasets, the stdlib demo corpus) as JSONL.",
 )
 def raw_jsonl(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
-    from distill_dag.data.sources import gather_sources
-    from distill_dag.io import sha256_dir
 
     cfg = resolve_config(context, run_config(context), pipeline)
     per_source = gather_sources(cfg)
@@ -61,17 +57,12 @@ def raw_jsonl(context: dg.AssetExecutionContext, pipeline: PipelineConfigResourc
     )
 
 
-@dg.asset(
+@stage_asset("tokenizer", group=GROUP, owner="team:data", kinds={"huggingface"},
     deps=[raw_jsonl],
-    group_name=GROUP,
-    config_schema=RUN_CONFIG,  # the run config, validated at launch
-    kinds={"huggingface"},
-    owners=["team:data"],
-    code_version=asset_code_version("tokenizer"),
     description="The tokenizer: a hub/local one, or (demo) a byte-level BPE trained on raw_jsonl.",
 )
 def tokenizer(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource) -> dg.MaterializeResult:
-    from distill_dag.data.tokenizer import load_tokenizer, resolve_tokenizer
+    from distill_dag.data.tokenizer import load_tokenizer, resolve_tokenizer  # lazy: pulls tokenizers/pyarrow/duckdb; the code location is re-imported by every step
 
     cfg = resolve_config(context, run_config(context), pipeline)
     raw = upstream_path(context, "raw_jsonl", cfg.raw_dir, "tokenizer") if not cfg.tokenizer.name_or_path else cfg.raw_dir
@@ -99,13 +90,8 @@ SHARD_COLUMNS = dg.TableSchema(columns=[
 ])
 
 
-@dg.asset(
+@stage_asset("tokenized_parquet", group=GROUP, owner="team:data", kinds={"parquet", "duckdb"},
     deps=[raw_jsonl, tokenizer],
-    group_name=GROUP,
-    config_schema=RUN_CONFIG,  # the run config, validated at launch
-    kinds={"parquet", "duckdb"},
-    owners=["team:data"],
-    code_version=asset_code_version("tokenized_parquet"),
     description=(
         "Packed fixed-length rows (input_ids, attention_mask, labels, position_ids) in parquet shards + manifest.json. "
         "Registers one data_shards partition per shard (and removes those of shards that are gone)."
@@ -115,10 +101,9 @@ SHARD_COLUMNS = dg.TableSchema(columns=[
 )
 def tokenized_parquet(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
                       duckdb: DuckDBResource):
-    from distill_dag.data import stats
-    from distill_dag.data.manifest import Manifest
-    from distill_dag.data.pack import tokenize_stage
-    from distill_dag.data.tokenizer import tokenizer_hash
+    from distill_dag.data import stats  # lazy: pulls tokenizers/pyarrow/duckdb; the code location is re-imported by every step
+    from distill_dag.data.pack import tokenize_stage  # lazy: pulls tokenizers/pyarrow/duckdb; the code location is re-imported by every step
+    from distill_dag.data.tokenizer import tokenizer_hash  # lazy: pulls tokenizers/pyarrow/duckdb; the code location is re-imported by every step
 
     cfg = resolve_config(context, run_config(context), pipeline)
     raw = upstream_path(context, "raw_jsonl", cfg.raw_dir, "tokenized_parquet")

@@ -6,9 +6,9 @@ from pathlib import Path
 import dagster as dg
 
 from distill_dag.defs.assets.common import (
-    asset_code_version, config_metadata, md_image, resolve_config, rounded, table, upstream_path,
+    config_metadata, md_image, resolve_config, rounded, table, upstream_path, stage_asset,
 )
-from distill_dag.defs.assets.run_config import RUN_CONFIG, run_config
+from distill_dag.defs.assets.run_config import run_config
 from distill_dag.defs.assets import student as _students
 from distill_dag.defs.assets.student import student_ce_baseline, student_ckpt
 from distill_dag.defs.assets.teacher import teacher_adapters
@@ -37,15 +37,9 @@ def lm_eval_long(rows: list[dict]) -> list[dict]:
     return out
 
 
-@dg.asset(
+@stage_asset("eval_report", group=GROUP, owner="team:modeling", kinds={"pytorch", "markdown"}, gpu=True,
     deps=[student_ckpt, student_ce_baseline, teacher_adapters]
     + ([_students.student_hybrid] if hasattr(_students, "student_hybrid") else []),
-    group_name=GROUP,
-    config_schema=RUN_CONFIG,  # the run config, validated at launch
-    kinds={"pytorch", "markdown"},
-    owners=["team:modeling"],
-    code_version=asset_code_version("eval_report"),
-    pool="gpu",
     description="Perplexity (KD student, CE-only student, teacher), needle-in-a-haystack heat-maps side by side, "
                 "long-context quality and memory, lm-evaluation-harness tasks as a share of the teacher, samples "
                 "and a markdown report.",
@@ -77,7 +71,7 @@ def lm_eval_long(rows: list[dict]) -> list[dict]:
     ] if hasattr(_students, "student_hybrid") else []),
 )
 def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource):
-    from distill_dag.eval.report import evaluate_run
+    from distill_dag.eval.report import evaluate_run  # lazy: pulls torch; the code location is re-imported by every step
 
     cfg = resolve_config(context, run_config(context), pipeline)
     ckpt = upstream_path(context, "student_ckpt", cfg.run_dir / "final", "eval_report")

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 import dagster as dg
 from pydantic import BaseModel, Field, create_model
 
-from distill_dag.config import PipelineConfig, Section
+from distill_dag.config import ConfigError, PipelineConfig, Section, load_config
 
 
 def _dagster_type(annotation: Any) -> Any:
@@ -202,7 +202,6 @@ def field_errors(overrides: dict[str, Any]) -> list[str]:
 def launch_errors(value: dict[str, Any], default_file: str) -> list[str]:
     """Why the op config ``value`` cannot run: field by field first, then the whole config (cross-field
     rules) as the run would load it: ``config_file`` (or the code location's) with these values over it."""
-    from distill_dag.config import ConfigError, load_config
 
     overrides = DistillRunConfig(**{k: v for k, v in value.items() if v is not None}).overrides()
     errs = field_errors(overrides)

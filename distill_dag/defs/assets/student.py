@@ -19,14 +19,17 @@ from typing import Any
 
 import dagster as dg
 
+from distill_dag.data.manifest import Manifest
 from distill_dag.defs.assets.common import (
-    asset_code_version, config_metadata, location_config, md_image, resolve_config, rounded, table, upstream_path,
+    config_metadata, location_config, md_image, resolve_config, rounded, table, upstream_path, stage_asset,
 )
 from distill_dag.defs.assets.data import tokenized_parquet, tokenizer
 from distill_dag.defs.assets.partitions import DATA_SHARDS
-from distill_dag.defs.assets.run_config import RUN_CONFIG, run_config
+from distill_dag.defs.assets.run_config import run_config
 from distill_dag.defs.assets.teacher import logit_cache, require_teacher, teacher_adapters
 from distill_dag.defs.resources import PipelineConfigResource, TeacherEndpointResource, WandbSettingsResource
+from distill_dag.eval.plots import panels_png, training_panels
+from distill_dag.io import sha256_file
 
 GROUP = "student"
 LOCATION = location_config()
@@ -40,7 +43,6 @@ def _loads_spec(asset: str) -> dg.AssetCheckSpec:
 
 
 def _final_version(final: Path) -> dg.DataVersion:
-    from distill_dag.io import sha256_file
 
     return dg.DataVersion(sha256_file(final / "model.safetensors"))
 
@@ -49,7 +51,6 @@ def _prompt(cfg, n: int = 32) -> list[int]:
     """The first ``n`` attended tokens of the first val row (the generation check's prompt)."""
     import pyarrow.parquet as pq
 
-    from distill_dag.data.manifest import Manifest
 
     m = Manifest.load(cfg.tokenized_dir)
     shards = m.split_shards("val") or m.split_shards("train")
@@ -58,36 +59,10 @@ def _prompt(cfg, n: int = 32) -> list[int]:
 
 
 def _check_loads(cfg, final: Path) -> dg.AssetCheckResult:
-    from distill_dag.eval.smoke import loads_and_generates
+    from distill_dag.eval.smoke import loads_and_generates  # lazy: pulls torch; the code location is re-imported by every step
 
     ok, detail = loads_and_generates(final, _prompt(cfg))
     return dg.AssetCheckResult(check_name="loads_and_generates", passed=ok, description=detail)
-
-
-def _train_metadata(run) -> dict[str, Any]:
-    """``{name: (pipes metadata type, raw value)}`` of one training run; the in-process and the Pipes paths
-    both report exactly this."""
-    final = Path(run.final_dir)
-    meta: dict[str, tuple[str, Any]] = {
-        "path": ("path", str(final)),
-        "run_dir": ("path", str(run.run_dir)),
-        "steps": ("int", run.steps),
-        "tokens": ("int", run.tokens),
-        "seconds": ("float", round(run.seconds, 1)),
-        "tokens_per_s": ("float", round(run.tokens / max(run.seconds, 1e-9), 1)),
-        "final_train": ("json", run.final),
-        "val_loss": ("float", run.val.get("val_loss")),
-        "val_ppl": ("float", run.val.get("val_ppl")),
-        "lineage": ("json", run.lineage),
-        "checkpoint_bytes": ("int", sum(f.stat().st_size for f in final.iterdir() if f.is_file())),
-        "events": ("int", len(run.events)),
-        "wandb_id": ("text", run.wandb_id),
-    }
-    if run.wandb_url:
-        meta["wandb"] = ("url", run.wandb_url)
-    elif run.wandb_dir:
-        meta["wandb_offline_dir"] = ("path", run.wandb_dir)
-    return {k: v for k, v in meta.items() if v[1] is not None}
 
 
 _KINDS = {"path": dg.MetadataValue.path, "url": dg.MetadataValue.url, "json": dg.MetadataValue.json,
@@ -95,29 +70,24 @@ _KINDS = {"path": dg.MetadataValue.path, "url": dg.MetadataValue.url, "json": dg
           "bool": dg.MetadataValue.bool, "text": dg.MetadataValue.text}
 
 
-def _train(context: dg.AssetExecutionContext, cfg, stage: str) -> tuple[dict[str, dg.MetadataValue], Path]:
-    """Run one training stage (``kd`` or ``ce_only``) here or under torchrun through Pipes."""
+def _train(context: dg.AssetExecutionContext, cfg, stage: str,
+           pipes: dg.PipesSubprocessClient) -> tuple[dict[str, dg.MetadataValue], Path]:
+    """Run one training stage (``kd`` or ``ce_only``) here, or under torchrun through the Pipes client resource."""
     if cfg.train.launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
                    "--nproc-per-node", str(cfg.train.nproc_per_node), "-m", "distill_dag.defs.pipes_worker"]
-        invocation = dg.PipesSubprocessClient().run(
+        invocation = pipes.run(
             context=context, command=command, extras={"config": cfg.model_dump(mode="json"), "stage": stage})
         mat = invocation.get_materialize_result()
         return dict(mat.metadata or {}), Path(str(mat.metadata["path"].value))
-    from distill_dag.student.run import run_ce_baseline, run_kd_student
+    from distill_dag.student.run import run_ce_baseline, run_kd_student, run_metadata  # lazy: pulls torch; the code location is re-imported by every step
 
     run = (run_kd_student if stage == "kd" else run_ce_baseline)(cfg, echo=context.log.info)
-    return {k: _KINDS[kind](v) for k, (kind, v) in _train_metadata(run).items()}, Path(run.final_dir)
+    return {k: _KINDS[kind](v) for k, (kind, v) in run_metadata(run).items()}, Path(run.final_dir)
 
 
-@dg.asset(
+@stage_asset("student_aligned", group=GROUP, owner="team:modeling", kinds={"pytorch"}, gpu=True,
     deps=[tokenized_parquet, teacher_adapters],
-    group_name=GROUP,
-    config_schema=RUN_CONFIG,  # the run config, validated at launch
-    kinds={"pytorch"},
-    owners=["team:modeling"],
-    code_version=asset_code_version("student_aligned"),
-    pool="gpu",
     description="Stage 1 of student.init: from_teacher: a RetNet built from the teacher's weights, its retention "
                 "aligned to the teacher's attention outputs (held-out MSE before/after).",
     check_specs=[dg.AssetCheckSpec(
@@ -126,7 +96,7 @@ def _train(context: dg.AssetExecutionContext, cfg, stage: str) -> tuple[dict[str
                     "(held-out relative MSE after < before, averaged over layers).")],
 )
 def student_aligned(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource):
-    from distill_dag.student.run import run_alignment
+    from distill_dag.student.run import run_alignment  # lazy: pulls torch; the code location is re-imported by every step
 
     cfg = resolve_config(context, run_config(context), pipeline)
     upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_aligned")
@@ -157,23 +127,17 @@ if LOCATION.student.init != "from_teacher":
     del student_aligned
 
 
-@dg.asset(
+@stage_asset("student_ce_baseline", group=GROUP, owner="team:modeling", kinds={"pytorch", "wandb"}, gpu=True,
     deps=[tokenized_parquet, tokenizer],
-    group_name=GROUP,
-    config_schema=RUN_CONFIG,  # the run config, validated at launch
-    kinds={"pytorch", "wandb"},
-    owners=["team:modeling"],
-    code_version=asset_code_version("student_ce_baseline"),
-    pool="gpu",
     description="The CE-only student: the KD student's architecture, steps, tokens and data, without a teacher "
                 "(the baseline that shows what distillation adds).",
     check_specs=[_loads_spec("student_ce_baseline")],
 )
 def student_ce_baseline(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
-                        wandb: WandbSettingsResource):
+                        wandb: WandbSettingsResource, pipes_subprocess_client: dg.PipesSubprocessClient):
     cfg = resolve_config(context, run_config(context), pipeline, wandb.overrides())
     upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_ce_baseline")
-    metadata, final = _train(context, cfg, "ce_only")
+    metadata, final = _train(context, cfg, "ce_only", pipes_subprocess_client)
     metadata["loss_curves"] = _curves_md(context, metadata, "CE only", None)
     yield dg.MaterializeResult(data_version=_final_version(final),
                                metadata=rounded(metadata | config_metadata(cfg, "student", "train")))
@@ -204,7 +168,7 @@ def _require_edges(cfg) -> None:
 
 def _require_cache_partitions(context: dg.AssetExecutionContext, cfg) -> None:
     """Every data shard's logit_cache partition materialized, each where this run reads it."""
-    from distill_dag.teacher.cache.layout import read_data_manifest, shard_dir
+    from distill_dag.teacher.cache.layout import read_data_manifest, shard_dir  # lazy: pulls numpy; the code location is re-imported by every step
 
     keys = [s.key for s in read_data_manifest(cfg.tokenized_dir).shards]
     done = context.instance.get_materialized_partitions(dg.AssetKey("logit_cache"))
@@ -224,20 +188,15 @@ def _require_cache_partitions(context: dg.AssetExecutionContext, cfg) -> None:
         upstream_path(context, "logit_cache", shard_dir(cfg.cache_dir, k), "student_ckpt", partition=k)
 
 
-@dg.asset(
+@stage_asset("student_ckpt", group=GROUP, owner="team:modeling", kinds={"pytorch", "wandb"}, gpu=True,
     deps=_KD_DEPS,
-    group_name=GROUP,
-    config_schema=RUN_CONFIG,  # the run config, validated at launch
-    kinds={"pytorch", "wandb"},
-    owners=["team:modeling"],
-    code_version=asset_code_version("student_ckpt"),
-    pool="gpu",
     description="The RetNet student trained by sparse top-k KL (+ CE) from the teacher: direct (teacher in the "
                 "trainer), cached (the logit_cache partitions) or network (a served teacher).",
     check_specs=[_loads_spec("student_ckpt")],
 )
 def student_ckpt(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
-                 teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource):
+                 teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource,
+                 pipes_subprocess_client: dg.PipesSubprocessClient):
     cfg = resolve_config(context, run_config(context), pipeline, teacher_endpoint.overrides(), wandb.overrides())
     _require_edges(cfg)
     upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_ckpt")
@@ -246,7 +205,7 @@ def student_ckpt(context: dg.AssetExecutionContext, pipeline: PipelineConfigReso
     if cfg.train.teacher_mode == "cached":
         _require_cache_partitions(context, cfg)
     teacher_endpoint.export_token(cfg.teacher.token_env)
-    metadata, final = _train(context, cfg, "kd")
+    metadata, final = _train(context, cfg, "kd", pipes_subprocess_client)
     url = wandb.log_checkpoint(_wandb_id(metadata), final, "student_ckpt")
     if url:
         metadata["wandb"] = dg.MetadataValue.url(url)
@@ -266,23 +225,17 @@ def student_hybrid_asset() -> dg.AssetsDefinition:
     """``student_hybrid``: in the graph only when the code location's config sets ``hybrid.enabled`` (the demo
     does), so "Materialize all" never trains a student the configuration does not ask for."""
 
-    @dg.asset(
-        name="student_hybrid",
+    @stage_asset("student_hybrid", group=GROUP, owner="team:modeling", kinds={"pytorch", "wandb"}, gpu=True,
         deps=_HYBRID_DEPS,
-        group_name=GROUP,
-        config_schema=RUN_CONFIG,  # the run config, validated at launch
-        kinds={"pytorch", "wandb"},
-        owners=["team:modeling"],
-        code_version=asset_code_version("student_hybrid"),
-        pool="gpu",
         description="The hybrid student: converted from the teacher, the hybrid.* layers (listed, or chosen by KL "
                     "gain after alignment) kept as the teacher's softmax attention, the rest retention, then "
                     "trained like student_ckpt (same teacher mode, steps and tokens).",
         check_specs=[_loads_spec("student_hybrid")],
     )
     def student_hybrid(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
-                       teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource):
-        from distill_dag.student.run import card_hybrid_facts, hybrid_config, run_alignment
+                       teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource,
+                 pipes_subprocess_client: dg.PipesSubprocessClient):
+        from distill_dag.student.run import card_hybrid_facts, hybrid_config, run_alignment  # lazy: pulls torch; the code location is re-imported by every step
 
         cfg = resolve_config(context, run_config(context), pipeline, teacher_endpoint.overrides(), wandb.overrides())
         if not cfg.hybrid.enabled:
@@ -295,7 +248,7 @@ def student_hybrid_asset() -> dg.AssetsDefinition:
         teacher_endpoint.export_token(cfg.teacher.token_env)
         hcfg = hybrid_config(cfg)
         al = run_alignment(hcfg, echo=context.log.info)  # stage 1 (+ the KL-guided choice), then KD
-        metadata, final = _train(context, hcfg, "kd")
+        metadata, final = _train(context, hcfg, "kd", pipes_subprocess_client)
         card_hybrid_facts(final, hcfg, al)
         gains = {"attention_layers": dg.MetadataValue.json(al.attention_layers)}
         if al.layer_gains:
@@ -329,7 +282,6 @@ def _history(run_dir: Path) -> list[dict[str, Any]]:
 def _curves_md(context: Any, metadata: dict[str, dg.MetadataValue], name: str, beside: str | None) -> dg.MetadataValue:
     """This run's curves as a metadata image, like beside like (train CE, held-out CE, KL on its own axis),
     with ``beside``'s latest run (the CE-only student) on the same axes when it has one."""
-    from distill_dag.eval.plots import panels_png, training_panels
 
     runs = {name: _history(Path(str(metadata["run_dir"].value)))}
     other = _latest_meta(context, beside) if beside else None
@@ -354,7 +306,6 @@ def _latest_meta(context: Any, asset: str) -> dict[str, Any] | None:
                 "train CE, val CE beside val CE, and the KD term on its own axis.",
 )
 def kd_beats_ce_only(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    from distill_dag.eval.plots import panels_png, training_panels
 
     kd, ce = _latest_meta(context, "student_ckpt"), _latest_meta(context, "student_ce_baseline")
     if kd is None or ce is None:

@@ -7,10 +7,11 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from distill_dag.defs.assets.common import asset_code_version, config_metadata, resolve_config, upstream_path
+from distill_dag.config import ConfigError
+from distill_dag.defs.assets.common import config_metadata, resolve_config, upstream_path, stage_asset
 from distill_dag.defs.assets.data import tokenized_parquet, tokenizer
 from distill_dag.defs.assets.partitions import data_shards
-from distill_dag.defs.assets.run_config import RUN_CONFIG, run_config
+from distill_dag.defs.assets.run_config import run_config
 from distill_dag.defs.resources import PipelineConfigResource, TeacherEndpointResource
 
 GROUP = "teacher"
@@ -31,8 +32,7 @@ def require_teacher(context: dg.AssetExecutionContext, cfg, this: str) -> None:
 def refuse_adapter_without_base(cfg) -> None:
     """The core's rule (:func:`distill_dag.teacher.finetune.check_teacher_base`), before any work: a
     random-init teacher in lora mode writes an adapter on a base that is never saved (issue 32's backfill)."""
-    from distill_dag.config import ConfigError
-    from distill_dag.teacher.finetune import check_teacher_base
+    from distill_dag.teacher.finetune import check_teacher_base  # lazy: pulls torch/numpy; the code location is re-imported by every step
 
     try:
         check_teacher_base(cfg)
@@ -40,14 +40,8 @@ def refuse_adapter_without_base(cfg) -> None:
         raise dg.Failure(description=str(err)) from None
 
 
-@dg.asset(
+@stage_asset("teacher_adapters", group=GROUP, owner="team:modeling", kinds={"pytorch", "huggingface"}, gpu=True,
     deps=[tokenized_parquet, tokenizer],
-    group_name=GROUP,
-    config_schema=RUN_CONFIG,  # the run config, validated at launch
-    kinds={"pytorch", "huggingface"},
-    owners=["team:modeling"],
-    code_version=asset_code_version("teacher_adapters"),
-    pool="gpu",
     description="LoRA adapters of the teacher (or a full finetune for tiny teachers), with val perplexity before/after.",
     check_specs=[
         dg.AssetCheckSpec(
@@ -61,7 +55,7 @@ def refuse_adapter_without_base(cfg) -> None:
     ],
 )
 def teacher_adapters(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource):
-    from distill_dag.teacher.finetune import finetune_teacher
+    from distill_dag.teacher.finetune import finetune_teacher  # lazy: pulls torch/numpy; the code location is re-imported by every step
 
     cfg = resolve_config(context, run_config(context), pipeline)
     refuse_adapter_without_base(cfg)
@@ -87,19 +81,13 @@ def teacher_adapters(context: dg.AssetExecutionContext, pipeline: PipelineConfig
         description=f"relative improvement {m['relative_improvement']:.3f} vs expected {m['expected_improvement']:.3f}")
 
 
-@dg.asset(
+@stage_asset("logit_cache", group=GROUP, owner="team:modeling", kinds={"pytorch", "numpy", "duckdb"}, gpu=True,
     deps=[tokenized_parquet, teacher_adapters],
     partitions_def=data_shards,
     # no backfill_policy: a backfill then launches one plain single-partition run per shard (tag
     # dagster/partition). With BackfillPolicy.multi_run(1) each run was a one-key partition *range*, and Dagster
     # 1.13.27 records a check result of a range run without its partition: the per-partition check status stayed
     # "planned" and the UI showed cache_matches_data_shard "Skipped" after a backfill whose checks all passed
-    group_name=GROUP,
-    config_schema=RUN_CONFIG,  # the run config, validated at launch
-    kinds={"pytorch", "numpy", "duckdb"},
-    owners=["team:modeling"],
-    code_version=asset_code_version("logit_cache"),
-    pool="gpu",
     description=(
         "The teacher's top-k log-probs for every row of one data shard (one partition per shard of "
         "tokenized_parquet), in fixed-size records for O(1) random access, with per-position DuckDB stats."
@@ -114,10 +102,10 @@ def teacher_adapters(context: dg.AssetExecutionContext, pipeline: PipelineConfig
 )
 def logit_cache(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
                 teacher_endpoint: TeacherEndpointResource, duckdb: DuckDBResource):
-    from distill_dag.teacher.cache import layout
-    from distill_dag.teacher.cache.reader import check_shard
-    from distill_dag.teacher.cache_stage import cache_shard, open_cache_teacher
-    from distill_dag.teacher.cache.stats import cache_stats
+    from distill_dag.teacher.cache import layout  # lazy: pulls torch/numpy; the code location is re-imported by every step
+    from distill_dag.teacher.cache.reader import check_shard  # lazy: pulls torch/numpy; the code location is re-imported by every step
+    from distill_dag.teacher.cache_stage import cache_shard, open_cache_teacher  # lazy: pulls torch/numpy; the code location is re-imported by every step
+    from distill_dag.teacher.cache.stats import cache_stats  # lazy: pulls torch/numpy; the code location is re-imported by every step
 
     key = context.partition_key
     cfg = resolve_config(context, run_config(context), pipeline, teacher_endpoint.overrides())
