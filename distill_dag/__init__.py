@@ -16,6 +16,7 @@ import importlib.abc as _abc
 import sys as _sys
 
 from distill_dag.device import keep_freed_memory as _keep_freed_memory
+from distill_dag.model import register_auto_classes
 
 _keep_freed_memory()
 
@@ -23,8 +24,6 @@ _WATCH = ("transformers", "distill_dag.model.retnet")
 
 
 def _register() -> None:
-    from distill_dag.model import register_auto_classes
-
     register_auto_classes()
     _sys.meta_path[:] = [f for f in _sys.meta_path if not isinstance(f, _RegisterAfterImport)]
 

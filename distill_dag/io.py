@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from distill_dag.safe_read import read_bounded, read_json_bounded, sha256_regular
+
 # mkstemp/mkdtemp create 0600 files and 0700 folders; what we publish gets the modes open() and
 # mkdir() would give (the process umask), so others sharing a data root or run folder can read it
 _UMASK = os.umask(0)
@@ -72,8 +74,6 @@ class ForeignOutputError(FileExistsError):
 
 
 def _has_marker(d: Path) -> bool:
-    from distill_dag.safe_read import read_bounded
-
     m = d / MARKER
     try:  # bounded: our marker is a few dozen bytes, a huge or endless file of that name is not ours
         return not m.is_symlink() and json.loads(read_bounded(m, 4096, "marker")).get("written_by") == "distill-dag"
@@ -94,7 +94,6 @@ def _plain_files(d: Path) -> dict[str, Path] | None:
 def _read_json(p: Path) -> object:
     """A small JSON index file of ours, or None: bounded and regular-file only (a FIFO named
     ``metrics.json`` must not block the ownership check, nor a huge file fill memory)."""
-    from distill_dag.safe_read import read_json_bounded
 
     try:
         return read_json_bounded(p, 16 << 20, "JSON index")
@@ -274,7 +273,6 @@ def sha256_file(path: str | os.PathLike, what: str = "file") -> str:
     a file past :data:`~distill_dag.safe_read.MAX_WEIGHTS_BYTES` is refused at once, naming the path
     (:class:`~distill_dag.safe_read.UnsafeFileError`, a ``ValueError``), instead of being hashed forever.
     A read error (EIO) is refused the same way, naming the path, which ``read()``'s own error does not."""
-    from distill_dag.safe_read import sha256_regular
 
     return sha256_regular(path, what=what)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from distill_dag.data.chat import chat_row_problem
 from distill_dag.io import write_bytes_atomic
 
 try:
@@ -80,7 +81,6 @@ def row_problem(obj: Any) -> str | None:
             return "field 'text' is empty"
         return None
     if "messages" in obj or "conversations" in obj:
-        from distill_dag.data.chat import chat_row_problem
 
         return chat_row_problem(obj)
     if "prompt" in obj or "response" in obj:

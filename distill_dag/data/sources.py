@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from distill_dag.config import ConfigError, PipelineConfig, SourceConfig, source_name_errors
-from distill_dag.data import catalog as catalog_mod
+from distill_dag.data import catalog as catalog_mod, retrieval_docs
 from distill_dag.data.jsonl import ReadStats, Reject, check_reject_rate, iter_jsonl, row_problem, write_rejects
 from distill_dag.data.paths import scan_jsonl_paths
 from distill_dag.io import claim_dir, remove_temp_files, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
@@ -343,7 +343,6 @@ def gather_source(cfg: PipelineConfig, src: SourceConfig) -> dict[str, Any]:
         res = write_parts(out, fp, _jsonl_items(src, files, cfg.data.max_line_bytes), rows_per_part)
         res["skipped_inputs"] = [x.to_dict() for x in skipped]
     elif src.kind == "hf" and src.dataset == "synthetic:retrieval":  # generated, not loaded: data/retrieval_docs.py
-        from distill_dag.data import retrieval_docs
 
         res = write_parts(out, sha256_json({**base, "generator": retrieval_docs.VERSION}),
                           retrieval_docs.source_items(src), rows_per_part)

@@ -26,6 +26,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from distill_dag.data.jsonl import Reject, iter_jsonl
 from distill_dag.data.paths import Skipped, resolve_jsonl_paths, scan_jsonl_paths
 from distill_dag.io import atomic_dir, sha256_file, sha256_json, write_json_atomic
+from distill_dag.config import ConfigError  # a setup problem with a fix: the CLI's exit code 2
+from distill_dag.data.chat import chat_text
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -52,7 +54,6 @@ def iter_raw_texts(raw_dir: str | os.PathLike, max_bytes: int | None = None) -> 
             elif "prompt" in row:
                 text = row["prompt"] + row["response"]
             else:
-                from distill_dag.data.chat import chat_text
 
                 text = chat_text(row)
             yield text
@@ -244,7 +245,6 @@ def ensure_tokenizer(cfg: Any, explicit: str | os.PathLike | None = None, *, sta
     if name:
         path, _ = resolve_tokenizer(cfg.tokenizer, None, d)
         return path
-    from distill_dag.config import ConfigError  # a setup problem with a fix: the CLI's exit code 2
 
     given = "the folder `distill preprocess` was given" if stage != "preprocess" else "a saved tokenizer folder"
     raise ConfigError(

@@ -25,6 +25,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
+from distill_dag.data.dataset import make_loader
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -78,7 +80,6 @@ def batch_nll(model: torch.nn.Module, batch: Batch, device: torch.device | str |
 
 def split_loader(data_dir: str | Path, split: str = "val", batch_size: int = 8) -> Iterable[Batch]:
     """One ordered pass over a tokenized_parquet split (the train split too: no shuffle, no repeat)."""
-    from distill_dag.data.dataset import make_loader
 
     return make_loader(data_dir, split, batch_size, shuffle=False, infinite=False)
 

@@ -10,7 +10,7 @@ def register_auto_classes() -> None:
     """Register RetNetConfig / RetNetForCausalLM with AutoConfig / AutoModelForCausalLM (idempotent)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distill_dag.model.retnet import RetNetConfig, RetNetForCausalLM
+    from distill_dag.model.retnet import RetNetConfig, RetNetForCausalLM  # lazy: torch and transformers load only when the Auto classes are registered
 
     try:
         AutoConfig.register(RetNetConfig.model_type, RetNetConfig)

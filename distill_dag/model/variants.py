@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from distill_dag.safe_read import check_regular_files, read_json_bounded
+
 if TYPE_CHECKING:  # the config schema checks overrides without importing torch (see override_errors)
     from distill_dag.model.retnet import RetNetConfig
 
@@ -98,7 +100,7 @@ def override_errors(variant: str, overrides: Any, chunk_size: int, key: str = "s
     if not overrides:
         return []
     try:  # the remaining fields (and types transformers' strict dataclass checks) through RetNetConfig itself
-        from distill_dag.model.retnet import RetNetConfig
+        from distill_dag.model.retnet import RetNetConfig  # lazy: keeps the config schema, which checks student.* through it, free of torch
 
         unknown = sorted(set(overrides) - set(RetNetConfig.__dataclass_fields__))
         if unknown:
@@ -113,7 +115,7 @@ def override_errors(variant: str, overrides: Any, chunk_size: int, key: str = "s
 
 def student_config(variant: str, vocab_size: int, **overrides: Any) -> "RetNetConfig":
     """The RetNetConfig of a named variant (``tiny``, ``350M``, ``500M``), with ``overrides`` of any field."""
-    from distill_dag.model.retnet import RetNetConfig
+    from distill_dag.model.retnet import RetNetConfig  # lazy: keeps the config schema, which checks student.* through it, free of torch
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown student variant {variant!r} (student.variant); choose one of {', '.join(VARIANTS)}")
@@ -137,7 +139,7 @@ def student_model_config(student_cfg: Any, vocab_size: int) -> RetNetConfig:
         fields["retention_window"] = student_cfg.retention_window
     layers = getattr(student_cfg, "attention_layers", [])
     if layers and layers != "auto":
-        from distill_dag.model.convert import hybrid_layer_types
+        from distill_dag.model.convert import hybrid_layer_types  # lazy: keeps the config schema, which checks student.* through it, free of torch
 
         depth = int(fields.get("num_hidden_layers", VARIANTS[student_cfg.variant]["num_hidden_layers"]))
         fields.update(layer_types=hybrid_layer_types(depth, list(layers), student_cfg.attention_window),
@@ -147,7 +149,7 @@ def student_model_config(student_cfg: Any, vocab_size: int) -> RetNetConfig:
 
 def build_student(student_cfg: Any, vocab_size: int) -> "RetNetForCausalLM":  # noqa: F821
     """A freshly initialised student from a :class:`distill_dag.config.StudentConfig` section."""
-    from distill_dag.model.retnet import RetNetForCausalLM
+    from distill_dag.model.retnet import RetNetForCausalLM  # lazy: keeps the config schema, which checks student.* through it, free of torch
 
     cfg = student_model_config(student_cfg, vocab_size)
     model = RetNetForCausalLM(cfg)
@@ -161,7 +163,7 @@ def count_parameters(config: RetNetConfig) -> dict[str, int]:
     LM head (0 when tied), ``total`` (unique parameters) and ``non_embedding``."""
     import torch
 
-    from distill_dag.model.retnet import RetNetForCausalLM
+    from distill_dag.model.retnet import RetNetForCausalLM  # lazy: keeps the config schema, which checks student.* through it, free of torch
 
     with torch.device("meta"):
         model = RetNetForCausalLM(config)
@@ -223,7 +225,6 @@ def check_saved_model(folder: Any) -> dict[str, Any]:
     :data:`MAX_NON_EMBEDDING_PARAMS`. Returns the config dict; errors name the file and the key."""
     from pathlib import Path
 
-    from distill_dag.safe_read import check_regular_files, read_json_bounded
 
     folder = Path(folder)
     check_regular_files(folder)

@@ -68,7 +68,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from distill_dag.device import pick_device
 from distill_dag.loss.topk import TeacherError
+from distill_dag.teacher.providers.direct import DirectTeacher
 from distill_dag.teacher.providers.network import CONTENT_TYPE, MAGIC, WireError, decode_arrays
 
 log = logging.getLogger("distill_dag.teacher_server")
@@ -614,8 +616,6 @@ def serve_teacher(cfg: Any, *, model_path: str | None = None, host: str | None =
 
     import uvicorn
 
-    from distill_dag.device import pick_device
-    from distill_dag.teacher.providers.direct import DirectTeacher
 
     t = cfg.teacher
     token = os.environ.get(t.token_env) or None

@@ -33,11 +33,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from distill_dag.io import DIR_MODE, describe_path, sha256_file, sha256_json, write_json_atomic
 from distill_dag.teacher.cache import layout
-from distill_dag.teacher.cache.codec import SCHEMA_VERSION, TEMPERATURE_POLICY, CacheEncoding, LogitCacheError, LogprobDtype
+from distill_dag.teacher.cache.codec import CacheEncoding, LogitCacheError, LogprobDtype, SCHEMA_VERSION, TEMPERATURE_POLICY
 from distill_dag.teacher.cache.stats import stats_columns, write_stats_columns
 from distill_dag.teacher.model import identity_fingerprint
-from distill_dag.io import DIR_MODE, sha256_file, sha256_json, write_json_atomic
 
 
 def overlaps_encoding(provider: Any) -> bool:
@@ -156,7 +156,6 @@ def _check_link_is_ours(link: Path, key: str) -> None:
         return
     if link.is_symlink() and os.readlink(link).startswith(os.path.join(".gen", f"{key}-")):
         return
-    from distill_dag.io import describe_path
 
     raise LogitCacheError(
         f"{link} exists and is {describe_path(link)}, not a cache shard written by distill-dag (those are symlinks "

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill_dag.io import sha256_dir, sha256_json
+from distill_dag.loss.topk import TeacherTopK
 from distill_dag.teacher.cache.codec import LogitCacheError
 from distill_dag.teacher.cache.layout import DataManifest
 from distill_dag.teacher.cache.reader import LogitCacheReader
-from distill_dag.loss.topk import TeacherTopK
-from distill_dag.io import sha256_json
+from distill_dag.teacher.model import local_model_dir, teacher_fingerprint
 
 
 class CachedTeacher:
@@ -87,7 +88,6 @@ class CachedTeacher:
         cache written before fingerprints were recorded is compared by its teacher's whole-folder sha256
         instead (one full read of the configured teacher). Nothing to compare against (no teacher
         configured, a Hub teacher not on this machine, a cache of a vLLM server) is said, not refused."""
-        from distill_dag.teacher.model import local_model_dir, teacher_fingerprint
 
         h = self.reader.header
         inner = _written_by(h.get("teacher") or {})
@@ -112,7 +112,6 @@ class CachedTeacher:
         local = local_model_dir(model)
         weights = inner.get("weights_sha256")
         if not theirs and local is not None and weights and not str(weights).startswith("hub:"):
-            from distill_dag.io import sha256_dir
 
             mine_w = sha256_dir(local)
             adapter_w = sha256_dir(adapter) if adapter and Path(adapter).is_dir() else None

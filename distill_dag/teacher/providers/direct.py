@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 
+from distill_dag.io import sha256_dir
 from distill_dag.loss.topk import TeacherTopK
+from distill_dag.safe_read import sha256_regular
+from distill_dag.teacher.model import load_teacher
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -37,8 +40,6 @@ def _path_sha256(p: str | Path) -> str | None:
 
     Bounded: a path that exists but is not a regular file or folder (a FIFO, a link to ``/dev/zero``) is
     refused naming it, instead of hashed forever or passed over as a Hub name."""
-    from distill_dag.io import sha256_dir
-    from distill_dag.safe_read import sha256_regular
 
     p = Path(p)
     if p.is_dir():
@@ -93,7 +94,6 @@ class DirectTeacher:
         adapter_path: str | Path | None = None,
     ) -> "DirectTeacher":
         """Load with :func:`distill_dag.teacher.model.load_teacher` (frozen, eval, bf16 on CUDA)."""
-        from distill_dag.teacher.model import load_teacher
 
         device = torch.device(device)
         model = load_teacher(teacher_cfg, device, model_path=model_path, adapter_path=adapter_path)

@@ -78,7 +78,7 @@ def make_teacher(
     mode, k, t = cfg.train.teacher_mode, cfg.train.teacher_topk, cfg.teacher
     token = os.environ.get(t.token_env) or None
     if mode == "direct":
-        from distill_dag.teacher.providers.direct import DirectTeacher
+        from distill_dag.teacher.providers.direct import DirectTeacher  # lazy: only the configured provider's dependencies load
 
         name = model_path or t.model_name_or_path
         if not name:
@@ -91,16 +91,16 @@ def make_teacher(
             check_vocab(v, student_vocab)
         teacher: Any = DirectTeacher.from_config(t, k, device, model_path=name, adapter_path=adapter_path)
     elif mode == "cached":
-        from distill_dag.teacher.providers.cached import CachedTeacher
+        from distill_dag.teacher.providers.cached import CachedTeacher  # lazy: only the configured provider's dependencies load
 
         teacher = CachedTeacher(cfg.cache_dir, cfg.tokenized_dir, k, verify=cfg.logit_cache.verify)
     elif mode == "network":
         if t.api == "topk":
-            from distill_dag.teacher.providers.network import NetworkTeacher
+            from distill_dag.teacher.providers.network import NetworkTeacher  # lazy: only the configured provider's dependencies load
 
             teacher = NetworkTeacher(teacher_url(t), k, t.timeout_s, t.max_retries, t.backoff_s, t.batch_rows, token)
         else:
-            from distill_dag.teacher.providers.vllm import VLLMTeacher
+            from distill_dag.teacher.providers.vllm import VLLMTeacher  # lazy: only the configured provider's dependencies load
 
             # vLLM does not report the vocabulary: read it from the teacher's config, else trust the student's
             vocab = _config_vocab(model_path or t.model_name_or_path) or student_vocab
