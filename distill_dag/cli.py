@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # distill_dag.config (pydantic) is imported when a command runs, not for --help
     from distill_dag.config import PipelineConfig
+    from distill_dag.data.manifest import Manifest
 
 
 def _config_error(msg: str) -> Exception:
@@ -38,15 +39,17 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: CUDA when present")
 
 
-def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None,
+          context: dict[str, Any] | None = None) -> PipelineConfig:
     """The config file of ``--config`` with ``overrides`` (from flags; relative paths against the current
-    directory) on top, validated by the config model: a bad flag value is an error naming its key."""
+    directory) on top, validated by the config model (``context``: its derived rules): a bad flag value is an
+    error naming its key."""
     from distill_dag.config import deep_merge, load_config
 
     overrides = deep_merge(getattr(args, "extra_overrides", None) or {}, dict(overrides or {}))
     if getattr(args, "device", None):
         overrides.setdefault("train", {})["device"] = args.device
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, context)
 
 
 def _flag_overrides(a: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
@@ -467,30 +470,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: whole student per rank, or sharded")
 
     def run(a: argparse.Namespace) -> int:
+        from distill_dag.config import MUON_FOLLOWS_LR
+
         o: dict[str, Any] = {}
-        for flag in ("learning_rate", "weight_decay", "max_steps", "enable_saddle_interventions",
+        for flag in ("weight_decay", "max_steps", "enable_saddle_interventions",
                      "pretrain_ce_only", "resume_from", "output_dir", "log_interval", "eval_interval",
                      "teacher_mode", "parallel"):
             _set(o, f"train.{flag}", getattr(a, flag))
         _set(o, "train.muon_learning_rate", a.muon_learning_rate)
         _set(o, "train.resume_from", _seed_resume(a.resume_from))
         _set(o, "tokenizer.dir", a.tokenizer)
-        cfg = _load(a, o)  # every flag checked by the config model, naming its key
-        if a.learning_rate is not None and a.muon_learning_rate is None and cfg.train.optimizer == "muon":
-            file_lr = _load(a).train
-            scale = a.learning_rate / file_lr.learning_rate
-            _set(o, "train.muon_learning_rate", file_lr.muon_learning_rate * scale)
-            cfg = _load(a, o)
-            print(f"--learning-rate {a.learning_rate:g}: AdamW lr {file_lr.learning_rate:g} -> {a.learning_rate:g}; "
-                  f"Muon lr scaled by the same factor {scale:g}: {file_lr.muon_learning_rate:g} -> "
+        # --learning-rate alone: the config's Muon LR rule scales Muon's rate too (one parse)
+        context = None
+        if a.learning_rate is not None and a.muon_learning_rate is None:
+            context = {MUON_FOLLOWS_LR: a.learning_rate}
+        else:
+            _set(o, "train.learning_rate", a.learning_rate)
+        cfg = _load(a, o, context)  # every flag checked by the config model, naming its key
+        if cfg.train.muon_scaled is not None:
+            old_lr, old_muon, scale = cfg.train.muon_scaled
+            print(f"--learning-rate {a.learning_rate:g}: AdamW lr {old_lr:g} -> {a.learning_rate:g}; "
+                  f"Muon lr scaled by the same factor {scale:g}: {old_muon:g} -> "
                   f"{cfg.train.muon_learning_rate:g} (--muon-learning-rate sets it apart)", flush=True)
         if a.tokenizer is not None:  # a folder given by hand must hold one (never filled from name_or_path)
             from distill_dag.data.tokenizer import ensure_tokenizer
 
             ensure_tokenizer(cfg, a.tokenizer)
-        _check_data(cfg)
+        manifest = _check_data(cfg)
         if not cfg.train.pretrain_ce_only and cfg.train.teacher_mode != "cached":
-            _warn_teacher_length(cfg)
+            _warn_teacher_length(cfg, manifest=manifest)
         from distill_dag.student.run import run_student
 
         out = run_student(cfg)
@@ -509,12 +517,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _warn_teacher_length(cfg: PipelineConfig, model: str | None = None) -> None:
+def _warn_teacher_length(cfg: PipelineConfig, model: str | None = None, manifest: Manifest | None = None) -> None:
+    """Warn when the packed rows are longer than the teacher's positions (``manifest``: the packed data's,
+    when the caller has read it already)."""
     from distill_dag.data.manifest import Manifest
     from distill_dag.teacher.providers.factory import length_warning
 
     try:
-        seq_len = Manifest.load(cfg.tokenized_dir).max_seq_length
+        seq_len = (manifest or Manifest.load(cfg.tokenized_dir)).max_seq_length
     except (FileNotFoundError, ValueError):
         return  # the stage itself says what is missing
     msg = length_warning(model or cfg.teacher.model_name_or_path, seq_len)
@@ -539,8 +549,9 @@ def _seed_resume(path: str | None) -> str | None:
                         "from its checkpoint_latest")
 
 
-def _check_data(cfg: PipelineConfig) -> None:
-    """Before any compute: the packed data exists and the top-k fits its vocabulary (naming the key)."""
+def _check_data(cfg: PipelineConfig) -> Manifest:
+    """Before any compute: the packed data exists and the top-k fits its vocabulary (naming the key); its
+    manifest, read once."""
     from distill_dag.config import check_vocab
     from distill_dag.data.manifest import Manifest
 
@@ -552,6 +563,7 @@ def _check_data(cfg: PipelineConfig) -> None:
     from distill_dag.data.tokenizer import ensure_tokenizer
 
     ensure_tokenizer(cfg)  # --tokenizer is tokenizer.dir by now: the folder, or name_or_path fetched into it
+    return m
 
 
 def _floats(xs: list[float]) -> str:

@@ -13,7 +13,7 @@ from distill_dag.config.load import (MAX_BASE_DEPTH, MAX_CONFIG_BYTES, MAX_YAML_
                                      load_config, read_yaml)
 from distill_dag.config.paths import (CONFIG_DIR, DEFAULT_CONFIG, PROJECT_ROOT, bundled_configs, is_bundled,
                                       resolve_config_path, resolve_paths)
-from distill_dag.config.schema import (MAX_EVAL_TOKENS, MAX_SEED, MAX_STEPS, NAME_OR_PATH, PATH, AlignConfig,
+from distill_dag.config.schema import (MAX_EVAL_TOKENS, MAX_SEED, MAX_STEPS, MUON_FOLLOWS_LR, NAME_OR_PATH, PATH, AlignConfig,
                                        DataConfig, EvalConfig, HybridConfig, HybridLayers, LogitCacheConfig,
                                        LoopConfig, PipelineConfig, Section, SourceConfig, StudentConfig,
                                        TeacherConfig, TeacherFinetuneConfig, TokenizeConfig, TokenizerConfig,
@@ -22,7 +22,7 @@ from distill_dag.config.schema import (MAX_EVAL_TOKENS, MAX_SEED, MAX_STEPS, NAM
 
 __all__ = [
     "CONFIG_DIR", "DEFAULT_CONFIG", "MAX_BASE_DEPTH", "MAX_CONFIG_BYTES", "MAX_EVAL_TOKENS", "MAX_SEED",
-    "MAX_STEPS", "MAX_YAML_NODES", "NAME_OR_PATH", "PATH", "PROJECT_ROOT", "AlignConfig", "ConfigError",
+    "MAX_STEPS", "MAX_YAML_NODES", "MUON_FOLLOWS_LR", "NAME_OR_PATH", "PATH", "PROJECT_ROOT", "AlignConfig", "ConfigError",
     "DataConfig", "EvalConfig", "HybridConfig", "HybridLayers", "LogitCacheConfig", "LoopConfig",
     "PipelineConfig", "Section", "SourceConfig", "StudentConfig", "TeacherConfig", "TeacherFinetuneConfig",
     "TokenizeConfig", "TokenizerConfig", "TrainConfig", "WandbConfig", "bundled_configs", "check_vocab",

@@ -20,16 +20,17 @@ MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (an "alias bomb"
 MAX_BASE_DEPTH = 16
 
 
-def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>", base_dir: str | os.PathLike | None = None
-                     ) -> PipelineConfig:
+def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>", base_dir: str | os.PathLike | None = None,
+                     context: dict[str, Any] | None = None) -> PipelineConfig:
     """Validate a config dict; relative paths in it resolve against ``base_dir`` (default: the current
-    directory)."""
+    directory). ``context``: the validation context of the schema's derived rules (e.g.
+    :data:`~distill_dag.config.schema.MUON_FOLLOWS_LR`)."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}:\n  key '<root>': the top level must be a mapping of "
                           f"sections, got {type(data).__name__}")
     data = resolve_paths(data or {}, Path(base_dir) if base_dir is not None else Path.cwd())
     try:
-        return PipelineConfig.model_validate(data)
+        return PipelineConfig.model_validate(data, context=context)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 
@@ -155,9 +156,11 @@ def _load_chain(path: Path, chain: list[Path]) -> dict[str, Any]:
     return deep_merge(_load_chain(parent_path, [*chain, path]), raw)
 
 
-def load_config(name: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def load_config(name: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                context: dict[str, Any] | None = None) -> PipelineConfig:
     """Load a YAML config; ``overrides`` is a nested dict merged on top (CLI flags, Dagster run config),
-    its relative paths relative to the current directory.
+    its relative paths relative to the current directory; ``context`` goes to validation (the schema's
+    derived rules, e.g. the Muon LR rule of ``distill train --learning-rate``).
 
     A YAML file may start with ``base: other.yaml`` to inherit from another file (relative to its folder,
     or a bundled config by name).
@@ -169,4 +172,4 @@ def load_config(name: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise ConfigError(f"overrides must be a mapping of sections, got {type(overrides).__name__}")
         raw = deep_merge(raw, resolve_paths(overrides, Path.cwd()))
     # every path is absolute by now: validation resolves nothing more
-    return config_from_dict(raw, str(path), base_dir=Path.cwd())
+    return config_from_dict(raw, str(path), base_dir=Path.cwd(), context=context)

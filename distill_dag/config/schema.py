@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from distill_dag.model.variants import override_errors
 
@@ -247,6 +248,17 @@ SaveInterval = Annotated[int, Field(ge=0, le=MAX_STEPS,
                                     description="Checkpoint every this many steps (0 = only the final one)")]
 KeepCheckpoints = Annotated[int, Field(ge=1, le=1000, description="Checkpoints kept")]
 RunFolder = Annotated[str | None, Field(json_schema_extra=PATH)]
+_RATE = TypeAdapter(LearningRate)
+# validation-context key of the Muon LR rule (PipelineConfig._muon_follows_learning_rate): the new train.learning_rate
+MUON_FOLLOWS_LR = "train.learning_rate scales train.muon_learning_rate"
+
+
+def _rate(v: Any) -> float | None:
+    """``v`` as a valid learning rate, or None (validation then names the key)."""
+    try:
+        return _RATE.validate_python(v)
+    except ValidationError:
+        return None
 
 
 class LoopConfig(Section):
@@ -415,7 +427,7 @@ class TrainConfig(LoopConfig):
     optimizer: Literal["muon", "adamw"] = _f("muon", "muon: Muon on 2-D hidden matrices + AdamW on the rest; "
                                                      "adamw: AdamW everywhere")
     learning_rate: LearningRate = _f(1e-3, "Peak AdamW learning rate")
-    muon_learning_rate: float = _f(0.02, "Peak Muon learning rate (hidden matrices)", gt=0.0, le=10.0)
+    muon_learning_rate: LearningRate = _f(0.02, "Peak Muon learning rate (hidden matrices)")
     weight_decay: WeightDecay = _f(0.01, "Decoupled weight decay")
     betas: tuple[Beta, Beta] = _f((0.9, 0.95), "AdamW betas, each in [0, 1)")
     adam_eps: float = _f(1e-8, "AdamW epsilon", gt=0.0, le=1.0)
@@ -464,6 +476,14 @@ class TrainConfig(LoopConfig):
                                                  "parameters, gradients and optimizer state sharded (FSDP2)")
     dist_timeout_s: float = _f(1800.0, "A collective waiting longer fails (a dead or hung rank)", gt=0.0,
                                   le=7 * 86_400.0)
+
+    _muon_scaled: tuple[float, float, float] | None = PrivateAttr(None)
+
+    @property
+    def muon_scaled(self) -> tuple[float, float, float] | None:
+        """``(the config's learning_rate, its muon_learning_rate, the factor)`` when the Muon LR rule scaled
+        muon_learning_rate at load, else None."""
+        return self._muon_scaled
 
 
 class EvalConfig(Section):
@@ -540,6 +560,32 @@ class PipelineConfig(Section):
     hybrid: HybridConfig = _factory(HybridConfig, "A hybrid student beside the KD student (student_hybrid)")
     eval: EvalConfig = _factory(EvalConfig, "Evaluation")
     wandb: WandbConfig = _factory(WandbConfig, "Weights & Biases")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _muon_follows_learning_rate(cls, data: Any, handler: Any, info: ValidationInfo) -> Any:
+        """The Muon LR rule of ``distill train --learning-rate X`` without ``--muon-learning-rate``: X is
+        train.learning_rate and, with optimizer muon, train.muon_learning_rate is the config's scaled by the
+        same factor (X / the config's train.learning_rate). X comes in the validation context
+        (``{MUON_FOLLOWS_LR: X}``: ``load_config(..., context=...)``), so the config is parsed once;
+        ``train.muon_scaled`` then says what was scaled."""
+        lr = (info.context or {}).get(MUON_FOLLOWS_LR) if isinstance(data, dict) else None
+        train = data.get("train", {}) if lr is not None else None
+        if not isinstance(train, dict):
+            return handler(data)
+        fields = TrainConfig.model_fields
+        old_lr = _rate(train.get("learning_rate", fields["learning_rate"].default))
+        old_muon = _rate(train.get("muon_learning_rate", fields["muon_learning_rate"].default))
+        new_lr, scaled = _rate(lr), None
+        train = {**train, "learning_rate": lr}
+        muon = train.get("optimizer", fields["optimizer"].default) == "muon"
+        if muon and None not in (old_lr, old_muon, new_lr):
+            scale = new_lr / old_lr
+            train["muon_learning_rate"] = old_muon * scale
+            scaled = (old_lr, old_muon, scale)
+        out = handler({**data, "train": train})
+        out.train._muon_scaled = scaled
+        return out
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
