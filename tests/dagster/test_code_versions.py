@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import distill_dag
-from distill_dag.assets.common import ENTRY_POINTS, asset_code_version, module_closure
+from distill_dag.defs.assets.common import ENTRY_POINTS, asset_code_version, module_closure
 
 PACKAGE = Path(distill_dag.__file__).parent
 
@@ -48,19 +48,19 @@ def test_the_walk_follows_lazy_and_relative_imports(copy):
     ``from .chunked import`` in kernels/kd_loss/__init__.py)."""
     mods = module_closure(ENTRY_POINTS["student_ckpt"], root=copy)
     for m in ("distill_dag.kernels.kd_loss.chunked", "distill_dag.kernels.retention.chunk", "distill_dag.data.dataset",
-              "distill_dag.distill.distributed", "distill_dag.distill.stability", "distill_dag.distill.align",
-              "distill_dag.distill.teachers.cached", "distill_dag.distill.cache.reader"):
+              "distill_dag.training.distributed", "distill_dag.training.stability", "distill_dag.student.align",
+              "distill_dag.teacher.providers.cached", "distill_dag.teacher.cache.reader"):
         assert m in mods, m
-    assert "distill_dag.distill.telemetry" not in mods  # the explicit exclusion: logging cannot change the weights
-    assert not any(m.startswith("distill_dag.assets.") for m in module_closure(ENTRY_POINTS["tokenized_parquet"]))
+    assert "distill_dag.training.telemetry" not in mods  # the explicit exclusion: logging cannot change the weights
+    assert not any(m.startswith("distill_dag.defs.assets.") for m in module_closure(ENTRY_POINTS["tokenized_parquet"]))
 
 
 def test_a_new_module_imported_by_the_trainer_joins_the_version(copy):
-    (copy / "distill" / "extra_term.py").write_text("SCALE = 2.0\n")
+    (copy / "loss" / "extra_term.py").write_text("SCALE = 2.0\n")
     before = asset_code_version("student_ckpt", root=copy)
-    losses = copy / "distill" / "losses.py"
-    losses.write_text(losses.read_text() + "\n\ndef _extra():\n    from distill_dag.distill.extra_term import SCALE\n"
+    losses = copy / "loss" / "kd.py"
+    losses.write_text(losses.read_text() + "\n\ndef _extra():\n    from distill_dag.loss.extra_term import SCALE\n"
                       "    return SCALE\n")
     mid = asset_code_version("student_ckpt", root=copy)
-    (copy / "distill" / "extra_term.py").write_text("SCALE = 3.0\n")
+    (copy / "loss" / "extra_term.py").write_text("SCALE = 3.0\n")
     assert len({before, mid, asset_code_version("student_ckpt", root=copy)}) == 3

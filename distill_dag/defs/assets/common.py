@@ -15,7 +15,7 @@ from distill_dag.io import sha256_json
 from distill_dag.defs.resources import PipelineConfigResource
 
 MODULE = "distill_dag.definitions"
-PACKAGE = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parents[2]  # distill_dag/ (this file is defs/assets/common.py)
 
 
 # ---- config ----------------------------------------------------------------------------------

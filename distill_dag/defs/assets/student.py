@@ -166,6 +166,17 @@ def _require_edges(cfg) -> None:
         ))
 
 
+def _kd_inputs(context: dg.AssetExecutionContext, cfg, teacher_endpoint: TeacherEndpointResource, this: str,
+               teacher_lineage: bool) -> None:
+    """What a KD run reads, checked and recorded before it trains: the data, the finetuned teacher (when the
+    run loads it), the cache partitions (cached mode); the endpoint's token exported for the network teacher."""
+    upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, this)
+    if teacher_lineage:
+        require_teacher(context, cfg, this)
+    if cfg.train.teacher_mode == "cached":
+        _require_cache_partitions(context, cfg)
+    teacher_endpoint.export_token(cfg.teacher.token_env)
+
 def _require_cache_partitions(context: dg.AssetExecutionContext, cfg) -> None:
     """Every data shard's logit_cache partition materialized, each where this run reads it."""
     from distill_dag.teacher.cache.layout import read_data_manifest, shard_dir  # lazy: pulls numpy; the code location is re-imported by every step
@@ -199,12 +210,7 @@ def student_ckpt(context: dg.AssetExecutionContext, pipeline: PipelineConfigReso
                  pipes_subprocess_client: dg.PipesSubprocessClient):
     cfg = resolve_config(context, run_config(context), pipeline, teacher_endpoint.overrides(), wandb.overrides())
     _require_edges(cfg)
-    upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_ckpt")
-    if cfg.train.teacher_mode == "direct":
-        require_teacher(context, cfg, "student_ckpt")
-    if cfg.train.teacher_mode == "cached":
-        _require_cache_partitions(context, cfg)
-    teacher_endpoint.export_token(cfg.teacher.token_env)
+    _kd_inputs(context, cfg, teacher_endpoint, "student_ckpt", teacher_lineage=cfg.train.teacher_mode == "direct")
     metadata, final = _train(context, cfg, "kd", pipes_subprocess_client)
     url = wandb.log_checkpoint(_wandb_id(metadata), final, "student_ckpt")
     if url:
@@ -234,18 +240,14 @@ def student_hybrid_asset() -> dg.AssetsDefinition:
     )
     def student_hybrid(context: dg.AssetExecutionContext, pipeline: PipelineConfigResource,
                        teacher_endpoint: TeacherEndpointResource, wandb: WandbSettingsResource,
-                 pipes_subprocess_client: dg.PipesSubprocessClient):
+                       pipes_subprocess_client: dg.PipesSubprocessClient):
         from distill_dag.student.run import card_hybrid_facts, hybrid_config, run_alignment  # lazy: pulls torch; the code location is re-imported by every step
 
         cfg = resolve_config(context, run_config(context), pipeline, teacher_endpoint.overrides(), wandb.overrides())
         if not cfg.hybrid.enabled:
             raise dg.Failure(description="student_hybrid: this run's config has hybrid.enabled false; set it (and "
                                          "hybrid.attention_layers) to train the hybrid student")
-        upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "student_hybrid")
-        require_teacher(context, cfg, "student_hybrid")
-        if cfg.train.teacher_mode == "cached":
-            _require_cache_partitions(context, cfg)
-        teacher_endpoint.export_token(cfg.teacher.token_env)
+        _kd_inputs(context, cfg, teacher_endpoint, "student_hybrid", teacher_lineage=True)  # converted from it
         hcfg = hybrid_config(cfg)
         al = run_alignment(hcfg, echo=context.log.info)  # stage 1 (+ the KL-guided choice), then KD
         metadata, final = _train(context, hcfg, "kd", pipes_subprocess_client)
