@@ -47,12 +47,13 @@ from distill_dag.training.loop import TrainingInterrupted  # noqa: F401  (what a
 from distill_dag.training.optim import make_lr_lambda
 from distill_dag.training.stability import NanGuard
 from distill_dag.training.telemetry import Telemetry, wandb_group
-from distill_dag.teacher.model import load_teacher
+from distill_dag.teacher.model import ResolvedTeacher, distillation_teacher, load_teacher
 from distill_dag.teacher.providers.direct import state_dict_sha256
 from distill_dag.io import atomic_dir, sha256_dir, sha256_json, write_json_atomic
 from distill_dag.model.convert import convert_teacher, hybrid_layer_types, hybridize, unwrap_teacher
 from distill_dag.model.retnet import RetNetConfig, RetNetForCausalLM
 from distill_dag.safe_read import MAX_JSON_BYTES, read_text_bounded
+from distill_dag.student.layer_choice import attention_layer_gains, choose_attention_layers
 
 # align fields that change the resulting weights (the rest is bookkeeping)
 _WEIGHT_FIELDS = ("steps", "value_factor", "learning_rate", "weight_decay", "warmup_steps", "min_lr_ratio",
@@ -210,17 +211,17 @@ def evaluate_alignment(student: torch.nn.Module, teacher: torch.nn.Module, batch
     return {"mse": mse, "rel_mse": rel}
 
 
-def _teacher_identity(cfg: PipelineConfig, model_path: str | Path | None, teacher: torch.nn.Module) -> dict[str, Any]:
-    name = str(model_path or cfg.teacher.model_name_or_path)
+def _teacher_identity(paths: ResolvedTeacher, teacher: torch.nn.Module) -> dict[str, Any]:
+    name = str(paths.model)
     p = Path(name)
     weights = sha256_dir(p) if p.is_dir() else state_dict_sha256(teacher)
-    adapter = cfg.teacher.adapter_path
+    adapter = paths.adapter
     return {"model": name, "weights_sha256": weights, "adapter": adapter,
             "adapter_sha256": sha256_dir(adapter) if adapter and Path(adapter).is_dir() else None}
 
 
-def _load_teacher(cfg: PipelineConfig, device: torch.device, model_path: str | Path | None) -> torch.nn.Module:
-    teacher = unwrap_teacher(load_teacher(cfg.teacher, device, model_path=model_path))
+def _load_teacher(cfg: PipelineConfig, device: torch.device, paths: ResolvedTeacher) -> torch.nn.Module:
+    teacher = unwrap_teacher(load_teacher(cfg.teacher, device, model_path=paths.model, adapter_path=paths.adapter))
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -239,28 +240,27 @@ def _check_lineage(found: dict[str, Any], want: dict[str, Any], where: Path) -> 
 def align_student(
     cfg: PipelineConfig,
     *,
-    data_dir: str | Path | None = None,
-    teacher_model_path: str | Path | None = None,
     echo: Callable[[str], None] | None = None,
     stop_after: int | None = None,
 ) -> AlignResult:
     """Stage 1: convert the teacher into a RetNet and align its retention layers; writes ``<aligned_dir>/final``.
 
-    ``data_dir`` (default ``cfg.tokenized_dir``): manifest + shards (train batches; val batches for the
-    held-out MSE). ``teacher_model_path`` overrides ``teacher.model_name_or_path`` (the finetuned demo
-    teacher). ``stop_after``: stop (with a checkpoint, raising :class:`TrainingInterrupted`) after that
+    Data from ``data.tokenized_dir`` (train batches; val batches for the held-out MSE); the teacher of
+    :func:`~distill_dag.teacher.model.distillation_teacher` (``teacher_adapters``' output when it ran).
+    ``stop_after``: stop (with a checkpoint, raising :class:`TrainingInterrupted`) after that
     many steps of this call, as an interruption would. Returns the per-layer held-out MSE before and after.
     """
+    teacher_paths = distillation_teacher(cfg)
     ac = cfg.align
     t0 = time.time()
     out = aligned_dir(cfg)
-    data_dir = Path(data_dir) if data_dir is not None else cfg.tokenized_dir
+    data_dir = cfg.tokenized_dir
     device = pick_device(cfg.train.device)
     manifest = Manifest.load(data_dir)
     check_manifest(manifest, max_seq_length=cfg.tokenize.max_seq_length)
-    teacher = _load_teacher(cfg, device, teacher_model_path)
+    teacher = _load_teacher(cfg, device, teacher_paths)
     check_manifest(manifest, vocab_size=teacher.get_input_embeddings().num_embeddings)
-    lin = {"teacher": _teacher_identity(cfg, teacher_model_path, teacher),
+    lin = {"teacher": _teacher_identity(teacher_paths, teacher),
            "manifest_hash": sha256_json(manifest.to_dict()), **align_key(cfg)}
 
     final = out / "final"
@@ -395,8 +395,6 @@ def _choose_and_hybridize(cfg: PipelineConfig, student: torch.nn.Module, teacher
     """``student.attention_layers: auto``: measure each layer's KL gain (distill_dag/student/layer_choice.py),
     keep the best ``num_attention_layers`` as the teacher's attention, and save that hybrid as a checkpoint
     beside ``last`` (same tokenizer and info files). Returns its folder and the per-layer table."""
-    from distill_dag.student.layer_choice import attention_layer_gains, choose_attention_layers
-
     st = cfg.student
     rows = attention_layer_gains(student, teacher, batches, device, st.attention_window)
     layers = choose_attention_layers(rows, st.num_attention_layers)

@@ -1,5 +1,7 @@
 """The student stages as the CLI and the assets both run them: stage-1 alignment (``student_aligned``),
-the KD student (``student_ckpt``) and the CE-only baseline (``student_ce_baseline``)."""
+the KD student (``student_ckpt``) and the CE-only baseline (``student_ce_baseline``); and what a training run
+reports (:func:`run_metadata`), in process and through Pipes alike. Each stage takes the config only: the
+teacher it distils from is :func:`distill_dag.teacher.model.distillation_teacher`'s."""
 
 from __future__ import annotations
 
@@ -7,41 +9,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distill_dag.config import PipelineConfig
-from distill_dag.teacher.model import finetuned_teacher
+from distill_dag.model.model_card import update_model_card
+from distill_dag.student.align import AlignResult, align_student
 from distill_dag.student.trainer import TrainResult, train
 
 
-def teacher_overrides(cfg: PipelineConfig) -> tuple[PipelineConfig, Path | None]:
-    """The config with the finetuned adapter filled in, and the finetuned full model dir if any."""
-    model_dir, adapter_dir = finetuned_teacher(cfg)
-    if adapter_dir is not None:
-        cfg = cfg.model_copy(deep=True)
-        cfg.teacher.adapter_path = str(adapter_dir)
-    if model_dir is None and cfg.teacher.model_name_or_path is None and cfg.train.teacher_mode == "direct" \
-            and not cfg.train.pretrain_ce_only:
-        raise FileNotFoundError(
-            f"teacher.model_name_or_path is null (a tiny demo teacher) and {cfg.teacher_ft_dir / 'final_model'} "
-            "does not exist: finetune the teacher first (distill finetune-teacher, or the teacher_adapters asset)"
-        )
-    return cfg, model_dir
-
-
-def run_alignment(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> Any:
+def run_alignment(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> AlignResult:
     """Stage 1 of ``student.init: from_teacher`` (the ``student_aligned`` asset): the RetNet built from the
     teacher's weights, its retention aligned to the teacher's attention. Reused when already done for
     this teacher and config."""
-    from distill_dag.student.align import align_student
-
-    cfg, teacher_model = teacher_overrides(cfg)
-    return align_student(cfg, data_dir=cfg.tokenized_dir, teacher_model_path=teacher_model, echo=echo)
+    return align_student(cfg, echo=echo)
 
 
 def run_kd_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> TrainResult:
     """The KD student (the ``student_ckpt`` asset): sparse top-k KL + CE from the configured teacher mode;
     with ``student.init: from_teacher`` it starts from stage 1's aligned student."""
-    cfg, teacher_model = teacher_overrides(cfg)
-    result = train(cfg, data_dir=cfg.tokenized_dir, tokenizer_dir=cfg.tokenizer_dir, teacher_model_path=teacher_model,
-                   echo=echo)
+    result = train(cfg, echo=echo)
     _card_facts(result, None)
     return result
 
@@ -60,7 +43,7 @@ def ce_baseline_config(cfg: PipelineConfig) -> PipelineConfig:
 def run_ce_baseline(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = None) -> TrainResult:
     """The CE-only student (the ``student_ce_baseline`` asset): same steps, tokens and data, no teacher."""
     base = ce_baseline_config(cfg)
-    result = train(base, data_dir=base.tokenized_dir, tokenizer_dir=base.tokenizer_dir, echo=echo)
+    result = train(base, echo=echo)
     _card_facts(result, None)
     return result
 
@@ -104,8 +87,6 @@ def run_hybrid_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | Non
 
 def card_hybrid_facts(final_dir: Path, hcfg: PipelineConfig, alignment: Any) -> None:
     """The hybrid's layers (and the KL table of an ``auto`` choice) into its model card."""
-    from distill_dag.model.hub import update_model_card
-
     if (Path(final_dir) / "model_card.json").exists():
         update_model_card(final_dir, hybrid={"attention_layers": alignment.attention_layers,
                                              "layer_gains": alignment.layer_gains,
@@ -134,8 +115,6 @@ def run_student(cfg: PipelineConfig, *, echo: Callable[[str], None] | None = Non
 
 def _card_facts(run: TrainResult, baseline: TrainResult | None) -> None:
     """The run's losses (and, when known, the CE-only baseline's) into its final folder's model card."""
-    from distill_dag.model.hub import update_model_card
-
     if not (run.final_dir / "model_card.json").exists():
         return
     names = {"loss": "train loss, last logged step (nats/token)", "ce": "train cross-entropy, last logged step",
@@ -146,3 +125,29 @@ def _card_facts(run: TrainResult, baseline: TrainResult | None) -> None:
         losses["held-out loss of the CE-only baseline, same steps and tokens"] = baseline.val["val_loss"]
     update_model_card(run.final_dir, training={"tokens": run.tokens, "steps": run.steps, "losses": losses,
                                                "wandb_url": run.wandb_url})
+
+
+def run_metadata(run: TrainResult) -> dict[str, tuple[str, Any]]:
+    """``{name: (kind, raw value)}`` of one training run, kind one of path, url, json, int, float, text (Dagster
+    Pipes' metadata types); the in-process asset and the torchrun Pipes worker both report exactly this."""
+    final = Path(run.final_dir)
+    meta: dict[str, tuple[str, Any]] = {
+        "path": ("path", str(final)),
+        "run_dir": ("path", str(run.run_dir)),
+        "steps": ("int", run.steps),
+        "tokens": ("int", run.tokens),
+        "seconds": ("float", round(run.seconds, 1)),
+        "tokens_per_s": ("float", round(run.tokens / max(run.seconds, 1e-9), 1)),
+        "final_train": ("json", run.final),
+        "val_loss": ("float", run.val.get("val_loss")),
+        "val_ppl": ("float", run.val.get("val_ppl")),
+        "lineage": ("json", run.lineage),
+        "checkpoint_bytes": ("int", sum(f.stat().st_size for f in final.iterdir() if f.is_file())),
+        "events": ("int", len(run.events)),
+        "wandb_id": ("text", run.wandb_id),
+    }
+    if run.wandb_url:
+        meta["wandb"] = ("url", run.wandb_url)
+    elif run.wandb_dir:
+        meta["wandb_offline_dir"] = ("path", run.wandb_dir)
+    return {k: v for k, v in meta.items() if v[1] is not None}

@@ -1,19 +1,25 @@
 """The student trainer: sparse top-k KD (+ CE), or CE-only pretraining, resumable exactly.
 
-``train(cfg, data_dir=..., tokenizer_dir=...)`` is the whole run, free of any launcher: the CLI, the
-Dagster asset and torchrun all call it. What is the student's own lives here (its model, teacher and
+``train(cfg)`` is the whole run, free of any launcher: the CLI, the Dagster asset and torchrun all call
+it. What is the student's own lives here (its model, teacher and
 optimizer set-up, the loss of one step); the step loop, logging, checkpoints, stops, NaN handling and
 eval scheduling are the shared skeleton of :mod:`distill_dag.training.loop` (which also refuses to publish
-a run whose every step was skipped, that trained 0 tokens, or whose weights an update left NaN/Inf). Before any
-compute, a resumed checkpoint must be of the student this config builds and of the configured teacher, and
-in cached mode the cache must have been written by the configured teacher. One optimizer step =
+a run whose every step was skipped, that trained 0 tokens, or whose weights an update left NaN/Inf).
+``train`` reads as its steps: set up (teacher, run folder, device, manifest), read the resume state, build
+the student, open the teacher, build the optimizers, record the lineage, open the telemetry, run the loop,
+finish (final evaluation, checkpoint, ``final/``). Before any compute, a resumed checkpoint must be of the
+student this config builds and of the configured teacher, and in cached mode the cache must have been
+written by the configured teacher. One optimizer step =
 ``grad_accum`` micro-batches; the logged loss is the token-weighted mean over them, with CE, KL (and
 the diversity term when ``train.diversity_weight`` > 0) shown apart.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +52,7 @@ from distill_dag.training.loop import TrainingInterrupted  # noqa: F401  (what a
 from distill_dag.training.optim import build_optimizers, build_schedulers
 from distill_dag.training.stability import NanGuard, SaddleDetector
 from distill_dag.loss.topk import TeacherTopK
-from distill_dag.teacher.model import identity_fingerprint
+from distill_dag.teacher.model import ResolvedTeacher, distillation_teacher, identity_fingerprint
 from distill_dag.teacher.providers.factory import make_teacher
 from distill_dag.training.telemetry import Telemetry, wandb_group
 from distill_dag.io import sha256_json
@@ -134,16 +140,13 @@ def _tokenizer_hash(tokenizer_dir: str | Path) -> str:
 def train(
     cfg: PipelineConfig,
     *,
-    data_dir: str | Path,
-    tokenizer_dir: str | Path | None = None,
-    teacher_model_path: str | Path | None = None,
-    run_dir: str | Path | None = None,
     echo: Callable[[str], None] | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Train the student as ``cfg`` says. ``data_dir`` holds ``manifest.json`` + shards.
+    """Train the student as ``cfg`` says: data from ``data.tokenized_dir``, the tokenizer of ``cfg.tokenizer_dir``
+    (checked against the manifest, shipped with every checkpoint), outputs in ``cfg.run_dir``, the teacher
+    of :func:`~distill_dag.teacher.model.distillation_teacher` (``teacher_adapters``' output when it ran).
 
-    ``teacher_model_path`` overrides ``teacher.model_name_or_path`` (e.g. the finetuned demo teacher).
     ``stop_after`` ends the run (with a checkpoint, raising :class:`TrainingInterrupted`) after that many
     steps of this process: tests use it to simulate an interruption.
 
@@ -152,101 +155,203 @@ def train(
     schedule (no second warm-up), optimizer state and data position, with the teacher switched on.
     ``train.eval_interval`` 0 means no held-out evaluation at all, not even a final one.
     """
-    tc = cfg.train
     t_start = time.time()
-    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
+    run = _set_up(cfg)
+    resume = _read_resume(cfg, run.manifest)  # first: it decides the model's starting weights
+    model = _build_student(run, resume)
+    vocab = _vocab_size(model)
+    teacher, cache_note = _open_teacher(run, vocab)
+    student = wrap(model, run.dist_info, run.device)  # before the optimizers: FSDP replaces the parameters
+    opt = _build_optimization(model, cfg.train, resume)
+    lin = _run_lineage(run, teacher, resume)
+    tel = _open_telemetry(run, teacher, resume, opt.step, echo)
+    _log_start(run, tel, model, teacher, lin, resume, opt.step, cache_note, vocab)
+    steps = _StudentSteps(run, model, student, teacher, opt, lin, tel)
+    checkpointer = Checkpointer(run.dir, steps.checkpoint_contents, keep=cfg.train.keep_checkpoints, tel=tel,
+                                dist_info=run.dist_info)
+    loop = steps.loop = _build_loop(run, tel, student, opt, checkpointer, stop_after)
+    with loop:
+        try:
+            loop.run(steps.train_step, evaluate=steps.evaluate)
+        finally:
+            if teacher is not None:
+                teacher.close()
+        result = _finish(run, loop, steps, checkpointer, tel, lin, t_start)
+    cleanup(run.dist_info)
+    return result
+
+
+# ---- the steps of train(), in order ------------------------------------------------------------------------
+@dataclass
+class _Setup:
+    """Where a run happens: its config, folder, device and process group, data manifest and teacher."""
+    cfg: PipelineConfig
+    dir: Path
+    device: torch.device
+    dist_info: DistInfo
+    manifest: Manifest
+    teacher: ResolvedTeacher
+
+
+def _set_up(cfg: PipelineConfig) -> _Setup:
+    """Resolve the teacher (a direct-mode run with none at all is refused first), create the run folder, pick
+    the device (under torchrun: the process group, one GPU per local rank), read the manifest once."""
+    teacher = distillation_teacher(cfg)
+    run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
     device = pick_device(tc.device)
     dist_info = init_distributed(device.type, tc.parallel, tc.dist_timeout_s)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
-    manifest = Manifest.load(data_dir)
+    return _Setup(cfg, run_dir, device, dist_info, _load_manifest(cfg), teacher)
+
+
+def _load_manifest(cfg: PipelineConfig) -> Manifest:
+    """The packed data's manifest, checked against the config's row length and the tokenizer that ships with
+    the student (it must be the one the shards were built with)."""
+    manifest = Manifest.load(cfg.tokenized_dir)
     check_manifest(manifest, max_seq_length=cfg.tokenize.max_seq_length)
-    if tokenizer_dir is not None:  # it ships with the student: it must be the one the shards were built with
-        check_manifest(manifest, tokenizer_hash=_tokenizer_hash(tokenizer_dir))
+    check_manifest(manifest, tokenizer_hash=_tokenizer_hash(cfg.tokenizer_dir))
+    return manifest
 
-    # ---- resume state (read first: it decides the model's starting weights) -----------------
-    resume_state: dict[str, Any] | None = None
-    resume_dir: Path | None = None
-    transition = False
-    if tc.resume_from:
-        resume_dir, resume_state, resume_info = ckpt.load_trainer_state(cfg.path(tc.resume_from))
-        transition = bool(resume_info.get("pretrain_ce_only")) and not tc.pretrain_ce_only
-        if transition and int(resume_state["step"]) >= tc.max_steps:
-            raise ConfigError(
-                f"train.max_steps is {tc.max_steps}, but {resume_dir} (CE-only pretraining) is already at step "
-                f"{resume_state['step']}: max_steps counts every step, CE ones included; set it above "
-                f"{resume_state['step']} to train with KD"
-            )
 
-    if resume_dir is not None:  # before any weight is loaded: a checkpoint of another student is refused
-        _check_resume_architecture(cfg, manifest, resume_dir)
+@dataclass
+class _Resume:
+    """What ``train.resume_from`` continues: nothing (``dir`` None), a run, or a CE-only run switched to KD
+    (``transition``)."""
+    dir: Path | None = None
+    state: dict[str, Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    transition: bool = False
 
-    torch.manual_seed(tc.seed)
-    model = _build_model(cfg, manifest, resume_dir, device)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    check_manifest(manifest, vocab_size=vocab)
 
-    teacher = None
+def _read_resume(cfg: PipelineConfig, manifest: Manifest) -> _Resume:
+    """The checkpoint of ``train.resume_from``, refused (ConfigError) before any weight is loaded when it is of
+    another student, or a CE-only run already at ``train.max_steps``."""
+    tc = cfg.train
+    if not tc.resume_from:
+        return _Resume()
+    resume_dir, state, info = ckpt.load_trainer_state(cfg.path(tc.resume_from))
+    transition = bool(info.get("pretrain_ce_only")) and not tc.pretrain_ce_only
+    if transition and int(state["step"]) >= tc.max_steps:
+        raise ConfigError(
+            f"train.max_steps is {tc.max_steps}, but {resume_dir} (CE-only pretraining) is already at step "
+            f"{state['step']}: max_steps counts every step, CE ones included; set it above "
+            f"{state['step']} to train with KD"
+        )
+    _check_resume_architecture(cfg, manifest, resume_dir)
+    return _Resume(resume_dir, state, info, transition)
+
+
+def _build_student(run: _Setup, resume: _Resume) -> torch.nn.Module:
+    """The student on its device, seeded by ``train.seed``; its vocabulary must be the manifest's."""
+    torch.manual_seed(run.cfg.train.seed)
+    model = _build_model(run.cfg, run.manifest, resume.dir, run.device)
+    check_manifest(run.manifest, vocab_size=_vocab_size(model))
+    return model
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _open_teacher(run: _Setup, vocab: int) -> tuple[Any | None, str | None]:
+    """The teacher provider (None for CE-only) and, in cached mode, the cache's note on its teacher. A cached
+    teacher must hold every train shard before step 1 and have been written by the configured teacher."""
+    cfg, paths = run.cfg, run.teacher
+    if cfg.train.pretrain_ce_only:
+        return None, None
+    teacher = make_teacher(cfg, run.device, vocab, model_path=paths.model, adapter_path=paths.adapter)
     cache_note = None
-    if not tc.pretrain_ce_only:
-        teacher = make_teacher(cfg, device, vocab, model_path=teacher_model_path)
-        try:
-            if hasattr(teacher, "require_shards"):  # a cached teacher must hold every train shard before step 1
-                teacher.require_shards([i for i, _ in manifest.split_shards("train")])
-            if hasattr(teacher, "check_teacher"):  # ... and have been written by the configured teacher
-                key = ("teacher.model_name_or_path" if teacher_model_path is None else
-                       "the finetuned teacher (teacher_ft.output_dir)")
-                cache_note = teacher.check_teacher(teacher_model_path or cfg.teacher.model_name_or_path,
-                                                   cfg.teacher.adapter_path, key=key)
-        except BaseException:
-            teacher.close()
-            raise
+    try:
+        if hasattr(teacher, "require_shards"):
+            teacher.require_shards([i for i, _ in run.manifest.split_shards("train")])
+        if hasattr(teacher, "check_teacher"):
+            cache_note = teacher.check_teacher(paths.model, paths.adapter, key=paths.key)
+    except BaseException:
+        teacher.close()
+        raise
+    return teacher, cache_note
 
-    student = wrap(model, dist_info, device)  # before the optimizers: FSDP replaces the parameters
+
+@dataclass
+class _Optimization:
+    """Optimizers, LR schedulers, NaN guard and plateau detector, and the step/token counts they start at."""
+    optimizer: Any
+    scheduler: Any
+    guard: NanGuard
+    saddle: SaddleDetector
+    step: int = 0
+    tokens: int = 0
+
+
+def _build_optimization(model: torch.nn.Module, tc: Any, resume: _Resume) -> _Optimization:
+    """The optimizers of the (wrapped) model, with a resumed run's states and RNG loaded. After CE -> KD the
+    loss is another one: the guard and the plateau detector start afresh."""
     optimizer = build_optimizers(model, tc)
     guard = NanGuard(tc.max_nan_streak)
     saddle = SaddleDetector.from_config(tc)
     scheduler = build_schedulers(optimizer, tc, multiplier=saddle.lr_multiplier)
-    step, tokens_seen = 0, 0
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"], model)
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if not transition:  # after CE -> KD the loss is another one: guard and plateau detector start afresh
-            guard.load_state_dict(resume_state["nan_guard"])
-            saddle.load_state_dict(resume_state["saddle"])
-        ckpt.set_rng_state(resume_state["rng"])
-        step = int(resume_state["step"])
-        tokens_seen = int(resume_state["tokens"])
+    opt = _Optimization(optimizer, scheduler, guard, saddle)
+    state = resume.state
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"], model)
+        scheduler.load_state_dict(state["scheduler"])
+        if not resume.transition:
+            guard.load_state_dict(state["nan_guard"])
+            saddle.load_state_dict(state["saddle"])
+        ckpt.set_rng_state(state["rng"])
+        opt.step, opt.tokens = int(state["step"]), int(state["tokens"])
+    return opt
 
-    lin = lineage(cfg, manifest, teacher)
+
+def _run_lineage(run: _Setup, teacher: Any | None, resume: _Resume) -> dict[str, Any]:
+    """:func:`lineage` plus the teacher's fingerprint; a resumed KD run must have the checkpoint's teacher
+    (after CE -> KD the checkpoint had none)."""
+    lin = lineage(run.cfg, run.manifest, teacher)
     if teacher is not None:
         ident = lin["teacher"] or {}
         lin["teacher_fingerprint"] = (ident.get("teacher_fingerprint") if ident.get("provider") == "cached"
                                       else (identity_fingerprint(ident) or {}).get("hash"))
-    if resume_state is not None and not transition:  # after CE -> KD the checkpoint had no teacher
-        _check_resume_teacher(resume_dir, resume_info.get("lineage") or {}, lin)
+    if resume.state is not None and not resume.transition:
+        _check_resume_teacher(resume.dir, resume.info.get("lineage") or {}, lin)
+    return lin
+
+
+def _open_telemetry(run: _Setup, teacher: Any | None, resume: _Resume, step: int,
+                    echo: Callable[[str], None] | None) -> Telemetry:
+    """``<run_dir>/config.yaml``, then the run's log, metrics.jsonl and W&B run (the resumed one's, unless
+    CE -> KD)."""
+    cfg, tc = run.cfg, run.cfg.train
     run_config = cfg.model_dump(mode="json")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    (run.dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     job = "ce_only" if teacher is None else "kd"
-    tel = Telemetry(
-        run_dir, cfg.wandb, run_config, total_steps=tc.max_steps, echo=echo,
-        resume_id=(resume_state or {}).get("wandb_id") if not transition else None,
-        enabled=dist_info.is_main, name=run_dir.name, group=wandb_group(cfg), job_type=job,
+    return Telemetry(
+        run.dir, cfg.wandb, run_config, total_steps=tc.max_steps, echo=echo,
+        resume_id=(resume.state or {}).get("wandb_id") if not resume.transition else None,
+        enabled=run.dist_info.is_main, name=run.dir.name, group=wandb_group(cfg), job_type=job,
         tags=[job, tc.teacher_mode if teacher is not None else "no_teacher", cfg.student.variant, cfg.student.init],
         start_step=step,
     )
+
+
+def _log_start(run: _Setup, tel: Telemetry, model: torch.nn.Module, teacher: Any | None, lin: dict[str, Any],
+               resume: _Resume, step: int, cache_note: str | None, vocab: int) -> None:
+    """The run's opening events and lines: which teacher (and adapter), a resume or CE -> KD switch, the
+    cache's note, the student's size."""
+    cfg, tc, dist_info = run.cfg, run.cfg.train, run.dist_info
     if teacher is not None:  # which teacher (and adapter) this run distils from, in the log and metrics.jsonl
+        paths = run.teacher
         tel.event(step, "teacher", mode=tc.teacher_mode, provider=(lin["teacher"] or {}).get("provider"),
-                  model=str(teacher_model_path or cfg.teacher.model_name_or_path),
-                  adapter=str(cfg.teacher.adapter_path) if cfg.teacher.adapter_path else "none")
-    if transition:
-        tel.event(step, "transition_ce_to_kd", from_checkpoint=str(resume_dir), teacher_mode=tc.teacher_mode,
+                  model=str(paths.model), adapter=str(paths.adapter) if paths.adapter else "none")
+    if resume.transition:
+        tel.event(step, "transition_ce_to_kd", from_checkpoint=str(resume.dir), teacher_mode=tc.teacher_mode,
                   max_steps=tc.max_steps)
-        tel.info(f"CE -> KD: continuing {resume_dir} at step {step} (its step count, LR schedule and optimizer "
+        tel.info(f"CE -> KD: continuing {resume.dir} at step {step} (its step count, LR schedule and optimizer "
                  f"state); train.max_steps {tc.max_steps} counts the CE steps too: {tc.max_steps - step} KD steps to go")
-    elif resume_state is not None:
-        tel.event(step, "resumed", from_checkpoint=str(resume_dir))
+    elif resume.state is not None:
+        tel.event(step, "resumed", from_checkpoint=str(resume.dir))
     if cache_note:
         tel.info(cache_note)
     n_params = sum(p.numel() for p in model.parameters())
@@ -254,39 +359,67 @@ def train(
     n_local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     tel.info(
         f"student {cfg.student.variant}: {n_params / 1e6:.2f}M params, vocab {vocab}; "
-        f"mode={'ce_only' if teacher is None else tc.teacher_mode}; device={device}; run_dir={run_dir}; "
+        f"mode={'ce_only' if teacher is None else tc.teacher_mode}; device={run.device}; run_dir={run.dir}; "
         f"world_size={dist_info.world_size}"
         + (f"; fsdp: {n_local / 1e6:.4f}M parameters on this rank" if dist_info.sharded else "")
     )
 
-    # one global micro-batch of batch_size * world_size rows; each rank takes its slice
-    loader = make_loader(data_dir, "train", tc.batch_size * dist_info.world_size, seed=tc.seed,
-                         start_step=step * tc.grad_accum)
-    has_val = bool(manifest.split_shards("val"))
-    if not has_val and tc.eval_interval:
-        tel.info(f"warning: {data_dir} has no 'val' shards (tokenize.val_fraction); held-out evaluation is skipped")
 
-    def evaluate(at: int) -> dict[str, float]:
-        if not has_val:
+class _StudentSteps:
+    """What the shared loop calls back: one optimizer step's forward and backward, the held-out evaluation and
+    a checkpoint's contents. ``loop`` is set once the loop is built (a checkpoint records its token count)."""
+
+    def __init__(self, run: _Setup, model: torch.nn.Module, student: torch.nn.Module, teacher: Any | None,
+                 opt: _Optimization, lin: dict[str, Any], tel: Telemetry) -> None:
+        tc = self.tc = run.cfg.train
+        self.data_dir, self.tokenizer_dir = run.cfg.tokenized_dir, run.cfg.tokenizer_dir
+        self.model, self.student, self.teacher, self.opt, self.lin, self.tel = model, student, teacher, opt, lin, tel
+        self.device, self.dist_info = run.device, run.dist_info
+        self.run_config = run.cfg.model_dump(mode="json")
+        self.loop: TrainLoop | None = None
+        # one global micro-batch of batch_size * world_size rows; each rank takes its slice
+        self.batches = iter(make_loader(self.data_dir, "train", tc.batch_size * run.dist_info.world_size,
+                                        seed=tc.seed, start_step=opt.step * tc.grad_accum))
+        self.has_val = bool(run.manifest.split_shards("val"))
+        if not self.has_val and tc.eval_interval:
+            tel.info(f"warning: {self.data_dir} has no 'val' shards (tokenize.val_fraction); held-out evaluation "
+                     "is skipped")
+
+    def evaluate(self, at: int) -> dict[str, float]:
+        if not self.has_val:
             return {}
+        tc, dist_info = self.tc, self.dist_info
         # every rank scores its slice of each global batch (FSDP needs all ranks in every forward)
-        val = make_loader(data_dir, "val", tc.batch_size * dist_info.world_size, seed=0, shuffle=False,
+        val = make_loader(self.data_dir, "val", tc.batch_size * dist_info.world_size, seed=0, shuffle=False,
                           infinite=False, drop_last=dist_info.enabled)
-        metrics = evaluate_loss(student, val, tc.eval_batches, device, tc.loss_chunk_tokens, dist_info, tc.batch_size)
+        metrics = evaluate_loss(self.student, val, tc.eval_batches, self.device, tc.loss_chunk_tokens, dist_info,
+                                tc.batch_size)
         if metrics:
-            tel.log(at, metrics, kind="val")
+            self.tel.log(at, metrics, kind="val")
         return metrics
 
-    batches = iter(loader)
-
-    def train_step(_step: int) -> StepOutput:
-        """Forward + backward of grad_accum micro-batches; the token-weighted mean loss over them (and ranks)."""
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's rows of the next ``grad_accum`` global micro-batches."""
         micro = []
-        for _ in range(tc.grad_accum):
+        for _ in range(self.tc.grad_accum):
             try:
-                micro.append(local_rows(next(batches), dist_info, tc.batch_size))
+                micro.append(local_rows(next(self.batches), self.dist_info, self.tc.batch_size))
             except StopIteration:
                 raise RuntimeError("the train loader ended; it should cycle epochs") from None
+        return micro
+
+    def _teacher_topk(self, batch: dict[str, torch.Tensor]) -> TeacherTopK | None:
+        """The teacher's top-k of a batch, cut to ``train.teacher_topk``; None without a teacher."""
+        k = self.tc.teacher_topk
+        topk = self.teacher.topk(batch) if self.teacher is not None else None
+        if topk is not None and topk.k > k:
+            topk = TeacherTopK(topk.indices[..., :k], topk.logprobs[..., :k])
+        return topk
+
+    def train_step(self, _step: int) -> StepOutput:
+        """Forward + backward of grad_accum micro-batches; the token-weighted mean loss over them (and ranks)."""
+        tc, dist_info, device, student = self.tc, self.dist_info, self.device, self.student
+        micro = self._micro_batches()
         n_scored = [int((m["labels"][:, 1:] != -100).sum()) for m in micro]
         # the global token count: each rank's loss is weighted so that DDP's gradient mean equals
         # the token-weighted mean of one process running the whole global batch
@@ -295,9 +428,7 @@ def train(
         sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, **({"diversity": 0.0} if tc.diversity_weight else {})}
         for i_micro, (batch, n) in enumerate(zip(micro, n_scored)):
             batch = {k: v.to(device) for k, v in batch.items()}
-            topk = teacher.topk(batch) if teacher is not None else None
-            if topk is not None and topk.k > tc.teacher_topk:
-                topk = TeacherTopK(topk.indices[..., : tc.teacher_topk], topk.logprobs[..., : tc.teacher_topk])
+            topk = self._teacher_topk(batch)
             last = i_micro == len(micro) - 1
             # train.autocast: bf16 for the model AND the chunked LM head (the loss math stays fp32)
             with no_sync(student, last), autocast(device, tc.autocast):
@@ -317,63 +448,64 @@ def train(
         return StepOutput(loss=means.pop("loss"), tokens=int(n_tokens), metrics=means,
                           rows=sum(len(m["input_ids"]) for m in micro) * dist_info.world_size)
 
-    def contents(at: int) -> CheckpointContents:
-        # whole tensors keyed by name: loadable at any world size (under FSDP all ranks gather)
+    def checkpoint_contents(self, at: int) -> CheckpointContents:
+        """Whole tensors keyed by name: loadable at any world size (under FSDP all ranks gather)."""
+        model, opt, dist_info, tokens = self.model, self.opt, self.dist_info, self.loop.tokens
         model_state = full_model_state(model, dist_info)
-        optim_state = optimizer.state_dict(model) if dist_info.is_main or dist_info.sharded else None
+        optim_state = opt.optimizer.state_dict(model) if dist_info.is_main or dist_info.sharded else None
         state = {
             "step": at,
-            "tokens": loop.tokens,
+            "tokens": tokens,
             "optimizer": optim_state,
-            "scheduler": scheduler.state_dict(),
-            "nan_guard": guard.state_dict(),
-            "saddle": saddle.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "nan_guard": opt.guard.state_dict(),
+            "saddle": opt.saddle.state_dict(),
             "rng": ckpt.rng_state(),
-            "wandb_id": tel.wandb_id or "",
+            "wandb_id": self.tel.wandb_id or "",
         }
-        info = {"step": at, "tokens": loop.tokens, "pretrain_ce_only": tc.pretrain_ce_only,
-                "lineage": lin, "config": run_config}
-        extra = {"tokenizer": Path(tokenizer_dir)} if tokenizer_dir else None
-        return CheckpointContents(model, state, info, extra_files=extra, model_state=model_state)
+        info = {"step": at, "tokens": tokens, "pretrain_ce_only": self.tc.pretrain_ce_only,
+                "lineage": self.lin, "config": self.run_config}
+        return CheckpointContents(model, state, info, extra_files={"tokenizer": self.tokenizer_dir},
+                                  model_state=model_state)
 
-    checkpointer = Checkpointer(run_dir, contents, keep=tc.keep_checkpoints, tel=tel, dist_info=dist_info)
-    loop = TrainLoop(
-        "training", tel, optimizer_step=OptimizerStep(optimizer, scheduler, student, tc.grad_clip, guard, saddle),
+
+def _build_loop(run: _Setup, tel: Telemetry, student: torch.nn.Module, opt: _Optimization,
+                checkpointer: Checkpointer, stop_after: int | None) -> TrainLoop:
+    """The shared step loop (logging, checkpoints, stops, NaN handling, eval schedule), at the run's step."""
+    tc = run.cfg.train
+    return TrainLoop(
+        "training", tel,
+        optimizer_step=OptimizerStep(opt.optimizer, opt.scheduler, student, tc.grad_clip, opt.guard, opt.saddle),
         max_steps=tc.max_steps, log_interval=tc.log_interval, eval_interval=tc.eval_interval,
-        save_interval=tc.save_interval, checkpointer=checkpointer, step=step, tokens=tokens_seen,
-        stop_after=stop_after, dist_info=dist_info, device=device, resume_hint=f"resume with --resume-from {run_dir}",
+        save_interval=tc.save_interval, checkpointer=checkpointer, step=opt.step, tokens=opt.tokens,
+        stop_after=stop_after, dist_info=run.dist_info, device=run.device,
+        resume_hint=f"resume with --resume-from {run.dir}",
     )
-    with loop:
-        try:
-            loop.run(train_step, evaluate=evaluate)
-        finally:
-            if teacher is not None:
-                teacher.close()
-        val_metrics = loop.final_eval(evaluate) if tc.eval_interval else {}
-        last_ckpt = checkpointer.ensure(loop.step)
-        final_dir = run_dir / "final"
-        if dist_info.is_main:
-            final_dir = ckpt.write_final(run_dir, last_ckpt)
-        barrier(dist_info)
-        train_rows = [h for h in tel.history if h["kind"] == "train"]
-        last_logged = {k: v for k, v in train_rows[-1].items() if k not in ("step", "kind", "time_s")} if train_rows else {}
-        result = TrainResult(
-            run_dir=run_dir, checkpoint=last_ckpt, final_dir=final_dir, steps=loop.step, tokens=loop.tokens,
-            final=last_logged, val=val_metrics, history=list(tel.history),
-            events=list(tel.events), lineage=lin, wandb_url=tel.wandb_url, wandb_id=tel.wandb_id,
-            wandb_dir=tel.wandb_dir, seconds=time.time() - t_start,
-        )
-        tel.summary({"steps": loop.step, "tokens": loop.tokens, **val_metrics})
-    cleanup(dist_info)
+
+
+def _finish(run: _Setup, loop: TrainLoop, steps: _StudentSteps, checkpointer: Checkpointer, tel: Telemetry,
+            lin: dict[str, Any], t_start: float) -> TrainResult:
+    """The final evaluation, the last checkpoint, ``<run_dir>/final`` (rank 0 writes it) and the run's result."""
+    val_metrics = loop.final_eval(steps.evaluate) if run.cfg.train.eval_interval else {}
+    last_ckpt = checkpointer.ensure(loop.step)
+    final_dir = run.dir / "final"
+    if run.dist_info.is_main:
+        final_dir = ckpt.write_final(run.dir, last_ckpt)
+    barrier(run.dist_info)
+    train_rows = [h for h in tel.history if h["kind"] == "train"]
+    last_logged = {k: v for k, v in train_rows[-1].items() if k not in ("step", "kind", "time_s")} if train_rows else {}
+    result = TrainResult(
+        run_dir=run.dir, checkpoint=last_ckpt, final_dir=final_dir, steps=loop.step, tokens=loop.tokens,
+        final=last_logged, val=val_metrics, history=list(tel.history),
+        events=list(tel.events), lineage=lin, wandb_url=tel.wandb_url, wandb_id=tel.wandb_id,
+        wandb_dir=tel.wandb_dir, seconds=time.time() - t_start,
+    )
+    tel.summary({"steps": loop.step, "tokens": loop.tokens, **val_metrics})
     return result
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
     """A checkpoint's ``config.json``, read with a bound and only from a regular file."""
-    import json
-    import os
-    import stat
-
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:

@@ -6,12 +6,14 @@ Used by the direct provider, the teacher server, teacher finetuning and evaluati
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distill_dag.config import TeacherConfig
+from distill_dag.io import sha256_json
 
 
 def attn_implementation() -> str:
@@ -70,6 +72,15 @@ def load_teacher(
     return model
 
 
+FINAL_MODEL, FINAL_ADAPTER = "final_model", "final_adapter"  # what teacher_adapters writes in teacher_ft.output_dir
+
+
+def finetuned_output(cfg: Any) -> Path:
+    """Where ``teacher_adapters`` writes the finetuned teacher: ``final_adapter/`` for ``teacher_ft.mode``
+    lora, ``final_model/`` for full."""
+    return cfg.teacher_ft_dir / (FINAL_ADAPTER if cfg.teacher_ft.mode == "lora" else FINAL_MODEL)
+
+
 def finetuned_teacher(cfg: Any) -> tuple[Path | None, Path | None]:
     """(model dir, adapter dir) written by ``teacher_adapters`` when it ran, else (None, None).
 
@@ -77,9 +88,43 @@ def finetuned_teacher(cfg: Any) -> tuple[Path | None, Path | None]:
     ``teacher.adapter_path`` in the config wins over the finetuned adapter.
     """
     root = cfg.teacher_ft_dir
-    model, adapter = root / "final_model", root / "final_adapter"
+    model, adapter = root / FINAL_MODEL, root / FINAL_ADAPTER
     return (model if model.is_dir() else None,
             adapter if adapter.is_dir() and not cfg.teacher.adapter_path else None)
+
+
+@dataclass(frozen=True)
+class ResolvedTeacher:
+    """The teacher a stage loads, as :func:`resolve_teacher` finds it."""
+    model: str | Path | None  # teacher_adapters' final_model/ when it exists, else teacher.model_name_or_path
+    adapter: str | None  # teacher.adapter_path, else teacher_adapters' final_adapter/ when it exists
+    finetuned: bool = False  # model is teacher_adapters' final_model/
+
+    @property
+    def key(self) -> str:
+        """Where ``model`` comes from, as messages name it."""
+        return "the finetuned teacher (teacher_ft.output_dir)" if self.finetuned else "teacher.model_name_or_path"
+
+
+def resolve_teacher(cfg: Any) -> ResolvedTeacher:
+    """The teacher's model and adapter for the student stages (and the logit cache): the configured
+    ``teacher.*`` with ``teacher_adapters``' output (:func:`finetuned_teacher`) filled in when it ran."""
+    model_dir, adapter_dir = finetuned_teacher(cfg)
+    return ResolvedTeacher(model=model_dir if model_dir is not None else cfg.teacher.model_name_or_path,
+                           adapter=str(adapter_dir) if adapter_dir is not None else cfg.teacher.adapter_path,
+                           finetuned=model_dir is not None)
+
+
+def distillation_teacher(cfg: Any) -> ResolvedTeacher:
+    """:func:`resolve_teacher` for the student stages: a run that loads the teacher in this process
+    (``train.teacher_mode`` direct, not CE-only) and has none at all is refused before any work."""
+    paths = resolve_teacher(cfg)
+    if paths.model is None and cfg.train.teacher_mode == "direct" and not cfg.train.pretrain_ce_only:
+        raise FileNotFoundError(
+            f"teacher.model_name_or_path is null (a tiny demo teacher) and {cfg.teacher_ft_dir / FINAL_MODEL} "
+            "does not exist: finetune the teacher first (distill finetune-teacher, or the teacher_adapters asset)"
+        )
+    return paths
 
 
 # ---- the teacher's fingerprint: cheap identity of its files -------------------------------------------------
@@ -165,8 +210,6 @@ def teacher_fingerprint(model: str | Path | None, adapter: str | Path | None = N
     blocks (whole files below 8 MiB), of the model and of the adapter; it does not depend on where the
     folders are. ``hash`` is None when the model is not on this machine (a Hub name not in the local cache):
     then only the names are known. None when no model is given."""
-    from distill_dag.io import sha256_json
-
     if not model:
         return None
     parts: dict[str, Any] = {}

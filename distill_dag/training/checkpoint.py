@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill_dag.model.hub import UNCHECKSUMMED, prepare_hf_folder
 from distill_dag.io import MARKER, FILE_MODE, atomic_dir, ownership, sha256_file, write_bytes_atomic, write_json_atomic
 from distill_dag.safe_read import MAX_JSON_BYTES, UnsafeFileError, read_json_bounded, read_text_bounded
 
@@ -256,8 +257,6 @@ def write_final(run_dir: str | Path, ckpt: Path, *, max_length: int | None = Non
     card. Every file gets the umask's mode. ``checksums.json`` covers the folder as written, except the card
     (``README.md``, ``model_card.json``), which the training run and the evaluation fill in later.
     """
-    from distill_dag.model.hub import UNCHECKSUMMED, prepare_hf_folder
-
     final = Path(run_dir) / "final"
     with atomic_dir(final) as tmp:
         for f in ckpt.iterdir():

@@ -41,6 +41,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from distill_dag.device import cpu_has_native_bf16
+from distill_dag.training.distributed import full_state_options
 
 _NO_DECAY_WORDS = ("norm", "bias", "decay")
 
@@ -175,16 +176,12 @@ class Optimizers(list):
         FSDP every rank must call it (it gathers) and rank 0 gets the tensors."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        from distill_dag.training.distributed import full_state_options
-
         return {name: get_optimizer_state_dict(model, opt, options=full_state_options())
                 for name, opt in zip(self.names, self)}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
         """Load what ``state_dict`` wrote (sharding it again under FSDP)."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        from distill_dag.training.distributed import full_state_options
 
         if sorted(state) != sorted(self.names):
             raise ValueError(

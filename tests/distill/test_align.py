@@ -14,21 +14,21 @@ from safetensors.torch import load_file
 from support import cfg_dict
 
 from distill_dag.config import config_from_dict
-from distill_dag.distill.align import align_student, aligned_dir, load_aligned_student, teacher_attention_io
-from distill_dag.distill.student_run import run_student
-from distill_dag.distill.trainer import train
+from distill_dag.student.align import align_student, aligned_dir, load_aligned_student, teacher_attention_io
+from distill_dag.student.run import run_student
+from distill_dag.student.trainer import train
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _cfg(tmp_path, teacher_dir, align=None, **train_kw):
+def _cfg(tmp_path, corpus, teacher_dir, align=None, **train_kw):
     """Stage 1 + KD from the teacher: the tiny train config of support.cfg_dict with a from_teacher student."""
     a = dict(steps=40, learning_rate=1e-2, warmup_steps=2, batch_size=8, log_interval=5, eval_interval=20,
              eval_batches=2, save_interval=20, seed=0)
     t = dict(temperature=1.0, max_steps=0, grad_accum=1, save_interval=0, keep_checkpoints=2, learning_rate=1e-3,
              warmup_steps=100)  # the library defaults these tests were written with
-    d = cfg_dict(tmp_path, None, teacher_dir, **{**t, **train_kw})
+    d = cfg_dict(tmp_path, corpus, teacher_dir, **{**t, **train_kw})
     d["teacher_ft"]["output_dir"] = str(tmp_path / "no_teacher_ft")
     d["student"] = {"init": "from_teacher", "chunk_size": 16}
     d["align"] = {**a, **(align or {})}
@@ -38,8 +38,8 @@ def _cfg(tmp_path, teacher_dir, align=None, **train_kw):
 @pytest.fixture(scope="module")
 def aligned(tmp_path_factory, small_corpus, tiny_teacher_dir):
     tmp = tmp_path_factory.mktemp("align")
-    cfg = _cfg(tmp, tiny_teacher_dir)
-    return cfg, align_student(cfg, data_dir=small_corpus["tokenized"])
+    cfg = _cfg(tmp, small_corpus, tiny_teacher_dir)
+    return cfg, align_student(cfg)
 
 
 def test_alignment_lowers_the_held_out_mse_of_every_layer(aligned):
@@ -55,7 +55,7 @@ def test_reported_mse_matches_an_independent_recomputation(aligned, small_corpus
     attention recomputed by SoftmaxAttention on the unaligned conversion (proven equal to the teacher's in
     tests/model/test_convert.py), r = the aligned student's retention."""
     from distill_dag.data.dataset import make_loader
-    from distill_dag.distill.teacher_model import load_teacher
+    from distill_dag.teacher.model import load_teacher
     from distill_dag.model.convert import SoftmaxAttention, convert_teacher
     from distill_dag.model.retnet import RetNetForCausalLM
 
@@ -82,7 +82,7 @@ def test_reported_mse_matches_an_independent_recomputation(aligned, small_corpus
 
 
 def test_only_retention_parameters_change_during_alignment(aligned, tiny_teacher_dir):
-    from distill_dag.distill.teacher_model import load_teacher
+    from distill_dag.teacher.model import load_teacher
 
     cfg, res = aligned
     teacher = load_teacher(cfg.teacher, torch.device("cpu"), model_path=tiny_teacher_dir)
@@ -100,17 +100,17 @@ def test_only_retention_parameters_change_during_alignment(aligned, tiny_teacher
 
 def test_alignment_stopped_by_sigint_checkpoints_and_resumes_to_the_same_weights(tmp_path, small_corpus, tiny_teacher_dir):
     small = dict(steps=6, save_interval=3, eval_interval=0, log_interval=1)
-    full = align_student(_cfg(tmp_path / "a", tiny_teacher_dir, small), data_dir=small_corpus["tokenized"])
-    cfg_b = _cfg(tmp_path / "b", tiny_teacher_dir, small)
+    full = align_student(_cfg(tmp_path / "a", small_corpus, tiny_teacher_dir, small))
+    cfg_b = _cfg(tmp_path / "b", small_corpus, tiny_teacher_dir, small)
 
     def interrupt_at_step_4(msg):
         if msg.startswith("[train 4]"):
             os.kill(os.getpid(), signal.SIGINT)  # the real path: handler -> finish the step -> checkpoint
 
     with pytest.raises(KeyboardInterrupt, match="stopped at step 4"):
-        align_student(cfg_b, data_dir=small_corpus["tokenized"], echo=interrupt_at_step_4)
+        align_student(cfg_b, echo=interrupt_at_step_4)
     assert (aligned_dir(cfg_b) / "checkpoints" / "step-0000004").is_dir()
-    resumed = align_student(cfg_b, data_dir=small_corpus["tokenized"])
+    resumed = align_student(cfg_b)
     wa = load_file(str(full.final_dir / "model.safetensors"))
     wb = load_file(str(resumed.final_dir / "model.safetensors"))
     assert resumed.steps == 6 and resumed.tokens == full.tokens and wa.keys() == wb.keys()
@@ -123,23 +123,23 @@ def test_alignment_stopped_by_sigint_checkpoints_and_resumes_to_the_same_weights
 
 def test_finished_alignment_is_reused_and_a_changed_config_is_refused(aligned, small_corpus):
     cfg, res = aligned
-    again = align_student(cfg, data_dir=small_corpus["tokenized"])
+    again = align_student(cfg)
     assert again.reused and again.mse_after == res.mse_after
     changed = cfg.model_copy(deep=True)
     changed.align.learning_rate = 5e-3
     with pytest.raises(RuntimeError, match="align"):
         load_aligned_student(changed)
     with pytest.raises(RuntimeError, match="align"):
-        align_student(changed, data_dir=small_corpus["tokenized"])
+        align_student(changed)
 
 
 def test_kd_with_from_teacher_needs_stage_one(tmp_path, small_corpus, tiny_teacher_dir):
     with pytest.raises(FileNotFoundError, match="stage 1"):
-        train(_cfg(tmp_path, tiny_teacher_dir), data_dir=small_corpus["tokenized"])
+        train(_cfg(tmp_path, small_corpus, tiny_teacher_dir))
 
 
 def test_run_student_aligns_then_kd_starts_from_the_aligned_student(tmp_path, small_corpus, tiny_teacher_dir):
-    cfg = _cfg(tmp_path, tiny_teacher_dir, {"steps": 3, "eval_interval": 0, "save_interval": 0,
+    cfg = _cfg(tmp_path, small_corpus, tiny_teacher_dir, {"steps": 3, "eval_interval": 0, "save_interval": 0,
                                             "output_dir": str(tmp_path / "aligned")})
     cfg.data.root = str(small_corpus["root"])  # cfg.tokenized_dir = <root>/tokenized
     out = run_student(cfg)

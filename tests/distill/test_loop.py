@@ -14,11 +14,11 @@ from torch import nn
 from support import cfg_dict
 
 from distill_dag.config import WandbConfig, config_from_dict
-from distill_dag.distill import distributed as distributed_mod
-from distill_dag.distill.loop import OptimizerStep, StepOutput, TrainingInterrupted, TrainLoop
-from distill_dag.distill.stability import NanGuard, TrainingDivergedError
-from distill_dag.distill.telemetry import Telemetry, log_eval_run, wandb_group
-from distill_dag.distill.trainer import train
+from distill_dag.training import distributed as distributed_mod
+from distill_dag.training.loop import OptimizerStep, StepOutput, TrainingInterrupted, TrainLoop
+from distill_dag.training.stability import NanGuard, TrainingDivergedError
+from distill_dag.training.telemetry import Telemetry, log_eval_run, wandb_group
+from distill_dag.student.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -111,10 +111,10 @@ def test_eval_interval_zero_never_evaluates_and_stop_after_raises_the_one_interr
 
 def test_kd_and_ce_only_runs_are_grouped_in_wandb_and_a_diverged_run_exits_1(tmp_path, small_corpus, tiny_teacher_dir,
                                                                              fake_wandb, monkeypatch):
-    data = small_corpus["tokenized"]
-    d = cfg_dict(tmp_path, None, tiny_teacher_dir, max_steps=2, save_interval=0, diversity_weight=0.1, max_nan_streak=2)
+    d = cfg_dict(tmp_path, small_corpus, tiny_teacher_dir, max_steps=2, save_interval=0, diversity_weight=0.1,
+                 max_nan_streak=2)
     d["wandb"] = {"mode": "offline"}
-    kd = train(config_from_dict(d), data_dir=data)
+    kd = train(config_from_dict(d))
     rows = [h for h in kd.history if h["kind"] == "train"]
     assert all(h["diversity"] > 0 and h["rss_gb"] > 0 and h["rows_per_s"] > 0 for h in rows)
 
@@ -128,7 +128,7 @@ def test_kd_and_ce_only_runs_are_grouped_in_wandb_and_a_diverged_run_exits_1(tmp
     monkeypatch.setattr(distributed_mod, "distill_loss", nan_loss)
     d["train"].update(pretrain_ce_only=True, output_dir=str(tmp_path / "run_ce_only"))
     with pytest.raises(TrainingDivergedError):
-        train(config_from_dict(d), data_dir=data)
+        train(config_from_dict(d))
 
     kd_run, ce_run = fake_wandb
     assert kd_run.kw["job_type"] == "kd" and ce_run.kw["job_type"] == "ce_only"
@@ -143,7 +143,7 @@ def test_kd_and_ce_only_runs_are_grouped_in_wandb_and_a_diverged_run_exits_1(tmp
 
 
 def test_teacher_finetune_and_eval_are_logged_in_the_same_group(tmp_path, small_corpus, fake_wandb):
-    from distill_dag.distill.teacher_finetune import finetune_teacher
+    from distill_dag.teacher.finetune import finetune_teacher
 
     tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     cfg = config_from_dict({"teacher": {"model_name_or_path": None, "init_tiny": tiny}, "tokenize": {"max_seq_length": 64},
@@ -187,8 +187,8 @@ def test_progress_is_a_bar_in_a_terminal_and_lines_elsewhere(tmp_path, capsys, m
 def test_a_loop_whose_every_step_is_skipped_raises_and_checkpoints_nothing(tmp_path):
     """Issue 30 (7): 3 NaN steps, fewer than max_nan_streak (5): the streak never fires, the end check does;
     the checkpoint due at step 2 is not written (it would be the untrained weights)."""
-    from distill_dag.distill.loop import Checkpointer, CheckpointContents
-    from distill_dag.distill.stability import TrainingFailedError
+    from distill_dag.training.loop import Checkpointer, CheckpointContents
+    from distill_dag.training.stability import TrainingFailedError
 
     model, opt, sched = _toy()
     x = torch.ones(2, 3)
@@ -213,7 +213,7 @@ def test_a_loop_whose_every_step_is_skipped_raises_and_checkpoints_nothing(tmp_p
 
 
 def test_a_loop_that_trained_zero_tokens_raises(tmp_path):
-    from distill_dag.distill.stability import TrainingFailedError
+    from distill_dag.training.stability import TrainingFailedError
 
     model, opt, sched = _toy()
     tel = Telemetry(tmp_path, WandbConfig(mode="disabled"), {}, total_steps=2, progress=False, echo=lambda m: None)

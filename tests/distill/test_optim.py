@@ -11,7 +11,7 @@ from support import tiny_llama
 from torch import nn
 
 from distill_dag.config import TrainConfig
-from distill_dag.distill.optim import build_optimizers, build_schedulers, make_lr_lambda, split_parameters
+from distill_dag.training.optim import build_optimizers, build_schedulers, make_lr_lambda, split_parameters
 
 BLOCK_MATRIX = re.compile(r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight")
 
@@ -196,7 +196,7 @@ def _muon_reference(w0, grads, *, lr, wd, mom, nesterov, steps=5, coeffs=(3.4445
 @pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16)])
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_fp32_muon_is_the_muon_update_of_its_definition(shape, nesterov):
-    from distill_dag.distill.optim import Muon
+    from distill_dag.training.optim import Muon
 
     g = torch.Generator().manual_seed(1)
     w0 = torch.randn(*shape, generator=g)
@@ -211,7 +211,7 @@ def test_fp32_muon_is_the_muon_update_of_its_definition(shape, nesterov):
 
 
 def test_bf16_muon_is_torchs_step_bit_for_bit_and_fp32_stays_within_bf16_rounding_of_it():
-    from distill_dag.distill.optim import Muon
+    from distill_dag.training.optim import Muon
 
     g = torch.Generator().manual_seed(2)
     w0 = torch.randn(32, 12, generator=g)
@@ -233,9 +233,9 @@ def test_bf16_muon_is_torchs_step_bit_for_bit_and_fp32_stays_within_bf16_roundin
 def test_muon_ns_dtype_auto_is_bf16_only_where_the_hardware_has_it_and_config_refuses_other_values(monkeypatch):
     from pydantic import ValidationError
 
-    from distill_dag.distill.optim import ns_dtype_for
+    from distill_dag.training.optim import ns_dtype_for
 
-    from distill_dag.distill import optim
+    from distill_dag.training import optim
 
     amd = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
     spr = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"

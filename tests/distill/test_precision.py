@@ -33,15 +33,15 @@ def test_auto_is_on_for_cuda_and_native_bf16_cpus_only_and_config_refuses_other_
         config_from_dict({"train": {"autocast": "float16"}})
 
 
-def _student_cfg(tmp_path, teacher_dir, precision, **kw):
+def _student_cfg(tmp_path, corpus, teacher_dir, precision, **kw):
     base = dict(max_steps=4, eval_interval=0, save_interval=0, autocast=precision)
-    return config_from_dict(cfg_dict(tmp_path, None, teacher_dir, **{**base, **kw}))
+    return config_from_dict(cfg_dict(tmp_path, corpus, teacher_dir, **{**base, **kw}))
 
 
 def test_student_training_runs_under_autocast_and_follows_the_float32_run(tmp_path, small_corpus, tiny_teacher_dir,
                                                                          monkeypatch):
-    from distill_dag.distill import distributed as distributed_mod
-    from distill_dag.distill.trainer import evaluate_loss, train
+    from distill_dag.training import distributed as distributed_mod
+    from distill_dag.student.trainer import evaluate_loss, train
 
     seen = []
     real = distributed_mod.distill_loss
@@ -55,7 +55,7 @@ def test_student_training_runs_under_autocast_and_follows_the_float32_run(tmp_pa
     runs = {}
     for precision in ("off", "bfloat16"):
         seen.clear()
-        runs[precision] = train(_student_cfg(tmp_path / precision, tiny_teacher_dir, precision), data_dir=data)
+        runs[precision] = train(_student_cfg(tmp_path / precision, small_corpus, tiny_teacher_dir, precision))
         train_calls = [on for on, grad in seen if grad]
         assert train_calls and all(on == (precision == "bfloat16") for on in train_calls), (precision, seen)
     # the same data, init and schedule: the bf16 run's losses track the fp32 run's (bf16 keeps ~3 digits)
@@ -75,7 +75,7 @@ def test_student_training_runs_under_autocast_and_follows_the_float32_run(tmp_pa
 
 
 def test_teacher_finetune_trains_under_autocast_and_evaluates_in_float32(tmp_path, small_corpus, monkeypatch):
-    from distill_dag.distill import teacher_finetune as tf
+    from distill_dag.teacher import finetune as tf
 
     tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     seen = []

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from distill_dag.config import TrainConfig
-from distill_dag.distill.optim import build_optimizers, build_schedulers, make_lr_lambda
-from distill_dag.distill.stability import NanGuard, SaddleDetector, TrainingDivergedError
+from distill_dag.training.optim import build_optimizers, build_schedulers, make_lr_lambda
+from distill_dag.training.stability import NanGuard, SaddleDetector, TrainingDivergedError
 
 W = 50
 
