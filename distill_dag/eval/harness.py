@@ -9,7 +9,8 @@ harness of our own) on every saved model and builds that table.
   to text, its true next span and 3 spans of other held-out rows; metrics ``acc``, ``acc_norm``) and
   ``distill_passkey`` (the needle-in-a-haystack pass-key prompt of :mod:`distill_dag.eval.niah` at
   the training length, as a ``generate_until`` task scored by exact match of the key).
-- :func:`run_lm_eval` runs ``lm_eval.simple_evaluate`` for each model folder: ``trust_remote_code``
+- :func:`run_lm_eval` runs ``lm_eval.simple_evaluate`` for each model folder, in a child Python
+  (:mod:`distill_dag.eval.lm_eval_child`, which never imports distill_dag): ``trust_remote_code``
   (our RetNet students load from the code shipped in their folder, not from distill_dag), fp32, and
   a LoRA teacher as ``pretrained=BASE`` + ``peft=ADAPTER``. It returns per task the teacher's
   score, each student's and the student/teacher share, plus a mean-share row.
@@ -24,7 +25,6 @@ harness of our own) on every saved model and builds that table.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -35,9 +35,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
-CONTINUATION_TASK = "distill_heldout_continuation"
-PASSKEY_TASK = "distill_passkey"
-LOCAL_TASKS = (CONTINUATION_TASK, PASSKEY_TASK)
+from distill_dag.data.dataset import PackedDataset
+from distill_dag.device import pick_device
+from distill_dag.eval import lm_eval_child
+from distill_dag.eval.lm_eval_child import CONTINUATION_TASK, LOCAL_TASKS, PASSKEY_TASK, LmEvalTaskError
+from distill_dag.eval.niah import build_cases, haystack_for, is_retrieval_doc
+from distill_dag.io import write_bytes_atomic, write_json_atomic
+from distill_dag.safe_read import MAX_JSON_BYTES, read_text_bounded
+from distill_dag.teacher.model import FINAL_ADAPTER, FINAL_MODEL
+from distill_dag.training.checkpoint import resolve_checkpoint
+
 STANDARD_SUITE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "lambada_openai", "mmlu")
 # the metric each task is ranked by, as the distillation papers report them (acc_norm where the
 # choices differ in length); any other task: the first metric of its own metric_list
@@ -47,18 +54,12 @@ MAIN_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc
 N_CHOICES = 4
 
 
-class LmEvalTaskError(RuntimeError):
-    """An ``eval.lm_eval_tasks`` entry that cannot run (unknown, or its data cannot be loaded)."""
-
-
 # ---- local tasks built from the held-out split -------------------------------------------------------
 def _segments(data_dir: str | Path, split: str, eos_id: int | None,
               max_rows: int | None = None) -> Iterator[tuple[int, int, list[int]]]:
     """``(row, first column, token ids)`` of every contiguous piece of one document inside one row of
     ``split`` (pieces end at a document start, at padding and at the row's end; EOS dropped); the first
     ``max_rows`` rows only, when given."""
-    from distill_dag.data.dataset import PackedDataset
-
     ds = PackedDataset(data_dir, split)
     for i in range(min(len(ds), max_rows or len(ds))):
         item = ds[i]
@@ -77,8 +78,6 @@ def _segments(data_dir: str | Path, split: str, eos_id: int | None,
 
 def _write_task(folder: Path, name: str, rows: list[dict[str, Any]], spec: dict[str, Any]) -> Path:
     import yaml
-
-    from distill_dag.io import write_bytes_atomic
 
     data = folder / f"{name}.jsonl"
     write_bytes_atomic(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
@@ -109,8 +108,6 @@ def continuation_examples(
     One window per document piece (pieces shuffled by ``seed``); the 3 distractors are spans of other
     rows. Synthetic retrieval documents are left out: a pass key is no continuation a model can know.
     """
-    from distill_dag.eval.niah import is_retrieval_doc
-
     need = context_tokens + continuation_tokens
     # a real held-out split has far more rows than a few hundred examples need: read a bounded prefix
     pieces = list(_segments(data_dir, split, tokenizer.eos_token_id, max_rows=max(16 * n, 1024)))
@@ -148,23 +145,12 @@ def continuation_examples(
     return out
 
 
-def passkey_examples(
-    tokenizer: Any,
-    data_dir: str | Path,
-    *,
-    split: str = "val",
-    context_length: int = 256,
-    n: int = 20,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
+def passkey_examples(tokenizer: Any, data_dir: str | Path, *, split: str = "val", context_length: int = 256, n: int = 20,
+                     seed: int = 0) -> list[dict[str, Any]]:
     """Rows of the pass-key task: ``context`` (a NIAH prompt of ``context_length`` tokens, as text, ending
     with the question), ``key`` (the answer), ``depth``: :func:`distill_dag.eval.niah.build_cases` with the
     same haystack as the report's NIAH section (the split decoded; stdlib docstrings when it is short)."""
-    from distill_dag.eval.niah import build_cases, haystack_from_split, stdlib_haystack
-
-    hay = haystack_from_split(tokenizer, data_dir, split, max_tokens=max(4 * context_length, 20_000))
-    if len(tokenizer(hay, add_special_tokens=False)["input_ids"]) < 2 * context_length:
-        hay = stdlib_haystack()
+    hay, _ = haystack_for(tokenizer, data_dir, split, context_length)
     depths = [(i + 0.5) / n for i in range(n)]
     cases = build_cases(tokenizer, hay, [context_length], depths, 1, seed=seed)
     return [{"context": tokenizer.decode(c.input_ids), "key": c.key, "depth": c.depth} for c in cases]
@@ -282,51 +268,25 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def check_tasks(names: Sequence[str], task_manager: Any, *, offline: bool) -> None:
-    """Load each task's data once, before any model runs; one :class:`LmEvalTaskError` names every task that
-    is unknown or whose data cannot be loaded, and says how to point it at local files."""
-    unknown, failed = [], []
-    known = set(task_manager.all_tasks)
-    for name in names:
-        if name in LOCAL_TASKS and name in known:
-            continue  # written from the split just now: local JSON, nothing to fetch
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=3)
-            unknown.append(f"eval.lm_eval_tasks: '{name}' is not an lm-eval task, a task YAML path or one of "
-                           f"{list(LOCAL_TASKS)}" + (f" (did you mean {', '.join(close)}?)" if close else
-                                                     " (`lm-eval ls tasks` lists lm-eval's)"))
-            continue
-        try:
-            task_manager.load([name])
-        except Exception as err:  # datasets/hub raise ConnectionError, FileNotFoundError, OfflineModeIsEnabled...
-            failed.append((name, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
-    msgs = list(unknown)
-    for name, why in failed:
-        where = "the Hugging Face Hub is not reachable (offline mode)" if offline else "its data did not load"
-        msgs.append(
-            f"eval.lm_eval_tasks: task '{name}' cannot load its data: {where} ({why}). Point it at local files: "
-            f"copy lm-eval's {name} YAML, set `dataset_path: json` and `dataset_kwargs: {{data_files: {{test: "
-            f"/path/to/{name}.jsonl}}}}` (rows with the fields its doc_to_text/doc_to_target read), and list that "
-            f"YAML's path in eval.lm_eval_tasks instead of '{name}'; or run where the Hub is reachable once (the "
-            "data is then cached under HF_HOME)")
-    if msgs:
-        raise LmEvalTaskError("\n".join(msgs))
-
 
 # ---- running lm-eval ------------------------------------------------------------------------------------
+def finetuned_folder(folder: str | Path) -> Path:
+    """The model inside a teacher_ft output folder (its ``final_adapter/``, else its ``final_model/``); any other
+    folder as it is."""
+    p = Path(folder)
+    for sub in (FINAL_ADAPTER, FINAL_MODEL):
+        if (p / sub).is_dir():
+            return p / sub
+    return p
+
+
 def hflm_args(model: str | Path | Mapping[str, Any], base: str | None = None) -> dict[str, Any]:
     """lm-eval ``hf`` model arguments for a model folder: a full model (``pretrained=DIR``), a LoRA adapter
     (``pretrained=BASE, peft=DIR``: BASE is ``base`` or the adapter's ``base_model_name_or_path``), or a
     teacher_ft output folder (its ``final_model/`` or ``final_adapter/``). A mapping passes through."""
-    from distill_dag.safe_read import MAX_JSON_BYTES, read_text_bounded
-
     if isinstance(model, Mapping):
         return dict(model)
-    p = Path(model)
-    for sub in ("final_adapter", "final_model"):
-        if (p / sub).is_dir():
-            p = p / sub
-            break
+    p = finetuned_folder(model)
     if (p / "adapter_config.json").exists():
         b = base or json.loads(read_text_bounded(p / "adapter_config.json", MAX_JSON_BYTES, "adapter_config.json")).get("base_model_name_or_path")
         if not b:
@@ -466,8 +426,6 @@ def run_lm_eval(
 
     import torch
 
-    from distill_dag.device import pick_device
-
     if not models:
         raise ValueError("run_lm_eval: no models")
     teacher = teacher or list(models)[-1]
@@ -499,8 +457,8 @@ def run_lm_eval(
     log(f"lm-eval: {tasks} (limit {limit}) on {list(specs)}" + (", offline" if offline else "") +
         f"; log {work / 'lm_eval.log'}")
     with open(work / "lm_eval.log", "wb") as out:
-        proc = subprocess.run([sys.executable, "-I", str(Path(__file__).resolve()), str(work / "lm_eval_job.json")],
-                              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(work), timeout=timeout_s)
+        child = [sys.executable, "-I", str(Path(lm_eval_child.__file__).resolve()), str(work / "lm_eval_job.json")]
+        proc = subprocess.run(child, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(work), timeout=timeout_s)
     raw = json.loads(Path(job["out"]).read_text()) if Path(job["out"]).exists() else {}
     if raw.get("task_error"):
         raise LmEvalTaskError(raw["task_error"])
@@ -525,15 +483,9 @@ def run_lm_eval(
 def loads_without_distill_dag(folder: str | Path) -> bool:
     """Whether transformers alone can load the model saved in ``folder``: its ``config.json`` has an ``auto_map``
     (code shipped beside the weights) or a ``model_type`` transformers knows (Llama, ...)."""
-    from distill_dag.safe_read import MAX_JSON_BYTES, read_text_bounded
-
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    p = Path(folder)
-    for sub in ("final_adapter", "final_model"):
-        if (p / sub).is_dir():
-            p = p / sub
-            break
+    p = finetuned_folder(folder)
     if (p / "adapter_config.json").exists():
         return True  # a LoRA adapter: its base model is a hub / local transformers model
     try:
@@ -573,8 +525,6 @@ def lm_eval_section(
     evaluated without more wiring. Fills ``result`` (``lm_eval_rows``, ``lm_eval_mean_share`` {student: share},
     ``lm_eval_table``, ``lm_eval_seconds``, ``lm_eval_model_class``, ``lm_eval_tasks``; ``lm_eval_skipped``
     says why when it did not run), writes ``lm_eval.json`` and returns the markdown lines."""
-    from distill_dag.io import write_json_atomic
-
     ec = cfg.eval
     if not ec.lm_eval_tasks:
         result["lm_eval_skipped"] = "eval.lm_eval_tasks is empty"
@@ -583,8 +533,6 @@ def lm_eval_section(
         result["lm_eval_skipped"] = "no teacher to take the share of"
         log("lm-eval: skipped (no teacher)")
         return []
-    from distill_dag.training.checkpoint import resolve_checkpoint
-
     folders: dict[str, Any] = {}
     unloadable: list[str] = []
     for name, module in compared.items():
@@ -642,56 +590,3 @@ def _version() -> str:
         return version("lm_eval")
     except PackageNotFoundError:
         return "?"
-
-
-def _child(job_path: str) -> int:
-    """The child of :func:`run_lm_eval` (``python -I harness.py JOB``): load each model, evaluate, dump JSON."""
-    job = json.loads(Path(job_path).read_text())
-    out = Path(job["out"])
-    import torch
-
-    torch.set_num_threads(job["threads"])
-    import lm_eval
-    from lm_eval.api.registry import get_model
-    from lm_eval.tasks import TaskManager
-
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
-    # indexing lm-eval's own few thousand task YAMLs takes seconds: skipped when the included folders hold them all
-    tm = TaskManager(include_path=job["include"] or None, include_defaults=False) if job["include"] else None
-    if tm is None or not set(job["tasks"]) <= set(tm.all_tasks):
-        tm = TaskManager(include_path=job["include"] or None)
-    try:
-        check_tasks(job["tasks"], tm, offline=job["offline"])
-    except LmEvalTaskError as err:
-        out.write_text(json.dumps({"task_error": str(err)}))
-        return 3
-    done: dict[str, Any] = {}
-    for name, args in job["models"].items():
-        t0 = time.perf_counter()
-        lm = get_model("hf")(**args)
-        res = lm_eval.simple_evaluate(model=lm, tasks=job["tasks"], limit=job["limit"], task_manager=tm,
-                                      log_samples=False, bootstrap_iters=1000, random_seed=job["seed"],
-                                      numpy_random_seed=job["seed"], torch_random_seed=job["seed"],
-                                      fewshot_random_seed=job["seed"])
-        model = lm.model
-        if "peft" in args:  # PeftModel -> LoraModel -> the transformers model
-            model = model.base_model.model
-        keep = {k: res.get(k) for k in ("results", "groups", "higher_is_better", "n-samples")}
-        keep["configs"] = {t: {"metric_list": c.get("metric_list")} for t, c in (res.get("configs") or {}).items()}
-        done[name] = {"results": keep, "seconds": time.perf_counter() - t0,
-                      "model_class": f"{type(model).__module__}.{type(model).__qualname__}"}
-        print(f"{name}: {done[name]['seconds']:.1f} s, {done[name]['model_class']}", flush=True)
-        del lm, res, model
-    out.write_text(json.dumps({"models": done}, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    # run as a file, this folder would be first on sys.path, and its modules (report, plots, ...) would
-    # shadow any top-level module of the same name that lm-eval imports
-    sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    raise SystemExit(_child(sys.argv[1]))

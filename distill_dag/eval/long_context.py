@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from distill_dag.eval.plots import STYLES, figsize, plot_lines, pyplot, save_png
+from distill_dag.loss.perplexity import _accepts, split_loader
 
 MULTIPLES = (1, 2, 4, 8)
 
@@ -37,8 +38,6 @@ def token_stream(data_dir: str | Path, split: str, max_tokens: int, exclude: Any
     """Up to ``max_tokens`` token ids of a tokenized split in order (padding dropped, EOS kept).
 
     ``exclude(doc_ids) -> bool`` drops a document (e.g. the synthetic retrieval documents)."""
-    from distill_dag.loss.perplexity import split_loader
-
     out: list[int] = []
     doc: list[int] = []
     for batch in split_loader(data_dir, split, batch_size=64):
@@ -184,8 +183,6 @@ def generation_cost(
 
     Prefill of L tokens of ``tokens`` (one sequence), then ``new_tokens`` greedy steps of one token
     each through the returned cache; ms/token is the median step after two warm-up steps."""
-    from distill_dag.loss.perplexity import _accepts
-
     mod = _module(model)
     was = mod.training
     mod.eval()

@@ -21,6 +21,7 @@ import torch
 
 from distill_dag.data.retrieval_docs import NEEDLE, QUESTION  # the demo corpus' wording: one definition
 from distill_dag.eval.plots import figsize, pyplot, save_png, text_color
+from distill_dag.loss.perplexity import split_loader
 
 
 
@@ -51,8 +52,6 @@ def haystack_from_split(tokenizer: Any, data_dir: str | Path, split: str = "val"
     that keeps documents apart would otherwise forget the needle at the first EOS. Synthetic
     retrieval documents (:func:`is_retrieval_doc`) are left out: their pass keys would be rival needles.
     """
-    from distill_dag.loss.perplexity import split_loader
-
     eos = tokenizer.eos_token_id
     docs: list[str] = []
     cur: list[int] = []
@@ -73,6 +72,16 @@ def haystack_from_split(tokenizer: Any, data_dir: str | Path, split: str = "val"
     if cur:
         docs.append(tokenizer.decode(cur, skip_special_tokens=True))
     return "\n\n".join(d.strip("\n") for d in docs if d.strip() and not is_retrieval_doc(d))
+
+
+def haystack_for(tokenizer: Any, data_dir: str | Path, split: str, context_length: int) -> tuple[str, str]:
+    """``(text, where it came from)``: the haystack of the report's NIAH section and of the pass-key task for
+    contexts up to ``context_length`` tokens: the split decoded (:func:`haystack_from_split`, at least 20k
+    tokens of it), or the standard library's docstrings when that gives fewer than 2x ``context_length``."""
+    text = haystack_from_split(tokenizer, data_dir, split, max_tokens=max(4 * context_length, 20_000))
+    if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 2 * context_length:
+        return stdlib_haystack(), "standard-library docstrings (the split is too short)"
+    return text, f"the '{split}' split, decoded (synthetic retrieval documents left out)"
 
 
 def stdlib_haystack(max_chars: int = 400_000) -> str:
@@ -104,15 +113,8 @@ def _line_starts(tokenizer: Any, ids: Sequence[int]) -> list[int]:
     return [i for i in range(1, len(ids)) if ids[i - 1] in ends_line]
 
 
-def build_cases(
-    tokenizer: Any,
-    haystack: str | Sequence[int],
-    context_lengths: Iterable[int],
-    depths: Iterable[float],
-    trials: int,
-    *,
-    seed: int = 0,
-) -> list[NiahCase]:
+def build_cases(tokenizer: Any, haystack: str | Sequence[int], context_lengths: Iterable[int], depths: Iterable[float],
+                trials: int, *, seed: int = 0) -> list[NiahCase]:
     """One case per (context length, depth, trial): a different haystack window and key for each trial.
 
     ``haystack`` is text or already-encoded token ids; it is cycled when shorter than a window.

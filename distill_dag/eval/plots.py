@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
+from distill_dag.io import atomic_path
+
 Series = dict[str, list[tuple[float, float]]]
 
 
@@ -25,8 +27,6 @@ def pyplot() -> Any:
 
 def save_png(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` to ``path`` atomically as PNG and close it."""
-    from distill_dag.io import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

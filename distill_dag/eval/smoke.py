@@ -6,14 +6,14 @@ import math
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
+
+import distill_dag  # noqa: F401  (registers the RetNet with transformers' Auto classes)
 
 
 def loads_and_generates(final_dir: str | Path, prompt_ids: list[int], max_new_tokens: int = 8) -> tuple[bool, str]:
     """Load ``final_dir`` with ``AutoModelForCausalLM`` (the package's Auto registration), score the
     prompt, and greedily generate ``max_new_tokens``; passes when logits are finite and tokens came out."""
-    import distill_dag  # noqa: F401  (registers the RetNet with transformers' Auto classes)
-    from transformers import AutoModelForCausalLM
-
     try:
         model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
     except Exception as err:  # the check reports any failure to load, whatever raised it

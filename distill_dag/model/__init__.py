@@ -1,5 +1,5 @@
 """RetNet student: the model (``retnet``), named sizes (``variants``), teacher conversion (``convert``) and the
-Hugging Face Hub folder (``hub``: shipped modeling code, ``auto_map``, model card).
+Hugging Face Hub folder (``hub``; its ``shipped_code`` (modeling code) and ``model_card``).
 
 ``register_auto_classes`` is called on ``import distill_dag``: it registers the student with transformers'
 AutoConfig / AutoModelForCausalLM, so ``from_pretrained`` needs no ``trust_remote_code`` inside the package.

@@ -292,7 +292,7 @@ def _reference_pack(docs: list[tuple[list[int], int, str]], width: int, eos: int
 
 @pytest.mark.parametrize("seed", range(6))
 def test_packer_matches_a_token_by_token_reference(seed):
-    from distill_dag.data.pack import Packer
+    from distill_dag.data.packer import Packer
 
     rng = np.random.default_rng(seed)
     width = int(rng.choice([1, 3, 7, 16]))
@@ -324,12 +324,12 @@ def test_packer_matches_a_token_by_token_reference(seed):
 
 def test_shard_bytes_do_not_depend_on_batching_or_threads(tmp_path, stdlib_raw, bpe_tokenizer, monkeypatch):
     """Encoding runs ahead in threads and shards are written by another: the bytes must not depend on it."""
-    from distill_dag.data import pack
+    from distill_dag.data import encode, pack
 
     d, _ = bpe_tokenizer
     runs = []
     for i, (batch_docs, batch_bytes, inflight) in enumerate([(1024, 4 << 20, 2), (3, 1 << 14, 1), (7, 1 << 12, 3)]):
-        monkeypatch.setattr(pack, "_BATCH_BYTES", batch_bytes)
+        monkeypatch.setattr(encode, "_BATCH_BYTES", batch_bytes)
         monkeypatch.setattr(pack, "_ENCODE_INFLIGHT", inflight)
         out = tmp_path / f"out{i}"
         tokenize_to_parquet(stdlib_raw, out, d, 96, rows_per_shard=30, batch_docs=batch_docs, val_fraction=0.2)
@@ -342,11 +342,11 @@ def test_shard_bytes_do_not_depend_on_batching_or_threads(tmp_path, stdlib_raw, 
 @pytest.mark.parametrize("worker", [None, (0, 1)])
 def test_an_input_rewritten_mid_read_is_detected_and_nothing_is_published(tmp_path, word_tokenizer, monkeypatch,
                                                                           how, worker):
-    from distill_dag.data import pack
-    from distill_dag.data.pack import InputChangedError
+    from distill_dag.data import encode
+    from distill_dag.data.token_cache import InputChangedError
 
     f = write_jsonl(tmp_path / "in/x.jsonl", [{"text": "a b c"}] * 3000)  # well past the read buffer
-    real = pack.iter_jsonl
+    real = encode.iter_jsonl
 
     def iter_then_rewrite(path, *a, **k):
         for i, item in enumerate(real(path, *a, **k)):
@@ -359,13 +359,13 @@ def test_an_input_rewritten_mid_read_is_detected_and_nothing_is_published(tmp_pa
                         w.write(b'"d e e"}\n')
             yield item
 
-    monkeypatch.setattr(pack, "iter_jsonl", iter_then_rewrite)
+    monkeypatch.setattr(encode, "iter_jsonl", iter_then_rewrite)
     out = tmp_path / "out"
     with pytest.raises(InputChangedError, match=rf"{f} changed while this run read it .*Nothing was published"):
         tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.0, worker=worker)
     assert not (out / "manifest.json").exists() and not shard_files(out) and not list(out.glob("gen-*"))
     assert not list((out / ".cache").glob("*.json"))  # no cache claims the content of a file in flux
-    monkeypatch.setattr(pack, "iter_jsonl", real)
+    monkeypatch.setattr(encode, "iter_jsonl", real)
     r = tokenize_to_parquet(tmp_path / "in", out, word_tokenizer, 4, val_fraction=0.0)  # the file as it is now
     assert r["inputs"]["x.jsonl"]["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from distill_dag.eval.perplexity import perplexity, perplexity_table
+from distill_dag.loss.perplexity import perplexity, perplexity_table
 from support import pack, tiny_llama
 
 

@@ -50,7 +50,7 @@ def run(tmp_path_factory, small_corpus):
 
 def test_report_has_every_model_niah_samples_and_plots(tmp_path, run):
     from distill_dag.data.dataset import make_loader
-    from distill_dag.eval.perplexity import perplexity
+    from distill_dag.loss.perplexity import perplexity
 
     cfg = config_from_dict(_cfg_dict(run))
     r = evaluate_checkpoint(run / "run" / "final", cfg, run / "tokenized", tmp_path / "eval",

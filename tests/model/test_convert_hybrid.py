@@ -6,7 +6,7 @@ import pytest
 import torch
 from support import tiny_llama
 
-from distill_dag.distill.layer_choice import attention_layer_gains, choose_attention_layers, kl_to_teacher
+from distill_dag.student.layer_choice import attention_layer_gains, choose_attention_layers, kl_to_teacher
 from distill_dag.model.convert import convert_teacher, hybridize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

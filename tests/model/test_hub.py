@@ -18,9 +18,9 @@ import torch
 from support import stdlib_tokenizer
 
 import distill_dag  # noqa: F401  (registers the Auto classes)
-from distill_dag.distill.checkpoint import write_final
+from distill_dag.training.checkpoint import write_final
 from distill_dag.io import FILE_MODE, sha256_file
-from distill_dag.model import hub
+from distill_dag.model import model_card, shipped_code
 from distill_dag.model.retnet import RetNetForCausalLM
 from distill_dag.model.variants import student_config
 
@@ -208,7 +208,7 @@ def test_config_generation_config_and_tokenizer(final, tok_dir):
     cfg = json.loads((folder / "config.json").read_text())
     assert (cfg["eos_token_id"], cfg["pad_token_id"], cfg["bos_token_id"]) == (tok.eos_token_id, tok.pad_token_id, None)
     assert cfg["eos_token_id"] is not None and cfg["pad_token_id"] is not None
-    assert cfg["auto_map"] == hub.AUTO_MAP
+    assert cfg["auto_map"] == shipped_code.AUTO_MAP
     for ref in cfg["auto_map"].values():
         module, cls = ref.split(".")
         assert f"class {cls}(" in (folder / f"{module}.py").read_text()
@@ -258,11 +258,11 @@ def test_model_card_front_matter_and_facts(final):
 def test_card_sections_filled_in_later(final, tmp_path):
     folder = tmp_path / "final"
     shutil.copytree(final["dir"], folder)
-    hub.update_model_card(folder, training={"tokens": 8192, "steps": 8,
+    model_card.update_model_card(folder, training={"tokens": 8192, "steps": 8,
                                             "losses": {"held-out loss (nats/token)": 3.25}})
     rows = [{"model": "student", "nats_per_token": 3.2, "bits_per_token": 4.6, "ppl": 24.5, "tokens": 900},
             {"model": "CE-only baseline", "nats_per_token": 3.5, "bits_per_token": 5.0, "ppl": 33.1, "tokens": 900}]
-    assert hub.add_eval_to_model_card(folder, {"split": "val", "perplexity_rows": rows, "niah_accuracy": 0.5,
+    assert model_card.add_eval_to_model_card(folder, {"split": "val", "perplexity_rows": rows, "niah_accuracy": 0.5,
                                                "niah_table": "| depth | 256 |\n|---|---|\n| 0.1 | 0.50 |"}) is not None
     card = (folder / "README.md").read_text()
     assert "| held-out loss (nats/token) | 3.2500 |" in card and "| training tokens | 8,192 |" in card
@@ -272,7 +272,7 @@ def test_card_sections_filled_in_later(final, tmp_path):
     assert "Not evaluated yet" not in card and "Not recorded yet" not in card
     assert "ab" * 32 in card  # earlier facts kept
     # a folder without a card (a step checkpoint) is left alone
-    assert hub.add_eval_to_model_card(final["ckpt"], {"perplexity_rows": rows}) is None
+    assert model_card.add_eval_to_model_card(final["ckpt"], {"perplexity_rows": rows}) is None
     assert not (final["ckpt"] / "README.md").exists()
 
 
@@ -300,7 +300,7 @@ def test_shipped_code_imports_no_distill_dag_and_requires_only_torch_transformer
     from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
     folder = final["dir"]
-    names = {f"{n}.py" for n in hub.SHIPPED_MODULES.values()}
+    names = {f"{n}.py" for n in shipped_code.SHIPPED_MODULES.values()}
     assert names <= {p.name for p in folder.iterdir()}
     for name in names:
         tree = ast.parse((folder / name).read_text())
@@ -318,14 +318,14 @@ def test_shipped_code_imports_no_distill_dag_and_requires_only_torch_transformer
 
 
 def test_rewrite_refuses_what_it_cannot_ship_and_keeps_optional_imports_optional():
-    with pytest.raises(hub.ShippedCodeError, match=r"distill_dag\.io.*does not ship"):
-        hub._rewrite("from distill_dag.io import sha256_file\n", "m")
-    with pytest.raises(hub.ShippedCodeError, match="relative import"):
-        hub._rewrite("from .x import y\n", "m")
+    with pytest.raises(shipped_code.ShippedCodeError, match=r"distill_dag\.io.*does not ship"):
+        shipped_code._rewrite("from distill_dag.io import sha256_file\n", "m")
+    with pytest.raises(shipped_code.ShippedCodeError, match="relative import"):
+        shipped_code._rewrite("from .x import y\n", "m")
     src = ("import torch\n"
            "from distill_dag.kernels.retention.chunk import (\n    retention_chunkwise,\n)\n"
            "def f():\n    import triton_missing_pkg.language as tl\n    return tl\n")
-    out = hub._rewrite(src, "m")
+    out = shipped_code._rewrite(src, "m")
     assert "from .retention_chunk import (\n    retention_chunkwise,\n)" in out
     assert "    try:  # triton_missing_pkg" in out and "        import triton_missing_pkg.language as tl" in out
     ns: dict = {}
