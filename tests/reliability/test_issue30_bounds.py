@@ -49,7 +49,7 @@ def _within(seconds: float, fn, *args, **kw):
 # ---- 4: files read whole are regular and bounded -------------------------------------------------------
 def test_point4_config_from_dev_zero_a_fifo_or_a_base_fifo_is_refused_at_once_naming_the_file(tmp_path, capsys):
     from distill_dag.cli import main
-    from distill_dag.model.hub import _read_json
+    from distill_dag.model.model_card import read_folder_json as _read_json
     from distill_dag.safe_read import UnsafeFileError, read_bounded
 
     fifo = tmp_path / "c.yaml"
@@ -97,9 +97,9 @@ def test_point5_a_stalled_declared_huge_body_reserves_only_what_arrived_and_gets
     buffer, and the request gets 408 once body_timeout_s + 64 KiB / body_min_rate has passed."""
     from test_teachers_helpers import tiny_llama
 
-    from distill_dag.distill.teachers.direct import DirectTeacher
-    from distill_dag.distill.teachers.network import CONTENT_TYPE
-    from distill_dag.distill.teachers.server import create_app
+    from distill_dag.teacher.providers.direct import DirectTeacher
+    from distill_dag.teacher.providers.network import CONTENT_TYPE
+    from distill_dag.teacher.server import create_app
 
     timeout_s, rate, sent, declared = 0.5, float(1 << 20), 64 << 10, 8 * (1 << 25)
     app = create_app(DirectTeacher(tiny_llama(), 4), k_max=4, access_log_enabled=False, body_timeout_s=timeout_s,

@@ -122,7 +122,7 @@ def _kill_at(stage: str) -> None:
             real_replace(src, dst)
         io_mod.os.replace = replace
     elif stage == "after_publish":  # published, the previous generation not removed yet
-        pack_mod._remove_unlisted = _die
+        pack_mod.remove_unlisted = _die
 
 
 def _run_killed(stage: str, *args, **kw) -> None:
