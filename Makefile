@@ -24,7 +24,7 @@ $(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
 # Materialize the whole graph on the built-in demo config (CPU, minutes): the unpartitioned data and
 # teacher assets, one run per logit_cache partition (data shard), then the students and eval_report.
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/python -m distill_dag.demo
+	$(BIN)/python -m distill_dag.defs.demo
 
 # The test suite CI runs (.ci/run). Installs Debian's chromium for the browser test when apt is usable.
 test: install

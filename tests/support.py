@@ -2,7 +2,7 @@
 
 Built on the product's own functions wherever it has one: stdlib text from
 :mod:`distill_dag.data.sources` (the demo's corpus), the BPE from :mod:`distill_dag.data.tokenizer`,
-tiny Llamas from :func:`distill_dag.distill.teacher_model.build_tiny_teacher`, shard tables from
+tiny Llamas from :func:`distill_dag.teacher.model.build_tiny_teacher`, shard tables from
 :func:`distill_dag.data.shards.rows_to_table`. Hand-built rows (:func:`make_rows`, :func:`pack`) follow
 the tokenized_parquet contract (COMMON.md) independently of the product's packer: ``position_ids`` 0
 at every document start, unshifted labels, padding with attention_mask 0 / labels -100.
@@ -79,7 +79,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, embed_scale: float = 1.0, **confi
     ``embed_scale`` multiplies the (tied) embeddings: above 1 the next-token distribution is sharper
     than the 0.02-std init gives, so a top-k is far from uniform.
     """
-    from distill_dag.distill.teacher_model import build_tiny_teacher
+    from distill_dag.teacher.model import build_tiny_teacher
 
     model = build_tiny_teacher(vocab_size, {**TINY_LLAMA, **config}, seed=seed).eval()
     if embed_scale != 1.0:
@@ -180,7 +180,7 @@ def all_batches(tok_dir: Path, batch_rows: int = 4) -> list[dict[str, torch.Tens
 # ---- run configs --------------------------------------------------------------------------------
 def cfg_dict(tmp_path: Path, corpus: dict[str, Path] | None, teacher_dir: Path | None, **train_kw: Any) -> dict[str, Any]:
     """A train config (as a dict) of a one-layer tiny RetNet (hidden 32) distilled from ``teacher_dir`` on
-    the session corpus (``corpus`` None: pass ``data_dir`` to ``train`` instead); ``train_kw``
+    the session corpus (``corpus`` None: the default ``data.root``); ``train_kw``
     overrides train.*. Run outputs under ``tmp_path``."""
     t = dict(teacher_mode="direct", teacher_topk=16, temperature=2.0, distill_alpha=0.5, learning_rate=3e-3,
              warmup_steps=2, max_steps=8, batch_size=4, grad_accum=2, log_interval=1, eval_interval=0,

@@ -6,10 +6,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from distill_dag.assets import data
+from distill_dag.defs.assets import data
 from dagster_duckdb import DuckDBResource
 
-from distill_dag.resources import PipelineConfigResource
+from distill_dag.defs.resources import PipelineConfigResource
 
 
 @pytest.fixture()

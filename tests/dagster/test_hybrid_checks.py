@@ -1,6 +1,6 @@
 """eval_report's hybrid checks read the right numbers: NIAH at the training length and the gap share."""
 
-from distill_dag.assets.evaluation import _hybrid_checks
+from distill_dag.defs.assets.evaluation import _hybrid_checks
 
 
 def _result(hybrid_acc, nats):

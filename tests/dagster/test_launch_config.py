@@ -71,7 +71,7 @@ def test_a_value_outside_a_choice_is_refused_by_the_launchpad_naming_the_choices
 
 
 def test_every_choice_is_an_enum_and_350M_is_offered():
-    from distill_dag.assets.run_config import RUN_CONFIG
+    from distill_dag.defs.assets.run_config import RUN_CONFIG
 
     student = RUN_CONFIG.config_type.fields["student"].config_type.inner_type.fields
     variant = student["variant"].config_type.inner_type
@@ -97,7 +97,7 @@ def test_a_value_out_of_bounds_is_refused_at_launch_naming_the_key_and_creates_n
 
 
 def test_the_launchpad_describes_each_bound(ctx):
-    from distill_dag.assets.run_config import RUN_CONFIG
+    from distill_dag.defs.assets.run_config import RUN_CONFIG
 
     train = RUN_CONFIG.config_type.fields["train"].config_type.inner_type.fields
     assert "[> 0.0, <= 10.0]" in train["learning_rate"].description
@@ -106,7 +106,7 @@ def test_the_launchpad_describes_each_bound(ctx):
 
 
 def test_a_valid_value_passes_the_same_validation():
-    from distill_dag.assets.run_config import launch_errors
+    from distill_dag.defs.assets.run_config import launch_errors
 
     assert launch_errors({"train": {"learning_rate": 0.01}, "student": {"variant": "tiny"}}, "demo.yaml") == []
     errs = launch_errors({"train": {"learning_rate": float("nan")}}, "demo.yaml")

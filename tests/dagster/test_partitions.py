@@ -133,7 +133,7 @@ def test_two_partition_runs_at_once_equal_one_process_and_a_killed_one_reruns_al
 
     # one process, same teacher: byte-identical shards
     from distill_dag.config import load_config
-    from distill_dag.distill.cache.stage import build_logit_cache
+    from distill_dag.teacher.cache_stage import build_logit_cache
 
     cfg = load_config(site["cfg"], {"logit_cache": {"dir": str(site["root"] / "one_process")}})
     build_logit_cache(cfg, log=lambda _: None)
@@ -148,7 +148,7 @@ def test_cache_partitions_carry_data_versions_and_pass_their_checks(site):
         ev = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("logit_cache"),
                                                                asset_partitions=[k]), limit=1).records[0].event_log_entry
         mat = ev.asset_materialization
-        from distill_dag.distill.cache.layout import read_shard_header
+        from distill_dag.teacher.cache.layout import read_shard_header
 
         assert mat.tags["dagster/data_version"] == read_shard_header(site["root"] / "data" / "logit_cache", k)["data_version"]
     key = dg.AssetCheckKey(dg.AssetKey("logit_cache"), "cache_matches_data_shard")

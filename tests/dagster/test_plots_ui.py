@@ -69,7 +69,7 @@ def test_niah_and_long_context_figures_fit_the_ui(tmp_path):
 def test_metadata_floats_are_rounded_at_the_boundary():
     import dagster as dg
 
-    from distill_dag.assets.common import rounded
+    from distill_dag.defs.assets.common import rounded
 
     out = rounded({"kd": 4.265239399657832, "v": dg.MetadataValue.float(0.30000000000000004),
                    "j": dg.MetadataValue.json({"a": [1.0000001234]}), "n": 7, "s": "x"})

@@ -6,7 +6,7 @@ import dagster as dg
 import yaml
 
 from distill_dag.definitions import defs
-from distill_dag.jobs import new_raw_data_sensor
+from distill_dag.defs.jobs import new_raw_data_sensor
 
 
 def test_sensor_requests_a_run_for_new_or_changed_jsonl_only(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ def test_kl_panel_leaves_out_steps_and_runs_without_a_teacher():
 
 
 def test_lm_eval_table_is_one_row_per_task_and_model_with_the_share_beside_the_model():
-    from distill_dag.assets.evaluation import lm_eval_long
+    from distill_dag.defs.assets.evaluation import lm_eval_long
     from distill_dag.eval.harness import share_rows
 
     scores = {"teacher": {"a": {"metric": "acc", "value": 0.9, "higher_is_better": True},
@@ -43,7 +43,7 @@ def test_lm_eval_table_is_one_row_per_task_and_model_with_the_share_beside_the_m
 
 
 def test_table_floats_have_four_significant_digits():
-    from distill_dag.assets.common import table
+    from distill_dag.defs.assets.common import table
 
     t = table([{"model": "student", "ppl": 69.82061234, "tokens": 20392}, {"model": "teacher", "ppl": 2096.6812, "tokens": 1}])
     assert [r.data["ppl"] for r in t.value.records] == [pytest.approx(69.82, abs=0), pytest.approx(2097.0, abs=0)]
@@ -57,8 +57,8 @@ def test_a_lora_teacher_on_a_random_init_base_is_refused_before_training(tmp_pat
     import dagster as dg
     import yaml
 
-    from distill_dag.assets.teacher import teacher_adapters
-    from distill_dag.resources import PipelineConfigResource
+    from distill_dag.defs.assets.teacher import teacher_adapters
+    from distill_dag.defs.resources import PipelineConfigResource
 
     out = tmp_path / "teacher_ft"
     cfg = {"data": {"root": str(tmp_path / "data")},

@@ -1,4 +1,4 @@
-"""FROZEN copy of distill_dag/distill/cache/codec.py before its vectorised encoder (commit 2db86a4): the
+"""FROZEN copy of distill_dag/teacher/cache/codec.py before its vectorised encoder (commit 2db86a4): the
 reference the tests hold the fast encoder and decoder to, byte for byte. Do not edit.
 
 Original docstring: the logit cache's record codec: one fixed-size record per data row (O(1) random access).
@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from distill_dag.distill.teachers.base import TeacherError
+from distill_dag.loss.topk import TeacherError
 
 SCHEMA_VERSION = 3  # 3: the compact encoding (q8/fp16/fp32 records unchanged)
 TEMPERATURE_POLICY = "T=1 log-probs"

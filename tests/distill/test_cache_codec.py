@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_dag.distill.cache.codec import (CacheEncoding, LogitCacheError, decode_topk_bytes, default_slot_bits,
+from distill_dag.teacher.cache.codec import (CacheEncoding, LogitCacheError, decode_topk_bytes, default_slot_bits,
                                               ef_bits, encode_topk_bytes)
 
 
@@ -141,7 +141,7 @@ def test_encoder_and_decoder_match_the_frozen_reference_byte_for_byte(dtype):
 def test_pack_ids_matches_the_reference_at_every_width():
     import codec_v3_reference as ref
 
-    from distill_dag.distill.cache.codec import pack_ids, unpack_ids
+    from distill_dag.teacher.cache.codec import pack_ids, unpack_ids
 
     rng = np.random.default_rng(0)
     for bits in range(1, 26):
@@ -154,7 +154,7 @@ def test_pack_ids_matches_the_reference_at_every_width():
 
 
 def test_the_rate_control_tables_are_the_formula_element_for_element():
-    from distill_dag.distill.cache import codec
+    from distill_dag.teacher.cache import codec
 
     table, offs = codec._recon_table()
     for lv, q in enumerate(codec._Q_LEVELS):

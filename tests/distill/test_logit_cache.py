@@ -17,12 +17,12 @@ import torch
 from support import VOCAB, all_batches, write_data  # noqa: E402
 from test_teachers_helpers import reference_kl, reference_kl_bucket, tiny_llama  # noqa: E402
 
-from distill_dag.distill.cache import layout  # noqa: E402
-from distill_dag.distill.cache.codec import CacheEncoding, LogitCacheError, pack_ids, unpack_ids  # noqa: E402
-from distill_dag.distill.cache.stats import cache_stats  # noqa: E402
-from distill_dag.distill.cache.writer import write_cache_shard, write_logit_cache  # noqa: E402
-from distill_dag.distill.teachers.cached import CachedTeacher  # noqa: E402
-from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
+from distill_dag.teacher.cache import layout  # noqa: E402
+from distill_dag.teacher.cache.codec import CacheEncoding, LogitCacheError, pack_ids, unpack_ids  # noqa: E402
+from distill_dag.teacher.cache.stats import cache_stats  # noqa: E402
+from distill_dag.teacher.cache.writer import write_cache_shard, write_logit_cache  # noqa: E402
+from distill_dag.teacher.providers.cached import CachedTeacher  # noqa: E402
+from distill_dag.teacher.providers.direct import DirectTeacher  # noqa: E402
 from distill_dag.io import sha256_file  # noqa: E402
 
 K = 24
@@ -38,7 +38,7 @@ class RowByRow:
         self.calls += 1
         outs = [self.inner.topk({k: v[b : b + 1] for k, v in batch.items() if v.dim() == 2})
                 for b in range(batch["input_ids"].shape[0])]
-        from distill_dag.distill.teachers.base import TeacherTopK
+        from distill_dag.loss.topk import TeacherTopK
 
         return TeacherTopK(torch.cat([o.indices for o in outs]), torch.cat([o.logprobs for o in outs]))
 
@@ -126,7 +126,7 @@ def test_two_shards_written_apart_equal_one_run_byte_for_byte(tmp_path, data, te
 @pytest.mark.parametrize("overlap", [True, False])
 def test_encoding_in_a_thread_or_inline_writes_the_same_bytes_and_reports_every_batch(tmp_path, data, teacher,
                                                                                       monkeypatch, overlap):
-    from distill_dag.distill.cache import writer
+    from distill_dag.teacher.cache import writer
 
     batches = [len(b["row"]) for b in writer.iter_shard_batches(layout.read_data_manifest(data).shard("train-00000"), 3)]
     ref = write_cache_shard(RowByRow(teacher), data, "train-00000", tmp_path / "ref", k=K, batch_rows=3)
@@ -145,8 +145,8 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_teachers_helpers import tiny_llama
     from test_logit_cache import RowByRow, K
-    from distill_dag.distill.teachers.direct import DirectTeacher
-    from distill_dag.distill.cache.writer import write_cache_shard
+    from distill_dag.teacher.providers.direct import DirectTeacher
+    from distill_dag.teacher.cache.writer import write_cache_shard
 
     class Dies(RowByRow):
         def topk(self, batch):
@@ -255,8 +255,8 @@ def test_corrupt_shard_is_detected_and_named(tmp_path, data, teacher):
 def test_writers_stats_are_those_of_its_records_decoded(tmp_path, data, teacher, dtype):
     """The writer computes stats.parquet from the codes in hand, batch by batch: the same bytes as
     write_stats over the published records (which decodes them)."""
-    from distill_dag.distill.cache.codec import CacheEncoding
-    from distill_dag.distill.cache.stats import write_stats
+    from distill_dag.teacher.cache.codec import CacheEncoding
+    from distill_dag.teacher.cache.stats import write_stats
 
     write_logit_cache(teacher, data, tmp_path / "c", K, 3, dtype=dtype)  # 3: batches end mid-shard
     for key in ("train-00000", "val-00001"):
@@ -292,7 +292,7 @@ def test_the_cache_records_its_teachers_fingerprint_and_refuses_another_teacher(
     """Issue 30 (9): shard.json holds the fingerprint of the teacher folder that wrote it; a cache written
     before fingerprints gets it on reuse (records untouched) and, without one, is still compared by the
     teacher folder's full sha256; another teacher is refused naming both."""
-    from distill_dag.distill.teacher_model import teacher_fingerprint
+    from distill_dag.teacher.model import teacher_fingerprint
     from distill_dag.io import sha256_dir
 
     a, b = tmp_path / "teacher_a", tmp_path / "teacher_b"

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from distill_dag.data.dataset import make_loader
-from distill_dag.distill.cache.writer import write_logit_cache
-from distill_dag.distill.losses import distill_loss
-from distill_dag.distill.teacher_model import load_teacher
-from distill_dag.distill.teachers.cached import CachedTeacher
-from distill_dag.distill.teachers.direct import DirectTeacher
+from distill_dag.teacher.cache.writer import write_logit_cache
+from distill_dag.loss.kd import distill_loss
+from distill_dag.teacher.model import load_teacher
+from distill_dag.teacher.providers.cached import CachedTeacher
+from distill_dag.teacher.providers.direct import DirectTeacher
 from distill_dag.config import TeacherConfig
 from distill_dag.model.variants import student_config
 from distill_dag.model.retnet import RetNetForCausalLM

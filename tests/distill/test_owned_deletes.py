@@ -16,10 +16,10 @@ import torch
 from support import write_data  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 
-from distill_dag.distill.cache.codec import LogitCacheError  # noqa: E402
-from distill_dag.distill.cache.writer import write_cache_shard  # noqa: E402
-from distill_dag.distill.checkpoint import LATEST, load_trainer_state, save_checkpoint  # noqa: E402
-from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
+from distill_dag.teacher.cache.codec import LogitCacheError  # noqa: E402
+from distill_dag.teacher.cache.writer import write_cache_shard  # noqa: E402
+from distill_dag.training.checkpoint import LATEST, load_trainer_state, save_checkpoint  # noqa: E402
+from distill_dag.teacher.providers.direct import DirectTeacher  # noqa: E402
 from distill_dag.io import MARKER
 
 

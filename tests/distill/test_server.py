@@ -22,9 +22,9 @@ import yaml
 from support import all_batches, make_rows, write_data  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 
-from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
-from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
-from distill_dag.distill.teachers.network import CONTENT_TYPE, NetworkTeacher, decode_arrays, encode_arrays  # noqa: E402
+from distill_dag.loss.topk import TeacherError  # noqa: E402
+from distill_dag.teacher.providers.direct import DirectTeacher  # noqa: E402
+from distill_dag.teacher.providers.network import CONTENT_TYPE, NetworkTeacher, decode_arrays, encode_arrays  # noqa: E402
 
 K = 8
 TOKEN = "s3cret-test-token"

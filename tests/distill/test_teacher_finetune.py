@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill_dag.config import ConfigError, config_from_dict
-from distill_dag.distill.teacher_finetune import TrainingInterrupted, finetune_teacher
+from distill_dag.teacher.finetune import TrainingInterrupted, finetune_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,7 +86,7 @@ def test_lora_trains_only_adapters_and_lowers_val_ppl(tmp_path, small_corpus, ti
     assert changed and all(any(t in k for t in ("q_proj", "v_proj", "down_proj")) for k in changed)
     # the merged model scores like base + adapter (reported ppl) on the same val data
     from distill_dag.data.dataset import make_loader
-    from distill_dag.eval.perplexity import perplexity
+    from distill_dag.loss.perplexity import perplexity
 
     val = list(make_loader(small_corpus["tokenized"], "val", 8))[:4]
     merged_model = AutoModelForCausalLM.from_pretrained(m["merged_model"])
@@ -212,7 +212,7 @@ def test_copy_warmup_is_checked_against_the_mode_and_max_steps(tmp_path, small_c
 
 
 def test_pass_key_rows_longer_than_the_rows_are_refused_before_any_training(tmp_path, small_corpus, monkeypatch):
-    import distill_dag.distill.teacher_finetune as tf
+    import distill_dag.teacher.finetune as tf
 
     monkeypatch.setattr(tf, "pass_key_row_min_len", lambda encode: 65)  # the corpus packs 64-token rows
     with pytest.raises(ConfigError, match=r"pass_key_rows_per_batch needs rows of at least 65 tokens.*length 64"):
@@ -224,8 +224,8 @@ def test_pass_key_rows_longer_than_the_rows_are_refused_before_any_training(tmp_
 def test_an_update_leaving_the_teacher_non_finite_publishes_no_final_model(tmp_path, small_corpus, monkeypatch):
     """Issue 30 (7) in the teacher finetune, which shares the loop: the last update leaves a weight Inf while its
     loss and gradient were finite (the NaN guard sees nothing); no final_model/ is written."""
-    from distill_dag.distill import loop as loop_mod
-    from distill_dag.distill.stability import TrainingFailedError
+    from distill_dag.training import loop as loop_mod
+    from distill_dag.training.stability import TrainingFailedError
 
     real = loop_mod.clip_grad_norm
     calls = {"n": 0}

@@ -21,15 +21,15 @@ from test_teachers_helpers import tiny_llama  # noqa: E402
 from distill_dag.data.dataset import PackedDataset  # noqa: E402
 from distill_dag.data.manifest import Manifest  # noqa: E402
 from distill_dag.data.shards import CorruptShardError  # noqa: E402
-from distill_dag.distill import distributed as distributed_mod  # noqa: E402
-from distill_dag.distill import trainer as trainer_mod  # noqa: E402
-from distill_dag.distill.checkpoint import LATEST, CheckpointError, load_trainer_state  # noqa: E402
-from distill_dag.distill.cache import layout  # noqa: E402
-from distill_dag.distill.cache.codec import LogitCacheError  # noqa: E402
-from distill_dag.distill.cache.writer import write_logit_cache  # noqa: E402
-from distill_dag.distill.teachers.cached import CachedTeacher  # noqa: E402
-from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
-from distill_dag.distill.trainer import train  # noqa: E402
+from distill_dag.training import distributed as distributed_mod  # noqa: E402
+from distill_dag.student import trainer as trainer_mod  # noqa: E402
+from distill_dag.training.checkpoint import LATEST, CheckpointError, load_trainer_state  # noqa: E402
+from distill_dag.teacher.cache import layout  # noqa: E402
+from distill_dag.teacher.cache.codec import LogitCacheError  # noqa: E402
+from distill_dag.teacher.cache.writer import write_logit_cache  # noqa: E402
+from distill_dag.teacher.providers.cached import CachedTeacher  # noqa: E402
+from distill_dag.teacher.providers.direct import DirectTeacher  # noqa: E402
+from distill_dag.student.trainer import train  # noqa: E402
 from distill_dag.io import sha256_file  # noqa: E402
 
 PACKAGE = Path(trainer_mod.__file__).resolve().parents[1]
@@ -39,8 +39,7 @@ PACKAGE = Path(trainer_mod.__file__).resolve().parents[1]
 def trained_run(tmp_path_factory, small_corpus, tiny_teacher_dir) -> Path:
     """A finished 2-step run with its checkpoint (step-0000002) and checkpoint_latest."""
     tmp = tmp_path_factory.mktemp("ckpt")
-    res = train(make_cfg(tmp, small_corpus, tiny_teacher_dir, max_steps=2, save_interval=2),
-                data_dir=small_corpus["tokenized"])
+    res = train(make_cfg(tmp, small_corpus, tiny_teacher_dir, max_steps=2, save_interval=2))
     return res.run_dir
 
 
@@ -82,7 +81,7 @@ def test_resume_from_a_damaged_checkpoint_stops_before_the_first_step(tmp_path, 
     monkeypatch.setattr(distributed_mod, "distill_loss", lambda *a, **k: calls.append(1))
     cfg = make_cfg(tmp_path / "again", small_corpus, tiny_teacher_dir, max_steps=4, resume_from=str(run))
     with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt"):
-        train(cfg, data_dir=small_corpus["tokenized"])
+        train(cfg)
     assert not calls and not (tmp_path / "again" / "run" / "checkpoints").exists()
 
 
@@ -121,7 +120,7 @@ def _enospc(*_a, **_k):
 @pytest.mark.parametrize("where", ["trainer_state", "checkpoint_latest"])
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_says_so(
         tmp_path, small_corpus, tiny_teacher_dir, monkeypatch, where):
-    from distill_dag.distill import checkpoint as ckpt_mod
+    from distill_dag.training import checkpoint as ckpt_mod
 
     saves = {"n": 0}
     if where == "trainer_state":
@@ -140,7 +139,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_says_so
         monkeypatch.setattr(ckpt_mod, "write_bytes_atomic", write)
     cfg = make_cfg(tmp_path, small_corpus, tiny_teacher_dir, max_steps=6, save_interval=2)
     with pytest.raises(CheckpointError) as info:
-        train(cfg, data_dir=small_corpus["tokenized"])
+        train(cfg)
     msg = str(info.value)
     run = tmp_path / "run"
     assert "No space left on device" in msg and "step-0000004" in msg, msg
@@ -183,8 +182,10 @@ def test_training_on_a_corrupt_shard_stops_before_the_first_step(tmp_path, small
     m = Manifest.load(d)
     for _, s in m.split_shards("train"):  # whichever row group the first batch reads
         _flip(m.shard_path(s))
+    cfg = make_cfg(tmp_path, small_corpus, tiny_teacher_dir, max_steps=2)
+    cfg.data.tokenized_dir = str(d)
     with pytest.raises(CorruptShardError, match=r"train-0000\d\.parquet: sha256 differs"):
-        train(make_cfg(tmp_path, small_corpus, tiny_teacher_dir, max_steps=2), data_dir=d)
+        train(cfg)
     assert not [r for r in metrics(tmp_path / "run") if r.get("kind") == "train"]
 
 
@@ -260,6 +261,6 @@ def test_the_static_check_catches_each_unsafe_load():
 
 def test_nothing_in_distill_dag_unpickles_arbitrary_objects():
     files = sorted(PACKAGE.rglob("*.py"))
-    assert len(files) > 30 and (PACKAGE / "distill" / "checkpoint.py") in files
+    assert len(files) > 30 and (PACKAGE / "training" / "checkpoint.py") in files
     found = [f for p in files for f in unsafe_loads(p.read_text(), str(p.relative_to(PACKAGE.parent)))]
     assert not found, "\n".join(found)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill_dag.config import config_from_dict
-from distill_dag.distill import checkpoint as ck
+from distill_dag.training import checkpoint as ck
 from distill_dag.model.variants import build_student
 
 TINY = {"variant": "tiny", "overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,

@@ -18,7 +18,7 @@ import torch
 
 from _rel import (TRAIN_CHILD, cfg_dict, final_weights, kill_group, last_train_step, metrics,  # noqa: E402
                   run_child, start_child, wait_for, write_cfg)
-from distill_dag.distill.checkpoint import load_trainer_state  # noqa: E402
+from distill_dag.training.checkpoint import load_trainer_state  # noqa: E402
 
 # no Muon by default and no bf16 autocast (train.autocast auto turns it on where the CPU has native bf16):
 # bf16 rounding would blur a bit-level comparison of summation orders (each has its own test)

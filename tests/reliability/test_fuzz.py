@@ -199,8 +199,8 @@ def topk_client():
     sys.path.insert(0, str(Path(__file__).parent.parent / "distill"))
     from test_teachers_helpers import tiny_llama
 
-    from distill_dag.distill.teachers.direct import DirectTeacher
-    from distill_dag.distill.teachers.server import create_app
+    from distill_dag.teacher.providers.direct import DirectTeacher
+    from distill_dag.teacher.server import create_app
 
     app = create_app(DirectTeacher(tiny_llama(SRV_VOCAB), SRV_K), k_max=SRV_K, max_seq_len=SRV_T,
                      max_request_elems=SRV_ELEMS, max_buffered_bytes=4 << 20, access_log_enabled=False)
@@ -237,7 +237,7 @@ def _check_answer(r: Any, want_shape: tuple | None, must_succeed: bool | None, d
 
 
 def _decode_bin(r: Any) -> tuple[np.ndarray, np.ndarray]:
-    from distill_dag.distill.teachers.network import decode_arrays
+    from distill_dag.teacher.providers.network import decode_arrays
 
     out, _ = decode_arrays(r.content)
     return out["indices"], out["logprobs"]
@@ -278,7 +278,7 @@ _k_values = st.integers(1, SRV_K) | st.integers(-2, SRV_K + 2) | st.sampled_from
 @st.composite
 def _binary_requests(draw: Any) -> tuple[bytes, Any]:
     """(body, (ids, pos, k) when built from arrays, else None)."""
-    from distill_dag.distill.teachers.network import encode_arrays
+    from distill_dag.teacher.providers.network import encode_arrays
 
     ids = draw(_arrays())
     pos = draw(st.none() | st.just(np.abs(ids) if ids.dtype.kind == "i" else ids) | _arrays())
@@ -451,7 +451,7 @@ def test_each_malformed_json_field_is_a_400_that_names_it(topk_client, body, fie
     ("bool dimension", "bad array spec"),
 ])
 def test_each_malformed_binary_field_is_a_400_that_names_it(topk_client, case, field):
-    from distill_dag.distill.teachers.network import encode_arrays
+    from distill_dag.teacher.providers.network import encode_arrays
 
     ids = np.array([[1, 2, 3]], "<i4")
     body = {

@@ -11,8 +11,8 @@ import torch
 
 from _rel import TRAIN_CHILD, cfg_dict, final_weights, run_child, write_cfg
 from distill_dag.config import config_from_dict
-from distill_dag.distill.cache.stage import build_logit_cache
-from distill_dag.distill.trainer import train
+from distill_dag.teacher.cache_stage import build_logit_cache
+from distill_dag.student.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,7 +31,7 @@ def test_a_hybrid_trains_from_the_cache_and_resumes_bitwise(tmp_path, small_corp
               autocast="off")
     cfg = config_from_dict(_hybrid_dict(tmp_path, small_corpus, tiny_teacher_dir, **kw))
     build_logit_cache(cfg, model_path=tiny_teacher_dir)
-    full = train(cfg, data_dir=cfg.tokenized_dir)
+    full = train(cfg)
     saved = json.loads((full.final_dir / "config.json").read_text())
     assert saved["layer_types"] == ["linear_attention", "full_attention"]
     assert all(h["kl"] > 0 for h in full.history if h["kind"] == "train")  # the cache's teacher was used
@@ -39,9 +39,9 @@ def test_a_hybrid_trains_from_the_cache_and_resumes_bitwise(tmp_path, small_corp
     cut = config_from_dict(_hybrid_dict(tmp_path, small_corpus, tiny_teacher_dir,
                                         **{**kw, "output_dir": str(tmp_path / "cut")}))
     with pytest.raises(KeyboardInterrupt):
-        train(cut, data_dir=cut.tokenized_dir, stop_after=3)
+        train(cut, stop_after=3)
     resumed = train(cut.model_copy(update={"train": cut.train.model_copy(update={"resume_from": str(tmp_path / "cut")})},
-                                   deep=True), data_dir=cut.tokenized_dir)
+                                   deep=True))
     assert resumed.steps == full.steps == 6
     wa, wb = final_weights(full.run_dir), final_weights(resumed.run_dir)
     assert wa.keys() == wb.keys() and any(".attention." in k for k in wa)
@@ -71,7 +71,7 @@ def test_two_ddp_processes_train_a_hybrid_like_one_process(tmp_path, small_corpu
 
 
 def test_hybrid_stage_chooses_layers_by_kl_and_kd_starts_from_that_hybrid(tmp_path, small_corpus, tiny_teacher_dir):
-    from distill_dag.distill.student_run import run_hybrid_student
+    from distill_dag.student.run import run_hybrid_student
 
     # stage 1 reads 3 x 4 rows = 2 KD steps of 4 x 2 rows: the hybrid trains 4 - 2 KD steps (equal rows in all)
     d = cfg_dict(tmp_path, small_corpus, tiny_teacher_dir, max_steps=4, save_interval=0, autocast="off")
@@ -125,7 +125,7 @@ def test_a_hybrid_checkpoint_loads_through_trust_remote_code_alone(tmp_path, sma
 
     cfg = config_from_dict(_hybrid_dict(tmp_path, small_corpus, tiny_teacher_dir, max_steps=2, save_interval=0,
                                         autocast="off"))
-    final = train(cfg, data_dir=cfg.tokenized_dir).final_dir
+    final = train(cfg).final_dir
     ours = AutoModelForCausalLM.from_pretrained(str(final)).eval()  # in-package: distill_dag's classes
     ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

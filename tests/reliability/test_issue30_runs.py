@@ -26,11 +26,11 @@ from support import cfg_dict, tiny_llama
 
 from distill_dag import cli
 from distill_dag.config import ConfigError, config_from_dict
-from distill_dag.distill import distributed as distributed_mod
-from distill_dag.distill import loop as loop_mod
-from distill_dag.distill.cache.codec import LogitCacheError
-from distill_dag.distill.stability import TrainingFailedError
-from distill_dag.distill.trainer import train
+from distill_dag.training import distributed as distributed_mod
+from distill_dag.training import loop as loop_mod
+from distill_dag.teacher.cache.codec import LogitCacheError
+from distill_dag.training.stability import TrainingFailedError
+from distill_dag.student.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,8 +91,7 @@ def test_7_update_leaving_weights_non_finite_publishes_nothing_and_keeps_the_las
     monkeypatch.setattr(loop_mod, "clip_grad_norm", poison_third_update)
     run = tmp_path / "run"
     with pytest.raises(TrainingFailedError) as exc:
-        train(make_cfg(tmp_path, small_corpus, tiny_teacher_dir, max_steps=4, save_interval=2, pretrain_ce_only=True),
-              data_dir=small_corpus["tokenized"])
+        train(make_cfg(tmp_path, small_corpus, tiny_teacher_dir, max_steps=4, save_interval=2, pretrain_ce_only=True))
     msg = str(exc.value)
     assert f"checkpoint {run / 'checkpoints' / 'step-0000004'} (step 4)" in msg
     assert "model.embed_tokens.weight" in msg and "hold NaN or Inf" in msg
@@ -108,7 +107,7 @@ def test_8_resume_from_another_architecture_is_refused_naming_both_values(tmp_pa
                                                                           capsys):
     wide = cfg_dict(tmp_path / "wide", small_corpus, tiny_teacher_dir, max_steps=1, pretrain_ce_only=True)
     wide["student"]["overrides"]["hidden_size"] = 64
-    train(config_from_dict(wide), data_dir=small_corpus["tokenized"])
+    train(config_from_dict(wide))
     assert (tmp_path / "wide" / "run" / "final").is_dir()
 
     d = cfg_dict(tmp_path, small_corpus, tiny_teacher_dir, max_steps=3, pretrain_ce_only=True)  # hidden 32
@@ -120,20 +119,19 @@ def test_8_resume_from_another_architecture_is_refused_naming_both_values(tmp_pa
 
 
 def test_8_resume_with_another_teacher_is_refused_naming_both(tmp_path, small_corpus, tiny_teacher_dir):
-    first = train(make_cfg(tmp_path / "a", small_corpus, tiny_teacher_dir, max_steps=1), data_dir=small_corpus["tokenized"])
+    first = train(make_cfg(tmp_path / "a", small_corpus, tiny_teacher_dir, max_steps=1))
     other = tmp_path / "other_teacher"
     tiny_llama(first.lineage["teacher"]["vocab_size"], seed=1).save_pretrained(other)
     cfg = make_cfg(tmp_path, small_corpus, other, max_steps=3, resume_from=str(first.run_dir))
     with pytest.raises(ConfigError) as exc:
-        train(cfg, data_dir=small_corpus["tokenized"])
+        train(cfg)
     msg = str(exc.value)
     fp_then = first.lineage["teacher_fingerprint"]
     assert f"distilled from teacher {tiny_teacher_dir} (fingerprint {fp_then[:16]})" in msg
     assert f"the configured teacher is {other} (fingerprint " in msg and "teacher.model_name_or_path" in msg
     _published_nothing(tmp_path / "run")
     # the same teacher resumes as before
-    again = train(make_cfg(tmp_path / "b", small_corpus, tiny_teacher_dir, max_steps=2, resume_from=str(first.run_dir)),
-                  data_dir=small_corpus["tokenized"])
+    again = train(make_cfg(tmp_path / "b", small_corpus, tiny_teacher_dir, max_steps=2, resume_from=str(first.run_dir)))
     assert again.steps == 2 and (again.final_dir / "model.safetensors").exists()
 
 
@@ -173,7 +171,7 @@ def mini_corpus(tmp_path_factory, small_corpus) -> dict[str, Path]:
 def teacher_and_cache(tmp_path_factory, mini_corpus, tiny_teacher_dir):
     """A teacher folder (a copy of the session teacher) and the k=16 logit cache it wrote, as
     `distill cache-logits` writes it."""
-    from distill_dag.distill.cache.stage import build_logit_cache
+    from distill_dag.teacher.cache_stage import build_logit_cache
 
     root = tmp_path_factory.mktemp("issue30_cache")
     teacher = shutil.copytree(tiny_teacher_dir, root / "teacher")
@@ -190,8 +188,8 @@ def _cached_dict(tmp_path, corpus, teacher, cache, **kw):
 
 def test_9_cache_of_another_teacher_is_refused_in_the_cli_and_the_asset_path(tmp_path, mini_corpus, teacher_and_cache,
                                                                              capsys):
-    from distill_dag.distill.student_run import run_kd_student
-    from distill_dag.distill.teacher_model import teacher_fingerprint
+    from distill_dag.student.run import run_kd_student
+    from distill_dag.teacher.model import teacher_fingerprint
 
     teacher, cache = teacher_and_cache
     changed = shutil.copytree(teacher, tmp_path / "teacher")  # the teacher, retrained in place: same shapes
@@ -215,8 +213,7 @@ def test_9_cache_of_another_teacher_is_refused_in_the_cli_and_the_asset_path(tmp
 def test_9_cache_of_the_configured_teacher_trains_and_the_card_names_that_teacher(tmp_path, mini_corpus,
                                                                                  teacher_and_cache):
     teacher, cache = teacher_and_cache
-    res = train(config_from_dict(_cached_dict(tmp_path, mini_corpus, teacher, cache, max_steps=2)),
-                data_dir=mini_corpus["tokenized"], tokenizer_dir=mini_corpus["tokenizer"])
+    res = train(config_from_dict(_cached_dict(tmp_path, mini_corpus, teacher, cache, max_steps=2)))
     card = json.loads((res.final_dir / "model_card.json").read_text())["run"]["teacher"]
     assert card["provider"] == "cached" and card["model"] == str(teacher)
     assert card["teacher_fingerprint"] == res.lineage["teacher_fingerprint"] is not None

@@ -17,7 +17,7 @@ import pytest
 
 from _rel import (TRAIN_CHILD, assert_bitwise_equal, cfg_dict, final_weights, kill_group,  # noqa: E402
                   last_train_step, metrics, run_child, start_child, wait_for, write_cfg)
-from distill_dag.distill.checkpoint import LATEST, load_trainer_state  # noqa: E402
+from distill_dag.training.checkpoint import LATEST, load_trainer_state  # noqa: E402
 
 # saddle interventions every few steps (window 1, any loss change counts as a plateau), so the
 # detector's history, boost window and cooldown are live state at every checkpoint. The thresholds are the

@@ -25,12 +25,12 @@ from test_server import Server, free_port  # noqa: E402  (`distill serve-teacher
 from support import all_batches, write_data  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 
-from distill_dag.distill.checkpoint import load_trainer_state  # noqa: E402
-from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
-from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
-from distill_dag.distill.teachers.network import NetworkTeacher, encode_arrays  # noqa: E402
-from distill_dag.distill.teachers.server import create_app  # noqa: E402
-from distill_dag.distill.trainer import train  # noqa: E402
+from distill_dag.training.checkpoint import load_trainer_state  # noqa: E402
+from distill_dag.loss.topk import TeacherError  # noqa: E402
+from distill_dag.teacher.providers.direct import DirectTeacher  # noqa: E402
+from distill_dag.teacher.providers.network import NetworkTeacher, encode_arrays  # noqa: E402
+from distill_dag.teacher.server import create_app  # noqa: E402
+from distill_dag.student.trainer import train  # noqa: E402
 
 K = 8
 SLOW_S = 3.0
@@ -69,7 +69,7 @@ class Faults:
             async def capture(msg):
                 sent.append(msg)
             await self.app(scope, receive, capture)
-            from distill_dag.distill.teachers.network import decode_arrays
+            from distill_dag.teacher.providers.network import decode_arrays
 
             arrays, _ = decode_arrays(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
             body = encode_arrays({"indices": arrays["indices"] + 10_000, "logprobs": arrays["logprobs"]})
@@ -200,7 +200,7 @@ def _net_cfg(tmp, corpus, srv, **kw):
 def reference_run(served, small_corpus):
     """An uninterrupted network-mode run: the weights every interrupted run must reproduce."""
     srv, d = served
-    return train(_net_cfg(d / "ref", small_corpus, srv), data_dir=small_corpus["tokenized"])
+    return train(_net_cfg(d / "ref", small_corpus, srv))
 
 
 def _kill_at_step(srv, run_dir, step, restart_after=None):
@@ -222,8 +222,7 @@ def _kill_at_step(srv, run_dir, step, restart_after=None):
 
 def test_network_training_equals_direct_training(tmp_path, reference_run, small_corpus, tiny_teacher_dir, monkeypatch):
     monkeypatch.delenv("DISTILL_TEACHER_TOKEN", raising=False)
-    direct = train(make_cfg(tmp_path, small_corpus, tiny_teacher_dir, teacher_topk=K, max_steps=6, save_interval=2),
-                   data_dir=small_corpus["tokenized"])
+    direct = train(make_cfg(tmp_path, small_corpus, tiny_teacher_dir, teacher_topk=K, max_steps=6, save_interval=2))
     a, b = final_weights(reference_run.run_dir), final_weights(direct.run_dir)
     for k in a:  # the same teacher top-k over the wire (float32 both ways)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
@@ -236,7 +235,7 @@ def test_server_killed_and_restarted_mid_training_loses_or_doubles_no_step(tmp_p
     cfg = _net_cfg(tmp_path, small_corpus, srv)
     watcher, state = _kill_at_step(srv, cfg.run_dir, 2, restart_after=0.5)
     try:
-        res = train(cfg, data_dir=small_corpus["tokenized"])
+        res = train(cfg)
     finally:
         watcher.join(60)
         srv.wait_up()
@@ -258,15 +257,14 @@ def test_server_gone_for_good_fails_clearly_and_the_run_resumes_exactly(tmp_path
     watcher, state = _kill_at_step(srv, cfg.run_dir, 3)
     try:
         with pytest.raises(TeacherError, match=rf"{srv.url}/v1/topk failed after 3 attempts.*ConnectError"):
-            train(cfg, data_dir=small_corpus["tokenized"])
+            train(cfg)
     finally:
         watcher.join(60)
         srv.start()
     assert 3 <= state["killed_at"] < 6
     path, st, _ = load_trainer_state(cfg.run_dir)  # the last periodic checkpoint is whole
     assert st["step"] in (2, 4) and path.name == f"step-{st['step']:07d}"
-    resumed = train(_net_cfg(tmp_path, small_corpus, srv, resume_from=str(cfg.run_dir)),
-                    data_dir=small_corpus["tokenized"])
+    resumed = train(_net_cfg(tmp_path, small_corpus, srv, resume_from=str(cfg.run_dir)))
     assert resumed.steps == 6
     ref = final_weights(reference_run.run_dir)
     got = final_weights(resumed.run_dir)

@@ -14,11 +14,11 @@ import pytest
 from _rel import make_cfg  # noqa: E402
 
 from distill_dag.data.manifest import Manifest, ManifestMismatchError  # noqa: E402
-from distill_dag.distill import distributed as distributed_mod  # noqa: E402
-from distill_dag.distill.cache.codec import LogitCacheError  # noqa: E402
-from distill_dag.distill.cache.writer import write_logit_cache  # noqa: E402
-from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
-from distill_dag.distill.trainer import train  # noqa: E402
+from distill_dag.training import distributed as distributed_mod  # noqa: E402
+from distill_dag.teacher.cache.codec import LogitCacheError  # noqa: E402
+from distill_dag.teacher.cache.writer import write_logit_cache  # noqa: E402
+from distill_dag.loss.topk import TeacherError  # noqa: E402
+from distill_dag.student.trainer import train  # noqa: E402
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def no_compute(monkeypatch):
         calls.append(1)
         raise AssertionError("compute started before the refusal")
     monkeypatch.setattr(distributed_mod, "distill_loss", forbidden)
-    from distill_dag.distill.teachers import direct
+    from distill_dag.teacher.providers import direct
 
     monkeypatch.setattr(direct.DirectTeacher, "topk", forbidden)
     yield calls
@@ -45,7 +45,7 @@ def _no_steps(run_dir: Path) -> None:
 
 
 def test_teacher_student_vocab_mismatch_is_refused_before_any_compute(tmp_path, small_corpus, no_compute):
-    from distill_dag.distill.teacher_model import build_tiny_teacher
+    from distill_dag.teacher.model import build_tiny_teacher
 
     vocab = Manifest.load(small_corpus["tokenized"]).vocab_size
     other = tmp_path / "teacher600"
@@ -54,7 +54,7 @@ def test_teacher_student_vocab_mismatch_is_refused_before_any_compute(tmp_path, 
     with pytest.raises(TeacherError, match=rf"teacher vocabulary \({vocab + 88}\) != student vocabulary \({vocab}\).*"
                                            r"student.overrides.vocab_size is refused.*manifest.json.*"
                                            r"tokenizer.name_or_path to the teacher's tokenizer.*preprocess --force"):
-        train(make_cfg(tmp_path, small_corpus, other), data_dir=small_corpus["tokenized"])
+        train(make_cfg(tmp_path, small_corpus, other))
     _no_steps(tmp_path / "run")
 
 
@@ -67,14 +67,15 @@ def test_tokenizer_other_than_the_manifests_is_refused_before_any_compute(tmp_pa
     a, b = sorted(vocab, key=vocab.get)[300:302]
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (tok / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = make_cfg(tmp_path, small_corpus, tiny_teacher_dir)
+    cfg.tokenizer.dir = str(tok)
     with pytest.raises(ManifestMismatchError, match=r"manifest.json: tokenizer hash .* != the configured tokenizer's"
                                                     r".*--force.*tokenize.force: true.*point the config at the tokenizer"):
-        train(make_cfg(tmp_path, small_corpus, tiny_teacher_dir), data_dir=small_corpus["tokenized"],
-              tokenizer_dir=tok)
+        train(cfg)
     _no_steps(tmp_path / "run")
+    cfg.tokenizer.dir = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"nowhere.*tokenizer"):
-        train(make_cfg(tmp_path, small_corpus, tiny_teacher_dir), data_dir=small_corpus["tokenized"],
-              tokenizer_dir=tmp_path / "nowhere")
+        train(cfg)
     _no_steps(tmp_path / "run")
 
 
@@ -83,14 +84,14 @@ def test_max_seq_length_mismatch_is_refused_before_any_compute(tmp_path, small_c
     cfg.tokenize.max_seq_length = 128
     with pytest.raises(ManifestMismatchError, match=r"max_seq_length 64 != tokenize.max_seq_length 128.*"
                                                     r"--max-seq-length 128.*tokenize.max_seq_length: 64"):
-        train(cfg, data_dir=small_corpus["tokenized"])
+        train(cfg)
     _no_steps(tmp_path / "run")
 
 
 @pytest.fixture(scope="module")
 def partial_cache(tmp_path_factory, small_corpus, tiny_teacher_dir):
     """A k=8 cache of the corpus's val shard only (the train shards are not cached)."""
-    from distill_dag.distill.teachers.direct import DirectTeacher
+    from distill_dag.teacher.providers.direct import DirectTeacher
     from transformers import AutoModelForCausalLM
 
     m = Manifest.load(small_corpus["tokenized"])
@@ -111,7 +112,7 @@ def test_k_larger_than_the_cache_holds_is_refused_before_any_compute(tmp_path, s
     cache, _ = partial_cache
     with pytest.raises(LogitCacheError, match=r"holds k=8 .* k=16 was requested; set train.teacher_topk <= 8, or "
                                               r"rebuild the cache with logit_cache.k >= 16"):
-        train(_cached_cfg(tmp_path, small_corpus, cache, teacher_topk=16), data_dir=small_corpus["tokenized"])
+        train(_cached_cfg(tmp_path, small_corpus, cache, teacher_topk=16))
     _no_steps(tmp_path / "run")
 
 
@@ -119,5 +120,5 @@ def test_cache_missing_train_shards_is_refused_before_any_compute(tmp_path, smal
     cache, m = partial_cache
     missing = [Path(s.path).stem for _, s in m.split_shards("train")]
     with pytest.raises(LogitCacheError, match=rf"partition\(s\) {missing[0]}.*--partition {missing[0]}.*distill cache-logits --shards"):
-        train(_cached_cfg(tmp_path, small_corpus, cache, teacher_topk=8), data_dir=small_corpus["tokenized"])
+        train(_cached_cfg(tmp_path, small_corpus, cache, teacher_topk=8))
     _no_steps(tmp_path / "run")

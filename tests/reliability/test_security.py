@@ -21,10 +21,10 @@ import pytest
 from test_teachers_helpers import tiny_llama  # noqa: E402
 
 from distill_dag.config import config_from_dict  # noqa: E402
-from distill_dag.distill.teachers import direct  # noqa: E402
-from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
-from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
-from distill_dag.distill.teachers.server import create_app, serve_teacher  # noqa: E402
+from distill_dag.teacher.providers import direct  # noqa: E402
+from distill_dag.loss.topk import TeacherError  # noqa: E402
+from distill_dag.teacher.providers.direct import DirectTeacher  # noqa: E402
+from distill_dag.teacher.server import create_app, serve_teacher  # noqa: E402
 
 K = 8
 

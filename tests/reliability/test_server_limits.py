@@ -26,9 +26,9 @@ import torch
 from test_server import free_port  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 
-from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
-from distill_dag.distill.teachers.network import CONTENT_TYPE, decode_arrays, encode_arrays  # noqa: E402
-from distill_dag.distill.teachers.server import create_app  # noqa: E402
+from distill_dag.teacher.providers.direct import DirectTeacher  # noqa: E402
+from distill_dag.teacher.providers.network import CONTENT_TYPE, decode_arrays, encode_arrays  # noqa: E402
+from distill_dag.teacher.server import create_app  # noqa: E402
 
 K = 8
 MiB = 1 << 20
@@ -39,8 +39,8 @@ import json, sys
 sys.path.insert(0, {distill!r})
 import torch, uvicorn
 from test_teachers_helpers import tiny_llama
-from distill_dag.distill.teachers.direct import DirectTeacher
-from distill_dag.distill.teachers.server import create_app
+from distill_dag.teacher.providers.direct import DirectTeacher
+from distill_dag.teacher.server import create_app
 kw = json.loads(sys.argv[2])
 app = create_app(DirectTeacher(tiny_llama(), {k}), k_max={k}, access_log_enabled=False, **kw)
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")

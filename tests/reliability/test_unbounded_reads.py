@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from _rel import TRAIN_CHILD, cfg_dict, metrics, run_child, write_cfg  # noqa: E402
-from distill_dag.distill.checkpoint import LATEST, CheckpointError, load_trainer_state  # noqa: E402
+from distill_dag.training.checkpoint import LATEST, CheckpointError, load_trainer_state  # noqa: E402
 from distill_dag.io import sha256_file  # noqa: E402
 from distill_dag.safe_read import UnsafeFileError  # noqa: E402
 

@@ -23,7 +23,7 @@ from support import stdlib_jsonl  # noqa: E402
 from distill_dag.data.dataset import PackedDataset  # noqa: E402
 from distill_dag.data.manifest import Manifest  # noqa: E402
 from distill_dag.data.pack import is_val, tokenize_to_parquet  # noqa: E402
-from distill_dag.distill.checkpoint import LATEST, load_trainer_state  # noqa: E402
+from distill_dag.training.checkpoint import LATEST, load_trainer_state  # noqa: E402
 from distill_dag.io import sha256_file  # noqa: E402
 
 # patches a writer so that its N-th write stops half way, fsynced, and waits for the kill
