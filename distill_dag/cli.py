@@ -6,7 +6,10 @@ no transformers; ``bench/cli_startup.py`` measures it).
 
 Paths: relative paths on the command line are relative to the current directory; inside a config
 file, relative to that file's folder; bundled configs are found by name (``--config demo.yaml``).
-Flags that set a config value go through the same pydantic model as the file (bounds, key names).
+Flags that set a config value are generated from the schema (:class:`Flag` rows: type, choices and help
+come from the field, as the Dagster run config's do) and go through the same pydantic model as the file
+(bounds, key names); they are added to a verb's parser when it is used, so ``distill --help`` does not
+import the schema.
 A failure prints one error (what, which file or key, how to fix it) and exits non-zero; ``--debug``
 shows the traceback.
 """
@@ -16,7 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from distill_dag.model.variants import count_parameters, generation_cache_bytes, student_model_config
+from distill_dag.safe_read import read_text_bounded
 
 if TYPE_CHECKING:  # distill_dag.config (pydantic) is imported when a command runs, not for --help
     from distill_dag.config import PipelineConfig
@@ -24,68 +30,112 @@ if TYPE_CHECKING:  # distill_dag.config (pydantic) is imported when a command ru
 
 
 def _config_error(msg: str) -> Exception:
-    from distill_dag.config import ConfigError
+    from distill_dag.config import ConfigError  # lazy: `--help` without pydantic
 
     return ConfigError(msg)
 
 
+class Flag(NamedTuple):
+    """A flag that sets a config key. Its type, choices (a ``Literal``), ``--x/--no-x`` form (a bool) and help
+    (the field's description, bounds and key) come from the schema (:func:`distill_dag.config.flags.flag_kwargs`).
+    ``flag``: its name when it is not ``--<leaf with dashes>``; ``help``: the flag's own wording; ``value``:
+    turns what was given into the config value; ``apply=False``: the value is checked as that key but goes to
+    the stage as an argument (the config keeps the file's value)."""
+
+    key: str
+    flag: str | None = None
+    help: str | None = None
+    metavar: str | None = None
+    value: Callable[[Any], Any] | None = None
+    apply: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.flag or "--" + self.key.split(".")[1].replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return self.name[2:].replace("-", "_")
+
+
+class _Verb(argparse.ArgumentParser):
+    """A verb's parser. Its config :class:`Flag` rows become arguments when the verb is parsed or its help
+    shown, so ``distill --help`` does not import the schema."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._flags: list[Flag] = []
+        self._pending: list[Flag] = []
+
+    def config_flags(self, *flags: Flag) -> None:
+        self._flags += flags
+        self._pending += flags
+        self.set_defaults(config_flags=tuple(self._flags))
+
+    def _complete(self) -> None:
+        if not self._pending:
+            return
+        from distill_dag.config.flags import flag_kwargs  # lazy: `--help` without pydantic
+
+        group = next((g for g in self._action_groups if g.title == CONFIG_FLAGS), None) or self.add_argument_group(
+            CONFIG_FLAGS, "each sets the config key it names, over the --config file, checked like a value in it")
+        for f in self._pending:
+            extra = {"metavar": f.metavar} if f.metavar else {}
+            group.add_argument(f.name, **flag_kwargs(f.key, f.help, **extra))
+        self._pending = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+CONFIG_FLAGS = "config values"
 CONFIG_HELP = ("a config file (relative to the current directory), or a bundled config by name: demo.yaml, "
                "train_direct.yaml, train_cached.yaml, train_network.yaml, teacher_ft.yaml (default: demo.yaml); "
                "paths inside a config are relative to its folder")
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
+def _config_arg(p: _Verb, *flags: Flag) -> None:
+    """``--config``, ``--device`` and the verb's config ``flags``."""
     p.add_argument("--config", default=None, help=CONFIG_HELP)
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: CUDA when present")
+    p.config_flags(Flag("train.device"), *flags)
+
+
+def _flag_overrides(a: argparse.Namespace, applied: bool = True, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The nested override dict of the config flags given (those with ``apply`` = ``applied``; not the keys
+    ``skip``)."""
+    out: dict[str, Any] = {}
+    for f in getattr(a, "config_flags", ()):
+        v = getattr(a, f.dest, None)
+        if v is not None and f.apply == applied and f.key not in skip:
+            section, name = f.key.split(".")
+            out.setdefault(section, {})[name] = f.value(v) if f.value else v
+    return out
 
 
 def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None,
-          context: dict[str, Any] | None = None) -> PipelineConfig:
-    """The config file of ``--config`` with ``overrides`` (from flags; relative paths against the current
-    directory) on top, validated by the config model (``context``: its derived rules): a bad flag value is an
-    error naming its key."""
-    from distill_dag.config import deep_merge, load_config
+          context: dict[str, Any] | None = None, skip: tuple[str, ...] = ()) -> PipelineConfig:
+    """The config file of ``--config`` with the config flags given (but the keys ``skip``, which a rule in
+    ``context`` sets) and ``overrides`` (relative paths against the current directory) on top, validated by the
+    config model (``context``: its derived rules): a bad flag value is an error naming its key and the flag."""
+    from distill_dag.config import ConfigError, deep_merge, load_config  # lazy: `--help` without pydantic
 
-    overrides = deep_merge(getattr(args, "extra_overrides", None) or {}, dict(overrides or {}))
-    if getattr(args, "device", None):
-        overrides.setdefault("train", {})["device"] = args.device
-    return load_config(args.config, overrides, context)
-
-
-def _flag_overrides(a: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
-    o: dict[str, Any] = {}
-    for attr, key in flags.items():
-        _set(o, key, getattr(a, attr, None))
-    return o
-
-
-def _checked(run: Callable[[argparse.Namespace], int], flags: dict[str, str]) -> Callable[[argparse.Namespace], int]:
-    """``run`` after the flags ``flags`` (argparse dest -> config key) were validated by the config model, so
-    ``--max-seq-length 0`` is refused naming ``tokenize.max_seq_length`` before any work starts."""
-
-    def checked(a: argparse.Namespace) -> int:
-        from distill_dag.config import ConfigError
-
-        try:
-            _load(a, _flag_overrides(a, flags))
-        except ConfigError as err:
-            given = [f"--{k.replace('_', '-')} {getattr(a, k)!r} sets {v}" for k, v in flags.items()
-                     if getattr(a, k, None) is not None]
-            raise _config_error(str(err) + ("\n  (from the command line: " + "; ".join(given) + ")" if given else "")
-                              ) from None
-        return run(a)
-
-    return checked
-
-
-def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
-    """Put ``value`` at ``dotted`` (e.g. "train.learning_rate") in a nested override dict, if given."""
-    if value is None:
-        return
-    *parents, leaf = dotted.split(".")
-    for k in parents:
-        d = d.setdefault(k, {})
-    d[leaf] = value
+    over = deep_merge(deep_merge(getattr(args, "extra_overrides", None) or {}, _flag_overrides(args, skip=skip)),
+                      dict(overrides or {}))
+    try:
+        checks = _flag_overrides(args, applied=False)
+        if checks:  # checked as their keys, the stage takes them as arguments
+            load_config(args.config, deep_merge(over, checks), context)
+        return load_config(args.config, over, context)
+    except ConfigError as err:
+        given = [f"{f.name} {getattr(args, f.dest)!r} sets {f.key}" for f in getattr(args, "config_flags", ())
+                 if getattr(args, f.dest, None) is not None]
+        raise _config_error(str(err) + ("\n  (from the command line: " + "; ".join(given) + ")" if given else "")
+                            ) from None
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -97,9 +147,9 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan (datasets, counts, expected size); write nothing")
 
     def run(a: argparse.Namespace) -> int:
-        from distill_dag.config import SourceConfig
-        from distill_dag.data.jsonl import RejectRateError
-        from distill_dag.data.sources import gather_sources
+        from distill_dag.config import SourceConfig  # lazy: `--help` without pydantic
+        from distill_dag.data.jsonl import RejectRateError  # lazy: `--help` start-up time
+        from distill_dag.data.sources import gather_sources  # lazy: `--help` without pydantic
 
         cfg = _load(a)
         if a.category:
@@ -133,37 +183,26 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="tokenize + pack JSONL files into parquet shards")
-    _config_arg(p)
+    # defaults: the config's, as the tokenized_parquet asset uses them (one entry point: tokenize_stage)
+    _config_arg(p, Flag("tokenize.max_seq_length"), Flag("tokenize.val_fraction"), Flag("tokenize.rows_per_shard"),
+                Flag("data.max_reject_rate"), Flag("tokenize.skip_existing"), Flag("tokenize.force"))
     p.add_argument("--input", required=True, help="a directory of .jsonl files (or one file)")
     p.add_argument("--output", required=True, help="output directory for shards + manifest.json")
-    # defaults: the config's, as the tokenized_parquet asset uses them (one entry point: tokenize_stage)
     p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                    help="also read .jsonl files in subdirectories (default: yes, as the asset does)")
-    p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-tokenize only inputs whose content changed (default: tokenize.skip_existing)")
-    p.add_argument("--force", action="store_true", default=None, help="re-tokenize and rewrite everything")
-    p.add_argument("--max-seq-length", type=int, default=None, help="row length (default: tokenize.max_seq_length)")
     p.add_argument("--tokenizer", default=None, metavar="LOCAL_TOKENIZER_DIR",
                    help="a saved tokenizer directory (default: the config's tokenizer directory)")
-    p.add_argument("--val-fraction", type=float, default=None, help="default: tokenize.val_fraction")
-    p.add_argument("--rows-per-shard", type=int, default=None, help="default: tokenize.rows_per_shard")
-    p.add_argument("--max-reject-rate", type=float, default=None,
-                   help="fail above this share of bad rows (default: data.max_reject_rate)")
     p.add_argument("--worker", default=None, metavar="I/N",
                    help="tokenize only worker I's share of the inputs into the token cache (of N workers, "
                         "no coordination needed); then run once without --worker to pack")
 
     def run(a: argparse.Namespace) -> int:
-        from pathlib import Path
-
-        from distill_dag.data.pack import tokenize_stage
-
         if a.skip_existing and a.force:
             raise _config_error("--skip-existing and --force contradict each other (reuse unchanged inputs vs "
                                 "re-tokenize everything): give one of them")
-        cfg = _load(a, _flag_overrides(a, {**PREPROCESS_FLAGS, "skip_existing": "tokenize.skip_existing",
-                                           "force": "tokenize.force"}))
-        from distill_dag.data.tokenizer import ensure_tokenizer
+        cfg = _load(a)  # the flags are checked before any work starts, naming their keys
+        from distill_dag.data.pack import tokenize_stage  # lazy: `--help` without torch
+        from distill_dag.data.tokenizer import ensure_tokenizer  # lazy: `--help` without torch
 
         tok_dir = ensure_tokenizer(cfg, a.tokenizer, stage="preprocess")
         worker = None
@@ -181,42 +220,36 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
             print(f"  next: distill train --config CONFIG --tokenizer {tok_dir} (with data.tokenized_dir: {a.output})")
         return 0
 
-    p.set_defaults(func=_checked(run, PREPROCESS_FLAGS))
-
-
-PREPROCESS_FLAGS = {"max_seq_length": "tokenize.max_seq_length", "val_fraction": "tokenize.val_fraction",
-                    "rows_per_shard": "tokenize.rows_per_shard", "max_reject_rate": "data.max_reject_rate"}
+    p.set_defaults(func=run)
 
 
 def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="build the tokenizer: train a byte-level BPE on raw JSONL, or fetch and "
                                          "save a hub/local one (the same function as the Dagster tokenizer asset)")
-    _config_arg(p)
     p.add_argument("--input", default=None, metavar="RAW_DIR",
                    help="raw JSONL folder (or file) to train a BPE on (default: <data.root>/raw)")
     p.add_argument("--output", default=None, metavar="TOKENIZER_DIR",
                    help="where the tokenizer is saved (default: <data.root>/tokenizer, where preprocess and train "
                         "look for it)")
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: tokenizer.vocab_size)")
-    p.add_argument("--min-frequency", type=int, default=None, help="default: tokenizer.min_frequency")
-    p.add_argument("--train-bytes", type=int, default=None, help="default: tokenizer.train_bytes")
-    p.add_argument("--name", default=None, metavar="HUB_ID_OR_DIR",
-                   help="fetch a hub tokenizer (e.g. meta-llama/Llama-3.2-1B) or copy a local one instead of training")
+    _config_arg(p, Flag("tokenizer.vocab_size"), Flag("tokenizer.min_frequency"), Flag("tokenizer.train_bytes"),
+                Flag("tokenizer.name_or_path", "--name", metavar="HUB_ID_OR_DIR",
+                     help="fetch a hub tokenizer (e.g. meta-llama/Llama-3.2-1B) or copy a local one instead of "
+                          "training"))
 
     def run(a: argparse.Namespace) -> int:
         from pathlib import Path
 
-        over = _flag_overrides(a, TOKENIZER_FLAGS)
+        over: dict[str, Any] = {}
         if a.name is not None and a.input is not None:
             raise _config_error("--name fetches a tokenizer and --input trains one: give one of them")
         if a.name is not None and a.vocab_size is not None:
             raise _config_error("--vocab-size applies to a BPE trained here, not to --name (a hub tokenizer has its own)")
         if a.name is None and (a.input is not None or a.vocab_size is not None):
-            over.setdefault("tokenizer", {})["name_or_path"] = None  # train a BPE, whatever the config names
+            over["tokenizer"] = {"name_or_path": None}  # train a BPE, whatever the config names
         cfg = _load(a, over)
         raw = Path(a.input).resolve() if a.input else cfg.raw_dir
         out = Path(a.output).resolve() if a.output else cfg.tokenizer_dir
-        from distill_dag.data.tokenizer import load_tokenizer, resolve_tokenizer
+        from distill_dag.data.tokenizer import load_tokenizer, resolve_tokenizer  # lazy: `--help` without torch
 
         path, digest = resolve_tokenizer(cfg.tokenizer, None if cfg.tokenizer.name_or_path else raw, out)
         tok = load_tokenizer(path)
@@ -227,10 +260,6 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
-
-
-TOKENIZER_FLAGS = {"vocab_size": "tokenizer.vocab_size", "min_frequency": "tokenizer.min_frequency",
-                   "train_bytes": "tokenizer.train_bytes", "name": "tokenizer.name_or_path"}
 
 
 # ---- model ---------------------------------------------------------------------------------
@@ -247,12 +276,11 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:
                    help="softmax window beside every retention layer (student.retention_window; default: none)")
 
     def run(a: argparse.Namespace) -> int:
-        from distill_dag.config import StudentConfig
-        from distill_dag.model.variants import count_parameters, generation_cache_bytes, student_model_config
+        from distill_dag.config import StudentConfig  # lazy: `--help` without pydantic
 
         student = StudentConfig()
         if a.config is not None:
-            from distill_dag.config import load_config
+            from distill_dag.config import load_config  # lazy: `--help` without pydantic
 
             student = load_config(a.config).student
         update: dict[str, Any] = {"variant": a.variant or (student.variant if a.config is not None else "500M")}
@@ -306,25 +334,18 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:
 # ---- teacher -------------------------------------------------------------------------------
 def _add_finetune_teacher(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune-teacher", help="LoRA (or full) finetuning of the teacher")
-    _config_arg(p)
+    _config_arg(p, *(Flag(f"teacher_ft.{k}") for k in ("max_steps", "learning_rate", "mode", "output_dir",
+                                                         "eval_interval")))
     p.add_argument("--resume-from", help="a checkpoint dir, or the output dir (follows checkpoint_latest)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--mode", choices=["lora", "full"])
-    p.add_argument("--output-dir", help="default teacher_ft.output_dir")
-    p.add_argument("--eval-interval", type=int, help="0 = only before and after")
 
     def run(a: argparse.Namespace) -> int:
-        o: dict[str, Any] = {}
-        for flag in ("max_steps", "learning_rate", "mode", "output_dir", "eval_interval"):
-            _set(o, f"teacher_ft.{flag}", getattr(a, flag))
-        cfg = _load(a, o)
+        cfg = _load(a)
         import json
 
-        from distill_dag.teacher.finetune import TrainingInterrupted, finetune_teacher
+        from distill_dag.teacher.finetune import TrainingInterrupted, finetune_teacher  # lazy: `--help` without torch
 
         try:
-            from distill_dag.data.tokenizer import ensure_tokenizer
+            from distill_dag.data.tokenizer import ensure_tokenizer  # lazy: `--help` without torch
 
             m = finetune_teacher(cfg, cfg.tokenized_dir, cfg.teacher_ft_dir,
                                  tokenizer_dir=ensure_tokenizer(cfg, stage="finetune-teacher"),
@@ -341,15 +362,11 @@ def _add_finetune_teacher(sub: argparse._SubParsersAction) -> None:
 def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache-logits", aliases=["cache_teacher_logits", "cache-teacher-logits"],
                        help="write the teacher's top-k logit cache (the seed's cache_teacher_logits: an alias)")
-    _config_arg(p)
+    _config_arg(p, Flag("logit_cache.k"), Flag("logit_cache.dtype"), Flag("logit_cache.dir", "--output"))
     p.add_argument("--model", default=None, help="teacher model dir or hub name (default: teacher.model_name_or_path)")
     p.add_argument("--adapter", default=None, help="peft adapter dir (default: teacher.adapter_path)")
     p.add_argument("--via", default="direct", choices=["direct", "network"],
                    help="run the teacher here (direct) or ask the server at teacher.url (network)")
-    p.add_argument("--k", type=int, default=None, help="entries per position (default: logit_cache.k)")
-    p.add_argument("--dtype", default=None, choices=["compact", "q8", "fp16", "fp32"],
-                   help="record codec (logit_cache.dtype; default q8; compact for the smallest cache)")
-    p.add_argument("--output", default=None, help="cache dir (default: logit_cache.dir)")
     p.add_argument("--shards", default=None,
                    help="only these data shards, by name (train-00000,val-00000) or index (0,2): the same per-shard "
                         "unit as a logit_cache partition")
@@ -359,15 +376,11 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from distill_dag.teacher.cache.layout import read_data_manifest
-        from distill_dag.teacher.cache_stage import build_logit_cache
-        from distill_dag.loss.topk import TeacherError
+        from distill_dag.teacher.cache.layout import read_data_manifest  # lazy: `--help` without numpy
+        from distill_dag.teacher.cache_stage import build_logit_cache  # lazy: `--help` without torch
+        from distill_dag.loss.topk import TeacherError  # lazy: `--help` without torch
 
-        over: dict[str, Any] = {}
-        _set(over, "logit_cache.k", a.k)
-        _set(over, "logit_cache.dtype", a.dtype)
-        _set(over, "logit_cache.dir", a.output)
-        cfg = _load(a, over)
+        cfg = _load(a)
         if a.via == "direct":
             _warn_teacher_length(cfg, a.model)
         try:
@@ -390,18 +403,17 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-path", default=None, metavar="DATA_DIR",
                    help="the seed's flag: the packed data folder (manifest.json + shards) = data.tokenized_dir")
     p.add_argument("--output-dir", default=None, metavar="CACHE_DIR", help="the seed's flag: the same as --output")
-    p.set_defaults(func=_checked(_seed_cache_flags(run), {"k": "logit_cache.k"}))
+    p.set_defaults(func=_seed_cache_flags(run))
 
 
 def _seed_cache_flags(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """The seed's ``cache_teacher_logits --data-path D --output-dir C`` as ``cache-logits`` flags."""
 
     def seeded(a: argparse.Namespace) -> int:
+        flags_checked = _load(a)  # before anything else: a bad --k is refused naming logit_cache.k
         if a.config is None and a.model is None:
             # every verb defaults to demo.yaml, whose teacher is built by the demo: a seed user gets a way forward
-            from distill_dag.config import load_config
-
-            if not load_config(None).teacher.model_name_or_path:
+            if not flags_checked.teacher.model_name_or_path:
                 raise _config_error(
                     f"distill {a.command}: no --config given, so the bundled demo.yaml is used, and it names no "
                     "teacher. Give --config NEW.yaml (your seed config converted: `distill migrate-config OLD.yaml "
@@ -419,87 +431,63 @@ def _seed_cache_flags(run: Callable[[argparse.Namespace], int]) -> Callable[[arg
 
 def _add_serve_teacher(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve-teacher", help="serve the teacher's top-k over HTTP (POST /v1/topk)")
-    _config_arg(p)
+    # --host, --port and --k are checked as their keys and go to the server as arguments
+    _config_arg(p, Flag("teacher.serve_host", "--host", apply=False),
+                Flag("teacher.serve_port", "--port", apply=False),
+                Flag("train.teacher_topk", "--k", apply=False,
+                     help="largest top-k served (default: max of train.teacher_topk and logit_cache.k)"),
+                Flag("teacher.serve_allow_no_token", "--allow-no-token"),
+                Flag("teacher.serve_max_seq_len", "--max-seq-len"),
+                Flag("teacher.serve_max_buffered_bytes", "--max-buffered-bytes"))
     p.add_argument("--model", default=None, help="teacher model dir or hub name (default: teacher.model_name_or_path)")
-    p.add_argument("--host", default=None, help="bind address (default: teacher.serve_host, 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="default: teacher.serve_port (8765)")
-    p.add_argument("--k", type=int, default=None,
-                   help="largest top-k served (default: max of train.teacher_topk and logit_cache.k)")
-    p.add_argument("--allow-no-token", action="store_true", default=None,
-                   help="bind a non-loopback address without a token (teacher.serve_allow_no_token)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="longest row accepted (teacher.serve_max_seq_len)")
-    p.add_argument("--max-buffered-bytes", type=int, default=None,
-                   help="bytes held across all requests (teacher.serve_max_buffered_bytes)")
 
     def run(a: argparse.Namespace) -> int:
-        from distill_dag.teacher.server import serve_teacher
+        cfg = _load(a)
+        from distill_dag.teacher.server import serve_teacher  # lazy: `--help` without torch
 
-        over: dict[str, Any] = {}
-        _set(over, "teacher.serve_allow_no_token", a.allow_no_token)
-        _set(over, "teacher.serve_max_seq_len", a.max_seq_len)
-        _set(over, "teacher.serve_max_buffered_bytes", a.max_buffered_bytes)
-        serve_teacher(_load(a, over), model_path=a.model, host=a.host, port=a.port, k=a.k, device=a.device)
+        serve_teacher(cfg, model_path=a.model, host=a.host, port=a.port, k=a.k, device=a.device)
         return 0
 
-    p.set_defaults(func=_checked(run, {"port": "teacher.serve_port", "host": "teacher.serve_host",
-                                       "k": "train.teacher_topk"}))
+    p.set_defaults(func=run)
 
 
 # ---- student -------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the RetNet student (KD or CE-only)")
-    _config_arg(p)
-    p.add_argument("--learning-rate", type=float,
-                   help="peak AdamW learning rate (train.learning_rate); with optimizer muon, Muon's "
-                        "train.muon_learning_rate is scaled by the same factor (logged), unless "
-                        "--muon-learning-rate is given")
-    p.add_argument("--muon-learning-rate", type=float, help="peak Muon learning rate (train.muon_learning_rate)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--enable-saddle-interventions", action="store_true", default=None)
-    p.add_argument("--pretrain-ce-only", action="store_true", default=None, help="CE only: no teacher is loaded")
-    p.add_argument("--resume-from", help="a checkpoint dir or a run dir (follows checkpoint_latest); the seed's "
-                   "RUN/checkpoint_latest.pt means RUN")
-    p.add_argument("--output-dir", help="run folder (default runs/<teacher_mode>/)")
-    p.add_argument("--tokenizer", default=None, metavar="LOCAL_TOKENIZER_DIR",
-                   help="the tokenizer the shards were built with (tokenizer.dir; default: <data.root>/tokenizer, "
-                        "fetched from tokenizer.name_or_path when missing)")
-    p.add_argument("--log-interval", type=int)
-    p.add_argument("--eval-interval", type=int, help="0 = never")
-    p.add_argument("--teacher-mode", choices=["direct", "cached", "network"])
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: whole student per rank, or sharded")
+    _config_arg(p, Flag("train.learning_rate", help="Peak AdamW learning rate; with optimizer muon, Muon's "
+                        "train.muon_learning_rate is scaled by the same factor (logged), unless --muon-learning-rate "
+                        "is given"),
+                *(Flag(f"train.{k}") for k in ("muon_learning_rate", "weight_decay", "max_steps",
+                                               "enable_saddle_interventions", "pretrain_ce_only")),
+                Flag("train.resume_from", value=_seed_resume,
+                     help="A checkpoint folder or a run folder (follows checkpoint_latest); the seed's "
+                          "RUN/checkpoint_latest.pt means RUN"),
+                Flag("train.output_dir"),
+                Flag("tokenizer.dir", "--tokenizer", metavar="LOCAL_TOKENIZER_DIR",
+                     help="the tokenizer the shards were built with (default: <data.root>/tokenizer, fetched from "
+                          "tokenizer.name_or_path when missing)"),
+                *(Flag(f"train.{k}") for k in ("log_interval", "eval_interval", "teacher_mode", "parallel")))
 
     def run(a: argparse.Namespace) -> int:
-        from distill_dag.config import MUON_FOLLOWS_LR
+        from distill_dag.config import MUON_FOLLOWS_LR  # lazy: `--help` without pydantic
 
-        o: dict[str, Any] = {}
-        for flag in ("weight_decay", "max_steps", "enable_saddle_interventions",
-                     "pretrain_ce_only", "resume_from", "output_dir", "log_interval", "eval_interval",
-                     "teacher_mode", "parallel"):
-            _set(o, f"train.{flag}", getattr(a, flag))
-        _set(o, "train.muon_learning_rate", a.muon_learning_rate)
-        _set(o, "train.resume_from", _seed_resume(a.resume_from))
-        _set(o, "tokenizer.dir", a.tokenizer)
-        # --learning-rate alone: the config's Muon LR rule scales Muon's rate too (one parse)
-        context = None
-        if a.learning_rate is not None and a.muon_learning_rate is None:
-            context = {MUON_FOLLOWS_LR: a.learning_rate}
-        else:
-            _set(o, "train.learning_rate", a.learning_rate)
-        cfg = _load(a, o, context)  # every flag checked by the config model, naming its key
+        # --learning-rate alone: the config's Muon LR rule sets it and scales Muon's rate too (one parse)
+        rule = a.learning_rate is not None and a.muon_learning_rate is None
+        cfg = _load(a, context={MUON_FOLLOWS_LR: a.learning_rate} if rule else None,
+                    skip=("train.learning_rate",) if rule else ())  # every flag checked, naming its key
         if cfg.train.muon_scaled is not None:
             old_lr, old_muon, scale = cfg.train.muon_scaled
             print(f"--learning-rate {a.learning_rate:g}: AdamW lr {old_lr:g} -> {a.learning_rate:g}; "
                   f"Muon lr scaled by the same factor {scale:g}: {old_muon:g} -> "
                   f"{cfg.train.muon_learning_rate:g} (--muon-learning-rate sets it apart)", flush=True)
         if a.tokenizer is not None:  # a folder given by hand must hold one (never filled from name_or_path)
-            from distill_dag.data.tokenizer import ensure_tokenizer
+            from distill_dag.data.tokenizer import ensure_tokenizer  # lazy: `--help` without torch
 
             ensure_tokenizer(cfg, a.tokenizer)
         manifest = _check_data(cfg)
         if not cfg.train.pretrain_ce_only and cfg.train.teacher_mode != "cached":
             _warn_teacher_length(cfg, manifest=manifest)
-        from distill_dag.student.run import run_student
+        from distill_dag.student.run import run_student  # lazy: `--help` without torch
 
         out = run_student(cfg)
         if os.environ.get("RANK", "0") != "0":  # one summary under torchrun
@@ -520,8 +508,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _warn_teacher_length(cfg: PipelineConfig, model: str | None = None, manifest: Manifest | None = None) -> None:
     """Warn when the packed rows are longer than the teacher's positions (``manifest``: the packed data's,
     when the caller has read it already)."""
-    from distill_dag.data.manifest import Manifest
-    from distill_dag.teacher.providers.factory import length_warning
+    from distill_dag.data.manifest import Manifest  # lazy: `--help` start-up time
+    from distill_dag.teacher.providers.factory import length_warning  # lazy: `--help` without torch
 
     try:
         seq_len = (manifest or Manifest.load(cfg.tokenized_dir)).max_seq_length
@@ -552,15 +540,15 @@ def _seed_resume(path: str | None) -> str | None:
 def _check_data(cfg: PipelineConfig) -> Manifest:
     """Before any compute: the packed data exists and the top-k fits its vocabulary (naming the key); its
     manifest, read once."""
-    from distill_dag.config import check_vocab
-    from distill_dag.data.manifest import Manifest
+    from distill_dag.config import check_vocab  # lazy: `--help` without pydantic
+    from distill_dag.data.manifest import Manifest  # lazy: `--help` start-up time
 
     try:
         m = Manifest.load(cfg.tokenized_dir)
     except FileNotFoundError as err:
         raise _config_error(f"{err}; or point data.tokenized_dir (or data.root) at the packed data") from None
     check_vocab(cfg, m.vocab_size, f"the vocabulary of {cfg.tokenized_dir}")
-    from distill_dag.data.tokenizer import ensure_tokenizer
+    from distill_dag.data.tokenizer import ensure_tokenizer  # lazy: `--help` without torch
 
     ensure_tokenizer(cfg)  # --tokenizer is tokenizer.dir by now: the folder, or name_or_path fetched into it
     return m
@@ -573,7 +561,11 @@ def _floats(xs: list[float]) -> str:
 # ---- eval ----------------------------------------------------------------------------------
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity and needle-in-a-haystack on a checkpoint")
-    _config_arg(p)
+    _config_arg(p, Flag("eval.max_batches"),
+                Flag("eval.lm_eval_tasks", metavar="T1,T2",
+                     help="lm-evaluation-harness tasks, comma-separated: lm-eval names (arc_easy, mmlu, ...), "
+                          "distill_heldout_continuation, distill_passkey, or task YAML paths; '' skips lm-eval"),
+                Flag("eval.lm_eval_limit"))
     p.add_argument("--checkpoint", help="checkpoint dir or run dir (default <run_dir>/final)")
     p.add_argument("--split", choices=["val", "train"], help="default eval.split")
     p.add_argument("--niah", action=argparse.BooleanOptionalAction, default=None, help="default eval.niah")
@@ -581,24 +573,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", help="CE-only student checkpoint (default <run_dir>_ce_only/final if present)")
     p.add_argument("--out", help="report folder (default eval.output_dir, else beside the checkpoint: <run>/eval for "
                    "<run>/final, <run>/eval-<name> for another checkpoint)")
-    p.add_argument("--max-batches", type=int, help="perplexity batches (0 = the whole split)")
-    p.add_argument("--lm-eval-tasks", metavar="T1,T2", help="lm-evaluation-harness tasks, comma-separated: lm-eval "
-                   "names (arc_easy, mmlu, ...), distill_heldout_continuation, distill_passkey, or task YAML paths; "
-                   "'' skips lm-eval (default eval.lm_eval_tasks)")
-    p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (default eval.lm_eval_limit)")
 
     def run(a: argparse.Namespace) -> int:
-        o: dict[str, Any] = {}
-        _set(o, "eval.max_batches", a.max_batches)
-        if a.lm_eval_tasks is not None:
-            _set(o, "eval.lm_eval_tasks", [t.strip() for t in a.lm_eval_tasks.split(",") if t.strip()])
-        _set(o, "eval.lm_eval_limit", a.lm_eval_limit)
-        cfg = _load(a, o)
-        from distill_dag.eval.report import evaluate_run
+        cfg = _load(a)
+        from distill_dag.eval.report import evaluate_run  # lazy: `--help` without torch
 
         r = evaluate_run(cfg, checkpoint=a.checkpoint, split=a.split, niah=a.niah, out_dir=a.out,
                          teacher=a.teacher or "auto", baseline=a.baseline or "auto", device=cfg.train.device)
-        from distill_dag.loss.perplexity import table_markdown
+        from distill_dag.loss.perplexity import table_markdown  # lazy: `--help` without torch
 
         print(table_markdown(r["perplexity_rows"]))
         if r.get("niah_table"):
@@ -636,16 +618,15 @@ def _add_migrate_config(sub: argparse._SubParsersAction) -> None:
 
         import yaml
 
-        from distill_dag.config import ConfigError, config_from_dict
-        from distill_dag.migrate import load_seed_yaml, looks_like_ours, migrate
+        from distill_dag.config import ConfigError, config_from_dict  # lazy: `--help` without pydantic
+        from distill_dag.migrate import load_seed_yaml, looks_like_ours, migrate  # lazy: `--help` without pydantic
 
         old = Path(a.old).resolve()
         seed = load_seed_yaml(old)
         if looks_like_ours(seed):
             print(f"{a.old} is already a distill-dag config (sections {', '.join(seed)}): printed unchanged",
                   file=sys.stderr)
-            from distill_dag.config import MAX_CONFIG_BYTES
-            from distill_dag.safe_read import read_text_bounded
+            from distill_dag.config import MAX_CONFIG_BYTES  # lazy: `--help` without pydantic
 
             sys.stdout.write(read_text_bounded(old, MAX_CONFIG_BYTES, "YAML config file"))
             return 0
@@ -657,7 +638,7 @@ def _add_migrate_config(sub: argparse._SubParsersAction) -> None:
         text = (f"# migrated from {old.name} by `distill migrate-config` (the mapping: README, Seed users)\n"
                 + yaml.safe_dump(new, sort_keys=False))
         if target is not None:
-            from distill_dag.io import write_bytes_atomic
+            from distill_dag.io import write_bytes_atomic  # lazy: `--help` start-up time
 
             write_bytes_atomic(target, text.encode())
             print(f"wrote {target}; next: distill train --config {a.output}", file=sys.stderr)
@@ -694,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
                "relative to its folder. A failure prints one error and exits non-zero; --debug (anywhere) shows "
                "the traceback.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure (also DISTILL_DEBUG=1)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Verb)
     for add in COMMANDS:
         add(sub)
     return parser
@@ -726,7 +707,7 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     """``(exit code, one clear message)`` for a failure: what, where (file or key), how to fix it."""
     import errno
 
-    from distill_dag.config import ConfigError
+    from distill_dag.config import ConfigError  # lazy: `--help` without pydantic
 
     chain = _chain(err)
     msg = str(err).strip() or type(err).__name__

@@ -187,6 +187,14 @@ class TokenizeConfig(Section):
                        ge=1, le=1 << 40)
 
 
+class DataSections(Section):
+    """The data stages' sections of :class:`PipelineConfig` (raw_jsonl, tokenizer, tokenized_parquet)."""
+
+    data: DataConfig = _factory(DataConfig, "Raw sources and the data root")
+    tokenizer: TokenizerConfig = _factory(TokenizerConfig, "The tokenizer")
+    tokenize: TokenizeConfig = _factory(TokenizeConfig, "Packing into parquet shards")
+
+
 # --------------------------------------------------------------------------------------------
 # teacher: teacher_adapters, logit_cache, teacher providers
 # --------------------------------------------------------------------------------------------
@@ -333,6 +341,14 @@ class LogitCacheConfig(Section):
               "128k, under DistillKit's bytes, mean |dKL| < 1e-3; ~15x slower to encode than q8, ties may reorder "
               "ranks): for caches whose size matters more than their writing speed; fp16 = 2; fp32 = 4 (exact)")
     verify: bool = _f(True, "Check each cache shard's sha256 when the cached teacher first opens it")
+
+
+class TeacherSections(Section):
+    """The teacher's sections of :class:`PipelineConfig` (teacher_adapters, logit_cache, the providers)."""
+
+    teacher: TeacherConfig = _factory(TeacherConfig, "The teacher and how it is reached")
+    teacher_ft: TeacherFinetuneConfig = _factory(TeacherFinetuneConfig, "Teacher finetuning")
+    logit_cache: LogitCacheConfig = _factory(LogitCacheConfig, "The teacher's top-k logit cache")
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +502,30 @@ class TrainConfig(LoopConfig):
         return self._muon_scaled
 
 
+class HybridConfig(HybridLayers):
+    """A second, hybrid student trained beside the KD student (the ``student_hybrid`` asset,
+    ``<train run dir>_hybrid``): converted from the teacher (stage 1 in ``<train run dir>_hybrid_aligned``),
+    the listed or KL-chosen layers kept as the teacher's attention, then trained like the KD student (same
+    train.* settings, teacher mode, steps and tokens), so the two compare at equal tokens."""
+
+    enabled: bool = _f(False, "Train the hybrid student (student_hybrid); off: the asset is skipped")
+    learning_rate: float | None = _f(None, "Peak AdamW learning rate of the hybrid's KD (null: train.learning_rate): a "
+                                           "converted student starts near the teacher, and a scratch student's rate "
+                                           "undoes what it copied", gt=0.0, le=10.0)
+    muon_learning_rate: float | None = _f(None, "Peak Muon learning rate of the hybrid's KD (null: "
+                                                "train.muon_learning_rate)", gt=0.0, le=10.0)
+
+
+class StudentSections(Section):
+    """The student's sections of :class:`PipelineConfig` (student_aligned, student_ckpt, student_ce_baseline,
+    student_hybrid)."""
+
+    student: StudentConfig = _factory(StudentConfig, "The RetNet student")
+    train: TrainConfig = _factory(TrainConfig, "Student training (KD or CE only)")
+    align: AlignConfig = _factory(AlignConfig, "Stage 1 of student.init from_teacher")
+    hybrid: HybridConfig = _factory(HybridConfig, "A hybrid student beside the KD student (student_hybrid)")
+
+
 class EvalConfig(Section):
     """Evaluation (eval_report / distill eval): perplexity, needle-in-a-haystack, samples."""
 
@@ -531,33 +571,11 @@ class WandbConfig(Section):
         "auto", "auto: online when WANDB_API_KEY is set, else offline")
 
 
-class HybridConfig(HybridLayers):
-    """A second, hybrid student trained beside the KD student (the ``student_hybrid`` asset,
-    ``<train run dir>_hybrid``): converted from the teacher (stage 1 in ``<train run dir>_hybrid_aligned``),
-    the listed or KL-chosen layers kept as the teacher's attention, then trained like the KD student (same
-    train.* settings, teacher mode, steps and tokens), so the two compare at equal tokens."""
-
-    enabled: bool = _f(False, "Train the hybrid student (student_hybrid); off: the asset is skipped")
-    learning_rate: float | None = _f(None, "Peak AdamW learning rate of the hybrid's KD (null: train.learning_rate): a "
-                                           "converted student starts near the teacher, and a scratch student's rate "
-                                           "undoes what it copied", gt=0.0, le=10.0)
-    muon_learning_rate: float | None = _f(None, "Peak Muon learning rate of the hybrid's KD (null: "
-                                                "train.muon_learning_rate)", gt=0.0, le=10.0)
-
-
-class PipelineConfig(Section):
+# The data, teacher and student sections are declared beside their section classes (DataSections, ...);
+# pydantic puts the fields of the bases first, the last base first: the YAML's sections in pipeline order.
+class PipelineConfig(StudentSections, TeacherSections, DataSections):
     """The whole run configuration: one section per stage."""
 
-    data: DataConfig = _factory(DataConfig, "Raw sources and the data root")
-    tokenizer: TokenizerConfig = _factory(TokenizerConfig, "The tokenizer")
-    tokenize: TokenizeConfig = _factory(TokenizeConfig, "Packing into parquet shards")
-    teacher: TeacherConfig = _factory(TeacherConfig, "The teacher and how it is reached")
-    teacher_ft: TeacherFinetuneConfig = _factory(TeacherFinetuneConfig, "Teacher finetuning")
-    logit_cache: LogitCacheConfig = _factory(LogitCacheConfig, "The teacher's top-k logit cache")
-    student: StudentConfig = _factory(StudentConfig, "The RetNet student")
-    train: TrainConfig = _factory(TrainConfig, "Student training (KD or CE only)")
-    align: AlignConfig = _factory(AlignConfig, "Stage 1 of student.init from_teacher")
-    hybrid: HybridConfig = _factory(HybridConfig, "A hybrid student beside the KD student (student_hybrid)")
     eval: EvalConfig = _factory(EvalConfig, "Evaluation")
     wandb: WandbConfig = _factory(WandbConfig, "Weights & Biases")
 
