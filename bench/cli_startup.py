@@ -11,20 +11,21 @@ baseline. It also checks that `--help` imports neither torch nor transformers.
 
 from __future__ import annotations
 
+import os
+import resource
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-# bench/ holds a tokenize.py: keep it from shadowing the standard library's
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from distill_dag.cli import build_parser
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+if __package__:  # python -m bench.cli_startup
+    from bench._common import bench_parser
+else:  # python bench/cli_startup.py, from any folder: bench/ is sys.path[0]
+    from _common import bench_parser
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 1.5
 
 
@@ -56,14 +57,10 @@ def _heavy_imports() -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="two commands, 3 runs each")
+    ap = bench_parser(__doc__.splitlines()[0], quick="two commands, 3 runs each")
     ap.add_argument("--runs", type=int, default=None)
     a = ap.parse_args()
     runs = a.runs or (3 if a.quick else 5)
-    sys.path.insert(0, str(ROOT))
-    from distill_dag.cli import build_parser
-
     verbs = sorted(next(x for x in build_parser()._subparsers._group_actions).choices)  # type: ignore[union-attr]
     verbs = ["train"] if a.quick else [v for v in verbs if "_" not in v]
     d = _distill()

@@ -70,75 +70,31 @@ matmuls ~25x slower (measured 0.66 ms vs 18.8 ms for a [512, 64] x [64, 512] lin
 
 from __future__ import annotations
 
-import os
-import sys
+import json
+import shutil
+import time
+from pathlib import Path
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # a bench named like a stdlib module must not shadow it
-sys.path.insert(0, os.path.dirname(_HERE))  # the project root: bench.kd_sweep (--quick sizes)
+import torch
+from transformers import AutoConfig
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from distill_dag.config import PipelineConfig, load_config
+from distill_dag.data.dataset import make_loader
+from distill_dag.model.convert import convert_teacher, student_config_from_teacher
+from distill_dag.student.align import align_student, load_aligned_student
+from distill_dag.student.run import run_student
+from distill_dag.student.trainer import evaluate_loss
+from distill_dag.teacher.model import finetuned_teacher, load_teacher
 
-import torch  # noqa: E402
-
-from distill_dag.config import PipelineConfig, load_config  # noqa: E402
-
-
-def build_demo(cfg: PipelineConfig, log) -> None:
-    """raw_jsonl -> tokenizer -> tokenized_parquet -> teacher_adapters, as the demo assets do (skipped when done)."""
-    from distill_dag.data.pack import tokenize_to_parquet
-    from distill_dag.data.sources import gather_sources
-    from distill_dag.data.tokenizer import resolve_tokenizer, tokenizer_hash
-    from distill_dag.distill.teacher_finetune import finetune_teacher
-
-    if not (cfg.tokenized_dir / "manifest.json").exists():
-        t0 = time.time()
-        gather_sources(cfg)
-        resolve_tokenizer(cfg, cfg.raw_dir, cfg.tokenizer_dir)
-        t = cfg.tokenize
-        tokenize_to_parquet(cfg.raw_dir, cfg.tokenized_dir, cfg.tokenizer_dir, t.max_seq_length,
-                            val_fraction=t.val_fraction, rows_per_shard=t.rows_per_shard,
-                            tokenizer_hash=tokenizer_hash(cfg.tokenizer_dir))
-        log(f"data: built in {time.time() - t0:.0f}s")
-    if not (cfg.teacher_ft_dir / "final_model").exists():
-        t0 = time.time()
-        m = finetune_teacher(cfg, cfg.tokenized_dir, cfg.teacher_ft_dir, log=log)
-        log(f"teacher: trained in {time.time() - t0:.0f}s, val ppl {m['val_ppl_before']:.1f} -> {m['val_ppl_after']:.2f}")
-
-
-def val_batches(cfg: PipelineConfig) -> list[dict[str, torch.Tensor]]:
-    """The held-out batches the trainer's evaluate() uses (val split, in order, the first eval_batches)."""
-    from distill_dag.data.dataset import make_loader
-
-    it = make_loader(cfg.tokenized_dir, "val", cfg.train.batch_size, seed=0, shuffle=False, infinite=False)
-    return [b for _, b in zip(range(cfg.train.eval_batches), it)]
-
-
-@torch.no_grad()
-def teacher_val_loss(cfg: PipelineConfig, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Token-mean next-token CE of the teacher, called as the direct teacher is (position_ids, no mask);
-    ``sum_{t: labels[t+1] != -100} -log p(labels[t+1] | <= t) / count``."""
-    from distill_dag.distill.teacher_model import finetuned_teacher, load_teacher
-
-    model_dir, _ = finetuned_teacher(cfg)
-    teacher = load_teacher(cfg.teacher, torch.device("cpu"), model_path=model_dir)
-    total, n = 0.0, 0
-    for b in batches:
-        logits = teacher(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
-        lab = b["labels"][:, 1:].reshape(-1)
-        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(lab.numel(), -1).float(), lab,
-                                                         ignore_index=-100, reduction="sum"))
-        n += int((lab != -100).sum())
-    return total / n
+if __package__:  # python -m bench.convert
+    from bench._common import add_threads, bench_parser
+    from bench._demo import build_demo, quick_overrides, teacher_val_loss, val_batches
+else:  # python bench/convert.py, from any folder: bench/ is sys.path[0]
+    from _common import add_threads, bench_parser
+    from _demo import build_demo, quick_overrides, teacher_val_loss, val_batches
 
 
 def student_val_loss(cfg: PipelineConfig, model: torch.nn.Module) -> float:
-    from distill_dag.data.dataset import make_loader
-    from distill_dag.distill.trainer import evaluate_loss
-
     loader = make_loader(cfg.tokenized_dir, "val", cfg.train.batch_size, seed=0, shuffle=False, infinite=False)
     return evaluate_loss(model, loader, cfg.train.eval_batches, torch.device("cpu"), cfg.train.loss_chunk_tokens)["val_loss"]
 
@@ -166,11 +122,6 @@ def arm_from_teacher(base: PipelineConfig, out: Path, suffix: str, align_steps: 
     layers of largest KL gain are restored to the teacher's attention.
 
     The curve starts at the aligned student (KD step 0) and counts alignment tokens on the x axis."""
-    from distill_dag.distill.align import align_student, load_aligned_student
-    from distill_dag.distill.student_run import run_student
-    from distill_dag.distill.teacher_model import finetuned_teacher, load_teacher
-    from distill_dag.model.convert import convert_teacher
-
     cfg = base.model_copy(deep=True)
     cfg.student.init = "from_teacher"
     if hybrid:
@@ -184,7 +135,7 @@ def arm_from_teacher(base: PipelineConfig, out: Path, suffix: str, align_steps: 
     cfg.train.output_dir = str(out / f"from_teacher{suffix}")
     t0 = time.time()
     teacher_dir = finetuned_teacher(base)[0]
-    al = align_student(cfg, teacher_model_path=teacher_dir, echo=log)
+    al = align_student(cfg, echo=log)
     rb = run_student(cfg, echo=log)["student"]  # its stage 1 finds the alignment above up to date
     seconds = time.time() - t0
     converted, _ = convert_teacher(load_teacher(base.teacher, torch.device("cpu"), model_path=teacher_dir),
@@ -232,7 +183,8 @@ def plot(results: dict, png: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = bench_parser(__doc__.split("\n")[0], quick="tiny sizes (300 kB corpus, BPE 512, 64-token rows, a few steps), "
+                                                     "seconds; prints the ratio line")
     ap.add_argument("--config", default="demo.yaml")
     ap.add_argument("--out", default="runs/bench_convert")
     ap.add_argument("--kd-steps", type=int, default=150, help="KD steps of arm (a); (b) gets the same tokens")
@@ -241,7 +193,7 @@ def main() -> int:
     ap.add_argument("--align-lr", type=float, default=3e-3)
     ap.add_argument("--eval-interval", type=int, default=10)
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
+    add_threads(ap)
     ap.add_argument("--ablation-align-steps", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="comma list: extra (b) arms with these alignment steps (0 = conversion only)")
     ap.add_argument("--ablation-kd-steps", type=int, default=60, help="KD steps of each ablation arm")
@@ -258,8 +210,6 @@ def main() -> int:
                     help="take arms (a) and (b) from <out>/convert_results.json when its settings match "
                          "(only the ablation arms run)")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from <out>/convert_results.json")
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny sizes (300 kB corpus, BPE 512, 64-token rows, a few steps), seconds; prints the ratio line")
     a = ap.parse_args()
     if a.quick:
         a.kd_steps, a.align_steps, a.align_batch, a.eval_interval, a.eval_batches = 8, 2, 4, 2, 2
@@ -284,8 +234,6 @@ def main() -> int:
                   "log_interval": a.eval_interval, "eval_batches": a.eval_batches, "save_interval": 0},
     }
     if a.quick:
-        from bench.kd_sweep import quick_overrides
-
         for k, v in quick_overrides(out).items():
             if k != "student":  # both arms get the converted teacher's shape
                 over[k] = {**over.get(k, {}), **v}
@@ -295,8 +243,6 @@ def main() -> int:
         log = (lambda s: None)  # noqa: E731
     base = load_config(a.config, over)
     build_demo(base, log)
-    import shutil
-
     for arm in out.iterdir():  # the arms rerun (ablation arms always); data and teacher are kept
         if arm.name.startswith(("aligned_align", "from_teacher_align", "aligned_hybrid", "from_teacher_hybrid")) or (
                 not a.reuse_arms and arm.name in ("scratch", "aligned", "from_teacher")):
@@ -305,11 +251,6 @@ def main() -> int:
     t_loss = teacher_val_loss(base, batches)
     threshold = 1.1 * t_loss
     log(f"teacher held-out loss {t_loss:.4f} nats/token; target (within 10%) {threshold:.4f}")
-
-    from distill_dag.model.convert import student_config_from_teacher
-    from distill_dag.distill.student_run import run_student
-    from distill_dag.distill.teacher_model import finetuned_teacher
-    from transformers import AutoConfig
 
     tconf = AutoConfig.from_pretrained(finetuned_teacher(base)[0])
     sc = student_config_from_teacher(tconf, value_factor=1)

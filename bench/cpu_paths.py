@@ -5,7 +5,7 @@
 
 1. Muon's Newton-Schulz dtype (``train.muon_ns_dtype``): one ``Muon.step`` over the demo student's
    block matrices (the tiny RetNet, vocab 2048) with torch's bf16 iteration vs fp32
-   (:class:`distill_dag.distill.optim.Muon`). On a CPU without native bf16 the bf16 matmuls are
+   (:class:`distill_dag.training.optim.Muon`). On a CPU without native bf16 the bf16 matmuls are
    emulated; ``cpu native bf16`` says which kind this machine is (``auto`` picks fp32 where it is no).
 2. The allocator (:func:`distill_dag.device.keep_freed_memory`): in two fresh processes, one with
    ``DISTILL_DAG_MALLOC=system`` (glibc's defaults), a fresh 32 MiB tensor allocated and filled, and
@@ -33,8 +33,23 @@ import subprocess
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+# importing distill_dag applies keep_freed_memory unless DISTILL_DAG_MALLOC=system (what the allocator child compares)
+from distill_dag.config import load_config
+from distill_dag.device import autocast, autocast_enabled, cpu_has_native_bf16
+from distill_dag.model.retnet import RetNetForCausalLM
+from distill_dag.model.variants import student_config
+from distill_dag.teacher.model import build_tiny_teacher
+from distill_dag.training.distributed import StudentLoss
+from distill_dag.training.optim import Muon, split_parameters
+
+if __package__:  # python -m bench.cpu_paths
+    from bench._common import add_threads, bench_parser
+else:  # python bench/cpu_paths.py, from any folder: bench/ is sys.path[0]
+    from _common import add_threads, bench_parser
 
 
 def _best_ms(fn, repeats: int) -> float:
@@ -48,12 +63,6 @@ def _best_ms(fn, repeats: int) -> float:
 
 
 def muon_step_ms(ns_dtype, repeats: int) -> float:
-    import torch
-
-    from distill_dag.distill.optim import Muon, split_parameters
-    from distill_dag.model.retnet import RetNetForCausalLM
-    from distill_dag.model.variants import student_config
-
     torch.manual_seed(0)
     model = RetNetForCausalLM(student_config("tiny", 2048))
     params = [p for _, p in split_parameters(model)["muon"]]
@@ -65,10 +74,6 @@ def muon_step_ms(ns_dtype, repeats: int) -> float:
 
 
 def allocator_child(repeats: int) -> dict[str, float]:
-    import torch
-
-    import distill_dag  # noqa: F401  (applies keep_freed_memory unless DISTILL_DAG_MALLOC=system)
-
     def alloc():
         torch.empty(8 << 20).fill_(1.0)
 
@@ -89,17 +94,11 @@ def train_step_ms(which: str, precision: str, repeats: int, rows: int) -> float:
 def train_step(which: str, precision: str, rows: int):
     """One training step (forward, backward, AdamW) of the demo teacher or student at ``rows`` x 256, as a
     function."""
-    import torch
-
-    from distill_dag.device import autocast
-
     torch.manual_seed(0)
     T, V = 256, 2048
     ids = torch.randint(4, V, (rows, T), generator=torch.Generator().manual_seed(0))
     pos = torch.cat([torch.arange(100), torch.arange(T - 100)]).expand(rows, T)  # two documents per row
     if which == "teacher":
-        from distill_dag.distill.teacher_model import build_tiny_teacher
-
         model = build_tiny_teacher(V, dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2))
         model.config._attn_implementation = "sdpa"
@@ -107,10 +106,6 @@ def train_step(which: str, precision: str, rows: int):
         def loss():
             return model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss
     else:
-        from distill_dag.distill.distributed import StudentLoss
-        from distill_dag.model.retnet import RetNetForCausalLM
-        from distill_dag.model.variants import student_config
-
         model = RetNetForCausalLM(student_config("tiny", V, chunk_size=64))
         wrapped = StudentLoss(model)
         batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, position_ids=pos)
@@ -132,20 +127,12 @@ def train_step(which: str, precision: str, rows: int):
 
 def gemm_gflops(dtype, repeats: int, n: int = 2048) -> float:
     """This CPU's dense GEMM throughput (n x n x n, ``dtype``, torch's threads): the ceiling for any model."""
-    import torch
-
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     return 2 * n**3 / _best_ms(lambda: torch.mm(a, b), repeats) / 1e6
 
 
 def teacher_floor(repeats: int) -> None:
     """The demo teacher finetune's compute against the machine's GEMM ceiling: how fast it could ever be here."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from distill_dag.config import load_config
-    from distill_dag.device import autocast_enabled
-
     cfg = load_config("demo.yaml")
     ft, T = cfg.teacher_ft, cfg.tokenize.max_seq_length
     precision = "bfloat16" if autocast_enabled(torch.device("cpu"), cfg.train.autocast) else "off"
@@ -176,9 +163,6 @@ def matmuls_alone_ms(step, repeats: int) -> tuple[float, int]:
     """ms of the matrix products one call of ``step`` makes (mm, addmm, bmm: forward and backward), replayed
     back to back on fresh tensors of the same sizes, strides and dtypes: what the step costs with everything
     else (attention softmax, norms, elementwise, optimizer, autograd bookkeeping) free."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     aten = torch.ops.aten
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
     calls: list = []
@@ -206,21 +190,16 @@ def matmuls_alone_ms(step, repeats: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a few repeats (seconds)")
+    ap = bench_parser(__doc__.split("\n")[0], quick="a few repeats (seconds)")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the demo's lanes run one each)")
+    add_threads(ap, help="torch threads (the demo's lanes run one each)")
     ap.add_argument("--allocator-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     repeats = 3 if args.quick else args.repeats
-    import torch
-
     torch.set_num_threads(args.threads)
     if args.allocator_child:
         print(json.dumps(allocator_child(repeats)))
         return
-
-    from distill_dag.device import cpu_has_native_bf16
 
     print(f"threads {args.threads}, repeats {repeats}; cpu native bf16: {'yes' if cpu_has_native_bf16() else 'no'}")
     bf16 = muon_step_ms(torch.bfloat16, repeats)

@@ -5,7 +5,7 @@
 #      at seq 1k (16 x 1024) and 4k (4 x 4096); in the same run the seed's way (fp32 teacher, full
 #      [tokens, V] logits, full-vocabulary KL through autograd) and fla's chunk_retention vs our Triton
 #      kernel, and the hybrid student (every 4th layer softmax attention) at the same shapes
-#      (python bench/real_shapes.py --gpu; goal >= 40k tokens/s at seq 1k);
+#      (python bench/gpu_throughput.py; goal >= 40k tokens/s at seq 1k);
 #   2. the gpu-marked tests (Triton retention and KD-loss kernels against their references).
 # Never a test dependency: nothing in tests/ calls it.
 #
@@ -48,7 +48,7 @@ python3 -c "import fla; print('fla', fla.__version__)" 2>/dev/null || echo "fla:
 
 t0=$(date +%s)
 echo "== direct-mode throughput (ours vs the seed's way) + fla vs Triton retention"
-timeout 330 python3 bench/real_shapes.py --gpu --json "$OUT/gpu_throughput.json" 2>&1 | grep -v "it/s\]$"
+timeout 330 python3 bench/gpu_throughput.py --json "$OUT/gpu_throughput.json" 2>&1 | grep -v "it/s\]$"
 echo "   ($(( $(date +%s) - t0 )) s)"
 
 echo "== GPU tests"

@@ -33,28 +33,24 @@ Measured (defaults: 4096 tokens, vocab 128256, d 1152, k 512, chunk 1024, T 2, r
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 
-# run as a script, this folder is sys.path[0]: drop it before anything else is imported, so no file
-# here can ever shadow a module of the standard library or of a dependency.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from distill_dag.kernels.kd_loss import fused_linear_kd_loss
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from distill_dag.kernels.kd_loss import fused_linear_kd_loss  # noqa: E402
+if __package__:  # python -m bench.kd_loss
+    from bench._common import add_json, add_threads, bench_parser, write_json
+else:  # python bench/kd_loss.py, from any folder: bench/ is sys.path[0]
+    from _common import add_json, add_threads, bench_parser, write_json
 
 
 def naive_kd_loss(h, W, y, idx, lp, *, temperature, distill_alpha):
@@ -178,7 +174,7 @@ def _common_args(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser(__doc__.splitlines()[0], quick="tiny sizes (seconds): 256 tokens, vocab 8192, d 64, k 64, 1 iter")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--dim", type=int, default=1152)
@@ -187,14 +183,13 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--iters", type=int, default=2)
-    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
+    add_threads(p, default=min(os.cpu_count() or 1, 16))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "autocast"], default="float32",
                    help="hidden and LM head in fp32 or bf16, or fp32 under bf16 autocast (the trainer's GPU "
                    "setting); the losses are computed in fp32 either way")
-    p.add_argument("--json", help="also write the result here")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): 256 tokens, vocab 8192, d 64, k 64, 1 iter")
+    add_json(p, help="also write the result here")
     p.add_argument("--worker", choices=["naive", "chunked", "time"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
@@ -225,10 +220,9 @@ def main(argv=None):
         "loss": {"naive": n["loss"], "chunked": c["loss"]},
     }
     summary["targets_met"] = summary["peak_memory_ratio"] <= 0.25 and summary["time_ratio"] <= 1.0
-    text = json.dumps(summary, indent=2)
-    print(text)
+    print(json.dumps(summary, indent=2))
     if a.json:
-        Path(a.json).write_text(text + "\n")
+        write_json(a.json, summary)
     return summary
 
 

@@ -12,7 +12,7 @@ the KD knobs change: temperature ``T``, ``alpha`` (weight of the KL term; 1 - al
 teacher's top-``k`` and the tail treatment. The demo's own setting is the ``base`` arm; the sweep is
 a measurement on its own teacher run, not a tuning of the demo to its test; the demo took its best tail setting.
 
-Data and teacher are built as in bench/convert.py, in ``--out`` (default runs/bench_convert: the two
+Data and teacher are built as in bench/convert.py (bench/_demo.py), in ``--out`` (default runs/bench_convert: the two
 benches share one demo teacher); arms run under ``<out>/kd_sweep/``.
 
 Measured (2026-12-01, 2 shared CPU cores under load 6-13, 1 thread;
@@ -57,19 +57,21 @@ alpha1 and the demo's 200 steps: the copying-teacher run above.)
 
 from __future__ import annotations
 
-import os
-import sys
+import json
+import time
+from pathlib import Path
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # a bench named like a stdlib module must not shadow it
-sys.path.insert(0, os.path.dirname(_HERE))  # the project root: bench.convert
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from distill_dag.config import load_config
+from distill_dag.student.run import run_ce_baseline, run_kd_student
 
-import torch  # noqa: E402
+if __package__:  # python -m bench.kd_sweep
+    from bench._common import add_threads, bench_parser
+    from bench._demo import build_demo, quick_overrides, teacher_val_loss, val_batches
+else:  # python bench/kd_sweep.py, from any folder: bench/ is sys.path[0]
+    from _common import add_threads, bench_parser
+    from _demo import build_demo, quick_overrides, teacher_val_loss, val_batches
 
 # name -> train overrides; "ce" is the CE-only baseline
 ARMS: dict[str, dict] = {
@@ -84,41 +86,19 @@ ARMS: dict[str, dict] = {
 }
 
 
-def quick_overrides(out: Path) -> dict:
-    """Tiny sizes: 300 kB of stdlib + 10 retrieval documents, BPE 512, 64-token rows, a few steps."""
-    return {
-        "data": {"root": str(out / "data"), "sources": [
-            {"name": "stdlib", "kind": "stdlib", "max_bytes": 300_000},
-            {"name": "retrieval", "kind": "hf", "dataset": "synthetic:retrieval", "max_rows": 10}]},
-        "tokenizer": {"vocab_size": 512},
-        "tokenize": {"max_seq_length": 64, "val_fraction": 0.1},
-        "teacher_ft": {"max_steps": 12, "copy_warmup_steps": 4, "pass_key_rows_per_batch": 2, "batch_size": 8,
-                       "warmup_steps": 2, "eval_interval": 0,
-                       "save_interval": 0},
-        "student": {"overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                  "intermediate_size": 64}},
-        "train": {"max_steps": 6, "batch_size": 4, "warmup_steps": 1, "eval_batches": 2},
-    }
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = bench_parser(__doc__.split("\n")[0], quick="tiny sizes, seconds")
     ap.add_argument("--config", default="demo.yaml")
     ap.add_argument("--out", default=None, help="default runs/bench_convert (runs/bench_kd_quick with --quick)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {list(ARMS)} (ce and base always run)")
     ap.add_argument("--steps", type=int, default=None, help="student steps (default: the config's train.max_steps)")
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    add_threads(ap)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out or ("runs/bench_kd_quick" if a.quick else "runs/bench_convert")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda s: None) if a.quick else (lambda s: print(s, flush=True))
-
-    from bench.convert import build_demo, teacher_val_loss, val_batches
-    from distill_dag.config import load_config
-    from distill_dag.distill.student_run import run_ce_baseline, run_kd_student
 
     over = {
         "data": {"root": str(out / "data")},

@@ -40,23 +40,30 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# run as `python bench/logit_cache.py`: keep bench/ from shadowing anything on the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import argparse  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+from distill_dag.data.manifest import SCHEMA_VERSION, Manifest, ShardInfo
+from distill_dag.data.shards import rows_to_table
+from distill_dag.io import sha256_file
+from distill_dag.teacher.cache import layout
+from distill_dag.teacher.cache.codec import CacheEncoding, default_slot_bits
+from distill_dag.teacher.cache.writer import iter_shard_batches, write_cache_shard
+from distill_dag.teacher.providers.direct import DirectTeacher
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from distill_dag.distill.cache.codec import CacheEncoding, default_slot_bits  # noqa: E402
+if __package__:  # python -m bench.logit_cache
+    from bench._common import OUT, bench_parser
+else:  # python bench/logit_cache.py, from any folder: bench/ is sys.path[0]
+    from _common import OUT, bench_parser
 
 V = 128256
 DISTILLKIT = {50: 114.0, 128: 315.0}  # B/token, published (k=128: 300-330)
@@ -187,12 +194,6 @@ def plot(curve: dict, path: Path) -> None:
 
 
 def write_data(root: Path, rows: int, seq: int, vocab: int) -> Path:
-    import pyarrow.parquet as pq
-
-    from distill_dag.data.manifest import SCHEMA_VERSION, Manifest, ShardInfo
-    from distill_dag.data.shards import rows_to_table
-    from distill_dag.io import sha256_file
-
     d = root / "tokenized"
     d.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -219,12 +220,6 @@ def writing_speed(rows: int, seq: int, batch_rows: int, repeats: int, shape: str
                   codecs=("q8", "compact"), hidden: int | None = None, k: int | None = None) -> list[str]:
     """Cache-writing tokens/s of each codec over the bare ``DirectTeacher.topk`` on the same rows, paired:
     each repeat runs the bare loop and then one write per codec (the order rotating), best of ``repeats``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distill_dag.distill.cache import layout
-    from distill_dag.distill.cache.writer import iter_shard_batches, write_cache_shard
-    from distill_dag.distill.teachers.direct import DirectTeacher
-
     sh = dict(SHAPES[shape])
     if hidden is not None:
         sh.update(hidden=hidden, intermediate=4 * hidden, heads=max(1, hidden // 64), kv_heads=max(1, hidden // 128))
@@ -272,8 +267,7 @@ def writing_speed(rows: int, seq: int, batch_rows: int, repeats: int, shape: str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    ap = bench_parser(__doc__.split("\n")[0], quick="tiny sizes (seconds)")
     ap.add_argument("--positions", type=int, default=512)
     ap.add_argument("--seq", type=int, default=128, help="positions per cache row (the codec's bit pool)")
     ap.add_argument("--rows", type=int, default=32, help="rows cached in the vocab-128k writing-speed run")
@@ -282,7 +276,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256, help="teacher hidden size of the vocab-128k writing run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only-writing", action="store_true", help="skip the codec table")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
     if a.quick:
         a.positions, a.seq, a.rows, a.demo_rows, a.write_seq, a.hidden, a.repeats = 64, 32, 4, 4, 32, 64, 1

@@ -15,17 +15,22 @@ a code server of the same file (dynamic partition keys included). ``status_s``: 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import dagster as dg
+from dagster_graphql.test.utils import define_out_of_process_workspace, execute_dagster_graphql
 
-ROOT = Path(__file__).resolve().parent.parent
+if __package__:  # python -m bench.partitions
+    from bench._common import ROOT, bench_parser
+else:  # python bench/partitions.py, from any folder: bench/ is sys.path[0]
+    from _common import ROOT, bench_parser
+
 STATUS = """
 query { assetNodeOrError(assetKey: {path: ["logit_cache"]}) { ... on AssetNode {
   assetPartitionStatuses { ... on DefaultPartitionStatuses { materializedPartitions failedPartitions } } } } }"""
@@ -46,10 +51,6 @@ def _site(n: int) -> dict:
 
 
 def _measure(n: int) -> dict[str, float]:
-    from dagster_graphql.test.utils import define_out_of_process_workspace, execute_dagster_graphql
-
-    import subprocess
-
     site = _site(n)
     inst = site["instance"]
     code = ("import time; t = time.perf_counter(); import dagster as dg; from distill_dag.definitions import defs; "
@@ -74,8 +75,7 @@ def _measure(n: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="200 keys instead of 5000")
+    ap = bench_parser(__doc__.split("\n\n")[0], quick="200 keys instead of 5000")
     ap.add_argument("--keys", type=int, default=None)
     a = ap.parse_args(argv)
     n = a.keys or (200 if a.quick else 5000)

@@ -29,20 +29,26 @@ the parallel reference in fp32 and bf16.
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
 import os
+import statistics
+import subprocess
 import sys
+import time
 
-# bench/ holds a tokenize.py that would shadow the standard library's (torch imports it).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+from distill_dag.kernels.retention import decay_log_gammas, retention, retention_parallel
+from distill_dag.model.retnet import RetNetCache, RetNetForCausalLM
+from distill_dag.model.variants import student_config
 
-import torch  # noqa: E402
+if __package__:  # python -m bench.retention
+    from bench._common import add_json, add_threads, bench_parser, write_json
+else:  # python bench/retention.py, from any folder: bench/ is sys.path[0]
+    from _common import add_json, add_threads, bench_parser, write_json
 
 VOCAB = 512
 
@@ -61,10 +67,6 @@ def _reset_hwm() -> None:
 
 
 def tiny_retnet(vocab: int = VOCAB, **overrides):
-    import distill_dag  # noqa: F401
-    from distill_dag.model.retnet import RetNetForCausalLM
-    from distill_dag.model.variants import student_config
-
     torch.manual_seed(0)
     return RetNetForCausalLM(student_config("tiny", vocab, **overrides))
 
@@ -161,10 +163,6 @@ def _decode_step(model, cache, pos: int, tok: torch.Tensor) -> tuple[float, torc
 
 
 def bench_generation(contexts: list[int], decode_tokens: int) -> dict:
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-    from distill_dag.model.retnet import RetNetCache
-
     retnet = tiny_retnet(retention_backend="torch").eval()
     torch.manual_seed(0)
     llama = LlamaForCausalLM(
@@ -238,10 +236,6 @@ def _cuda_time(fn, iters: int) -> float:
 
 
 def bench_gpu(iters: int) -> dict:
-    import importlib.util
-
-    from distill_dag.kernels.retention import decay_log_gammas, retention, retention_parallel
-
     dev = torch.device("cuda")
     print(f"\n== GPU: {torch.cuda.get_device_name(0)}")
     H, K, V = 10, 128, 256  # the 500M student's heads
@@ -295,10 +289,6 @@ def bench_gpu(iters: int) -> dict:
         cells = [f"{row[b]['tokens_per_s'] / 1e6:>9.2f} Mtok/s" if "tokens_per_s" in row[b] else f"{'failed':>14}" for b in backends]
         print(f"{T:>6} {B:>3} | " + " | ".join(cells), flush=True)
 
-    import distill_dag  # noqa: F401
-    from distill_dag.model.retnet import RetNetForCausalLM
-    from distill_dag.model.variants import student_config
-
     print("\n500M student fwd+bwd (bf16 autocast, fp32 weights), batch 1")
     model = RetNetForCausalLM(student_config("500M", 128256)).to(dev)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -329,9 +319,8 @@ def bench_gpu(iters: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__.splitlines()[0], quick="tiny sizes (seconds): lengths 256 and 512, contexts 128 and 512")
     ap.add_argument("--gpu", action="store_true", help="GPU benchmark (Triton vs PyTorch chunkwise, fla)")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds): lengths 256 and 512, contexts 128 and 512")
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--parallel-max", type=int, default=4096)
     ap.add_argument("--contexts", default="1024,32768")
@@ -340,11 +329,9 @@ def main() -> int:
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--skip-generation", action="store_true")
-    ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument(
-        "--threads", type=int, default=1,
-        help="torch CPU threads (default 1: on a shared 2-core box two OpenMP threads spin on each other's barriers)",
-    )
+    add_json(ap)
+    add_threads(ap, help="torch CPU threads (default 1: on a shared 2-core box two OpenMP threads spin on each "
+                         "other's barriers)")
     # internal: one measurement in a fresh process
     ap.add_argument("--worker", choices=["train"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="chunkwise", help=argparse.SUPPRESS)
@@ -371,8 +358,7 @@ def main() -> int:
         if not args.skip_generation:
             results["generation"] = bench_generation(contexts, args.decode_tokens)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

@@ -20,7 +20,6 @@ reached through the env var, the student loading without ``distill_dag``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -33,7 +32,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from distill_dag.teacher.model import build_tiny_teacher
+
+if __package__:  # python -m bench.seed_walkthrough
+    from bench._common import bench_parser
+else:  # python bench/seed_walkthrough.py, from any folder: bench/ is sys.path[0]
+    from _common import bench_parser
+
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LLAMA3 = (
     "{{- bos_token }}"
@@ -79,11 +87,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def build_teacher(root: Path, texts: list[str]) -> Path:
     """models/teacher: a Llama-3-style tokenizer (special header tokens, chat template) + a tiny Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from distill_dag.distill.teacher_model import build_tiny_teacher
-
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
@@ -240,8 +243,7 @@ def walk(root: Path, quick: bool) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="60 conversations, 2 steps per stage")
+    ap = bench_parser(__doc__.splitlines()[0], quick="60 conversations, 2 steps per stage")
     ap.add_argument("--keep", default=None, metavar="DIR", help="walk in DIR (kept) instead of a temp folder")
     a = ap.parse_args(argv)
     root = Path(a.keep).resolve() if a.keep else Path(tempfile.mkdtemp(prefix="seed_walk_"))
@@ -264,5 +266,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

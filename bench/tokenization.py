@@ -2,6 +2,7 @@
 
     python bench/tokenization.py                 # 16 MB of stdlib text, BPE vocab 4096, max_seq_length 1024
     python bench/tokenization.py --mb 32 --repeats 3 --max-seq-length 2048
+    python bench/tokenization.py --quick         # 0.3 MB, vocab 512, one repeat: seconds (the test suite runs it)
 
 Builds a JSONL corpus from the running Python's standard library (4 files), trains a byte-level
 BPE on it, then alternates (``--repeats`` times):
@@ -25,26 +26,28 @@ tokenizer's output tokens (the pipeline's added EOS excluded).
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
-# (this file was bench/tokenize.py, which shadowed the stdlib's `tokenize` when bench/ led sys.path):
-# keep the script's folder off the import path all the same.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.modules.pop("tokenize", None)
+from transformers import PreTrainedTokenizerFast
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from distill_dag.data import encode as encoding
+from distill_dag.data import pack
+from distill_dag.data.sources import decode_python_source, stdlib_files
+from distill_dag.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_bpe
+
+if __package__:  # python -m bench.tokenization
+    from bench._common import bench_parser
+else:  # python bench/tokenization.py, from any folder: bench/ is sys.path[0]
+    from _common import bench_parser
 
 
 def build_corpus(root: Path, mb: float, files: int = 4) -> list[str]:
-    from distill_dag.data.sources import decode_python_source, stdlib_files
-
     texts = [decode_python_source(p.read_bytes())[0] for _, p in stdlib_files(int(mb * 1e6))]
     root.mkdir(parents=True, exist_ok=True)
     per = (len(texts) + files - 1) // files
@@ -95,14 +98,13 @@ def raw_throughput(backend, texts: list[str], batch_bytes: int, inflight: int = 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__.splitlines()[0], quick="tiny sizes (seconds): 0.3 MB, vocab 512, one repeat")
     ap.add_argument("--mb", type=float, default=16.0)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--max-seq-length", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="default: a temp dir, removed at the end unless --keep")
     ap.add_argument("--keep", action="store_true", help="keep the temp workdir (corpus, tokenizer, shards)")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds): 0.3 MB, vocab 512, one repeat")
     ap.add_argument("--batch-mb", type=float, default=None, help="text per encode_batch call (default: the pipeline's)")
     args = ap.parse_args()
     if args.quick:
@@ -116,13 +118,8 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
-    from transformers import PreTrainedTokenizerFast
-
-    from distill_dag.data import pack
-    from distill_dag.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_bpe
-
     if args.batch_mb:
-        pack._BATCH_BYTES = int(args.batch_mb * 2**20)
+        encoding._BATCH_BYTES = int(args.batch_mb * 2**20)
     texts = build_corpus(work / "raw", args.mb)
     mb = sum(len(t.encode()) for t in texts) / 1e6
     bpe = train_bpe(iter(texts), args.vocab)
@@ -139,7 +136,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         best[name] = max(best.get(name, 0.0), value)
 
     for r in range(args.repeats):
-        raws = {name: raw_throughput(backend, texts, pack._BATCH_BYTES, pack._ENCODE_INFLIGHT, fast=fast)
+        raws = {name: raw_throughput(backend, texts, encoding._BATCH_BYTES, pack._ENCODE_INFLIGHT, fast=fast)
                 for name, fast in (("encode_batch", False), ("encode_batch_fast", True))}
         t0, c0 = time.perf_counter(), time.process_time()
         res = pack.tokenize_to_parquet(work / "raw", work / "out", work / "tok", args.max_seq_length, force=True,
@@ -180,10 +177,8 @@ def pipeline_without_encoding_cpu(work: Path, args: argparse.Namespace, repeats:
     and hashing the inputs, token ids out of the encodings, packing, parquet and token-cache writes,
     fsyncs, the manifest). It includes turning encodings into id lists, which the raw baselines do too,
     so the ceiling it implies is a little low."""
-    from distill_dag.data import pack
-
     memo: dict = {}
-    encode = pack.encode_longest_first
+    encode = encoding.encode_longest_first
 
     def memoized(backend, texts, add_special_tokens):
         key = (len(texts), sum(map(len, texts)), texts[0], add_special_tokens)
@@ -195,7 +190,7 @@ def pipeline_without_encoding_cpu(work: Path, args: argparse.Namespace, repeats:
         pack.tokenize_to_parquet(work / "raw", work / "out", work / "tok", args.max_seq_length, force=True,
                                  rows_per_shard=4096)
 
-    pack.encode_longest_first = memoized
+    encoding.encode_longest_first = memoized
     try:
         build()  # fills the memo
         cpu = []
@@ -204,7 +199,7 @@ def pipeline_without_encoding_cpu(work: Path, args: argparse.Namespace, repeats:
             build()
             cpu.append(time.process_time() - c0)
     finally:
-        pack.encode_longest_first = encode
+        encoding.encode_longest_first = encode
     return sorted(cpu)[len(cpu) // 2]
 
 if __name__ == "__main__":

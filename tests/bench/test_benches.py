@@ -32,7 +32,8 @@ EXPECT: dict[str, list[str]] = {
     "convert": [r"ratio|tokens"],
     # a walkthrough of the seed's QUICKSTART, not a speed target: its line is the time it took, step by step
     "seed_walkthrough": [r'"seed_walkthrough_s": [\d.]+, "steps": \{"download_dry_run"'],
-    "real_shapes": [r"peak|RSS"],
+    "memory_shapes": [r"peak|RSS"],
+    "gpu_throughput": [r"seed's way .* is [\d.]+x its speed", r"ratio hybrid/pure [\d.]+", r"retention fwd\+bwd"],
     "kd_sweep": [r"gap_share_base [\d.]+ gap_share_best [\d.]+"],
     "cpu_paths": [r"Muon.step.*ratio bf16/fp32 [\d.]+", r"32 MiB .*ratio default/ours [\d.]+",
                   r"LM head .*ratio default/ours [\d.]+", r"teacher training step.*ratio fp32/bf16 [\d.]+",
