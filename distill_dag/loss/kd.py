@@ -55,11 +55,12 @@ Teacher ids in a row must be distinct (a sorted top-k is). The LM head has no bi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from distill_dag.loss.topk import TeacherTopK
-from distill_dag.kernels.kd_loss import TAILS, fused_linear_kd_loss
+from distill_dag.kernels.kd_loss import KDOptions, fused_linear_kd_loss
 
 
 @dataclass
@@ -76,13 +77,7 @@ def distill_loss(
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
     teacher: TeacherTopK | None = None,
-    *,
-    temperature: float,
-    distill_alpha: float,
-    tail: str = "renormalize",
-    chunk_tokens: int = 1024,
-    diversity_weight: float = 0.0,
-    backend: str = "auto",
+    **options: Any,
 ) -> LossOutput:
     """Chunked CE + sparse top-k KL (see the module docstring for the formulas).
 
@@ -92,7 +87,8 @@ def distill_loss(
     The shift happens here, once: hidden[:, t] is scored against labels[:, t+1] and teacher[:, t].
     Logits exist for ``chunk_tokens`` positions at a time; the gradients w.r.t. hidden and
     lm_head_weight are computed during the forward and returned by backward.
-    backend: "auto" (Triton tail kernels on CUDA, PyTorch elsewhere), "torch" or "triton".
+    options: the fields of :class:`~distill_dag.kernels.kd_loss.KDOptions` (temperature and distill_alpha
+    required; tail, chunk_tokens, diversity_weight, backend), checked after the shapes.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, d], got shape {tuple(hidden.shape)}")
@@ -101,14 +97,7 @@ def distill_loss(
         raise ValueError(f"lm_head_weight must be [V, {d}] to match hidden, got {tuple(lm_head_weight.shape)}")
     if labels.shape != (B, T):
         raise ValueError(f"labels must be [B, T] = {(B, T)} like hidden, got {tuple(labels.shape)}")
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS} (train.tail in the config), got {tail!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (train.temperature), got {temperature}")
-    if not 0.0 <= distill_alpha <= 1.0:
-        raise ValueError(f"distill_alpha must be in [0, 1] (train.distill_alpha), got {distill_alpha}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1 (train.loss_chunk_tokens), got {chunk_tokens}")
+    KDOptions(**options)  # checks them before any work; fused_linear_kd_loss takes them as given here
 
     tgt = labels[:, 1:].to(hidden.device)
     valid = tgt != -100
@@ -128,9 +117,5 @@ def distill_loss(
             raise ValueError(f"teacher k = {teacher.k} > vocabulary {V}")
         idx = teacher.indices[:, :-1].to(hidden.device)[valid].long()
         logp = teacher.logprobs[:, :-1].to(hidden.device)[valid].float()
-    loss, ce, kl, div = fused_linear_kd_loss(
-        h, lm_head_weight, y, idx, logp,
-        temperature=temperature, distill_alpha=distill_alpha, tail=tail,
-        chunk_tokens=chunk_tokens, diversity_weight=diversity_weight, backend=backend,
-    )
+    loss, ce, kl, div = fused_linear_kd_loss(h, lm_head_weight, y, idx, logp, **options)
     return LossOutput(loss=loss, ce=ce, kl=kl, diversity=div, n_tokens=int(y.numel()))

@@ -26,10 +26,13 @@ So on the tail the gradient of a row is  A * q1_v / Qrest1 + B * qT_v / QrestT  
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 TAILS = ("renormalize", "bucket")
+BACKENDS = ("auto", "torch", "triton")
 _NEG_INF = float("-inf")
 
 
@@ -114,7 +117,7 @@ def _chunk_forward(z, y, idx, logp, *, T, tail, c_ce, c_kl, div_w, div_a, use_tr
     need_T = idx is not None and tail == "renormalize" and T != 1.0
 
     if use_triton and div_w == 0.0:
-        from .triton_tail import tail_grad_, tail_lse
+        from .triton_tail import tail_grad_, tail_lse  # lazy: triton is optional (CUDA only)
 
         lse_t1, lse_tT = tail_lse(z, T, need_T)
         ce, kl, gS, A, B, _, _ = _support_terms(
@@ -256,28 +259,49 @@ def _accumulate_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         acc.add_(a @ b)  # 16-bit temporary; the in-place mixed-dtype add converts on the fly
 
 
+@dataclass(frozen=True, kw_only=True)
+class KDOptions:
+    """How the KD loss is computed (the config key in brackets); checked when built.
+
+    temperature (train.temperature) > 0; distill_alpha (train.distill_alpha) in [0, 1], the KL's weight;
+    tail (train.tail) one of :data:`TAILS`; chunk_tokens (train.loss_chunk_tokens) >= 1, rows of logits at a
+    time; diversity_weight, the batch-diversity term's weight; backend: "torch", "triton" (CUDA only) or
+    "auto" (triton on CUDA when importable and diversity is off)."""
+
+    temperature: float
+    distill_alpha: float
+    tail: str = "renormalize"
+    chunk_tokens: int = 1024
+    diversity_weight: float = 0.0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS} (train.tail in the config), got {self.tail!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (train.temperature), got {self.temperature}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1] (train.distill_alpha), got {self.distill_alpha}")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1 (train.loss_chunk_tokens), got {self.chunk_tokens}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be auto|torch|triton, got {self.backend!r}")
+
+
 def fused_linear_kd_loss(
     h: torch.Tensor,
     W: torch.Tensor,
     y: torch.Tensor,
     teacher_indices: torch.Tensor | None,
     teacher_logprobs: torch.Tensor | None,
-    *,
-    temperature: float,
-    distill_alpha: float,
-    tail: str = "renormalize",
-    chunk_tokens: int = 1024,
-    diversity_weight: float = 0.0,
-    backend: str = "auto",
+    **options: Any,
 ):
     """Already shifted and masked inputs: h [N, d] hidden states of the scored positions, W [V, d],
     y [N] target ids, teacher_indices [N, k] int64 / teacher_logprobs [N, k] (T = 1, full-vocab
-    normalised) or None. backend: "torch", "triton" (CUDA only) or "auto" (triton on CUDA when
-    importable and diversity is off). Returns (loss, ce, kl, diversity) scalars; only loss has a grad."""
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r} (train.tail in the config)")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be auto|torch|triton, got {backend!r}")
+    normalised) or None; options: the fields of :class:`KDOptions`, by keyword. Returns (loss, ce, kl,
+    diversity) scalars; only loss has a grad."""
+    opts = KDOptions(**options)
+    tail, backend, diversity_weight = opts.tail, opts.backend, opts.diversity_weight
     V = W.shape[0]
     if teacher_indices is not None and teacher_indices.shape[-1] >= V and tail == "bucket":
         tail = "renormalize"  # no tail: both definitions are the exact KL
@@ -293,8 +317,8 @@ def fused_linear_kd_loss(
     # gradients are produced in the forward, so only when they will be asked for (not under no_grad)
     grad_on = torch.is_grad_enabled()
     return FusedLinearKDLoss.apply(
-        h, W, y, teacher_indices, teacher_logprobs, float(temperature), float(distill_alpha), tail,
-        int(chunk_tokens), float(diversity_weight), use_triton, cdt, grad_on and h.requires_grad,
+        h, W, y, teacher_indices, teacher_logprobs, float(opts.temperature), float(opts.distill_alpha), tail,
+        int(opts.chunk_tokens), float(diversity_weight), use_triton, cdt, grad_on and h.requires_grad,
         grad_on and W.requires_grad,
     )
 

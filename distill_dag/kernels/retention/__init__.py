@@ -18,8 +18,11 @@ import torch
 
 from distill_dag.kernels.retention.chunk import retention_chunkwise
 from distill_dag.kernels.retention.reference import (
+    RetentionInputs,
+    RetentionOutput,
     decay_log_gammas,
     retention_parallel,
+    retention_form,
     retention_recurrent,
     retention_step,
 )
@@ -49,38 +52,30 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def retention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    reset: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = 64,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+@retention_form
+def retention(x: RetentionInputs, chunk_size: int = 64, backend: str = "auto") -> RetentionOutput:
     """Retention ``o_t = q_t S_t``, ``S_t = a_t S_{t-1} + k_t^T v_t`` (a_t = gamma_h, 0 at a reset) by the
     chosen backend. Shapes in the module docstring."""
-    which = resolve_backend(backend, q.device)
+    which = resolve_backend(backend, x.q.device)
     if which == "torch":
-        return retention_chunkwise(q, k, v, log_decay, reset, initial_state, output_final_state, chunk_size)
+        return retention_chunkwise(*x, chunk_size)
     if which == "triton":
-        from distill_dag.kernels.retention.triton_chunk import retention_chunkwise_triton
+        from distill_dag.kernels.retention.triton_chunk import retention_chunkwise_triton  # lazy: triton is optional
 
-        return retention_chunkwise_triton(q, k, v, log_decay, reset, initial_state, output_final_state, chunk_size)
+        return retention_chunkwise_triton(*x, chunk_size)
     if which == "fla":
-        return _retention_fla(q, k, v, log_decay, reset, initial_state, output_final_state)
+        return _retention_fla(x)
     if which == "parallel":
-        return retention_parallel(q, k, v, log_decay, reset, initial_state, output_final_state)
-    return retention_recurrent(q, k, v, log_decay, reset, initial_state, output_final_state)
+        return retention_parallel(*x)
+    return retention_recurrent(*x)
 
 
-def _retention_fla(q, k, v, log_decay, reset, initial_state, output_final_state):
+def _retention_fla(x: RetentionInputs) -> RetentionOutput:
     """flash-linear-attention's ``chunk_retention`` (CUDA only). Its decays are fixed to 1 - 2^(-5-h); documents
     inside rows become its variable-length format (one flattened row, ``cu_seqlens`` at every start)."""
     from fla.ops.retention import chunk_retention
 
+    q, k, v, log_decay, reset, initial_state, output_final_state = x
     B, T, H, _ = q.shape
     if not torch.allclose(log_decay.float().cpu(), decay_log_gammas(H)):
         raise ValueError("backend 'fla' only supports the decays gamma_h = 1 - 2^(-5-h); use backend 'triton'")

@@ -17,32 +17,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distill_dag.kernels.retention.reference import RetentionInputs, RetentionOutput, retention_form
 
-def retention_chunkwise(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    reset: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunkwise retention. q, k [B, T, H, K]; v [B, T, H, V]; log_decay [H]; reset [B, T] bool or None;
-    initial_state [B, H, K, V] or None. Returns (o [B, T, H, V] in v's dtype, final state fp32 or None)."""
+
+@retention_form
+def retention_chunkwise(x: RetentionInputs, chunk_size: int = 64) -> RetentionOutput:
+    """Chunkwise retention (shapes in :mod:`~distill_dag.kernels.retention.reference`). Returns
+    (o [B, T, H, V] in v's dtype, final state fp32 or None)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = x.dims()
+    q, reset, initial_state = x.q, x.reset, x.initial_state
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T
-    dt = torch.promote_types(q.dtype, torch.float32)
-    g = log_decay.to(device=q.device, dtype=dt)
+    qf, kf, vf, g = x.in_compute_dtype()
+    dt = qf.dtype
     # Padding at the end is causal-safe for the outputs; the last chunk's true length fixes the final state.
-    qf = F.pad(q.to(dt), (0, 0, 0, 0, 0, pad)).view(B, N, C, H, K)
-    kf = F.pad(k.to(dt), (0, 0, 0, 0, 0, pad)).view(B, N, C, H, K)
-    vf = F.pad(v.to(dt), (0, 0, 0, 0, 0, pad)).view(B, N, C, H, V)
+    qf = F.pad(qf, (0, 0, 0, 0, 0, pad)).view(B, N, C, H, K)
+    kf = F.pad(kf, (0, 0, 0, 0, 0, pad)).view(B, N, C, H, K)
+    vf = F.pad(vf, (0, 0, 0, 0, 0, pad)).view(B, N, C, H, V)
     if reset is None:
         rc = torch.zeros(B, N, C, dtype=torch.long, device=q.device)
     else:
@@ -76,5 +70,5 @@ def retention_chunkwise(
     wq = torch.exp(g[None, :] * (i[:, None] + 1).to(dt))[None, None] * (rc == 0)[..., None].to(dt)  # [B, N, C, H]
     o = o + torch.einsum("bnihk,bnhkv->bnihv", qf * wq[..., None], states)
     o = o.reshape(B, N * C, H, V)[:, :T]
-    final = state.to(torch.promote_types(dt, torch.float32)) if output_final_state else None
-    return o.to(v.dtype), final
+    final = state.to(torch.promote_types(dt, torch.float32)) if x.output_final_state else None
+    return o.to(x.v.dtype), final

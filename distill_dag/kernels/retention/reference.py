@@ -20,11 +20,61 @@ whatever the input dtype, so the references are what fp32 results are checked ag
 
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Callable, NamedTuple
+
 import torch
+
+RetentionOutput = tuple[torch.Tensor, torch.Tensor | None]  # (o, final_state or None)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
+
+
+class RetentionInputs(NamedTuple):
+    """The arguments every retention form takes, in this order (shapes in the module docstring)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    log_decay: torch.Tensor
+    reset: torch.Tensor | None = None
+    initial_state: torch.Tensor | None = None
+    output_final_state: bool = False
+
+    def dims(self) -> tuple[int, int, int, int, int]:
+        """(B, T, H, K, V)."""
+        B, T, H, K = self.q.shape
+        return B, T, H, K, self.v.shape[-1]
+
+    def in_compute_dtype(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v and log_decay (on q's device) in the math dtype: float32, or float64 for float64 inputs."""
+        dt = _compute_dtype(self.q)
+        return self.q.to(dt), self.k.to(dt), self.v.to(dt), self.log_decay.to(device=self.q.device, dtype=dt)
+
+
+def retention_form(body: Callable[..., RetentionOutput]) -> Callable[..., RetentionOutput]:
+    """The family's signature, written once: ``body(inputs: RetentionInputs, *options)`` becomes
+    ``form(q, k, v, log_decay, reset=None, initial_state=None, output_final_state=False, *options)``
+    (the fields of :class:`RetentionInputs`, then the body's own options such as ``chunk_size``)."""
+
+    @functools.wraps(body)
+    def form(q, k, v, log_decay, reset=None, initial_state=None, output_final_state=False, *options, **kw_options):
+        inputs = RetentionInputs(q, k, v, log_decay, reset, initial_state, output_final_state)
+        return body(inputs, *options, **kw_options)
+
+    fields = [  # help() and inspect show the signature the caller uses
+        inspect.Parameter(
+            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=getattr(hint, "__forward_arg__", hint),
+            default=RetentionInputs._field_defaults.get(name, inspect.Parameter.empty),
+        )
+        for name, hint in RetentionInputs.__annotations__.items()
+    ]
+    own = inspect.signature(body)
+    form.__signature__ = own.replace(parameters=fields + list(own.parameters.values())[1:])
+    return form
 
 
 def decay_log_gammas(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -33,20 +83,13 @@ def decay_log_gammas(num_heads: int, device: torch.device | str | None = None) -
     return torch.log1p(-torch.pow(2.0, -5.0 - h)).to(torch.float32)
 
 
-def retention_parallel(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    reset: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+@retention_form
+def retention_parallel(x: RetentionInputs) -> RetentionOutput:
     """Parallel form: builds the [B, H, T, T] decay mask, O(T^2) time and memory. See module doc for shapes."""
-    B, T, H, _ = q.shape
-    dt = _compute_dtype(q)
-    qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
-    g = log_decay.to(device=q.device, dtype=dt)
+    B, T, H, _, _ = x.dims()
+    qf, kf, vf, g = x.in_compute_dtype()
+    dt = qf.dtype
+    q, reset, initial_state = x.q, x.reset, x.initial_state
     seg = _segments(reset, B, T, q.device)  # [B, T] document index inside the row
     idx = torch.arange(T, device=q.device)
     diff = idx[:, None] - idx[None, :]  # n - m
@@ -61,7 +104,7 @@ def retention_parallel(
         w = w[None] * first_doc[:, :, None].to(dt)  # [B, T, H]
         o = o + torch.einsum("bthk,bhkv->bthv", qf, initial_state.to(dt)) * w[..., None]
     final = None
-    if output_final_state:
+    if x.output_final_state:
         wk = torch.exp(g[None, :] * (T - 1 - idx)[:, None].to(dt))  # [T, H]
         wk = wk[None] * (seg == seg[:, -1:])[:, :, None].to(dt)  # [B, T, H]
         final = torch.einsum("bshk,bshv->bhkv", kf * wk[..., None], vf)
@@ -69,7 +112,7 @@ def retention_parallel(
             carry = torch.exp(g * T)[None, :] * first_doc[:, -1:].to(dt)  # [B, H]
             final = final + carry[..., None, None] * initial_state.to(dt)
         final = final.to(torch.promote_types(dt, torch.float32))
-    return o.to(v.dtype), final
+    return o.to(x.v.dtype), final
 
 
 def retention_step(
@@ -93,17 +136,11 @@ def retention_step(
     return o.to(v.dtype), new
 
 
-def retention_recurrent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    reset: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+@retention_form
+def retention_recurrent(x: RetentionInputs) -> RetentionOutput:
     """Recurrent form, token by token (O(T) time, O(1) state). See module doc for shapes."""
-    B, T, H, _ = q.shape
+    q, k, v, log_decay, reset, initial_state, output_final_state = x
+    T = q.shape[1]
     state = initial_state
     outs = []
     for t in range(T):

@@ -152,13 +152,10 @@ class RetryingHTTP:
         self.client.close()
 
 
-class NetworkTeacher:
-    """Client of ``distill serve-teacher``.
-
-    ``topk(batch)`` sends ``input_ids`` [B, T] (+ ``position_ids``) in requests of ``batch_rows`` rows
-    and returns TeacherTopK [B, T, k]; each request is retried on its own, so a server restart in the
-    middle of a batch neither loses nor repeats a row. The vocabulary size comes from ``GET /health``.
-    """
+class ServerTeacher:
+    """What every teacher behind an HTTP server shares: the connection (:class:`RetryingHTTP`: timeout,
+    retries with backoff, bearer token), the top-k size ``k`` and ``batch_rows``, the rows per request.
+    Subclasses take these arguments first, in this order, and add their own after them."""
 
     def __init__(
         self,
@@ -174,6 +171,22 @@ class NetworkTeacher:
         self.url = self.http.url
         self.k = int(k)
         self.batch_rows = max(1, int(batch_rows))
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class NetworkTeacher(ServerTeacher):
+    """Client of ``distill serve-teacher``.
+
+    ``topk(batch)`` sends ``input_ids`` [B, T] (+ ``position_ids``) in requests of ``batch_rows`` rows
+    and returns TeacherTopK [B, T, k]; each request is retried on its own, so a server restart in the
+    middle of a batch neither loses nor repeats a row. The vocabulary size comes from ``GET /health``.
+    Arguments: :class:`ServerTeacher`'s.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.health = self.http.request("GET", "/health", lambda r: r.json())
         self.vocab_size = int(self.health["vocab_size"])
         if self.k > int(self.health["k_max"]):
@@ -220,6 +233,3 @@ class NetworkTeacher:
 
     def identity(self) -> dict[str, Any]:
         return {"provider": "network", "url": self.url, "teacher": self.health.get("identity")}
-
-    def close(self) -> None:
-        self.http.close()

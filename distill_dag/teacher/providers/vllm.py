@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from distill_dag.loss.topk import TeacherError, TeacherTopK
-from distill_dag.teacher.providers.network import RetryingHTTP
+from distill_dag.teacher.providers.network import ServerTeacher
 
 
 def _token_id(key: str) -> int:
@@ -93,33 +93,25 @@ def segments(position_ids: np.ndarray | None, n_valid: int) -> list[tuple[int, i
     return list(zip(starts, starts[1:] + [n_valid]))
 
 
-class VLLMTeacher:
+class VLLMTeacher(ServerTeacher):
     """Provider over a stock vLLM server (``/v1/completions`` with ``prompt_logprobs``).
 
     ``vocab_size``: vLLM does not report it; pass the teacher's (the factory reads it from the
     model's config). ``None`` makes ``vocab_size`` unknown (0) and only ids are range-checked later.
     ``max_model_len``: the server's context; read from ``GET /v1/models`` when ``model`` is None, else
     unknown unless given (then an over-long document is refused by the server, with the same hint).
+    The connection arguments, first and in order: :class:`ServerTeacher`'s.
     """
 
     def __init__(
         self,
-        url: str,
-        k: int,
-        timeout_s: float = 60.0,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
-        batch_rows: int = 8,
-        token: str | None = None,
-        *,
+        *args: Any,
         model: str | None = None,
         vocab_size: int | None = None,
         max_model_len: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        self.http = RetryingHTTP(url, timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s, token=token)
-        self.url = self.http.url
-        self.k = int(k)
-        self.batch_rows = max(1, int(batch_rows))
+        super().__init__(*args, **kwargs)
         self.vocab_size = int(vocab_size or 0)
         self.max_model_len = int(max_model_len) if max_model_len else None
         if model is None:
@@ -191,6 +183,3 @@ class VLLMTeacher:
 
     def identity(self) -> dict[str, Any]:
         return {"provider": "vllm", "url": self.url, "model": self.model}
-
-    def close(self) -> None:
-        self.http.close()
