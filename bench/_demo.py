@@ -49,7 +49,7 @@ def build_demo(cfg: PipelineConfig, log) -> None:
         log(f"data: built in {time.time() - t0:.0f}s")
     if not (cfg.teacher_ft_dir / "final_model").exists():
         t0 = time.time()
-        m = finetune_teacher(cfg, cfg.tokenized_dir, cfg.teacher_ft_dir, log=log)
+        m = finetune_teacher(cfg, log=log)
         log(f"teacher: trained in {time.time() - t0:.0f}s, val ppl {m['val_ppl_before']:.1f} -> {m['val_ppl_after']:.2f}")
 
 

@@ -347,8 +347,7 @@ def _add_finetune_teacher(sub: argparse._SubParsersAction) -> None:
         try:
             from distill_dag.data.tokenizer import ensure_tokenizer  # lazy: `--help` without torch
 
-            m = finetune_teacher(cfg, cfg.tokenized_dir, cfg.teacher_ft_dir,
-                                 tokenizer_dir=ensure_tokenizer(cfg, stage="finetune-teacher"),
+            m = finetune_teacher(cfg, tokenizer_dir=ensure_tokenizer(cfg, stage="finetune-teacher"),
                                  resume_from=a.resume_from, device=cfg.train.device)
         except TrainingInterrupted as err:
             print(str(err), file=sys.stderr)

@@ -201,8 +201,8 @@ def load_weights(model: torch.nn.Module, src: Path) -> None:
 
 def finetune_teacher(
     cfg: PipelineConfig,
-    data_dir: str | Path,
-    output_dir: str | Path,
+    data_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
     *,
     tokenizer_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
@@ -212,14 +212,16 @@ def finetune_teacher(
 ) -> dict[str, Any]:
     """Finetune the teacher on ``data_dir``'s train split; returns (and writes) the metrics.
 
-    ``data_dir``: a tokenized_parquet folder (manifest + shards, with a ``val`` split);
-    ``tokenizer_dir``: default ``cfg.tokenizer_dir``; ``resume_from``: a checkpoint dir or a run dir
+    Everything comes from ``cfg``; ``data_dir`` (a tokenized_parquet folder with a ``val`` split) and
+    ``output_dir`` default to ``cfg.tokenized_dir`` / ``cfg.teacher_ft_dir`` and are given only to point a
+    test or a bench elsewhere; ``tokenizer_dir``: the resolved tokenizer, default ``cfg.tokenizer_dir``; ``resume_from``: a checkpoint dir or a run dir
     with ``checkpoint_latest``; ``device``: default ``cfg.train.device`` (CUDA when present);
     ``stop_after``: stop (with a checkpoint, raising :class:`TrainingInterrupted`) after that many steps.
     """
     check_finetune_config(cfg)
     ft = cfg.teacher_ft
-    data_dir, out = Path(data_dir), Path(output_dir)
+    data_dir = Path(data_dir) if data_dir is not None else cfg.tokenized_dir
+    out = Path(output_dir) if output_dir is not None else cfg.teacher_ft_dir
     dev = torch.device(device) if isinstance(device, torch.device) else pick_device(device or cfg.train.device)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else cfg.tokenizer_dir
     tokenizer = load_tokenizer(tok_dir)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from distill_dag.distill.losses import LossOutput, distill_loss
-from distill_dag.distill.teachers.base import TeacherTopK
+from distill_dag.loss.kd import LossOutput, distill_loss
+from distill_dag.loss.topk import TeacherTopK
 from distill_dag.kernels.kd_loss import reference_distill_loss
 
 B, T, D, V, K = 2, 9, 16, 64, 8

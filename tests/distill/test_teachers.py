@@ -20,11 +20,11 @@ from support import VOCAB, all_batches, make_rows, write_data  # noqa: E402
 from test_teachers_helpers import tiny_llama  # noqa: E402
 
 from distill_dag.config import config_from_dict  # noqa: E402
-from distill_dag.distill.cache.writer import write_logit_cache  # noqa: E402
-from distill_dag.distill.teachers.base import TeacherError  # noqa: E402
-from distill_dag.distill.teachers.direct import DirectTeacher  # noqa: E402
-from distill_dag.distill.teachers.factory import make_teacher  # noqa: E402
-from distill_dag.distill.teachers.vllm import VLLMTeacher, parse_completion, segments  # noqa: E402
+from distill_dag.teacher.cache.writer import write_logit_cache  # noqa: E402
+from distill_dag.loss.topk import TeacherError  # noqa: E402
+from distill_dag.teacher.providers.direct import DirectTeacher  # noqa: E402
+from distill_dag.teacher.providers.factory import make_teacher  # noqa: E402
+from distill_dag.teacher.providers.vllm import VLLMTeacher, parse_completion, segments  # noqa: E402
 
 K = 10
 

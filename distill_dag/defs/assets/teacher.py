@@ -59,9 +59,9 @@ def teacher_adapters(context: dg.AssetExecutionContext, pipeline: PipelineConfig
 
     cfg = resolve_config(context, run_config(context), pipeline)
     refuse_adapter_without_base(cfg)
-    data = upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "teacher_adapters")
-    tok = upstream_path(context, "tokenizer", cfg.tokenizer_dir, "teacher_adapters")
-    m = finetune_teacher(cfg, data, cfg.teacher_ft_dir, tokenizer_dir=tok, log=context.log.info)
+    upstream_path(context, "tokenized_parquet", cfg.tokenized_dir, "teacher_adapters")  # the lineage, checked
+    upstream_path(context, "tokenizer", cfg.tokenizer_dir, "teacher_adapters")
+    m = finetune_teacher(cfg, log=context.log.info)
     final = Path(m["final_adapter"] or m["final_model"])
     metadata = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) and v is not None}
     metadata["path"] = dg.MetadataValue.path(str(final))
