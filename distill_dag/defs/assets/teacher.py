@@ -18,8 +18,10 @@ GROUP = "teacher"
 
 
 def teacher_path(cfg) -> Path:
-    """Where ``teacher_adapters`` writes the finetuned teacher (adapter for lora, model for full)."""
-    return cfg.teacher_ft_dir / ("final_adapter" if cfg.teacher_ft.mode == "lora" else "final_model")
+    """Where ``teacher_adapters`` writes the finetuned teacher: the core's rule."""
+    from distill_dag.teacher.model import finetuned_output  # lazy: pulls torch; the code location is re-imported by every step
+
+    return finetuned_output(cfg)
 
 
 def require_teacher(context: dg.AssetExecutionContext, cfg, this: str) -> None:
