@@ -127,3 +127,15 @@ def test_every_function_level_import_of_the_package_says_why():
     assert not missing, (f"{len(missing)} imports of distill_dag modules inside functions without a `# lazy: <reason>` "
                          "comment on their first line (move them to the module top, or say why they wait):\n"
                          + "\n".join(missing))
+
+
+def test_the_torchrun_worker_needs_only_the_core_and_dagster_pipes():
+    """``defs/pipes_worker.py`` runs on every rank under torchrun: it imports the core and the light
+    ``dagster_pipes``, never ``dagster`` itself nor another module of the Dagster layer."""
+    mods = module_names()
+    path = mods["distill_dag.defs.pipes_worker"]
+    names = [n for node, _ in _imports(ast.parse(path.read_text(), str(path))) for n in _names(node)]
+    assert "dagster_pipes" in names
+    assert not [n for n in names if n.split(".")[0] == "dagster"]
+    up = [t for t in import_graph()["distill_dag.defs.pipes_worker"] if layer_of(t) == DAGSTER_LAYER]
+    assert not up, f"the worker imports the Dagster layer: {up}"

@@ -114,12 +114,11 @@ def upstream_path(context: dg.AssetExecutionContext, asset: str, expected: Path,
 CODE_VERSION_EXCLUDE = frozenset({
     "distill_dag.training.telemetry",
 })
-# Imports that only validate or describe, never shape an output: config.py checks student.overrides against
-# the model (a refusal, not a different result), and the Pipes entry point formats metadata with the assets
-# module. The Dagster layer itself (assets, resources) counts only as an entry point, not when reached.
+# Imports that only validate, never shape an output: the config checks student.overrides against the model
+# (a refusal, not a different result). The Dagster layer itself (assets, resources) counts only as an entry
+# point, not when reached.
 CODE_VERSION_SKIP_EDGES = frozenset({
     ("distill_dag.config.schema", "distill_dag.model.variants"),
-    ("distill_dag.defs.pipes_worker", "distill_dag.defs.assets.student"),
 })
 _DAGSTER_LAYER = ("distill_dag.defs.assets.", "distill_dag.defs.resources")
 
