@@ -53,5 +53,5 @@ echo "   ($(( $(date +%s) - t0 )) s)"
 
 echo "== GPU tests"
 timeout 150 python3 -m pytest -q -o addopts="" -p no:cacheprovider -m "gpu" \
-  tests/kernels tests/distill/test_losses.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  tests/kernels tests/loss/test_losses.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 echo "== total $(( $(date +%s) - t0 )) s"

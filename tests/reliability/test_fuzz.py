@@ -196,7 +196,7 @@ def topk_client():
 
     from fastapi.testclient import TestClient
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "distill"))
+    sys.path.insert(0, str(Path(__file__).parent.parent / "teacher"))
     from test_teachers_helpers import tiny_llama
 
     from distill_dag.teacher.providers.direct import DirectTeacher

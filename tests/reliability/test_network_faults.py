@@ -2,7 +2,7 @@
 whose server is killed mid-run (restarted: no step lost or doubled; not restarted: a clear error and a
 resumable checkpoint).
 
-tests/distill/test_server.py covers: server down at start, killed between client batches, 401, 413,
+tests/teacher/test_server.py covers: server down at start, killed between client batches, 401, 413,
 a garbage request body. Faults here are injected by an ASGI wrapper around the real server app
 (``create_app`` with a real DirectTeacher), served by uvicorn on 127.0.0.1.
 """

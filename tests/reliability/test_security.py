@@ -1,7 +1,7 @@
 """Security: the teacher server listens on loopback unless told otherwise and caps request bodies
 before reading them (413); the Dagster code location takes secrets only from the environment.
 
-Bearer-token refusals (401) and the B x T x k cap are in tests/distill/test_server.py.
+Bearer-token refusals (401) and the B x T x k cap are in tests/teacher/test_server.py.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class AppProcess:
     def __init__(self, **kw) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        code = _SERVE.format(distill=str(Path(__file__).parent.parent / "distill"), k=K)
+        code = _SERVE.format(distill=str(Path(__file__).parent.parent / "teacher"), k=K)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(self.port), json.dumps(kw)], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,7 +1,7 @@
 """Every writer killed in the middle of a file: the reader never sees a half file, the rerun is clean.
 
 Shard writers and cache shards already have kill tests (tests/data/test_pack.py,
-tests/distill/test_logit_cache.py); here: the checkpoint (trainer_state.pt half written), the
+tests/teacher/test_logit_cache.py); here: the checkpoint (trainer_state.pt half written), the
 ``checkpoint_latest`` pointer and the data ``manifest.json``. The child writes half of the file's
 bytes, fsyncs them, drops a marker and waits to be SIGKILLed: the kill lands inside the file.
 """

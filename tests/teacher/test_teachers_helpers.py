@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-# subprocess scripts import this module with only tests/distill on their path: `support` is in tests/
+# subprocess scripts import this module with only tests/teacher on their path: `support` is in tests/
 _TESTS = str(Path(__file__).resolve().parent.parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
