@@ -31,7 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-# What student.overrides may set, with bounds checked at config time (distill_dag/config.py), before any
+# What student.overrides may set, with bounds checked at config time (distill_dag/config/schema.py), before any
 # tensor exists: a width of 1e6 or a chunk of 1e9 would otherwise try to allocate terabytes first.
 # (kind, low, high); floats must be finite and > low when low is 0.
 MAX_CHUNK_SIZE = 4096  # the chunkwise form holds [chunk, chunk] decay masks per head
