@@ -1,4 +1,4 @@
-"""The training skeleton (distill/loop.py) and telemetry: what a step does to the LR schedule, eval and
+"""The training skeleton (training/loop.py) and telemetry: what a step does to the LR schedule, eval and
 stop scheduling, W&B names/groups/exit codes, memory and diversity metrics, progress in and out of a terminal."""
 
 from __future__ import annotations
