@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from distill_dag.cli import build_parser
-
 if __package__:  # python -m bench.cli_startup
     from bench._common import bench_parser
 else:  # python bench/cli_startup.py, from any folder: bench/ is sys.path[0]
@@ -60,6 +58,7 @@ def main() -> int:
     ap = bench_parser(__doc__.splitlines()[0], quick="two commands, 3 runs each")
     ap.add_argument("--runs", type=int, default=None)
     a = ap.parse_args()
+    from distill_dag.cli import build_parser  # lazy: --help imports no distill_dag
     runs = a.runs or (3 if a.quick else 5)
     verbs = sorted(next(x for x in build_parser()._subparsers._group_actions).choices)  # type: ignore[union-attr]
     verbs = ["train"] if a.quick else [v for v in verbs if "_" not in v]

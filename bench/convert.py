@@ -74,27 +74,25 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig
+if TYPE_CHECKING:  # annotations only: the imports themselves are in the functions (--help without torch)
+    import torch
 
-from distill_dag.config import PipelineConfig, load_config
-from distill_dag.data.dataset import make_loader
-from distill_dag.model.convert import convert_teacher, student_config_from_teacher
-from distill_dag.student.align import align_student, load_aligned_student
-from distill_dag.student.run import run_student
-from distill_dag.student.trainer import evaluate_loss
-from distill_dag.teacher.model import finetuned_teacher, load_teacher
+    from distill_dag.config import PipelineConfig
 
 if __package__:  # python -m bench.convert
     from bench._common import add_threads, bench_parser
-    from bench._demo import build_demo, quick_overrides, teacher_val_loss, val_batches
 else:  # python bench/convert.py, from any folder: bench/ is sys.path[0]
     from _common import add_threads, bench_parser
-    from _demo import build_demo, quick_overrides, teacher_val_loss, val_batches
 
 
 def student_val_loss(cfg: PipelineConfig, model: torch.nn.Module) -> float:
+    import torch  # lazy: --help without torch
+
+    from distill_dag.data.dataset import make_loader
+    from distill_dag.student.trainer import evaluate_loss
+
     loader = make_loader(cfg.tokenized_dir, "val", cfg.train.batch_size, seed=0, shuffle=False, infinite=False)
     return evaluate_loss(model, loader, cfg.train.eval_batches, torch.device("cpu"), cfg.train.loss_chunk_tokens)["val_loss"]
 
@@ -122,6 +120,13 @@ def arm_from_teacher(base: PipelineConfig, out: Path, suffix: str, align_steps: 
     layers of largest KL gain are restored to the teacher's attention.
 
     The curve starts at the aligned student (KD step 0) and counts alignment tokens on the x axis."""
+    import torch  # lazy: --help without torch
+
+    from distill_dag.model.convert import convert_teacher
+    from distill_dag.student.align import align_student, load_aligned_student
+    from distill_dag.student.run import run_student
+    from distill_dag.teacher.model import finetuned_teacher, load_teacher
+
     cfg = base.model_copy(deep=True)
     cfg.student.init = "from_teacher"
     if hybrid:
@@ -216,6 +221,19 @@ def main() -> int:
         a.ablation_align_steps, a.ablation_kd_steps = [0], 4
         if a.out == "runs/bench_convert":
             a.out = "runs/bench_convert_quick"
+    import torch  # lazy: --help without torch
+    from transformers import AutoConfig
+
+    from distill_dag.config import load_config
+    from distill_dag.model.convert import student_config_from_teacher
+    from distill_dag.student.run import run_student
+    from distill_dag.teacher.model import finetuned_teacher
+
+    if __package__:  # lazy: --help without torch (_demo imports it); imported as _common is
+        from bench._demo import build_demo, quick_overrides, teacher_val_loss, val_batches
+    else:
+        from _demo import build_demo, quick_overrides, teacher_val_loss, val_batches
+
     torch.set_num_threads(a.threads)
     out = Path(a.out).resolve()
     if a.replot:

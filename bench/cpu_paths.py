@@ -33,19 +33,6 @@ import subprocess
 import sys
 import time
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
-
-# importing distill_dag applies keep_freed_memory unless DISTILL_DAG_MALLOC=system (what the allocator child compares)
-from distill_dag.config import load_config
-from distill_dag.device import autocast, autocast_enabled, cpu_has_native_bf16
-from distill_dag.model.retnet import RetNetForCausalLM
-from distill_dag.model.variants import student_config
-from distill_dag.teacher.model import build_tiny_teacher
-from distill_dag.training.distributed import StudentLoss
-from distill_dag.training.optim import Muon, split_parameters
-
 if __package__:  # python -m bench.cpu_paths
     from bench._common import add_threads, bench_parser
 else:  # python bench/cpu_paths.py, from any folder: bench/ is sys.path[0]
@@ -63,6 +50,12 @@ def _best_ms(fn, repeats: int) -> float:
 
 
 def muon_step_ms(ns_dtype, repeats: int) -> float:
+    import torch  # lazy: --help without torch
+
+    from distill_dag.model.retnet import RetNetForCausalLM
+    from distill_dag.model.variants import student_config
+    from distill_dag.training.optim import Muon, split_parameters
+
     torch.manual_seed(0)
     model = RetNetForCausalLM(student_config("tiny", 2048))
     params = [p for _, p in split_parameters(model)["muon"]]
@@ -74,6 +67,8 @@ def muon_step_ms(ns_dtype, repeats: int) -> float:
 
 
 def allocator_child(repeats: int) -> dict[str, float]:
+    import torch  # lazy: --help without torch
+
     def alloc():
         torch.empty(8 << 20).fill_(1.0)
 
@@ -94,6 +89,14 @@ def train_step_ms(which: str, precision: str, repeats: int, rows: int) -> float:
 def train_step(which: str, precision: str, rows: int):
     """One training step (forward, backward, AdamW) of the demo teacher or student at ``rows`` x 256, as a
     function."""
+    import torch  # lazy: --help without torch
+
+    from distill_dag.device import autocast
+    from distill_dag.model.retnet import RetNetForCausalLM
+    from distill_dag.model.variants import student_config
+    from distill_dag.teacher.model import build_tiny_teacher
+    from distill_dag.training.distributed import StudentLoss
+
     torch.manual_seed(0)
     T, V = 256, 2048
     ids = torch.randint(4, V, (rows, T), generator=torch.Generator().manual_seed(0))
@@ -127,12 +130,20 @@ def train_step(which: str, precision: str, rows: int):
 
 def gemm_gflops(dtype, repeats: int, n: int = 2048) -> float:
     """This CPU's dense GEMM throughput (n x n x n, ``dtype``, torch's threads): the ceiling for any model."""
+    import torch  # lazy: --help without torch
+
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     return 2 * n**3 / _best_ms(lambda: torch.mm(a, b), repeats) / 1e6
 
 
 def teacher_floor(repeats: int) -> None:
     """The demo teacher finetune's compute against the machine's GEMM ceiling: how fast it could ever be here."""
+    import torch  # lazy: --help without torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distill_dag.config import load_config
+    from distill_dag.device import autocast_enabled
+
     cfg = load_config("demo.yaml")
     ft, T = cfg.teacher_ft, cfg.tokenize.max_seq_length
     precision = "bfloat16" if autocast_enabled(torch.device("cpu"), cfg.train.autocast) else "off"
@@ -163,6 +174,9 @@ def matmuls_alone_ms(step, repeats: int) -> tuple[float, int]:
     """ms of the matrix products one call of ``step`` makes (mm, addmm, bmm: forward and backward), replayed
     back to back on fresh tensors of the same sizes, strides and dtypes: what the step costs with everything
     else (attention softmax, norms, elementwise, optimizer, autograd bookkeeping) free."""
+    import torch  # lazy: --help without torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     aten = torch.ops.aten
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
     calls: list = []
@@ -196,6 +210,11 @@ def main() -> None:
     ap.add_argument("--allocator-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     repeats = 3 if args.quick else args.repeats
+    import torch  # lazy: --help without torch
+
+    # importing distill_dag applies keep_freed_memory unless DISTILL_DAG_MALLOC=system (what the allocator child compares)
+    from distill_dag.device import cpu_has_native_bf16
+
     torch.set_num_threads(args.threads)
     if args.allocator_child:
         print(json.dumps(allocator_child(repeats)))

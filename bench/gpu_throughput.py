@@ -25,18 +25,6 @@ import sys
 import time
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from distill_dag.config import StudentConfig, TrainConfig
-from distill_dag.kernels.retention import decay_log_gammas, retention
-from distill_dag.model.variants import build_student
-from distill_dag.teacher.model import attn_implementation
-from distill_dag.teacher.providers.direct import DirectTeacher
-from distill_dag.training.distributed import StudentLoss, clip_grad_norm
-from distill_dag.training.optim import build_optimizers
-
 if __package__:  # python -m bench.gpu_throughput
     from bench._common import LLAMA_3_2_1B, LLAMA_TINY, GiB, add_json, bench_parser, write_json
 else:  # python bench/gpu_throughput.py, from any folder: bench/ is sys.path[0]
@@ -44,6 +32,8 @@ else:  # python bench/gpu_throughput.py, from any folder: bench/ is sys.path[0]
 
 
 def _sync(dev: Any) -> None:
+    import torch  # lazy: --help without torch
+
     if dev.type == "cuda":
         torch.cuda.synchronize()
 
@@ -64,6 +54,8 @@ def _timed(fn: Any, dev: Any, warmup: int, iters: int) -> float:
 
 def packed_batch(B: int, T: int, vocab: int, dev: Any, seed: int = 0) -> dict[str, Any]:
     """Random ids in packed rows (2-4 documents per row, position_ids restarting at each), all scored."""
+    import torch  # lazy: --help without torch
+
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (B, T), generator=g)
     pos = torch.empty(B, T, dtype=torch.long)
@@ -82,6 +74,18 @@ def gpu_throughput(a: argparse.Namespace) -> dict[str, Any]:
     seed's way (fp32 teacher, full [tokens, V] logits, full-vocabulary KL through autograd), at seq 1k and
     4k; then fla's chunk_retention vs our Triton kernel at the 500M head shape. CUDA when present; on the
     CPU (--quick) the same code runs at toy shapes (PyTorch retention, no autocast, fla skipped)."""
+    import torch  # lazy: --help without torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill_dag.config import StudentConfig, TrainConfig
+    from distill_dag.kernels.retention import decay_log_gammas, retention
+    from distill_dag.model.variants import build_student
+    from distill_dag.teacher.model import attn_implementation
+    from distill_dag.teacher.providers.direct import DirectTeacher
+    from distill_dag.training.distributed import StudentLoss, clip_grad_norm
+    from distill_dag.training.optim import build_optimizers
+
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     arch = LLAMA_TINY if a.quick else LLAMA_3_2_1B

@@ -42,11 +42,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from distill_dag.kernels.kd_loss import fused_linear_kd_loss
-
 if __package__:  # python -m bench.kd_loss
     from bench._common import add_json, add_threads, bench_parser, write_json
 else:  # python bench/kd_loss.py, from any folder: bench/ is sys.path[0]
@@ -54,6 +49,9 @@ else:  # python bench/kd_loss.py, from any folder: bench/ is sys.path[0]
 
 
 def naive_kd_loss(h, W, y, idx, lp, *, temperature, distill_alpha):
+    import torch  # lazy: --help without torch
+    import torch.nn.functional as F
+
     z = h @ W.T  # [N, V]
     ce = F.cross_entropy(z.float(), y)
     log_q = torch.log_softmax(z.float() / temperature, -1)
@@ -63,6 +61,8 @@ def naive_kd_loss(h, W, y, idx, lp, *, temperature, distill_alpha):
 
 
 def make_inputs(a, device):
+    import torch  # lazy: --help without torch
+
     g = torch.Generator().manual_seed(0)
     N, V, d, k = a.tokens, a.vocab, a.dim, a.k
     dt = torch.float32 if a.dtype == "autocast" else getattr(torch, a.dtype)
@@ -77,6 +77,10 @@ def make_inputs(a, device):
 
 
 def step(variant, inputs, a):
+    import torch  # lazy: --help without torch
+
+    from distill_dag.kernels.kd_loss import fused_linear_kd_loss
+
     h, W, y, idx, lp = inputs
     h.grad = W.grad = None
     with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=a.dtype == "autocast"):
@@ -98,6 +102,10 @@ def _status_kb(key):
 
 def run_worker(a):
     """One variant in this process (CPU): print a JSON line with peak memory and times."""
+    import torch  # lazy: --help without torch; both loaded before the memory baseline below
+
+    import distill_dag.kernels.kd_loss  # noqa: F401
+
     torch.set_num_threads(a.threads)
     inputs = make_inputs(a, "cpu")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -111,6 +119,8 @@ def run_worker(a):
 
 def run_time_worker(a):
     """Both variants in this process, steps alternating (CPU timing): wall and process CPU times."""
+    import torch  # lazy: --help without torch
+
     torch.set_num_threads(a.threads)
     inputs = make_inputs(a, "cpu")
     res = {v: {"variant": v, "times_s": [], "cpu_s": [], "loss": None} for v in ("naive", "chunked")}
@@ -142,6 +152,8 @@ def run_cpu(a):
 
 
 def run_cuda(a):
+    import torch  # lazy: --help without torch
+
     dev = torch.device("cuda")
     inputs = make_inputs(a, dev)
     out = {}
@@ -196,6 +208,8 @@ def main(argv=None):
         a.tokens, a.vocab, a.dim, a.k, a.chunk, a.iters, a.threads = 256, 8192, 64, 64, 128, 1, min(a.threads, 2)
     if 7 * a.k >= a.vocab:
         p.error("--k must be < vocab / 7 (the synthetic top-k ids are an arithmetic progression of step 7)")
+    import torch  # lazy: --help without torch
+
     if a.worker == "time":
         return run_time_worker(a)
     if a.worker:

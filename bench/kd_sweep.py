@@ -61,17 +61,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from distill_dag.config import load_config
-from distill_dag.student.run import run_ce_baseline, run_kd_student
-
 if __package__:  # python -m bench.kd_sweep
     from bench._common import add_threads, bench_parser
-    from bench._demo import build_demo, quick_overrides, teacher_val_loss, val_batches
 else:  # python bench/kd_sweep.py, from any folder: bench/ is sys.path[0]
     from _common import add_threads, bench_parser
-    from _demo import build_demo, quick_overrides, teacher_val_loss, val_batches
 
 # name -> train overrides; "ce" is the CE-only baseline
 ARMS: dict[str, dict] = {
@@ -95,6 +88,16 @@ def main() -> int:
     ap.add_argument("--eval-batches", type=int, default=8)
     add_threads(ap)
     a = ap.parse_args()
+    import torch  # lazy: --help without torch
+
+    from distill_dag.config import load_config
+    from distill_dag.student.run import run_ce_baseline, run_kd_student
+
+    if __package__:  # lazy: --help without torch (_demo imports it); imported as _common is
+        from bench._demo import build_demo, quick_overrides, teacher_val_loss, val_batches
+    else:
+        from _demo import build_demo, quick_overrides, teacher_val_loss, val_batches
+
     torch.set_num_threads(a.threads)
     out = Path(a.out or ("runs/bench_kd_quick" if a.quick else "runs/bench_convert")).resolve()
     out.mkdir(parents=True, exist_ok=True)

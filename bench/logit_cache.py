@@ -46,19 +46,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow.parquet as pq
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+if TYPE_CHECKING:  # annotations only: the imports themselves are in the functions (--help without torch)
+    import numpy as np
+    import torch
 
-from distill_dag.data.manifest import SCHEMA_VERSION, Manifest, ShardInfo
-from distill_dag.data.shards import rows_to_table
-from distill_dag.io import sha256_file
-from distill_dag.teacher.cache import layout
-from distill_dag.teacher.cache.codec import CacheEncoding, default_slot_bits
-from distill_dag.teacher.cache.writer import iter_shard_batches, write_cache_shard
-from distill_dag.teacher.providers.direct import DirectTeacher
+    from distill_dag.teacher.cache.codec import CacheEncoding
 
 if __package__:  # python -m bench.logit_cache
     from bench._common import OUT, bench_parser
@@ -72,12 +66,17 @@ MEGATRON_B_PER_ENTRY = 5.0
 
 def bpe_ranks(rng: np.random.Generator, vocab: int = V, sigma: float = 0.7) -> np.ndarray:
     """id -> frequency rank, ids in 'merge order': within a factor e^sigma of their rank."""
+    import numpy as np  # lazy: --help without numpy
+
     key = np.log(np.arange(vocab) + 10.0) + rng.normal(0, sigma, vocab)
     return np.argsort(np.argsort(key))
 
 
 def realistic_logits(n: int, rng: np.random.Generator, vocab: int = V, n_ctx: int = 96) -> torch.Tensor:
     """[n, vocab] teacher logits of a trained-LM-like shape (see the module docstring)."""
+    import numpy as np  # lazy: --help without numpy
+    import torch
+
     rank = bpe_ranks(rng, vocab)
     id_of_rank = np.argsort(rank)
     prior = -1.1 * np.log(rank + 10.0)
@@ -95,6 +94,8 @@ def realistic_logits(n: int, rng: np.random.Generator, vocab: int = V, n_ctx: in
 
 def bucket_kl(idx: torch.Tensor, lp: torch.Tensor, q_full: torch.Tensor) -> torch.Tensor:
     """KL(p || q) over the top-k with the tail as one bucket, per position (fp64)."""
+    import torch  # lazy: --help without torch
+
     q = q_full.gather(-1, idx)
     p = lp.double()
     tp = (-torch.expm1(torch.logsumexp(p, -1))).clamp_min(1e-30)
@@ -104,6 +105,8 @@ def bucket_kl(idx: torch.Tensor, lp: torch.Tensor, q_full: torch.Tensor) -> torc
 
 def coding_kl(idx, lp, d_idx, d_lp) -> torch.Tensor:
     """KL(p_exact || p_decoded) over the same id set (+ the tail, equal in both: the mass is stored)."""
+    import torch  # lazy: --help without torch
+
     a, b = torch.argsort(idx, -1), torch.argsort(d_idx, -1)
     assert torch.equal(idx.gather(-1, a), d_idx.gather(-1, b)), "decoded ids are not the teacher's top-k"
     pe, pd = lp.double().gather(-1, a), d_lp.double().gather(-1, b)
@@ -112,6 +115,9 @@ def coding_kl(idx, lp, d_idx, d_lp) -> torch.Tensor:
 
 def measure(enc: CacheEncoding, idx: torch.Tensor, lp: torch.Tensor, q_full: torch.Tensor) -> tuple[float, float, float]:
     """-> (bytes/token, mean |dKL|, mean D) of ``enc`` on positions [P, k] (rows of enc.seq_len)."""
+    import numpy as np  # lazy: --help without numpy
+    import torch
+
     T = enc.seq_len
     P, k = idx.shape
     n = P // T
@@ -124,6 +130,11 @@ def measure(enc: CacheEncoding, idx: torch.Tensor, lp: torch.Tensor, q_full: tor
 
 
 def codec_table(positions: int, seq: int, out: Path | None, seed: int = 0, sweep_factors=(0.97, 1.1, 1.3, 1.6)) -> list[str]:
+    import numpy as np  # lazy: --help without numpy
+    import torch
+
+    from distill_dag.teacher.cache.codec import CacheEncoding, default_slot_bits
+
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     z = realistic_logits(positions, rng)
@@ -194,6 +205,14 @@ def plot(curve: dict, path: Path) -> None:
 
 
 def write_data(root: Path, rows: int, seq: int, vocab: int) -> Path:
+    import numpy as np  # lazy: --help without numpy
+    import pyarrow.parquet as pq
+    import torch
+
+    from distill_dag.data.manifest import SCHEMA_VERSION, Manifest, ShardInfo
+    from distill_dag.data.shards import rows_to_table
+    from distill_dag.io import sha256_file
+
     d = root / "tokenized"
     d.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -220,6 +239,13 @@ def writing_speed(rows: int, seq: int, batch_rows: int, repeats: int, shape: str
                   codecs=("q8", "compact"), hidden: int | None = None, k: int | None = None) -> list[str]:
     """Cache-writing tokens/s of each codec over the bare ``DirectTeacher.topk`` on the same rows, paired:
     each repeat runs the bare loop and then one write per codec (the order rotating), best of ``repeats``."""
+    import torch  # lazy: --help without torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill_dag.teacher.cache import layout
+    from distill_dag.teacher.cache.writer import iter_shard_batches, write_cache_shard
+    from distill_dag.teacher.providers.direct import DirectTeacher
+
     sh = dict(SHAPES[shape])
     if hidden is not None:
         sh.update(hidden=hidden, intermediate=4 * hidden, heads=max(1, hidden // 64), kv_heads=max(1, hidden // 128))
@@ -280,6 +306,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.positions, a.seq, a.rows, a.demo_rows, a.write_seq, a.hidden, a.repeats = 64, 32, 4, 4, 32, 64, 1
+    import torch  # lazy: --help without torch
+
     torch.set_num_threads(2)
     print("command: python " + " ".join(shlex.quote(x) for x in sys.argv))
     lines = [] if a.only_writing else codec_table(a.positions, a.seq, None if a.quick else a.out,

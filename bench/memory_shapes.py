@@ -49,21 +49,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from tokenizers import Tokenizer
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from distill_dag.config import load_config
-from distill_dag.data.dataset import make_loader
-from distill_dag.data.manifest import Manifest
-from distill_dag.data.tokenizer import EOS_TOKEN, PAD_TOKEN, train_bpe
-from distill_dag.loss.kd import distill_loss
-from distill_dag.model.variants import build_student
-from distill_dag.teacher.providers.direct import DirectTeacher
-from distill_dag.training.optim import build_optimizers
+if TYPE_CHECKING:  # annotations only: the imports themselves are in the functions (--help without torch)
+    import torch
 
 if __package__:  # python -m bench.memory_shapes
     from bench._common import LLAMA_3_2_1B, LLAMA_TINY, ROOT, GiB, add_json, bench_parser, write_json
@@ -131,6 +122,8 @@ def tensor_bytes(ts: Any) -> int:
 def saved_bytes(exclude: set[int]):
     """Bytes of the distinct storages autograd saves for the backward inside the block (parameters,
     by storage pointer in ``exclude``, not counted). Yields a dict whose "bytes" is filled at exit."""
+    import torch  # lazy: --help without torch
+
     found: dict[int, int] = {}
     out = {"bytes": 0}
 
@@ -163,6 +156,11 @@ def stdlib_texts():
 
 def build_tokenizer(out: Path, vocab: int, bpe_vocab: int, train_bytes: int) -> Any:
     """A byte-level BPE trained on stdlib text, padded to ``vocab`` with unreachable reserved tokens."""
+    from tokenizers import Tokenizer  # lazy: --help without transformers
+    from transformers import PreTrainedTokenizerFast
+
+    from distill_dag.data.tokenizer import EOS_TOKEN, PAD_TOKEN, train_bpe
+
     texts, n = [], 0
     for _, t in stdlib_texts():
         texts.append(t)
@@ -198,6 +196,9 @@ def write_corpus(raw: Path, tok: Any, tokens_needed: int) -> int:
 
 
 def build_teacher(out: Path, arch: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    import torch  # lazy: --help without torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     cfg = LlamaConfig(**arch)
     t0 = time.time()
@@ -343,6 +344,15 @@ def step_rss(run_dir: Path) -> float:
 # ---------------------------------------------------------------------------------------------
 def measure_parts(cfg_path: Path) -> dict[str, Any]:
     """Exact tensor bytes and RSS peaks of each part of one direct-mode step (see the module docstring)."""
+    import torch  # lazy: --help without torch; all of them loaded before base_rss below
+
+    from distill_dag.config import load_config
+    from distill_dag.data.dataset import make_loader
+    from distill_dag.loss.kd import distill_loss
+    from distill_dag.model.variants import build_student
+    from distill_dag.teacher.providers.direct import DirectTeacher
+    from distill_dag.training.optim import build_optimizers
+
     cfg = load_config(str(cfg_path))
     tc = cfg.train
     torch.manual_seed(0)
@@ -408,6 +418,8 @@ def measure_parts(cfg_path: Path) -> dict[str, Any]:
 
 
 def cfg_vocab(cfg: Any) -> int:
+    from distill_dag.data.manifest import Manifest  # lazy: --help without distill_dag
+
     return Manifest.load(cfg.tokenized_dir).vocab_size
 
 
@@ -468,6 +480,8 @@ def main() -> int:
         t0 = time.time()
         if (data / "tokenizer" / "tokenizer.json").exists() and (work / "setup.json").exists():
             # a kept --workdir: the same tokenizer and teacher again
+            from transformers import AutoTokenizer  # lazy: --help without transformers
+
             tok, setup = AutoTokenizer.from_pretrained(str(data / "tokenizer")), json.loads((work / "setup.json").read_text())
             n_bpe = setup["bpe"]
         else:

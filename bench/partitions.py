@@ -23,9 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import dagster as dg
-from dagster_graphql.test.utils import define_out_of_process_workspace, execute_dagster_graphql
-
 if __package__:  # python -m bench.partitions
     from bench._common import ROOT, bench_parser
 else:  # python bench/partitions.py, from any folder: bench/ is sys.path[0]
@@ -39,6 +36,8 @@ query { repositoriesOrError { ... on RepositoryConnection { nodes { name assetNo
 
 
 def _site(n: int) -> dict:
+    import dagster as dg  # lazy: --help without dagster
+
     home = Path(tempfile.mkdtemp(prefix=f"bench-partitions-{n}-"))
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(home)
@@ -51,6 +50,9 @@ def _site(n: int) -> dict:
 
 
 def _measure(n: int) -> dict[str, float]:
+    import dagster as dg  # lazy: --help without dagster
+    from dagster_graphql.test.utils import define_out_of_process_workspace, execute_dagster_graphql
+
     site = _site(n)
     inst = site["instance"]
     code = ("import time; t = time.perf_counter(); import dagster as dg; from distill_dag.definitions import defs; "

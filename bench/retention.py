@@ -37,13 +37,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-from distill_dag.kernels.retention import decay_log_gammas, retention, retention_parallel
-from distill_dag.model.retnet import RetNetCache, RetNetForCausalLM
-from distill_dag.model.variants import student_config
+if TYPE_CHECKING:  # annotations only: the imports themselves are in the functions (--help without torch)
+    import torch
 
 if __package__:  # python -m bench.retention
     from bench._common import add_json, add_threads, bench_parser, write_json
@@ -67,6 +64,11 @@ def _reset_hwm() -> None:
 
 
 def tiny_retnet(vocab: int = VOCAB, **overrides):
+    import torch  # lazy: --help without torch
+
+    from distill_dag.model.retnet import RetNetForCausalLM
+    from distill_dag.model.variants import student_config
+
     torch.manual_seed(0)
     return RetNetForCausalLM(student_config("tiny", vocab, **overrides))
 
@@ -75,6 +77,8 @@ def tiny_retnet(vocab: int = VOCAB, **overrides):
 # CPU: training scaling (one subprocess per point)
 # ---------------------------------------------------------------------------------------------
 def worker_train(mode: str, T: int, iters: int, chunk_size: int) -> dict:
+    import torch  # lazy: --help without torch
+
     model = tiny_retnet(retention_mode=mode, chunk_size=chunk_size, retention_backend="torch")
     x = torch.randint(0, VOCAB, (1, T))
 
@@ -105,6 +109,8 @@ def run_worker(args: list[str]) -> dict:
 
 
 def bench_training(lengths: list[int], parallel_max: int, iters: int, chunk_size: int) -> dict:
+    import torch  # lazy: --help without torch
+
     rows = []
     print(f"\n== training: tiny RetNet fwd+bwd, batch 1, vocab {VOCAB}, chunk {chunk_size} (CPU, {torch.get_num_threads()} threads)")
     print(f"{'T':>6} | {'chunkwise s':>11} {'peak MB':>9} | {'parallel s':>10} {'peak MB':>9}")
@@ -142,6 +148,8 @@ def bench_training(lengths: list[int], parallel_max: int, iters: int, chunk_size
 # CPU: generation latency / state size
 # ---------------------------------------------------------------------------------------------
 def _cache_bytes(cache) -> int:
+    import torch  # lazy: --help without torch
+
     total = 0
     for layer in cache.layers:
         for name in ("keys", "values"):
@@ -155,6 +163,8 @@ def _cache_bytes(cache) -> int:
 
 
 def _decode_step(model, cache, pos: int, tok: torch.Tensor) -> tuple[float, torch.Tensor]:
+    import torch  # lazy: --help without torch
+
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model(tok, position_ids=torch.tensor([[pos]]), cache=cache, use_cache=True)
@@ -163,6 +173,11 @@ def _decode_step(model, cache, pos: int, tok: torch.Tensor) -> tuple[float, torc
 
 
 def bench_generation(contexts: list[int], decode_tokens: int) -> dict:
+    import torch  # lazy: --help without torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from distill_dag.model.retnet import RetNetCache
+
     retnet = tiny_retnet(retention_backend="torch").eval()
     torch.manual_seed(0)
     llama = LlamaForCausalLM(
@@ -222,6 +237,8 @@ def bench_generation(contexts: list[int], decode_tokens: int) -> dict:
 # GPU
 # ---------------------------------------------------------------------------------------------
 def _cuda_time(fn, iters: int) -> float:
+    import torch  # lazy: --help without torch
+
     fn()
     torch.cuda.synchronize()
     times = []
@@ -236,6 +253,12 @@ def _cuda_time(fn, iters: int) -> float:
 
 
 def bench_gpu(iters: int) -> dict:
+    import torch  # lazy: --help without torch
+
+    from distill_dag.kernels.retention import decay_log_gammas, retention, retention_parallel
+    from distill_dag.model.retnet import RetNetForCausalLM
+    from distill_dag.model.variants import student_config
+
     dev = torch.device("cuda")
     print(f"\n== GPU: {torch.cuda.get_device_name(0)}")
     H, K, V = 10, 128, 256  # the 500M student's heads
@@ -337,6 +360,8 @@ def main() -> int:
     ap.add_argument("--mode", default="chunkwise", help=argparse.SUPPRESS)
     ap.add_argument("--T", type=int, default=1024, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    import torch  # lazy: --help without torch
+
     torch.set_num_threads(args.threads)
 
     if args.worker == "train":

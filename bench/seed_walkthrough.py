@@ -32,11 +32,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
-from distill_dag.teacher.model import build_tiny_teacher
-
 if __package__:  # python -m bench.seed_walkthrough
     from bench._common import bench_parser
 else:  # python bench/seed_walkthrough.py, from any folder: bench/ is sys.path[0]
@@ -87,6 +82,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def build_teacher(root: Path, texts: list[str]) -> Path:
     """models/teacher: a Llama-3-style tokenizer (special header tokens, chat template) + a tiny Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # lazy: --help without transformers
+    from transformers import PreTrainedTokenizerFast
+
+    from distill_dag.teacher.model import build_tiny_teacher
+
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()

@@ -34,13 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
-
-from distill_dag.data import encode as encoding
-from distill_dag.data import pack
-from distill_dag.data.sources import decode_python_source, stdlib_files
-from distill_dag.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_bpe
-
 if __package__:  # python -m bench.tokenization
     from bench._common import bench_parser
 else:  # python bench/tokenization.py, from any folder: bench/ is sys.path[0]
@@ -48,6 +41,8 @@ else:  # python bench/tokenization.py, from any folder: bench/ is sys.path[0]
 
 
 def build_corpus(root: Path, mb: float, files: int = 4) -> list[str]:
+    from distill_dag.data.sources import decode_python_source, stdlib_files  # lazy: --help without distill_dag
+
     texts = [decode_python_source(p.read_bytes())[0] for _, p in stdlib_files(int(mb * 1e6))]
     root.mkdir(parents=True, exist_ok=True)
     per = (len(texts) + files - 1) // files
@@ -118,6 +113,12 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
+    from transformers import PreTrainedTokenizerFast  # lazy: --help without transformers
+
+    from distill_dag.data import encode as encoding
+    from distill_dag.data import pack
+    from distill_dag.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_bpe
+
     if args.batch_mb:
         encoding._BATCH_BYTES = int(args.batch_mb * 2**20)
     texts = build_corpus(work / "raw", args.mb)
@@ -177,6 +178,9 @@ def pipeline_without_encoding_cpu(work: Path, args: argparse.Namespace, repeats:
     and hashing the inputs, token ids out of the encodings, packing, parquet and token-cache writes,
     fsyncs, the manifest). It includes turning encodings into id lists, which the raw baselines do too,
     so the ceiling it implies is a little low."""
+    from distill_dag.data import encode as encoding  # lazy: --help without distill_dag
+    from distill_dag.data import pack
+
     memo: dict = {}
     encode = encoding.encode_longest_first
 
