@@ -317,6 +317,7 @@ def _backfill_report(port: int, backfill_id: str, tmp: Path) -> str:
     return "\n".join(lines + ["dagster dev log (end):"] + log[-40:])
 
 
+@pytest.mark.slow  # 90 s, the suite's longest: `make test-all` (passed in both fresh-check suites of 2026-12-07)
 def test_two_partition_parallel_backfill_shows_both_partitions_checks_passed(dagster_dev):
     """The teacher, then a real backfill of two logit_cache partitions through the daemon (two runs at once:
     no pool limit in this instance); each partition's check result is its own, so both show passed."""

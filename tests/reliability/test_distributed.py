@@ -80,7 +80,8 @@ def test_two_ddp_processes_match_one_process_with_the_global_batch(tmp_path, sma
     _same_losses(lr_, ld, rel=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+# adamw is slow-marked (27 s; `make test-all`): muon covers the FSDP path with the harder optimizer state
+@pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "muon"])
 def test_fsdp_shards_the_student_and_matches_one_process(tmp_path, small_corpus, tiny_teacher_dir, optimizer):
     kw = dict(layers=2, optimizer=optimizer)
     _train(_config(tmp_path, small_corpus, tiny_teacher_dir, "single", batch_size=4, **kw))
