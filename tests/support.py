@@ -11,6 +11,8 @@ at every document start, unshifted labels, padding with attention_mask 0 / label
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,12 @@ def cfg_dict(tmp_path: Path, corpus: dict[str, Path] | None, teacher_dir: Path |
         "train": t,
         "wandb": {"mode": "disabled"},
     }
+
+
+def run_bench(script: Path, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """``python bench/<script> args`` from the repository root; fails the test with its output's tail."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([sys.executable, str(script), *args], cwd=script.parents[1], env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return p

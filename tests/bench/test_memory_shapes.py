@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import run_bench
 
 pytestmark = pytest.mark.slow
 
@@ -24,17 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "memory_shapes.py"
 
 
-def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    return p
-
-
 def test_quick_all_modes(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    p = _run(["--quick", "--steps", "2", "--workdir", str(tmp_path / "w"), "--json", str(out)], timeout=1500)
+    p = run_bench(SCRIPT, ["--quick", "--steps", "2", "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                  timeout=1500)
     assert "| student | mode |" in p.stdout and "| part |" in p.stdout, p.stdout
     r = json.loads(out.read_text())
     assert r["vocab"] == 1024 and r["teacher"]["rope"]["rope_type"] == "llama3" and r["teacher"]["tied"]
@@ -56,8 +48,8 @@ def test_quick_all_modes(tmp_path: Path) -> None:
 @pytest.mark.skipif(not os.environ.get("REAL_SHAPES_FULL"), reason="full size: set REAL_SHAPES_FULL=1 (~10 min)")
 def test_full_size_350m_direct_fits(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    _run(["--students", "350M", "--modes", "direct", "--steps", "2", "--no-parts", "--workdir", str(tmp_path / "w"),
-          "--json", str(out)], timeout=3600)
+    run_bench(SCRIPT, ["--students", "350M", "--modes", "direct", "--steps", "2", "--no-parts",
+                       "--workdir", str(tmp_path / "w"), "--json", str(out)], timeout=3600)
     r = json.loads(out.read_text())
     assert r["vocab"] == 128256 and r["teacher"]["parameters"] > 1.2e9
     assert r["runs"]["350M/direct"]["peak_rss"] < 24 * 2**30
