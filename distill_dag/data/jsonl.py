@@ -81,7 +81,6 @@ def row_problem(obj: Any) -> str | None:
             return "field 'text' is empty"
         return None
     if "messages" in obj or "conversations" in obj:
-
         return chat_row_problem(obj)
     if "prompt" in obj or "response" in obj:
         for k in ("prompt", "response"):

@@ -343,7 +343,6 @@ def gather_source(cfg: PipelineConfig, src: SourceConfig) -> dict[str, Any]:
         res = write_parts(out, fp, _jsonl_items(src, files, cfg.data.max_line_bytes), rows_per_part)
         res["skipped_inputs"] = [x.to_dict() for x in skipped]
     elif src.kind == "hf" and src.dataset == "synthetic:retrieval":  # generated, not loaded: data/retrieval_docs.py
-
         res = write_parts(out, sha256_json({**base, "generator": retrieval_docs.VERSION}),
                           retrieval_docs.source_items(src), rows_per_part)
     elif src.kind == "hf":

@@ -54,7 +54,6 @@ def iter_raw_texts(raw_dir: str | os.PathLike, max_bytes: int | None = None) -> 
             elif "prompt" in row:
                 text = row["prompt"] + row["response"]
             else:
-
                 text = chat_text(row)
             yield text
             total += len(text.encode())

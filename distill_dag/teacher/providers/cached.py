@@ -112,7 +112,6 @@ class CachedTeacher:
         local = local_model_dir(model)
         weights = inner.get("weights_sha256")
         if not theirs and local is not None and weights and not str(weights).startswith("hub:"):
-
             mine_w = sha256_dir(local)
             adapter_w = sha256_dir(adapter) if adapter and Path(adapter).is_dir() else None
             if mine_w != weights or adapter_w != inner.get("adapter_sha256"):
