@@ -12,7 +12,7 @@ from distill_dag.device import pick_device
 from distill_dag.teacher.cache import layout
 from distill_dag.teacher.cache.stats import cache_stats
 from distill_dag.teacher.cache.writer import CacheShard, write_cache_shard
-from distill_dag.teacher.model import finetuned_teacher
+from distill_dag.teacher.model import resolve_teacher
 from distill_dag.teacher.providers.factory import make_teacher
 
 
@@ -20,11 +20,11 @@ def open_cache_teacher(cfg: PipelineConfig, *, via: str = "direct", model_path: 
                        adapter_path: str | Path | None = None) -> Any:
     """The teacher that fills the cache: ``teacher_adapters``' output unless paths are given; ``via``
     direct (in this process) or network (``teacher.url``), with ``k = logit_cache.k``."""
-    ft_model, ft_adapter = finetuned_teacher(cfg)
+    resolved = resolve_teacher(cfg)
     mode = "network" if via == "network" else "direct"
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"teacher_mode": mode, "teacher_topk": cfg.logit_cache.k})})
     return make_teacher(cfg, pick_device(cfg.train.device), None,
-                        model_path=model_path or ft_model, adapter_path=adapter_path or ft_adapter)
+                        model_path=model_path or resolved.model, adapter_path=adapter_path or resolved.adapter)
 
 
 class ProgressLog:
